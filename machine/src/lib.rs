@@ -1,0 +1,12 @@
+//! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the Multiboot loader,
+//! CPU-state capture and restore, guest-virtual address translation and the execution clock.
+
+pub mod cpu;
+pub mod devices;
+pub mod emulate;
+pub mod loader;
+pub mod memory;
+pub mod paging;
+pub mod vm;
+
+pub use vm::{Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};

@@ -1,0 +1,728 @@
+//! The machine: one KVM VM with one vCPU, guest RAM and the userspace devices, driven one instruction at
+//! a time by the `step` clock.
+//!
+//! Every instruction boundary passes through [`Machine::step`], which is what makes the instruction count
+//! exact on any KVM (including PVM, which has no PMU). The quirks of stepping on PVM are handled here so that
+//! the same sequence of calls always gives the same instruction count and the same state:
+//! - `out` reports only an I/O exit (RIP already past it); `in` reports an I/O exit before completing. Both
+//!   are completed by re-entering with `immediate_exit`, so no further instruction runs in that step.
+//! - `hlt` never exits as HLT while stepping, and RDTSC/RDRAND never exit at all: the instruction at RIP is
+//!   decoded before each step and these are executed here instead, with values the [`Host`] supplies.
+//! - A protected-mode 32-bit `iret` cannot be emulated by PVM: see [`crate::emulate`].
+
+use crate::cpu::{CpuError, CpuState};
+use crate::devices::{Devices, TimeSource};
+use crate::emulate::{self, hex_bytes, EmulateError};
+use crate::loader::{self, LoaderError};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::{
+    kvm_guest_debug, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::os::fd::AsRawFd;
+use thiserror::Error;
+
+/// Errors from creating or running the machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (retrovisor needs KVM: check that /dev/kvm exists and that you may read and write it)")]
+    NoKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// vCPU state could not be read or written.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Guest RAM could not be set up or accessed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel image could not be loaded.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// An instruction neither KVM nor we can complete.
+    #[error("at icount {icount}: {source}")]
+    Emulation {
+        /// Instructions retired before the failing one.
+        icount: u64,
+        /// What failed.
+        source: EmulateError,
+    },
+    /// KVM stopped the vCPU for a reason we do not handle.
+    #[error("at icount {icount}, rip {rip:#x}: unexpected KVM exit: {what}")]
+    UnexpectedExit {
+        /// Instructions retired so far.
+        icount: u64,
+        /// Guest RIP.
+        rip: u64,
+        /// The exit.
+        what: String,
+    },
+    /// A checkpoint's state blob does not decode.
+    #[error("checkpoint machine state does not decode: {0}")]
+    BadState(postcard::Error),
+    /// A checkpoint was taken with different RAM size.
+    #[error("checkpoint page {pfn} is outside guest RAM ({pages} pages)")]
+    BadPage {
+        /// The page frame number.
+        pfn: u64,
+        /// Pages of RAM this machine has.
+        pages: usize,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { what, source }
+}
+
+/// The machine's shape; recorded in the trace header so replay builds the same machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// Kernel command line passed through the multiboot information.
+    pub cmdline: String,
+}
+
+/// Instructions whose result comes from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostInsn {
+    /// Time-stamp counter.
+    Rdtsc,
+    /// Time-stamp counter and TSC_AUX.
+    Rdtscp,
+    /// Hardware random number.
+    Rdrand,
+    /// Hardware random seed.
+    Rdseed,
+}
+
+/// What the machine asks of its environment: time for device reads, and results of host-sourced instructions.
+/// The recorder answers from the host (and logs), the replayer from the trace.
+pub trait Host: TimeSource {
+    /// The result of `insn`: the value (TSC or random number) and, for RDTSCP, TSC_AUX.
+    fn host_value(&mut self, insn: HostInsn) -> (u64, u64);
+}
+
+/// Why the guest stopped for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Written to isa-debug-exit: the process exit status `(v << 1) | 1`.
+    GuestExit(u32),
+    /// The vCPU shut down (triple fault).
+    TripleFault,
+    /// `hlt` with interrupts disabled: nothing can ever wake it.
+    Halted,
+}
+
+/// The result of one [`Machine::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// One instruction retired.
+    Retired,
+    /// The guest is halted waiting for an interrupt; nothing retired.
+    Idle,
+    /// The guest ended; nothing more will run.
+    Stopped(Stop),
+}
+
+/// Machine state that is not guest RAM: serialized into checkpoints and hashed into digests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct MachineState {
+    icount: u64,
+    halted: bool,
+    cpu: CpuState,
+    devices: Devices,
+}
+
+/// A checkpoint of the machine as the trace stores it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Instruction count.
+    pub icount: u64,
+    /// Guest RIP.
+    pub rip: u64,
+    /// Serialized CPU and device state.
+    pub state: Vec<u8>,
+    /// (page frame, contents): every non-zero page if full, else pages changed since the previous snapshot.
+    pub pages: Vec<(u64, Vec<u8>)>,
+    /// Digest of the whole machine (state and all of RAM).
+    pub digest: [u8; 32],
+}
+
+/// The deterministic PC.
+pub struct Machine {
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemory,
+    /// The userspace devices.
+    pub devices: Devices,
+    icount: u64,
+    /// Set after `hlt` with interrupts enabled, until an interrupt is injected.
+    halted: bool,
+    /// Registers as of the last exit or the last change we made.
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// Whether the guest can take an interrupt now (IF set, no STI/MOV SS shadow).
+    irq_window: bool,
+    /// Whether KVM holds an interrupt shadow we made stale by completing an instruction ourselves.
+    stale_shadow: bool,
+    output: Vec<u8>,
+}
+
+const MEM_SLOT: u32 = 0;
+/// `_IOW(KVMIO, 0x86, struct kvm_interrupt)`.
+const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
+/// A GDT with a flat code (0x08) and data (0x10) segment, for the boot state (Multiboot leaves GDTR undefined,
+/// but a valid one makes an early `iret` or segment reload well defined).
+const BOOT_GDT_ADDR: u64 = 0x500;
+const BOOT_GDT: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+
+impl Machine {
+    /// Creates the VM, loads `image` (Multiboot v1) and sets the vCPU at the kernel's entry.
+    pub fn new(config: &MachineConfig, image: &[u8]) -> Result<Machine, MachineError> {
+        let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mut mem = GuestMemory::new(config.ram_bytes)?;
+        let region = kvm_userspace_memory_region {
+            slot: MEM_SLOT,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: mem.size(),
+            userspace_addr: mem.host_addr(),
+        };
+        // SAFETY: the region is our anonymous mapping, which lives as long as the VM (both are owned by the
+        // Machine, and `vm` is dropped first because fields drop in declaration order after `_kvm`... the
+        // mapping outlives the VM because `mem` is declared after `vm` and `vcpu`).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+
+        let boot = loader::load_multiboot(image, &config.cmdline, &mut mem)?;
+        for (i, d) in BOOT_GDT.iter().enumerate() {
+            mem.write(BOOT_GDT_ADDR + 8 * i as u64, &d.to_le_bytes())?;
+        }
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let code = kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x08,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = kvm_bindings::kvm_segment {
+            selector: 0x10,
+            type_: 0x3,
+            ..code
+        };
+        sregs.cs = code;
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.gdt.base = BOOT_GDT_ADDR;
+        sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+        sregs.cr0 = 0x11; // PE | ET: protected mode, paging off, as Multiboot specifies.
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: u64::from(boot.entry),
+            rax: u64::from(loader::BOOTLOADER_MAGIC),
+            rbx: u64::from(boot.info_addr),
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        let debug = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&debug)
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        let devices = Devices::new(mem.size());
+        let mut machine = Machine {
+            _kvm: kvm,
+            vm,
+            vcpu,
+            mem,
+            devices,
+            icount: 0,
+            halted: false,
+            regs,
+            sregs,
+            irq_window: false,
+            stale_shadow: false,
+            output: Vec::new(),
+        };
+        // The loader's writes are in the VMM-dirty map; the first (full) checkpoint covers them.
+        machine.clear_dirty()?;
+        Ok(machine)
+    }
+
+    /// Instructions retired since boot.
+    pub fn icount(&self) -> u64 {
+        self.icount
+    }
+
+    /// Guest RIP.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+
+    /// General-purpose registers as of now.
+    pub fn regs(&self) -> &kvm_regs {
+        &self.regs
+    }
+
+    /// Segment and control registers as of now.
+    pub fn sregs(&self) -> &kvm_sregs {
+        &self.sregs
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Whether the guest is halted waiting for an interrupt.
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Serial output the guest produced since the last call.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// Whether an interrupt is waiting at the PIC and the CPU would take it now.
+    pub fn interrupt_ready(&self) -> bool {
+        self.irq_window && self.devices.pic.has_interrupt()
+    }
+
+    /// Acknowledges the PIC's pending interrupt and queues it in the vCPU: the next step delivers it.
+    /// Returns the vector, or None if the PIC withdrew it. Only call when [`Machine::interrupt_ready`].
+    pub fn inject_interrupt(&mut self) -> Result<Option<u8>, MachineError> {
+        let Some(vector) = self.devices.pic.acknowledge() else {
+            return Ok(None);
+        };
+        if self.stale_shadow {
+            self.clear_interrupt_shadow()?;
+        }
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which refers to a live local; the
+        // fd is our vCPU. (kvm-ioctls has no wrapper for this ioctl, which only exists without an in-kernel irqchip.)
+        let ret = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq) };
+        if ret < 0 {
+            return Err(kvm_err("KVM_INTERRUPT")(kvm_ioctls::Error::last()));
+        }
+        self.halted = false;
+        self.irq_window = false;
+        Ok(Some(vector))
+    }
+
+    /// Raises an edge on IRQ `line` at the PIC (a time-driven source such as the PIT).
+    pub fn pulse_irq(&mut self, line: u8) {
+        self.devices.pic.pulse_irq(line);
+    }
+
+    /// Free space in the UART receive FIFO.
+    pub fn serial_rx_room(&self) -> usize {
+        self.devices.uart.rx_room()
+    }
+
+    /// Offers bytes to the UART receiver; returns how many it took.
+    pub fn push_serial_rx(&mut self, bytes: &[u8]) -> usize {
+        let n = self.devices.uart.push_rx(bytes);
+        self.devices.sync_irqs();
+        n
+    }
+
+    /// Executes exactly one guest instruction (or reports that the guest is idle or stopped).
+    pub fn step(&mut self, host: &mut dyn Host) -> Result<Step, MachineError> {
+        if self.halted {
+            return Ok(Step::Idle);
+        }
+        let insn = self.decode_at_rip();
+        if let Some(insn) = insn {
+            if let Some(step) = self.execute_here(&insn, host)? {
+                return Ok(step);
+            }
+        }
+        let stop = self.run_one(host)?;
+        Ok(stop.map(Step::Stopped).unwrap_or(Step::Retired))
+    }
+
+    /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
+    fn decode_at_rip(&self) -> Option<Instruction> {
+        let bitness = if self.sregs.efer & (1 << 10) != 0 && self.sregs.cs.l == 1 {
+            64
+        } else if self.sregs.cs.db == 1 {
+            32
+        } else {
+            16
+        };
+        let linear = self.sregs.cs.base.wrapping_add(self.regs.rip);
+        let paging = emulate::paging_mode(&self.sregs);
+        let mut bytes = [0u8; 15];
+        // The instruction may end on a page the guest has not mapped: then decode what is readable.
+        let first = (4096 - (linear & 0xfff) as usize).min(15);
+        paging
+            .read_linear(&self.mem, linear, &mut bytes[..first])
+            .ok()?;
+        let len = if paging
+            .read_linear(&self.mem, linear + first as u64, &mut bytes[first..])
+            .is_ok()
+        {
+            15
+        } else {
+            first
+        };
+        let mut decoder =
+            Decoder::with_ip(bitness, &bytes[..len], self.regs.rip, DecoderOptions::NONE);
+        let insn = decoder.decode();
+        (!insn.is_invalid()).then_some(insn)
+    }
+
+    /// Executes the instructions KVM would not handle deterministically. Returns None for everything else.
+    fn execute_here(
+        &mut self,
+        insn: &Instruction,
+        host: &mut dyn Host,
+    ) -> Result<Option<Step>, MachineError> {
+        let mut regs = self.regs;
+        match insn.mnemonic() {
+            Mnemonic::Hlt => {
+                const IF: u64 = 1 << 9;
+                if regs.rflags & IF == 0 {
+                    return Ok(Some(Step::Stopped(Stop::Halted)));
+                }
+                self.halted = true;
+            }
+            Mnemonic::Rdtsc | Mnemonic::Rdtscp => {
+                let which = if insn.mnemonic() == Mnemonic::Rdtsc {
+                    HostInsn::Rdtsc
+                } else {
+                    HostInsn::Rdtscp
+                };
+                let (tsc, aux) = host.host_value(which);
+                regs.rax = tsc & 0xffff_ffff;
+                regs.rdx = tsc >> 32;
+                if which == HostInsn::Rdtscp {
+                    regs.rcx = aux & 0xffff_ffff;
+                }
+            }
+            Mnemonic::Rdrand | Mnemonic::Rdseed => {
+                let which = if insn.mnemonic() == Mnemonic::Rdrand {
+                    HostInsn::Rdrand
+                } else {
+                    HostInsn::Rdseed
+                };
+                if insn.op0_kind() != OpKind::Register {
+                    return Ok(None);
+                }
+                let (value, _) = host.host_value(which);
+                set_gpr(&mut regs, insn.op0_register(), value);
+                // CF=1 (a value is available); OF, SF, ZF, AF, PF cleared.
+                regs.rflags = (regs.rflags & !0x8d5) | 1;
+            }
+            _ => return Ok(None),
+        }
+        regs.rip = insn.next_ip();
+        self.set_regs(regs)?;
+        self.icount += 1;
+        Ok(Some(Step::Retired))
+    }
+
+    fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.regs = regs;
+        // We completed an instruction ourselves: any STI/MOV SS shadow KVM still holds is over.
+        self.stale_shadow |= !self.irq_window;
+        self.irq_window = regs.rflags & (1 << 9) != 0;
+        Ok(())
+    }
+
+    fn clear_interrupt_shadow(&mut self) -> Result<(), MachineError> {
+        let mut events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        events.interrupt.shadow = 0;
+        self.vcpu
+            .set_vcpu_events(&events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        self.stale_shadow = false;
+        Ok(())
+    }
+
+    /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
+    fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
+        if self.stale_shadow {
+            self.clear_interrupt_shadow()?;
+        }
+        let mut completing = false;
+        let mut stop = None;
+        loop {
+            let exit = self.vcpu.run();
+            let mut io = false;
+            match exit {
+                Ok(VcpuExit::Debug(_)) => {}
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.devices.io_out(port, data, host);
+                    io = true;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.devices.io_in(port, data, host);
+                    io = true;
+                }
+                // No MMIO devices: like an empty bus, reads float high and writes are dropped.
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    io = true;
+                }
+                Ok(VcpuExit::MmioWrite(..)) => io = true,
+                Ok(VcpuExit::Hlt) => self.halted = true,
+                Ok(VcpuExit::Shutdown) => stop = Some(Stop::TripleFault),
+                Ok(VcpuExit::InternalError) => {
+                    self.refresh_regs();
+                    self.complete_failed_emulation()?;
+                    break;
+                }
+                Err(e) if completing && e.errno() == libc::EINTR => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    self.refresh_regs();
+                    return Err(MachineError::UnexpectedExit {
+                        icount: self.icount,
+                        rip: self.regs.rip,
+                        what,
+                    });
+                }
+            }
+            if io {
+                // Complete the I/O without running further: `immediate_exit` makes KVM finish the pending
+                // operation and return before the guest executes anything else.
+                self.vcpu.set_kvm_immediate_exit(1);
+                completing = true;
+                continue;
+            }
+            break;
+        }
+        if completing {
+            self.vcpu.set_kvm_immediate_exit(0);
+        }
+        self.devices.sync_irqs();
+        self.output.extend(self.devices.uart.take_output());
+        if let Some(status) = self.devices.debug_exit.take_exit() {
+            stop = Some(Stop::GuestExit(status));
+        }
+        self.refresh_regs();
+        let run = self.vcpu.get_kvm_run();
+        self.irq_window = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+        self.stale_shadow = false;
+        self.icount += 1;
+        Ok(stop)
+    }
+
+    fn refresh_regs(&mut self) {
+        let sync = self.vcpu.sync_regs_mut();
+        self.regs = sync.regs;
+        self.sregs = sync.sregs;
+    }
+
+    /// KVM gave up on the instruction at RIP: complete it ourselves if it is one we know (protected-mode
+    /// `iret`), else report it with its bytes.
+    fn complete_failed_emulation(&mut self) -> Result<(), MachineError> {
+        let insn = self.decode_at_rip();
+        let protected = self.sregs.cr0 & 1 != 0 && self.sregs.efer & (1 << 10) == 0;
+        let mut regs = self.regs;
+        let mut sregs = self.sregs;
+        let result = match insn.map(|i| i.code()) {
+            Some(iced_x86::Code::Iretd) if protected => {
+                emulate::iret_protected(&self.mem, &mut regs, &mut sregs, false)
+            }
+            Some(iced_x86::Code::Iretw) if protected => {
+                emulate::iret_protected(&self.mem, &mut regs, &mut sregs, true)
+            }
+            _ => {
+                let mut bytes = [0u8; 15];
+                let linear = self.sregs.cs.base.wrapping_add(self.regs.rip);
+                let n = if emulate::paging_mode(&self.sregs)
+                    .read_linear(&self.mem, linear, &mut bytes)
+                    .is_ok()
+                {
+                    15
+                } else {
+                    0
+                };
+                Err(EmulateError::Unsupported {
+                    rip: self.regs.rip,
+                    bytes: hex_bytes(&bytes[..n]),
+                })
+            }
+        };
+        result.map_err(|source| MachineError::Emulation {
+            icount: self.icount,
+            source,
+        })?;
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.regs = regs;
+        self.sregs = sregs;
+        Ok(())
+    }
+
+    fn state(&self) -> Result<MachineState, MachineError> {
+        Ok(MachineState {
+            icount: self.icount,
+            halted: self.halted,
+            cpu: CpuState::capture(&self.vcpu)?,
+            devices: self.devices.clone(),
+        })
+    }
+
+    fn digest_of(state_blob: &[u8], mem: &GuestMemory) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(state_blob);
+        h.update(mem.as_slice());
+        h.finalize().into()
+    }
+
+    /// Clears the dirty-page tracking (KVM's log and ours): the current RAM becomes the baseline.
+    fn clear_dirty(&mut self) -> Result<(), MachineError> {
+        self.vm
+            .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        self.mem.take_vmm_dirty();
+        Ok(())
+    }
+
+    /// Takes a checkpoint: `full` holds every non-zero page, otherwise the pages written since the previous one.
+    pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, MachineError> {
+        let state = postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)?;
+        let kvm_dirty = self
+            .vm
+            .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let vmm_dirty = self.mem.take_vmm_dirty();
+        let pages = (0..self.mem.pages())
+            .filter(|&pfn| {
+                if full {
+                    self.mem.page(pfn).iter().any(|&b| b != 0)
+                } else {
+                    let bit = 1u64 << (pfn % 64);
+                    (kvm_dirty.get(pfn / 64).copied().unwrap_or(0) | vmm_dirty[pfn / 64]) & bit != 0
+                }
+            })
+            .map(|pfn| (pfn as u64, self.mem.page(pfn).to_vec()))
+            .collect();
+        let digest = Self::digest_of(&state, &self.mem);
+        Ok(Snapshot {
+            icount: self.icount,
+            rip: self.regs.rip,
+            state,
+            pages,
+            digest,
+        })
+    }
+
+    /// The digest of the machine as it is now (as [`Snapshot::digest`] would be).
+    pub fn digest(&self) -> Result<[u8; 32], MachineError> {
+        let state = postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)?;
+        Ok(Self::digest_of(&state, &self.mem))
+    }
+
+    /// Restores a checkpoint: the state blob and the complete set of non-zero pages (absent pages are zero).
+    pub fn restore<'a>(
+        &mut self,
+        state: &[u8],
+        pages: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<(), MachineError> {
+        let st: MachineState = postcard::from_bytes(state).map_err(MachineError::BadState)?;
+        self.mem.clear();
+        for (pfn, data) in pages {
+            let n = self.mem.pages();
+            let idx = usize::try_from(pfn)
+                .ok()
+                .filter(|&p| p < n)
+                .ok_or(MachineError::BadPage { pfn, pages: n })?;
+            self.mem.set_page(idx, data)?;
+        }
+        st.cpu.restore(&self.vcpu)?;
+        self.icount = st.icount;
+        self.halted = st.halted;
+        self.devices = st.devices;
+        self.regs = st.cpu.regs;
+        self.sregs = st.cpu.sregs;
+        self.irq_window = st.cpu.regs.rflags & (1 << 9) != 0 && st.cpu.events.interrupt.shadow == 0;
+        self.stale_shadow = false;
+        self.output.clear();
+        self.clear_dirty()
+    }
+
+    /// Number of bytes of guest RAM.
+    pub fn ram_bytes(&self) -> u64 {
+        self.mem.size()
+    }
+
+    /// Size of a page, for checkpoint accounting.
+    pub const PAGE_SIZE: usize = PAGE_SIZE;
+}
+
+/// Writes `value` to a general-purpose register with the CPU's partial-register rules: 16-bit writes merge,
+/// 32- and 64-bit writes replace the whole register.
+fn set_gpr(regs: &mut kvm_regs, reg: Register, value: u64) {
+    let full = reg.full_register();
+    let slot = match full {
+        Register::RAX => &mut regs.rax,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RBX => &mut regs.rbx,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return,
+    };
+    *slot = match reg.size() {
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        4 => value & 0xffff_ffff,
+        _ => value,
+    };
+}

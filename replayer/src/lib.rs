@@ -1,0 +1,315 @@
+//! Replay: rebuilds the recorded machine from the trace and the guest image alone, restores a checkpoint
+//! and runs forward with every logged input re-applied at exactly its instruction count. Any disagreement
+//! between the replay and the log is a divergence, reported with its icount and what differed.
+
+mod log;
+
+pub use log::Divergence;
+use log::LogHost;
+use machine::{Machine, MachineConfig, MachineError, Step, Stop};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use thiserror::Error;
+use traces::{Event, StopReason, TraceReader};
+
+/// Errors from replay.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    /// The trace cannot be read.
+    #[error(transparent)]
+    Trace(#[from] traces::ReadError),
+    /// The guest image cannot be read.
+    #[error("cannot read guest image {path}: {source}")]
+    Image {
+        /// The image path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guest image is not the one recorded.
+    #[error("guest image {path} is not the one this trace recorded (sha256 {found}, trace expects {expected})")]
+    ImageMismatch {
+        /// The image path.
+        path: PathBuf,
+        /// Its hash.
+        found: String,
+        /// The recorded hash.
+        expected: String,
+    },
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Replay and recording disagree.
+    #[error(transparent)]
+    Divergence(#[from] Divergence),
+    /// Guest output could not be written.
+    #[error("cannot write guest output: {0}")]
+    Output(std::io::Error),
+}
+
+/// What a forward run stopped on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// Reached the requested icount.
+    Target,
+    /// The recording ends here, with this reason (None: the trace was cut off here).
+    End(Option<StopReason>),
+}
+
+/// A replay in progress.
+pub struct Replayer {
+    trace: TraceReader,
+    machine: Machine,
+    host: LogHost,
+    /// Where replay ends: the recording's last instruction boundary.
+    end: u64,
+    /// Index of the next checkpoint whose digest to verify.
+    next_verify: usize,
+    /// Whether output since boot is being hashed (only when replay started at icount 0).
+    output_hash: Option<Sha256>,
+    finished: Option<Halt>,
+}
+
+/// Opens the guest image named in the trace header (or `image` if given) and checks its hash.
+fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, ReplayError> {
+    let path = image
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(&trace.header().image_path));
+    let bytes = std::fs::read(&path).map_err(|source| ReplayError::Image {
+        path: path.clone(),
+        source,
+    })?;
+    let found = traces::sha256_hex(&bytes);
+    if found != trace.header().image_sha256 {
+        return Err(ReplayError::ImageMismatch {
+            path,
+            found,
+            expected: trace.header().image_sha256.clone(),
+        });
+    }
+    Ok(bytes)
+}
+
+impl Replayer {
+    /// Opens a trace and positions the replay at its first checkpoint.
+    pub fn open(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
+        let trace = TraceReader::open(dir)?;
+        let image = load_image(&trace, image)?;
+        let h = trace.header();
+        let config = MachineConfig {
+            ram_bytes: h.machine.ram_bytes,
+            cmdline: h.machine.cmdline.clone(),
+        };
+        let machine = Machine::new(&config, &image)?;
+        let end = trace
+            .summary()
+            .map(|s| s.end_icount)
+            .unwrap_or_else(|| trace.complete_upto());
+        let events: Rc<[Event]> = trace.events().into();
+        let mut replayer = Replayer {
+            host: LogHost::new(events),
+            trace,
+            machine,
+            end,
+            next_verify: 0,
+            output_hash: None,
+            finished: None,
+        };
+        replayer.restore_checkpoint(0)?;
+        Ok(replayer)
+    }
+
+    /// The trace being replayed.
+    pub fn trace(&self) -> &TraceReader {
+        &self.trace
+    }
+
+    /// The machine, at the current position.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Current position (instructions retired).
+    pub fn icount(&self) -> u64 {
+        self.machine.icount()
+    }
+
+    /// The last instruction boundary of the recording.
+    pub fn end_icount(&self) -> u64 {
+        self.end
+    }
+
+    /// Restores checkpoint `index` (0 is boot); subsequent runs verify later checkpoints' digests.
+    pub fn restore_checkpoint(&mut self, index: usize) -> Result<(), ReplayError> {
+        let (cp, pages) = self.trace.restore_point(index)?;
+        self.machine.restore(
+            &cp.state,
+            pages.iter().map(|(&pfn, data)| (pfn, data.as_slice())),
+        )?;
+        let events = self.trace.events();
+        self.host
+            .seek(events.partition_point(|e| e.icount < cp.icount));
+        self.next_verify = index;
+        self.output_hash = (cp.icount == 0).then(Sha256::new);
+        self.finished = None;
+        Ok(())
+    }
+
+    /// Index of the last checkpoint at or before `icount`.
+    pub fn checkpoint_before(&self, icount: u64) -> usize {
+        self.trace
+            .checkpoints()
+            .partition_point(|c| c.icount <= icount)
+            .saturating_sub(1)
+    }
+
+    /// Runs forward until `target` icount or the end of the recording, writing guest output to `out`.
+    pub fn run_to(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
+        loop {
+            if let Some(h) = &self.finished {
+                return Ok(h.clone());
+            }
+            if self.machine.icount() >= target {
+                return Ok(Halt::Target);
+            }
+            self.step(out)?;
+        }
+    }
+
+    /// Executes one instruction (applying the events logged before it), or finds the end of the recording.
+    pub fn step(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
+        loop {
+            let icount = self.machine.icount();
+            self.verify_checkpoint(icount)?;
+            if icount >= self.end {
+                return self.finish_at_end(icount);
+            }
+            self.host.apply_inputs(&mut self.machine)?;
+            if let Some(reason) = self.host.stop_here(icount) {
+                // Only a user stop ends a recording without the guest doing something; anything else the
+                // guest must reproduce itself (checked below when its step stops).
+                if reason == StopReason::UserStop {
+                    self.finished = Some(Halt::End(Some(reason)));
+                    return Ok(());
+                }
+            }
+            self.host.begin_step(icount, self.machine.rip());
+            let step = self.machine.step(&mut self.host)?;
+            self.host.end_step()?;
+            let output = self.machine.take_output();
+            if !output.is_empty() {
+                out.write_all(&output)
+                    .and_then(|_| out.flush())
+                    .map_err(ReplayError::Output)?;
+                if let Some(h) = self.output_hash.as_mut() {
+                    h.update(&output);
+                }
+            }
+            match step {
+                Step::Retired => return Ok(()),
+                Step::Idle => {
+                    // Recorded inputs at this icount must wake it; if none are left it diverged.
+                    if !self.host.has_inputs_at(icount) {
+                        return Err(Divergence::new(
+                            icount,
+                            "the guest is halted here but the recording has no input that wakes it",
+                        )
+                        .into());
+                    }
+                }
+                Step::Stopped(stop) => {
+                    let got = match stop {
+                        Stop::GuestExit(status) => StopReason::GuestExit { status },
+                        Stop::TripleFault => StopReason::TripleFault,
+                        Stop::Halted => StopReason::Halted,
+                    };
+                    let now = self.machine.icount();
+                    match self
+                        .host
+                        .stop_here(now)
+                        .or_else(|| self.host.stop_here(icount))
+                    {
+                        Some(expected) if expected == got => {
+                            self.finished = Some(Halt::End(Some(got)));
+                            self.check_output()?;
+                            return Ok(());
+                        }
+                        other => {
+                            return Err(Divergence::new(
+                                now,
+                                format!(
+                                    "the guest stopped ({got:?}) but the recording {}",
+                                    match other {
+                                        Some(r) => format!("stopped differently ({r:?})"),
+                                        None => "went on".to_string(),
+                                    }
+                                ),
+                            )
+                            .into())
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_at_end(&mut self, icount: u64) -> Result<(), ReplayError> {
+        let reason = self.trace.summary().map(|s| s.stop.clone());
+        match &reason {
+            // The guest stops by itself in the step that reaches `end`; reaching it without stopping is a divergence.
+            Some(StopReason::GuestExit { .. } | StopReason::TripleFault) => {
+                return Err(Divergence::new(
+                    icount,
+                    format!("the recording ended here ({reason:?}) but the replayed guest did not"),
+                )
+                .into());
+            }
+            Some(_) => self.check_output()?,
+            None => {}
+        }
+        self.finished = Some(Halt::End(reason));
+        Ok(())
+    }
+
+    fn verify_checkpoint(&mut self, icount: u64) -> Result<(), ReplayError> {
+        let cps = self.trace.checkpoints();
+        while self.next_verify < cps.len() && cps[self.next_verify].icount < icount {
+            self.next_verify += 1;
+        }
+        if let Some(info) = cps.get(self.next_verify).filter(|c| c.icount == icount) {
+            let cp = self.trace.read_checkpoint(self.next_verify)?;
+            let digest = self.machine.digest()?;
+            if digest != cp.digest {
+                let what = if self.machine.rip() != info.rip {
+                    format!("rip is {:#x}, recorded {:#x}", self.machine.rip(), info.rip)
+                } else {
+                    "machine state (registers, devices or memory) differs from the recorded checkpoint".to_string()
+                };
+                return Err(Divergence::new(
+                    icount,
+                    format!("at checkpoint {}: {what}", self.next_verify),
+                )
+                .into());
+            }
+            self.next_verify += 1;
+        }
+        Ok(())
+    }
+
+    /// At the end of a replay from boot, the guest's whole output must hash to what the recording saw.
+    fn check_output(&mut self) -> Result<(), ReplayError> {
+        if let (Some(h), Some(summary)) = (self.output_hash.take(), self.trace.summary()) {
+            let got = traces::hex(&h.finalize());
+            if got != summary.output_sha256 {
+                return Err(Divergence::new(
+                    self.machine.icount(),
+                    "the guest's serial output differs from the recording's",
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+}

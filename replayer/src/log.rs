@@ -1,0 +1,239 @@
+//! The replay side of the machine's environment: every time reading, random number and input comes from
+//! the trace, and must be asked for at exactly the icount and rip it was recorded at.
+
+use machine::devices::TimeSource;
+use machine::{Host, HostInsn, Machine};
+use std::rc::Rc;
+use thiserror::Error;
+use traces::{ClockKind, Event, EventKind, StopReason};
+
+/// Replay and recording disagree: the replayed guest did something the recording did not.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("replay diverged from the recording at icount {icount}: {what}")]
+pub struct Divergence {
+    /// Instruction count where it was noticed.
+    pub icount: u64,
+    /// What differed.
+    pub what: String,
+}
+
+impl Divergence {
+    /// A divergence at `icount`.
+    pub fn new(icount: u64, what: impl Into<String>) -> Divergence {
+        Divergence {
+            icount,
+            what: what.into(),
+        }
+    }
+}
+
+/// Inputs applied at an instruction boundary, before the step (the rest are consumed during a step).
+fn is_boundary_input(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::SerialRx { .. } | EventKind::Irq { .. } | EventKind::Interrupt { .. }
+    )
+}
+
+/// Reads logged values in order, checking each is asked for where it was recorded.
+pub struct LogHost {
+    events: Rc<[Event]>,
+    cursor: usize,
+    icount: u64,
+    rip: u64,
+    /// The first disagreement seen during a step (the machine's callbacks cannot return errors).
+    error: Option<Divergence>,
+    /// Events the current step has consumed so far.
+    step_used: usize,
+}
+
+impl LogHost {
+    /// A log reader at the start of the event stream.
+    pub fn new(events: Rc<[Event]>) -> LogHost {
+        LogHost {
+            events,
+            cursor: 0,
+            icount: 0,
+            rip: 0,
+            error: None,
+            step_used: 0,
+        }
+    }
+
+    /// Moves to event index `cursor` (after restoring a checkpoint).
+    pub fn seek(&mut self, cursor: usize) {
+        self.cursor = cursor;
+        self.error = None;
+    }
+
+    /// Applies the boundary inputs logged at the machine's icount, in order, checking rip and that the
+    /// guest can take each interrupt.
+    pub fn apply_inputs(&mut self, machine: &mut Machine) -> Result<(), Divergence> {
+        let icount = machine.icount();
+        while let Some(e) = self.events.get(self.cursor) {
+            if e.icount != icount || !is_boundary_input(&e.kind) {
+                break;
+            }
+            if e.rip != machine.rip() {
+                return Err(Divergence::new(
+                    icount,
+                    format!(
+                        "rip is {:#x} but the recorded {} event was at rip {:#x}",
+                        machine.rip(),
+                        e.kind.name(),
+                        e.rip
+                    ),
+                ));
+            }
+            match &e.kind {
+                EventKind::SerialRx { bytes } => {
+                    let taken = machine.push_serial_rx(bytes);
+                    if taken != bytes.len() {
+                        return Err(Divergence::new(
+                            icount,
+                            format!(
+                                "the UART took {taken} of {} recorded input bytes",
+                                bytes.len()
+                            ),
+                        ));
+                    }
+                }
+                EventKind::Irq { line } => machine.pulse_irq(*line),
+                EventKind::Interrupt { vector } => {
+                    if !machine.interrupt_ready() {
+                        return Err(Divergence::new(icount, format!("the recording injected vector {vector:#x} here but the guest cannot take an interrupt")));
+                    }
+                    let got = machine
+                        .inject_interrupt()
+                        .map_err(|e| Divergence::new(icount, e.to_string()))?;
+                    if got != Some(*vector) {
+                        return Err(Divergence::new(icount, format!("the PIC delivers {got:?} but the recording injected vector {vector:#x}")));
+                    }
+                }
+                _ => unreachable!("filtered by is_boundary_input"),
+            }
+            self.cursor += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether a boundary input is still logged at `icount` (one that can wake a halted guest).
+    pub fn has_inputs_at(&self, icount: u64) -> bool {
+        self.events
+            .get(self.cursor)
+            .is_some_and(|e| e.icount == icount && is_boundary_input(&e.kind))
+    }
+
+    /// The stop logged at `icount`, if the next event is one.
+    pub fn stop_here(&self, icount: u64) -> Option<StopReason> {
+        match self.events.get(self.cursor) {
+            Some(Event {
+                icount: i,
+                kind: EventKind::Stop { reason },
+                ..
+            }) if *i == icount => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Prepares for a step at (icount, rip): the values it may ask for are the events logged there.
+    pub fn begin_step(&mut self, icount: u64, rip: u64) {
+        self.icount = icount;
+        self.rip = rip;
+        self.error = None;
+        self.step_used = 0;
+    }
+
+    /// Consumes the values the step asked for; any the recording had at this icount but the replay did not
+    /// ask for, or asked for differently, is a divergence.
+    pub fn end_step(&mut self) -> Result<(), Divergence> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.cursor += self.step_used;
+        if let Some(e) = self
+            .events
+            .get(self.cursor)
+            .filter(|e| e.icount == self.icount && !is_boundary_input(&e.kind))
+        {
+            if !matches!(e.kind, EventKind::Stop { .. }) {
+                return Err(Divergence::new(self.icount, format!("the recording has a {} event here that the replayed instruction did not ask for", e.kind.name())));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_value(
+        &mut self,
+        what: &str,
+        matches: impl Fn(&EventKind) -> Option<(u64, u64)>,
+    ) -> (u64, u64) {
+        let index = self.cursor + self.step_used;
+        let found = self.events.get(index).filter(|e| e.icount == self.icount);
+        match found.and_then(|e| matches(&e.kind).map(|v| (v, e.rip))) {
+            Some((v, rip)) if rip == self.rip => {
+                self.step_used += 1;
+                v
+            }
+            Some((_, rip)) => {
+                self.fail(format!(
+                    "{what} asked for at rip {:#x}, recorded at rip {rip:#x}",
+                    self.rip
+                ));
+                (0, 0)
+            }
+            None => {
+                let recorded = found.map(|e| e.kind.name()).unwrap_or("nothing");
+                self.fail(format!(
+                    "the guest asked for {what} but the recording has {recorded} here"
+                ));
+                (0, 0)
+            }
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.error.is_none() {
+            self.error = Some(Divergence::new(self.icount, what));
+        }
+    }
+}
+
+impl TimeSource for LogHost {
+    fn monotonic_ns(&mut self) -> u64 {
+        self.next_value("the monotonic clock", |k| match k {
+            EventKind::Clock {
+                kind: ClockKind::Monotonic,
+                ns,
+            } => Some((*ns, 0)),
+            _ => None,
+        })
+        .0
+    }
+
+    fn wall_ns(&mut self) -> u64 {
+        self.next_value("the wall clock", |k| match k {
+            EventKind::Clock {
+                kind: ClockKind::Wall,
+                ns,
+            } => Some((*ns, 0)),
+            _ => None,
+        })
+        .0
+    }
+}
+
+impl Host for LogHost {
+    fn host_value(&mut self, insn: HostInsn) -> (u64, u64) {
+        let want = match insn {
+            HostInsn::Rdtsc => traces::HostInsn::Rdtsc,
+            HostInsn::Rdtscp => traces::HostInsn::Rdtscp,
+            HostInsn::Rdrand => traces::HostInsn::Rdrand,
+            HostInsn::Rdseed => traces::HostInsn::Rdseed,
+        };
+        self.next_value(&format!("a {want:?} result"), |k| match k {
+            EventKind::HostValue { insn, value, aux } if *insn == want => Some((*value, *aux)),
+            _ => None,
+        })
+    }
+}

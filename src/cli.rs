@@ -1,0 +1,307 @@
+//! The command line: argument parsing, friendly errors and exit statuses.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use recorder::{Options, SerialInput, TimeSourceKind};
+use replayer::{Halt, ReplayError, Replayer};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Exit status for a failure of retrovisor itself (bad input, KVM errors).
+const EXIT_ERROR: i32 = 2;
+/// Exit status when replay diverges from the recording.
+const EXIT_DIVERGENCE: i32 = 4;
+
+#[derive(Parser)]
+#[command(
+    name = "retrovisor",
+    version,
+    about = "Record-and-replay time-travel debugger for KVM virtual machines",
+    long_about = "Record-and-replay time-travel debugger for KVM virtual machines.\n\n\
+        `record` runs a Multiboot guest under KVM and logs every nondeterministic input (serial input, \
+        clock readings, interrupts, RDTSC/RDRAND results) with periodic checkpoints; `replay` re-executes \
+        it instruction for instruction from the trace alone and reports any divergence with its icount.",
+    after_help = "Exit status: the guest's isa-debug-exit status ((v<<1)|1) when it exits that way; 0 when it halts \
+        for good; 6 after a triple fault; 130 when stopped by Ctrl-C; 2 on an error; 4 when replay diverges."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest without recording (serial on the terminal).
+    Run(RunArgs),
+    /// Record a guest into a trace directory.
+    Record(RecordArgs),
+    /// Replay a trace: prints exactly the recorded serial output and exits with the guest's status.
+    Replay(ReplayArgs),
+    /// Describe a trace: instructions, events by kind, checkpoints, sizes, clock, guest image.
+    Info(InfoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TimeArg {
+    /// PIT, RTC and TSC follow the host clocks (timer interrupts land wherever they land, and are logged).
+    Host,
+    /// PIT, RTC and TSC follow the instruction count: reproducible even without recording.
+    Virtual,
+}
+
+#[derive(Args)]
+struct GuestArgs {
+    /// Multiboot v1 kernel (ELF) to boot.
+    #[arg(long, value_name = "ELF")]
+    kernel: PathBuf,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..=3072))]
+    ram: u64,
+    /// Serial input: a file whose bytes the guest receives as fast as it takes them, or `-` for standard
+    /// input. Without it, input comes from the terminal when standard input is one.
+    #[arg(long, value_name = "FILE")]
+    serial_input: Option<PathBuf>,
+    /// What the guest's timers follow.
+    #[arg(long, value_enum, default_value = "host")]
+    time: TimeArg,
+    /// Stop after this many instructions.
+    #[arg(long, value_name = "N")]
+    max_instructions: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Trace directory to create (must not exist).
+    #[arg(short, long, value_name = "TRACE")]
+    output: PathBuf,
+    /// Instructions between checkpoints.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1000..))]
+    checkpoint_every: u64,
+}
+
+/// Default checkpoint interval: see the README's measurements.
+const DEFAULT_CHECKPOINT_EVERY: u64 = 250_000;
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Trace directory written by `record`.
+    trace: PathBuf,
+    /// Guest image to use instead of the path stored in the trace (its hash must match).
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+    /// Start from the last checkpoint at or before this icount instead of from boot.
+    #[arg(long, value_name = "ICOUNT")]
+    from: Option<u64>,
+    /// Stop at this icount instead of the end of the recording.
+    #[arg(long, value_name = "ICOUNT")]
+    to: Option<u64>,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Trace directory written by `record`.
+    trace: PathBuf,
+}
+
+/// What can go wrong in a command, for the one-line error message.
+#[derive(Debug, Error)]
+enum CliError {
+    #[error("cannot read kernel {path}: {source}")]
+    Kernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read serial input {path}: {source}")]
+    SerialInput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Record(#[from] recorder::RecordError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Trace(#[from] traces::ReadError),
+}
+
+/// Parses arguments, runs the command and returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => record(a.guest, None),
+        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every))),
+        Command::Replay(a) => replay(&a),
+        Command::Info(a) => info(&a.trace),
+    };
+    match result {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("retrovisor: error: {e}");
+            match e {
+                CliError::Replay(ReplayError::Divergence(_)) => EXIT_DIVERGENCE,
+                _ => EXIT_ERROR,
+            }
+        }
+    }
+}
+
+fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
+    Ok(match arg {
+        Some(p) if p == Path::new("-") => SerialInput::Stream(Box::new(std::io::stdin())),
+        Some(p) => {
+            SerialInput::Bytes(std::fs::read(p).map_err(|source| CliError::SerialInput {
+                path: p.into(),
+                source,
+            })?)
+        }
+        None if std::io::stdin().is_terminal() => SerialInput::Stream(Box::new(std::io::stdin())),
+        None => SerialInput::None,
+    })
+}
+
+fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>) -> Result<i32, CliError> {
+    let image = std::fs::read(&g.kernel).map_err(|source| CliError::Kernel {
+        path: g.kernel.clone(),
+        source,
+    })?;
+    let recording = trace.is_some();
+    let (trace, checkpoint_every) = trace
+        .map(|(p, n)| (Some(p), n))
+        .unwrap_or((None, DEFAULT_CHECKPOINT_EVERY));
+    let opts = Options {
+        image_path: std::fs::canonicalize(&g.kernel).unwrap_or(g.kernel.clone()),
+        image,
+        machine: machine::MachineConfig {
+            ram_bytes: g.ram << 20,
+            cmdline: g.cmdline,
+        },
+        trace: trace.clone(),
+        serial_input: serial_input(g.serial_input.as_deref())?,
+        time: match g.time {
+            TimeArg::Host => TimeSourceKind::Host,
+            TimeArg::Virtual => TimeSourceKind::Virtual,
+        },
+        checkpoint_every,
+        max_instructions: g.max_instructions,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let outcome = recorder::record(opts, &mut stdout)?;
+    if recording {
+        let secs = outcome.wall.as_secs_f64();
+        eprintln!(
+            "retrovisor: recorded {} instructions in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
+            outcome.icount,
+            secs,
+            outcome.icount as f64 / secs.max(1e-9),
+            outcome.events_by_kind.values().sum::<u64>(),
+            outcome.checkpoints,
+            trace.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+            describe_stop(&outcome.stop),
+        );
+    }
+    Ok(recorder::exit_status(&outcome.stop))
+}
+
+fn describe_stop(stop: &traces::StopReason) -> String {
+    match stop {
+        traces::StopReason::GuestExit { status } => format!("exited with status {status}"),
+        traces::StopReason::TripleFault => "triple-faulted".into(),
+        traces::StopReason::Halted => "halted with nothing left to wake it".into(),
+        traces::StopReason::UserStop => "was stopped by the user".into(),
+    }
+}
+
+fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
+    let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
+    if r.trace().cut_off() {
+        eprintln!(
+            "retrovisor: warning: the recording was cut off (no clean end); replaying its first {} instructions",
+            r.end_icount()
+        );
+    }
+    if let Some(from) = a.from {
+        let index = r.checkpoint_before(from);
+        r.restore_checkpoint(index)?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let halt = r.run_to(a.to.unwrap_or(u64::MAX), &mut stdout)?;
+    stdout.flush().ok();
+    Ok(match halt {
+        Halt::End(Some(stop)) => recorder::exit_status(&stop),
+        Halt::End(None) | Halt::Target => 0,
+    })
+}
+
+fn info(dir: &Path) -> Result<i32, CliError> {
+    let t = traces::TraceReader::open(dir)?;
+    let h = t.header();
+    let (event_bytes, checkpoint_bytes) = t.sizes();
+    let end = t
+        .summary()
+        .map(|s| s.end_icount)
+        .unwrap_or_else(|| t.complete_upto());
+    println!("trace:         {}", dir.display());
+    println!(
+        "format:        version {} (written by retrovisor {})",
+        h.format_version, h.tool_version
+    );
+    println!(
+        "guest image:   {} ({} bytes, sha256 {})",
+        h.image_path, h.image_size, h.image_sha256
+    );
+    println!(
+        "machine:       {} MiB RAM, cmdline {:?}",
+        h.machine.ram_bytes >> 20,
+        h.machine.cmdline
+    );
+    println!("clock:         {}, time {:?}", h.clock, h.time_mode);
+    println!("instructions:  {end}");
+    match t.summary() {
+        Some(s) => println!(
+            "ended:         guest {} ({:.2}s wall, {} bytes of serial output)",
+            describe_stop(&s.stop),
+            s.wall_secs,
+            s.output_bytes
+        ),
+        None => println!("ended:         cut off (no clean end); replayable up to icount {end}"),
+    }
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    for e in t.events() {
+        *counts.entry(e.kind.name()).or_default() += 1;
+    }
+    println!("events:        {}", t.events().len());
+    for (kind, n) in counts {
+        println!("  {kind:<12} {n}");
+    }
+    let full = t.checkpoints().iter().filter(|c| c.full).count();
+    println!(
+        "checkpoints:   {} ({} full), every {} instructions, {} bytes ({:.1}% of guest RAM each on average)",
+        t.checkpoints().len(),
+        full,
+        h.checkpoint_every,
+        checkpoint_bytes,
+        100.0 * checkpoint_bytes as f64 / (t.checkpoints().len().max(1) as f64 * h.machine.ram_bytes as f64),
+    );
+    let per_m = |b: u64| b as f64 * 1e6 / end.max(1) as f64;
+    println!(
+        "event stream:  {event_bytes} bytes ({:.1} bytes per million instructions)",
+        per_m(event_bytes)
+    );
+    println!(
+        "total:         {} bytes ({:.1} bytes per million instructions)",
+        event_bytes + checkpoint_bytes,
+        per_m(event_bytes + checkpoint_bytes)
+    );
+    Ok(0)
+}

@@ -1,0 +1,217 @@
+//! Bad input gets a clear one-line error and a non-zero status, and loses nothing; crashes leave a
+//! replayable prefix.
+
+mod common;
+use common::*;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn assert_error(o: &std::process::Output, needle: &str) {
+    let err = text(&o.stderr);
+    assert_eq!(status(o), 2, "expected an error exit; stderr: {err}");
+    assert!(
+        err.starts_with("retrovisor: error: ") && err.contains(needle),
+        "stderr {err:?} lacks {needle:?}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "errors are one line: {err}"
+    );
+}
+
+#[test]
+fn missing_and_non_multiboot_kernels_are_refused() {
+    let dir = scratch("badkernel");
+    assert_error(
+        &rv(&["run", "--kernel", dir.join("nope.elf").to_str().unwrap()]),
+        "cannot read kernel",
+    );
+    let not_mb = dir.join("text.bin");
+    std::fs::write(&not_mb, b"just some bytes, not a kernel").unwrap();
+    assert_error(
+        &rv(&["run", "--kernel", not_mb.to_str().unwrap()]),
+        "not a Multiboot v1 kernel",
+    );
+    let trace = dir.join("t.rvt");
+    let o = rv(&[
+        "record",
+        "--kernel",
+        not_mb.to_str().unwrap(),
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_error(&o, "not a Multiboot v1 kernel");
+}
+
+#[test]
+fn replay_refuses_another_guest_image() {
+    let dir = scratch("mismatch");
+    let (trace, _) = record(&dir, "hello", &[]);
+    let o = replay(&trace, &["--kernel", guest("rtc").to_str().unwrap()]);
+    assert_error(&o, "is not the one this trace recorded");
+    let o = replay(&dir.join("missing.rvt"), &[]);
+    assert_eq!(status(&o), 2);
+}
+
+#[test]
+fn existing_trace_is_never_overwritten() {
+    let dir = scratch("overwrite");
+    let (trace, _) = record(&dir, "hello", &[]);
+    let before = std::fs::read(trace.join("header.json")).unwrap();
+    let o = rv(&[
+        "record",
+        "--kernel",
+        guest("hello").to_str().unwrap(),
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(trace.join("header.json")).unwrap(), before);
+}
+
+#[test]
+fn corrupt_chunk_and_future_format_are_reported() {
+    let dir = scratch("corrupt");
+    let (trace, _) = record(&dir, "timer", &[]);
+    let events = trace.join("events.bin");
+    let mut bytes = std::fs::read(&events).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&events, &bytes).unwrap();
+    let o = replay(&trace, &[]);
+    assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("chunk"), "{}", text(&o.stderr));
+
+    let (trace, _) = record(&scratch("future"), "hello", &[]);
+    let header = trace.join("header.json");
+    let h = std::fs::read_to_string(&header)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 99");
+    let h = h.replace("\"format_version\":1", "\"format_version\":99");
+    std::fs::write(&header, h).unwrap();
+    assert_error(&replay(&trace, &[]), "newer than this retrovisor supports");
+}
+
+#[test]
+fn tampered_event_is_detected_as_divergence_with_its_icount() {
+    let dir = scratch("tamper");
+    let (trace, _) = record(&dir, "timer", &[]);
+    // Rewrite the trace with the first interrupt injected one instruction later than recorded.
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let mut events = reader.events().to_vec();
+    let i = events
+        .iter()
+        .position(|e| matches!(e.kind, traces::EventKind::Interrupt { .. }))
+        .expect("no interrupt recorded");
+    events[i].icount += 1;
+    let moved_to = events[i].icount;
+    let tampered = dir.join("tampered.rvt");
+    let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
+    let cp = reader.read_checkpoint(0).unwrap();
+    w.write_checkpoint(&cp).unwrap();
+    for e in events
+        .into_iter()
+        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
+    {
+        w.push(e).unwrap();
+    }
+    w.finish(reader.summary().unwrap()).unwrap();
+    let o = replay(&tampered, &[]);
+    let err = text(&o.stderr);
+    assert_eq!(status(&o), 4, "{err}");
+    assert!(err.contains("diverged") && err.contains("icount"), "{err}");
+    let at: u64 = err
+        .split("icount ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        at <= moved_to,
+        "divergence reported at {at}, after the tampered event at {moved_to}"
+    );
+}
+
+#[test]
+fn missing_kvm_is_a_clear_error() {
+    // Hide /dev in a private mount namespace, as on a machine without KVM.
+    let o = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev && exec \"$0\" run --kernel \"$1\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_retrovisor"))
+        .arg(guest("hello"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) is needed");
+    assert_error(&o, "cannot open /dev/kvm");
+}
+
+#[test]
+fn killed_recording_leaves_a_replayable_prefix() {
+    let dir = scratch("kill");
+    let trace = dir.join("spin.rvt");
+    let mut child = bin()
+        .args([
+            "record",
+            "--kernel",
+            guest("spin").to_str().unwrap(),
+            "-o",
+            trace.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    child.kill().unwrap(); // SIGKILL: no chance to finish the trace
+    let rec = child.wait_with_output().unwrap();
+    let o = replay(&trace, &[]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cut off"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).starts_with("spinning"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(
+        rec.stdout.starts_with(&o.stdout),
+        "the replayed prefix is not a prefix of what was recorded"
+    );
+    assert!(text(&rv(&["info", trace.to_str().unwrap()]).stdout).contains("cut off"));
+}
+
+#[test]
+fn sigint_ends_a_recording_cleanly() {
+    let dir = scratch("sigint");
+    let trace = dir.join("spin.rvt");
+    let child = bin()
+        .args([
+            "record",
+            "--kernel",
+            guest("spin").to_str().unwrap(),
+            "-o",
+            trace.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rec = child.wait_with_output().unwrap();
+    assert_eq!(status(&rec), 130, "{}", text(&rec.stderr));
+    assert!(
+        std::fs::metadata(trace.join("summary.json")).is_ok(),
+        "no summary after Ctrl-C"
+    );
+    assert_replays(&trace, &rec);
+}

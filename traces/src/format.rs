@@ -1,0 +1,407 @@
+//! The trace's data model: the JSON header and summary, events, checkpoints, and the constants that
+//! fix the on-disk layout (file names, magics, size caps). `FORMAT.md` next to this crate describes
+//! the bytes; this module is the single place the numbers in it come from.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Version of the on-disk format this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Size of a guest page; checkpoint pages are exactly this long.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Name of the JSON header inside a trace directory.
+pub const HEADER_FILE: &str = "header.json";
+/// Name of the event stream inside a trace directory.
+pub const EVENTS_FILE: &str = "events.bin";
+/// Name of the directory holding checkpoint files inside a trace directory.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Name of the JSON summary written at a clean end.
+pub const SUMMARY_FILE: &str = "summary.json";
+/// Extension of checkpoint files (`NNNNNNNNNNNNNNNNNNNN.ckpt`, the icount zero-padded to 20 digits).
+pub const CHECKPOINT_EXT: &str = "ckpt";
+
+/// Magic at the start of `events.bin`.
+pub const EVENTS_MAGIC: [u8; 8] = *b"RVTEVT01";
+/// Length of the `events.bin` file header: magic, u32 version, u32 reserved.
+pub const EVENTS_FILE_HEADER_LEN: usize = 16;
+/// Magic at the start of every event chunk frame ("CHNK" read as a little-endian u32).
+pub const CHUNK_MAGIC: u32 = 0x4B4E_4843;
+/// Length of an event chunk frame header.
+pub const CHUNK_HEADER_LEN: usize = 32;
+/// Largest compressed payload of one event chunk a reader accepts.
+pub const MAX_CHUNK_COMPRESSED: u32 = 64 << 20;
+/// Largest uncompressed payload of one event chunk a reader accepts.
+pub const MAX_CHUNK_UNCOMPRESSED: u32 = 64 << 20;
+/// Largest number of events in one chunk. Bounds the memory a hostile chunk can make the reader
+/// spend on `Event` values (each is several times larger in memory than its smallest encoding).
+pub const MAX_EVENTS_PER_CHUNK: u32 = 1 << 20;
+
+/// Magic at the start of every checkpoint file.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"RVTCKP01";
+/// Length of the fixed checkpoint file header that precedes the compressed payload.
+pub const CHECKPOINT_HEADER_LEN: usize = 77;
+/// Largest compressed or uncompressed checkpoint payload a reader accepts (4 GiB).
+pub const MAX_CHECKPOINT_PAYLOAD: u64 = 4 << 30;
+/// Largest guest RAM a header may declare (1 TiB). Guest RAM bounds how many pages a checkpoint
+/// can hold, and so how much memory restoring one can take.
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+/// Most events a whole trace may hold. Event chunks compress well, so this (about 3 GiB of decoded
+/// events) is what stops a small hostile file from decoding into unbounded memory.
+pub const MAX_TRACE_EVENTS: u64 = 1 << 26;
+
+/// Largest `header.json` or `summary.json` a reader accepts; real ones are well under a kilobyte.
+pub const MAX_JSON_FILE: u64 = 1 << 20;
+
+/// Largest zstd window (as a power of two) a reader accepts. zstd would otherwise allocate up to
+/// 128 MiB of window for a frame that merely claims to need it; the writer's level uses far less.
+pub const MAX_ZSTD_WINDOW_LOG: u32 = 24;
+
+/// Problems with the values of a header or summary (as opposed to their syntax).
+#[derive(Debug, Error)]
+pub enum FormatError {
+    /// A SHA-256 field is not 64 lowercase hex digits.
+    #[error("{field} must be 64 lowercase hex digits (a SHA-256), got {value:?}")]
+    BadSha256 {
+        /// Which field.
+        field: &'static str,
+        /// What it held.
+        value: String,
+    },
+    /// `wall_secs` is negative, NaN or infinite.
+    #[error("wall_secs must be a finite, non-negative number of seconds, got {value}")]
+    BadDuration {
+        /// What it held.
+        value: f64,
+    },
+    /// `machine.ram_bytes` is zero or above [`MAX_RAM_BYTES`].
+    #[error("machine.ram_bytes is {value}; it must be between 1 and {MAX_RAM_BYTES}")]
+    BadRamSize {
+        /// What it held.
+        value: u64,
+    },
+    /// The header names another format version than the one being written or read.
+    #[error("header format_version is {found}, expected {FORMAT_VERSION}")]
+    WrongVersion {
+        /// The version in the header.
+        found: u32,
+    },
+}
+
+/// How guest timers are driven during the recording.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeMode {
+    /// PIT and RTC follow the host clock; their readings and interrupts are logged.
+    Host,
+    /// Timers follow icount, so guest time is reproducible even without the log.
+    Virtual,
+}
+
+/// The virtual machine's configuration, enough to rebuild the same machine for replay.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Guest RAM size in bytes.
+    pub ram_bytes: u64,
+    /// Kernel command line given to the guest.
+    pub cmdline: String,
+}
+
+/// The contents of `header.json`, written when the recording starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Always [`FORMAT_VERSION`] for traces this crate writes.
+    pub format_version: u32,
+    /// Version of the retrovisor that recorded the trace.
+    pub tool_version: String,
+    /// Path of the guest image as given on the command line.
+    pub image_path: String,
+    /// SHA-256 of the guest image, lowercase hex; replay refuses an image that differs.
+    pub image_sha256: String,
+    /// Size of the guest image in bytes.
+    pub image_size: u64,
+    /// The machine the guest ran on.
+    pub machine: MachineConfig,
+    /// Name of the execution clock that recorded the trace, e.g. `"step"`.
+    pub clock: String,
+    /// How guest time was driven.
+    pub time_mode: TimeMode,
+    /// Instructions between checkpoints.
+    pub checkpoint_every: u64,
+    /// When the recording started, seconds since the Unix epoch.
+    pub created_unix_secs: u64,
+}
+
+impl Header {
+    /// Checks the values a reader relies on: the format version, the RAM size and the shape of the
+    /// image hash.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(FormatError::WrongVersion {
+                found: self.format_version,
+            });
+        }
+        let ram = self.machine.ram_bytes;
+        if ram == 0 || ram > MAX_RAM_BYTES {
+            return Err(FormatError::BadRamSize { value: ram });
+        }
+        check_sha256("image_sha256", &self.image_sha256)
+    }
+
+    /// Pages of guest RAM (a partial last page counts, as the machine rounds RAM up to whole
+    /// pages); every checkpoint page frame number is below this.
+    pub fn ram_pages(&self) -> u64 {
+        self.machine.ram_bytes.div_ceil(PAGE_SIZE as u64)
+    }
+}
+
+/// Which instruction produced a host-sourced value.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostInsn {
+    /// RDTSC.
+    Rdtsc,
+    /// RDTSCP (the event's `aux` holds TSC_AUX).
+    Rdtscp,
+    /// RDRAND.
+    Rdrand,
+    /// RDSEED.
+    Rdseed,
+}
+
+/// Which host clock a device read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClockKind {
+    /// A monotonic clock (interval timers such as the PIT).
+    Monotonic,
+    /// Wall-clock time (the RTC).
+    Wall,
+}
+
+/// Why a recording ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote to isa-debug-exit; `status` is the process status `(v << 1) | 1`.
+    GuestExit {
+        /// Exit status as the host process reports it.
+        status: u32,
+    },
+    /// The vCPU triple-faulted.
+    TripleFault,
+    /// `hlt` with interrupts disabled: the guest can never run again.
+    Halted,
+    /// The user stopped the recording (Ctrl-C, SIGTERM, or an instruction limit).
+    UserStop,
+}
+
+/// What an event feeds into the guest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes pushed into the UART receive FIFO.
+    SerialRx {
+        /// The bytes, in arrival order.
+        bytes: Vec<u8>,
+    },
+    /// A host clock reading a device used.
+    Clock {
+        /// Which clock.
+        kind: ClockKind,
+        /// The reading in nanoseconds.
+        ns: u64,
+    },
+    /// An IRQ edge from a time-driven source (the PIT).
+    Irq {
+        /// The IRQ line.
+        line: u8,
+    },
+    /// A vector injected into the vCPU.
+    Interrupt {
+        /// The interrupt vector.
+        vector: u8,
+    },
+    /// The result of an instruction whose value comes from the host.
+    HostValue {
+        /// The instruction.
+        insn: HostInsn,
+        /// The value it returned (for RDTSC/RDTSCP, the full 64-bit counter).
+        value: u64,
+        /// TSC_AUX for RDTSCP, 0 otherwise.
+        aux: u64,
+    },
+    /// The end of the recording.
+    Stop {
+        /// Why it ended.
+        reason: StopReason,
+    },
+}
+
+impl EventKind {
+    /// Short snake_case name of the kind, as used in [`Summary::events_by_kind`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::SerialRx { .. } => "serial_rx",
+            EventKind::Clock { .. } => "clock",
+            EventKind::Irq { .. } => "irq",
+            EventKind::Interrupt { .. } => "interrupt",
+            EventKind::HostValue { .. } => "host_value",
+            EventKind::Stop { .. } => "stop",
+        }
+    }
+}
+
+/// One input from outside the guest, pinned to the moment it applies.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Instructions retired before the event applies.
+    pub icount: u64,
+    /// Guest rip at that moment; replay checks it to detect divergence.
+    pub rip: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// A machine checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Instructions retired when the checkpoint was taken.
+    pub icount: u64,
+    /// Guest rip at that moment.
+    pub rip: u64,
+    /// True if `pages` holds every non-zero page of RAM; false if only pages changed since the
+    /// previous checkpoint.
+    pub full: bool,
+    /// The machine's 32-byte state digest, compared on replay.
+    pub digest: [u8; 32],
+    /// CPU and device state, serialized by the machine; opaque to the trace.
+    pub state: Vec<u8>,
+    /// (guest page frame number, [`PAGE_SIZE`] bytes) pairs.
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+/// The contents of `summary.json`, written only when a recording ends cleanly.
+///
+/// Only `PartialEq`: `wall_secs` is an `f64`, which cannot honestly be `Eq`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// icount at which the recording ended.
+    pub end_icount: u64,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Number of events per [`EventKind::name`].
+    pub events_by_kind: BTreeMap<String, u64>,
+    /// Number of checkpoints written.
+    pub checkpoints: u64,
+    /// Bytes of serial output the guest produced.
+    pub output_bytes: u64,
+    /// SHA-256 of all serial output the guest produced, lowercase hex.
+    pub output_sha256: String,
+    /// Wall-clock duration of the recording in seconds.
+    pub wall_secs: f64,
+}
+
+impl Summary {
+    /// Checks the values a reader relies on: the shape of the output hash, and a duration JSON can
+    /// hold (serde_json writes NaN and infinities as `null`, which would not read back).
+    pub fn validate(&self) -> Result<(), FormatError> {
+        if !self.wall_secs.is_finite() || self.wall_secs < 0.0 {
+            return Err(FormatError::BadDuration {
+                value: self.wall_secs,
+            });
+        }
+        check_sha256("output_sha256", &self.output_sha256)
+    }
+}
+
+/// SHA-256 of `bytes` as lowercase hex, the form `image_sha256` and `output_sha256` take.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes` (for digests computed incrementally, like `output_sha256`).
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// File name of the checkpoint taken at `icount`: the icount zero-padded to 20 digits (the width
+/// of `u64::MAX`), so names sort in icount order.
+pub fn checkpoint_file_name(icount: u64) -> String {
+    format!("{icount:020}.{CHECKPOINT_EXT}")
+}
+
+/// The icount a checkpoint file name encodes, or `None` if `name` is not a checkpoint file name.
+pub fn parse_checkpoint_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(CHECKPOINT_EXT)?.strip_suffix('.')?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn check_sha256(field: &'static str, value: &str) -> Result<(), FormatError> {
+    let ok = value.len() == 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FormatError::BadSha256 {
+            field,
+            value: value.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_names_round_trip_and_sort() {
+        assert_eq!(checkpoint_file_name(42), "00000000000000000042.ckpt");
+        assert_eq!(
+            parse_checkpoint_file_name(&checkpoint_file_name(u64::MAX)),
+            Some(u64::MAX)
+        );
+        assert_eq!(parse_checkpoint_file_name("42.ckpt"), None);
+        assert_eq!(
+            parse_checkpoint_file_name(".00000000000000000042.ckpt.tmp"),
+            None
+        );
+        // 20 digits that overflow a u64.
+        assert_eq!(
+            parse_checkpoint_file_name("99999999999999999999.ckpt"),
+            None
+        );
+        assert!(checkpoint_file_name(9) < checkpoint_file_name(10));
+    }
+
+    #[test]
+    fn sha256_hex_is_lowercase_and_valid() {
+        let h = sha256_hex(b"abc");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(check_sha256("x", &h).is_ok());
+        assert!(check_sha256("x", &h.to_uppercase()).is_err());
+        assert!(check_sha256("x", "abc").is_err());
+    }
+
+    #[test]
+    fn time_mode_is_lowercase_in_json() {
+        assert_eq!(
+            serde_json::to_string(&TimeMode::Virtual).unwrap(),
+            "\"virtual\""
+        );
+    }
+}

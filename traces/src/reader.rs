@@ -1,0 +1,816 @@
+//! Opening and validating a trace directory.
+//!
+//! [`TraceReader::open`] reads everything but checkpoint payloads up front and checks it, so a
+//! trace that opens is internally consistent. The distinction that matters for recordings cut off
+//! by a crash: a frame that ends past the end of `events.bin` is a torn tail (the last write was
+//! interrupted) and is dropped; anything wrong inside a complete frame is corruption and an error.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::codec::{self, CheckpointHeader, ChunkHeader, CodecError};
+use crate::format::{
+    parse_checkpoint_file_name, Checkpoint, Event, FormatError, Header, Summary, CHECKPOINTS_DIR,
+    CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE, EVENTS_FILE_HEADER_LEN,
+    FORMAT_VERSION, HEADER_FILE, MAX_JSON_FILE, MAX_TRACE_EVENTS, SUMMARY_FILE,
+};
+
+/// Errors from reading a trace.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// A file the trace needs is not there.
+    #[error("{path} is missing; is this a retrovisor trace directory?")]
+    Missing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// Something other than a regular file stands where a trace file should be.
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A file system operation failed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// A JSON file is larger than any real one could be.
+    #[error("{path} is {size} bytes, larger than the {MAX_JSON_FILE}-byte limit; it is not a trace file")]
+    JsonTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A JSON file does not parse.
+    #[error("{path} is not valid: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        source: serde_json::Error,
+    },
+    /// The trace was written by a newer retrovisor.
+    #[error("{path}: trace format version {version} is newer than this retrovisor supports ({FORMAT_VERSION}); upgrade retrovisor")]
+    NewerVersion {
+        /// The header file.
+        path: PathBuf,
+        /// The trace's format version.
+        version: u32,
+    },
+    /// The trace declares a format version that never existed or is no longer read.
+    #[error("{path}: trace format version {version} is not supported (this retrovisor reads version {FORMAT_VERSION})")]
+    UnsupportedVersion {
+        /// The header file.
+        path: PathBuf,
+        /// The trace's format version.
+        version: u32,
+    },
+    /// A JSON file parses but holds impossible values.
+    #[error("{path}: {source}")]
+    InvalidJson {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: FormatError,
+    },
+    /// The 16-byte header of `events.bin` is wrong.
+    #[error("{path}: bad file header: {source}")]
+    EventsFileHeader {
+        /// The events file.
+        path: PathBuf,
+        /// What is wrong.
+        source: CodecError,
+    },
+    /// A complete event chunk is corrupt.
+    #[error("{path}: event chunk {index} at byte offset {offset} is corrupt: {source}")]
+    Chunk {
+        /// The events file.
+        path: PathBuf,
+        /// Index of the chunk (0 = first frame after the file header).
+        index: u64,
+        /// Byte offset of the frame in the file.
+        offset: u64,
+        /// What is wrong.
+        source: CodecError,
+    },
+    /// A chunk's events or flush point are out of order with what came before.
+    #[error("{path}: event chunk {index} at byte offset {offset} is corrupt: {reason}")]
+    ChunkOrder {
+        /// The events file.
+        path: PathBuf,
+        /// Index of the chunk.
+        index: u64,
+        /// Byte offset of the frame in the file.
+        offset: u64,
+        /// What is out of order.
+        reason: String,
+    },
+    /// The trace holds more events than a reader accepts.
+    #[error("{path}: event chunk {index} at byte offset {offset} takes the trace past {MAX_TRACE_EVENTS} events, more than this reader accepts")]
+    TooManyEvents {
+        /// The events file.
+        path: PathBuf,
+        /// Index of the chunk.
+        index: u64,
+        /// Byte offset of the frame in the file.
+        offset: u64,
+    },
+    /// A checkpoint file is corrupt.
+    #[error("{path}: checkpoint is corrupt: {source}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        source: CodecError,
+    },
+    /// A checkpoint file's size disagrees with the length in its header.
+    #[error("{path}: checkpoint file is {actual} bytes but its header declares {declared}")]
+    CheckpointSize {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Size the header implies.
+        declared: u64,
+        /// Size on disk.
+        actual: u64,
+    },
+    /// A checkpoint file's name and header disagree on its icount.
+    #[error("{path}: file name says icount {name_icount} but the checkpoint header says {header_icount}")]
+    CheckpointName {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// icount from the name.
+        name_icount: u64,
+        /// icount from the header.
+        header_icount: u64,
+    },
+    /// The parts of the trace disagree with each other.
+    #[error("{path}: {reason}")]
+    Inconsistent {
+        /// The file whose contents conflict with the rest.
+        path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A checkpoint index is out of range.
+    #[error("checkpoint index {index} is out of range: the trace has {count} checkpoints")]
+    NoSuchCheckpoint {
+        /// The index asked for.
+        index: usize,
+        /// How many there are.
+        count: usize,
+    },
+    /// No full checkpoint precedes the one asked for, so its memory cannot be rebuilt.
+    #[error("{path}: no full checkpoint at or before this one, so its memory cannot be rebuilt")]
+    NoFullCheckpoint {
+        /// The checkpoint file asked for.
+        path: PathBuf,
+    },
+}
+
+/// What [`TraceReader::open`] learns about a checkpoint from its fixed header alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// icount of the checkpoint.
+    pub icount: u64,
+    /// Guest rip at the checkpoint.
+    pub rip: u64,
+    /// Whether it holds all non-zero pages (else only pages changed since the previous one).
+    pub full: bool,
+    /// The machine's state digest.
+    pub digest: [u8; 32],
+    /// Size of the file.
+    pub bytes_on_disk: u64,
+    /// Path of the file.
+    pub path: PathBuf,
+}
+
+/// Where a torn final frame was found in `events.bin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// Byte offset where the torn frame starts (the valid prefix ends here).
+    pub offset: u64,
+    /// Bytes of the torn frame present in the file.
+    pub bytes: u64,
+}
+
+/// A validated trace, open for reading.
+#[derive(Debug)]
+pub struct TraceReader {
+    header: Header,
+    events: Vec<Event>,
+    summary: Option<Summary>,
+    complete_upto: u64,
+    torn_tail: Option<TornTail>,
+    checkpoints: Vec<CheckpointInfo>,
+    events_size: u64,
+}
+
+impl TraceReader {
+    /// Opens and validates the trace in `dir`: the header (including its format version), every
+    /// event chunk, the fixed header of every checkpoint, and the summary if there is one.
+    pub fn open(dir: &Path) -> Result<TraceReader, ReadError> {
+        let header = read_header(&dir.join(HEADER_FILE))?;
+        let events_path = dir.join(EVENTS_FILE);
+        let stream = read_events(&events_path)?;
+        let summary_path = dir.join(SUMMARY_FILE);
+        let summary = read_summary(&summary_path)?;
+
+        let complete_upto = match &summary {
+            Some(summary) => {
+                check_summary(summary, &summary_path, &stream)?;
+                summary.end_icount
+            }
+            None => stream.complete_upto,
+        };
+
+        let mut checkpoints = list_checkpoints(&dir.join(CHECKPOINTS_DIR))?;
+        if let Some(summary) = &summary {
+            if checkpoints.len() as u64 != summary.checkpoints {
+                return Err(ReadError::Inconsistent {
+                    path: summary_path,
+                    reason: format!(
+                        "summary counts {} checkpoints but {} checkpoint files are present",
+                        summary.checkpoints,
+                        checkpoints.len()
+                    ),
+                });
+            }
+            if let Some(last) = checkpoints.last().filter(|c| c.icount > complete_upto) {
+                return Err(ReadError::Inconsistent {
+                    path: last.path.clone(),
+                    reason: format!(
+                        "checkpoint lies past the end of the recording (icount {complete_upto})"
+                    ),
+                });
+            }
+        } else {
+            // The writer flushes events up to a checkpoint before writing it, so this only happens
+            // if the system crashed before buffered event writes reached the disk. Such a
+            // checkpoint cannot be reached by replaying the surviving events, so it is left out.
+            checkpoints.retain(|c| c.icount <= complete_upto);
+        }
+
+        Ok(TraceReader {
+            header,
+            events: stream.events,
+            summary,
+            complete_upto,
+            torn_tail: stream.torn_tail,
+            checkpoints,
+            events_size: stream.file_size,
+        })
+    }
+
+    /// The trace's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// All events, in icount order.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// The summary, or `None` if the recording was cut off.
+    pub fn summary(&self) -> Option<&Summary> {
+        self.summary.as_ref()
+    }
+
+    /// Highest icount the event stream is known complete up to: the end of the recording if it
+    /// finished, otherwise the flush point of the last intact chunk. Replay past it is guesswork.
+    pub fn complete_upto(&self) -> u64 {
+        self.complete_upto
+    }
+
+    /// True if the recording was cut off (no summary: a crash, a kill, or a writer dropped
+    /// without finishing). The events up to [`TraceReader::complete_upto`] are still valid.
+    pub fn cut_off(&self) -> bool {
+        self.summary.is_none()
+    }
+
+    /// True if a torn final chunk (an interrupted write) was dropped from `events.bin`.
+    pub fn truncated_tail(&self) -> bool {
+        self.torn_tail.is_some()
+    }
+
+    /// Where the dropped torn final chunk was, if there was one.
+    pub fn torn_tail(&self) -> Option<TornTail> {
+        self.torn_tail
+    }
+
+    /// A sentence describing how the recording was cut off, or `None` if it finished cleanly.
+    pub fn cut_off_description(&self) -> Option<String> {
+        if !self.cut_off() {
+            return None;
+        }
+        let mut text = format!(
+            "the recording was cut off (no {SUMMARY_FILE}); its events are complete up to icount {}",
+            self.complete_upto
+        );
+        if let Some(torn) = self.torn_tail {
+            text.push_str(&format!(
+                "; an incomplete final chunk ({} bytes at offset {} of {EVENTS_FILE}) was dropped",
+                torn.bytes, torn.offset
+            ));
+        }
+        Some(text)
+    }
+
+    /// The checkpoints, sorted by icount.
+    pub fn checkpoints(&self) -> &[CheckpointInfo] {
+        &self.checkpoints
+    }
+
+    /// Reads and fully verifies (CRC, sizes, every page) checkpoint `index`. Zero pages of an
+    /// incremental checkpoint come back as `PAGE_SIZE` zero bytes.
+    pub fn read_checkpoint(&self, index: usize) -> Result<Checkpoint, ReadError> {
+        let info = self
+            .checkpoints
+            .get(index)
+            .ok_or(ReadError::NoSuchCheckpoint {
+                index,
+                count: self.checkpoints.len(),
+            })?;
+        let path = &info.path;
+        let bytes = read_checkpoint_file(path, info.bytes_on_disk)?;
+        let cp = codec::decode_checkpoint(&bytes, self.header.ram_pages()).map_err(|source| {
+            ReadError::Checkpoint {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        // The file may have changed since open; the name check must hold for what was read.
+        if cp.icount != info.icount {
+            return Err(ReadError::CheckpointName {
+                path: path.clone(),
+                name_icount: info.icount,
+                header_icount: cp.icount,
+            });
+        }
+        Ok(cp)
+    }
+
+    /// Guest memory at checkpoint `index`: the pages of the nearest full checkpoint at or before
+    /// it, overlaid with every incremental checkpoint after that up to `index` (later wins).
+    /// Pages absent from the map are zero. Returns checkpoint `index` and the pages by pfn; the
+    /// checkpoint's own `pages` are moved into the map (its `pages` comes back empty) so memory is
+    /// not held twice.
+    pub fn restore_point(
+        &self,
+        index: usize,
+    ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ReadError> {
+        let info = self
+            .checkpoints
+            .get(index)
+            .ok_or(ReadError::NoSuchCheckpoint {
+                index,
+                count: self.checkpoints.len(),
+            })?;
+        let base = self.checkpoints[..=index]
+            .iter()
+            .rposition(|c| c.full)
+            .ok_or_else(|| ReadError::NoFullCheckpoint {
+                path: info.path.clone(),
+            })?;
+        let mut memory = BTreeMap::new();
+        for i in base..index {
+            memory.extend(self.read_checkpoint(i)?.pages);
+        }
+        let mut target = self.read_checkpoint(index)?;
+        memory.extend(std::mem::take(&mut target.pages));
+        Ok((target, memory))
+    }
+
+    /// Sizes on disk of `events.bin` and of all checkpoint files together.
+    pub fn sizes(&self) -> (u64, u64) {
+        (
+            self.events_size,
+            self.checkpoints.iter().map(|c| c.bytes_on_disk).sum(),
+        )
+    }
+}
+
+/// Just the field every header version has, so a newer header that no longer parses as ours
+/// still gets the "upgrade" error instead of a confusing parse error.
+#[derive(Deserialize)]
+struct VersionProbe {
+    format_version: u32,
+}
+
+fn read_header(path: &Path) -> Result<Header, ReadError> {
+    let bytes = read_json_file(path)?.ok_or_else(|| ReadError::Missing {
+        path: path.to_owned(),
+    })?;
+    let probe: VersionProbe = serde_json::from_slice(&bytes).map_err(|source| ReadError::Json {
+        path: path.to_owned(),
+        source,
+    })?;
+    if probe.format_version > FORMAT_VERSION {
+        return Err(ReadError::NewerVersion {
+            path: path.to_owned(),
+            version: probe.format_version,
+        });
+    }
+    if probe.format_version != FORMAT_VERSION {
+        return Err(ReadError::UnsupportedVersion {
+            path: path.to_owned(),
+            version: probe.format_version,
+        });
+    }
+    let header: Header = serde_json::from_slice(&bytes).map_err(|source| ReadError::Json {
+        path: path.to_owned(),
+        source,
+    })?;
+    header.validate().map_err(|source| ReadError::InvalidJson {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(header)
+}
+
+fn read_summary(path: &Path) -> Result<Option<Summary>, ReadError> {
+    let Some(bytes) = read_json_file(path)? else {
+        return Ok(None);
+    };
+    let summary: Summary = serde_json::from_slice(&bytes).map_err(|source| ReadError::Json {
+        path: path.to_owned(),
+        source,
+    })?;
+    summary
+        .validate()
+        .map_err(|source| ReadError::InvalidJson {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Some(summary))
+}
+
+/// A finished recording's summary must agree with the event stream the writer fsynced before it.
+fn check_summary(summary: &Summary, path: &Path, stream: &EventStream) -> Result<(), ReadError> {
+    let reason = if let Some(torn) = stream.torn_tail {
+        format!(
+            "the recording finished, yet {EVENTS_FILE} ends in an incomplete chunk at offset {}",
+            torn.offset
+        )
+    } else if stream.chunks == 0 {
+        format!("the recording finished, yet {EVENTS_FILE} holds no chunks")
+    } else if stream.complete_upto != summary.end_icount {
+        format!(
+            "end_icount is {} but the last event chunk is complete up to icount {}",
+            summary.end_icount, stream.complete_upto
+        )
+    } else if let Some(e) = stream
+        .events
+        .last()
+        .filter(|e| e.icount > summary.end_icount)
+    {
+        format!(
+            "an event at icount {} lies past end_icount {}",
+            e.icount, summary.end_icount
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ReadError::Inconsistent {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// Reads a small JSON file, `None` if it does not exist.
+fn read_json_file(path: &Path) -> Result<Option<Vec<u8>>, ReadError> {
+    let Some((file, size)) = open_file(path)? else {
+        return Ok(None);
+    };
+    if size > MAX_JSON_FILE {
+        return Err(ReadError::JsonTooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    let mut bytes = Vec::new();
+    // take(): the file may grow after the size check.
+    file.take(MAX_JSON_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(|source| ReadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Some(bytes))
+}
+
+/// Opens a regular file and returns it with its size, or `None` if nothing has that name.
+/// Anything else under a trace file's name (a FIFO, a device, a directory) is refused before it
+/// is opened: opening a FIFO would block forever, and a device has no meaningful size.
+fn open_file(path: &Path) -> Result<Option<(File, u64)>, ReadError> {
+    let io_err = |source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_err(source)),
+    };
+    if !meta.is_file() {
+        return Err(ReadError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let file = File::open(path).map_err(io_err)?;
+    Ok(Some((file, meta.len())))
+}
+
+/// Reads a whole checkpoint file whose size `open` already checked, refusing it if it changed.
+fn read_checkpoint_file(path: &Path, expected: u64) -> Result<Vec<u8>, ReadError> {
+    let io_err = |source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (file, _) = open_file(path)?.ok_or_else(|| ReadError::Missing {
+        path: path.to_owned(),
+    })?;
+    let mut bytes = Vec::new();
+    file.take(expected.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 != expected {
+        return Err(ReadError::CheckpointSize {
+            path: path.to_owned(),
+            declared: expected,
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The validated contents of `events.bin`.
+struct EventStream {
+    events: Vec<Event>,
+    chunks: u64,
+    complete_upto: u64,
+    torn_tail: Option<TornTail>,
+    file_size: u64,
+}
+
+fn read_events(path: &Path) -> Result<EventStream, ReadError> {
+    let io_err = |source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (mut file, file_size) = open_file(path)?.ok_or_else(|| ReadError::Missing {
+        path: path.to_owned(),
+    })?;
+    let mut stream = EventStream {
+        events: Vec::new(),
+        chunks: 0,
+        complete_upto: 0,
+        torn_tail: None,
+        file_size,
+    };
+
+    // A file shorter than its header was cut off while the writer created it: a torn, empty
+    // stream if what is there is the start of a valid header.
+    let mut file_header = [0u8; EVENTS_FILE_HEADER_LEN];
+    let present = file_size.min(EVENTS_FILE_HEADER_LEN as u64) as usize;
+    file.read_exact(&mut file_header[..present])
+        .map_err(io_err)?;
+    if present < EVENTS_FILE_HEADER_LEN {
+        if codec::events_file_header().starts_with(&file_header[..present]) {
+            stream.torn_tail = Some(TornTail {
+                offset: 0,
+                bytes: file_size,
+            });
+            return Ok(stream);
+        }
+        let source = CodecError::Truncated {
+            what: "file header",
+            len: EVENTS_FILE_HEADER_LEN as u64,
+            left: present,
+        };
+        return Err(ReadError::EventsFileHeader {
+            path: path.to_owned(),
+            source,
+        });
+    }
+    codec::check_events_file_header(&file_header).map_err(|source| {
+        ReadError::EventsFileHeader {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+
+    let mut offset = EVENTS_FILE_HEADER_LEN as u64;
+    let mut index = 0u64;
+    while offset < file_size {
+        let left = file_size - offset;
+        let chunk_err = |source| ReadError::Chunk {
+            path: path.to_owned(),
+            index,
+            offset,
+            source,
+        };
+        if left < CHUNK_HEADER_LEN as u64 {
+            // Too short for a frame header: a torn write if it starts like one (or is zeros).
+            let mut tail = [0u8; CHUNK_HEADER_LEN];
+            let tail = &mut tail[..left as usize];
+            file.read_exact(tail).map_err(io_err)?;
+            let magic = CHUNK_MAGIC.to_le_bytes();
+            let n = tail.len().min(magic.len());
+            if tail[..n] == magic[..n] || tail.iter().all(|&b| b == 0) {
+                stream.torn_tail = Some(TornTail {
+                    offset,
+                    bytes: left,
+                });
+                break;
+            }
+            return Err(chunk_err(CodecError::BadMagic {
+                found: tail[..n].to_vec(),
+                expected: magic.to_vec(),
+            }));
+        }
+        let mut raw_header = [0u8; CHUNK_HEADER_LEN];
+        file.read_exact(&mut raw_header).map_err(io_err)?;
+        let header = match ChunkHeader::decode(&raw_header) {
+            Ok(header) => header,
+            Err(source) => {
+                // A system crash can leave the file extended with zeros where data never landed:
+                // that is a torn tail too, but only if nothing but zeros follows.
+                if raw_header.iter().all(|&b| b == 0) && rest_is_zero(&mut file).map_err(io_err)? {
+                    stream.torn_tail = Some(TornTail {
+                        offset,
+                        bytes: left,
+                    });
+                    break;
+                }
+                return Err(chunk_err(source));
+            }
+        };
+        let frame_len = CHUNK_HEADER_LEN as u64 + u64::from(header.compressed_len);
+        if frame_len > left {
+            // The header is intact (its CRC matched) but the payload was cut short.
+            stream.torn_tail = Some(TornTail {
+                offset,
+                bytes: left,
+            });
+            break;
+        }
+        // compressed_len is capped at 64 MiB by ChunkHeader::decode, and the bytes are present.
+        let mut payload = vec![0u8; header.compressed_len as usize];
+        file.read_exact(&mut payload).map_err(io_err)?;
+        let events = codec::decode_chunk_payload(&header, &payload).map_err(chunk_err)?;
+        check_chunk_order(&stream, &header, &events).map_err(|reason| ReadError::ChunkOrder {
+            path: path.to_owned(),
+            index,
+            offset,
+            reason,
+        })?;
+        if stream.events.len() as u64 + events.len() as u64 > MAX_TRACE_EVENTS {
+            return Err(ReadError::TooManyEvents {
+                path: path.to_owned(),
+                index,
+                offset,
+            });
+        }
+        stream.events.extend(events);
+        stream.complete_upto = header.upto_icount;
+        stream.chunks += 1;
+        offset += frame_len;
+        index += 1;
+    }
+    Ok(stream)
+}
+
+/// True if everything from the reader's position to the end of the file is zero bytes.
+fn rest_is_zero(file: &mut File) -> io::Result<bool> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(true),
+            n if buf[..n].iter().any(|&b| b != 0) => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
+/// Checks a decoded chunk against the stream so far: events never go backward, never precede an
+/// earlier flush point, and flush points never decrease.
+fn check_chunk_order(
+    stream: &EventStream,
+    header: &ChunkHeader,
+    events: &[Event],
+) -> Result<(), String> {
+    if header.upto_icount < stream.complete_upto {
+        return Err(format!(
+            "upto_icount {} is below the previous chunk's {}",
+            header.upto_icount, stream.complete_upto
+        ));
+    }
+    let mut previous = stream.events.last().map_or(0, |e| e.icount);
+    for (i, event) in events.iter().enumerate() {
+        if event.icount < previous {
+            return Err(format!(
+                "event {i} at icount {} follows an event at icount {previous}",
+                event.icount
+            ));
+        }
+        if event.icount < stream.complete_upto {
+            return Err(format!(
+                "event {i} at icount {} lies before the previous chunk's upto_icount {}",
+                event.icount, stream.complete_upto
+            ));
+        }
+        previous = event.icount;
+    }
+    Ok(())
+}
+
+/// Lists checkpoint files by their fixed headers, sorted by icount. Files whose names are not
+/// checkpoint names (such as the writer's temporary files) are ignored. A missing directory means
+/// no checkpoints (tools that drop empty directories must not break a trace).
+fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointInfo>, ReadError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ReadError::Io {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut checkpoints = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ReadError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let Some(name_icount) = name.to_str().and_then(parse_checkpoint_file_name) else {
+            continue;
+        };
+        checkpoints.push(checkpoint_info(&entry.path(), name_icount)?);
+    }
+    checkpoints.sort_by_key(|c| c.icount);
+    Ok(checkpoints)
+}
+
+/// Reads and checks a checkpoint file's fixed header (not its payload or CRC).
+fn checkpoint_info(path: &Path, name_icount: u64) -> Result<CheckpointInfo, ReadError> {
+    let io_err = |source| ReadError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (mut file, size) = open_file(path)?.ok_or_else(|| ReadError::Missing {
+        path: path.to_owned(),
+    })?;
+    let mut raw = [0u8; CHECKPOINT_HEADER_LEN];
+    if size < CHECKPOINT_HEADER_LEN as u64 {
+        return Err(ReadError::Checkpoint {
+            path: path.to_owned(),
+            source: CodecError::Truncated {
+                what: "checkpoint header",
+                len: raw.len() as u64,
+                left: size as usize,
+            },
+        });
+    }
+    file.read_exact(&mut raw).map_err(io_err)?;
+    let header = CheckpointHeader::decode(&raw).map_err(|source| ReadError::Checkpoint {
+        path: path.to_owned(),
+        source,
+    })?;
+    if header.icount != name_icount {
+        return Err(ReadError::CheckpointName {
+            path: path.to_owned(),
+            name_icount,
+            header_icount: header.icount,
+        });
+    }
+    let declared = CHECKPOINT_HEADER_LEN as u64 + header.compressed_len;
+    if size != declared {
+        return Err(ReadError::CheckpointSize {
+            path: path.to_owned(),
+            declared,
+            actual: size,
+        });
+    }
+    Ok(CheckpointInfo {
+        icount: header.icount,
+        rip: header.rip,
+        full: header.full,
+        digest: header.digest,
+        bytes_on_disk: size,
+        path: path.to_owned(),
+    })
+}

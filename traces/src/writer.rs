@@ -1,0 +1,506 @@
+//! Writing a trace directory while a recording runs.
+//!
+//! Durability model: every chunk goes to `events.bin` with one `write(2)` of the whole frame, so a
+//! recording killed at any moment (even with SIGKILL) leaves a file that is a valid prefix followed
+//! by at most one torn frame, which readers drop. Files that are written once (`header.json`,
+//! checkpoints, `summary.json`) go to a temporary name, are fsynced and then renamed, so they are
+//! either absent or complete. Dropping a [`TraceWriter`] without [`TraceWriter::finish`] behaves
+//! like a kill: events pushed since the last flush are lost and the trace reads as cut off.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::codec::{self, PageRef};
+use crate::format::{
+    checkpoint_file_name, Checkpoint, Event, FormatError, Header, Summary, CHECKPOINTS_DIR,
+    CHECKPOINT_HEADER_LEN, EVENTS_FILE, HEADER_FILE, MAX_CHECKPOINT_PAYLOAD, MAX_EVENTS_PER_CHUNK,
+    PAGE_SIZE, SUMMARY_FILE,
+};
+
+/// Uncompressed size at which the writer starts a new chunk on its own. Well under the reader's
+/// 64 MiB caps, so even incompressible events (whose zstd output is slightly larger) always fit.
+const CHUNK_TARGET_BYTES: usize = 16 << 20;
+
+/// Errors from writing a trace.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// A file system operation failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done, e.g. "write".
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// The target directory already holds files; traces are never overwritten.
+    #[error("{path} already exists and is not empty; refusing to overwrite it (choose a new name or remove it)")]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The target path exists and is not a directory.
+    #[error("{path} exists and is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The header given to [`TraceWriter::create`] is invalid.
+    #[error("invalid trace header: {source}")]
+    InvalidHeader {
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// The summary given to [`TraceWriter::finish`] is invalid.
+    #[error("invalid trace summary: {source}")]
+    InvalidSummary {
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// An event's icount is below the previous event's.
+    #[error("event at icount {icount} pushed after an event at icount {previous}; events must come in icount order")]
+    EventOutOfOrder {
+        /// The event's icount.
+        icount: u64,
+        /// The previous event's icount.
+        previous: u64,
+    },
+    /// An event's icount is below a point the stream was already declared complete up to.
+    #[error("event at icount {icount} pushed after the stream was flushed as complete up to icount {upto}")]
+    EventBeforeFlushPoint {
+        /// The event's icount.
+        icount: u64,
+        /// The flush point.
+        upto: u64,
+    },
+    /// An event is too large to fit in a chunk.
+    #[error("event at icount {icount} encodes to {bytes} bytes, more than a chunk may hold ({CHUNK_TARGET_BYTES})")]
+    EventTooLarge {
+        /// The event's icount.
+        icount: u64,
+        /// Its encoded size.
+        bytes: usize,
+    },
+    /// An event could not be encoded.
+    #[error("cannot encode event at icount {icount}: {source}")]
+    Encode {
+        /// The event's icount.
+        icount: u64,
+        /// postcard's complaint.
+        source: postcard::Error,
+    },
+    /// A flush point (or checkpoint, or end) lies before an earlier flush point.
+    #[error("cannot mark the stream complete up to icount {upto}: it was already marked complete up to {previous}")]
+    FlushBackward {
+        /// The requested point.
+        upto: u64,
+        /// The earlier point.
+        previous: u64,
+    },
+    /// Checkpoints must come in strictly increasing icount order.
+    #[error("checkpoint at icount {icount} written after one at icount {previous}; checkpoint icounts must increase")]
+    CheckpointOutOfOrder {
+        /// The checkpoint's icount.
+        icount: u64,
+        /// The previous checkpoint's icount.
+        previous: u64,
+    },
+    /// The first checkpoint must be full: incremental ones only make sense on top of one.
+    #[error(
+        "checkpoint at icount {icount} is incremental but no full checkpoint was written before it"
+    )]
+    NoFullCheckpoint {
+        /// The checkpoint's icount.
+        icount: u64,
+    },
+    /// A checkpoint page is not exactly one page long.
+    #[error("checkpoint at icount {icount}: page {pfn:#x} is {len} bytes, expected {PAGE_SIZE}")]
+    BadPageSize {
+        /// The checkpoint's icount.
+        icount: u64,
+        /// The page frame number.
+        pfn: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// A checkpoint page lies outside guest RAM.
+    #[error(
+        "checkpoint at icount {icount}: page {pfn:#x} is outside guest RAM ({ram_pages:#x} pages)"
+    )]
+    PageOutsideRam {
+        /// The checkpoint's icount.
+        icount: u64,
+        /// The page frame number.
+        pfn: u64,
+        /// Pages of guest RAM.
+        ram_pages: u64,
+    },
+    /// A checkpoint lists the same page twice.
+    #[error("checkpoint at icount {icount}: page {pfn:#x} appears more than once")]
+    DuplicatePage {
+        /// The checkpoint's icount.
+        icount: u64,
+        /// The page frame number.
+        pfn: u64,
+    },
+    /// A checkpoint is larger than the format allows.
+    #[error("checkpoint at icount {icount} is {bytes} bytes, more than the {MAX_CHECKPOINT_PAYLOAD}-byte limit")]
+    CheckpointTooLarge {
+        /// The checkpoint's icount.
+        icount: u64,
+        /// Its (compressed or uncompressed) size.
+        bytes: u64,
+    },
+    /// The summary disagrees with what was written.
+    #[error("summary does not match the recording: {reason}")]
+    SummaryMismatch {
+        /// What disagrees.
+        reason: String,
+    },
+    /// An earlier write to `events.bin` failed, so the writer stopped appending to it.
+    #[error("{path}: an earlier write failed; nothing more is appended so the trace stays a readable prefix")]
+    Failed {
+        /// The events file.
+        path: PathBuf,
+    },
+}
+
+/// Writes one trace directory: see the module docs for what survives a crash.
+#[derive(Debug)]
+pub struct TraceWriter {
+    dir: PathBuf,
+    events_path: PathBuf,
+    events_file: File,
+    ram_pages: u64,
+    /// postcard encodings of the events buffered since the last chunk, back to back.
+    pending: Vec<u8>,
+    pending_count: u32,
+    /// icount of the last event pushed.
+    last_icount: u64,
+    /// upto_icount of the last chunk written.
+    complete_upto: u64,
+    /// icount of the last checkpoint written.
+    last_checkpoint: Option<u64>,
+    checkpoints: u64,
+    event_bytes: u64,
+    checkpoint_bytes: u64,
+    /// Set when a write to `events.bin` failed part-way: appending after a partial frame would turn
+    /// a torn tail (which readers drop) into corruption in the middle of the file.
+    failed: bool,
+}
+
+impl TraceWriter {
+    /// Creates the trace directory `dir` (which must not exist, or be an empty directory: an
+    /// existing trace is never overwritten), `events.bin` with its file header, the checkpoints
+    /// directory, and `header.json` (atomically).
+    pub fn create(dir: &Path, header: &Header) -> Result<TraceWriter, WriteError> {
+        header
+            .validate()
+            .map_err(|source| WriteError::InvalidHeader { source })?;
+        match fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(WriteError::NotADirectory {
+                    path: dir.to_owned(),
+                })
+            }
+            Ok(_) => {
+                let mut entries = fs::read_dir(dir).map_err(io_err("list", dir))?;
+                if entries.next().is_some() {
+                    return Err(WriteError::NotEmpty {
+                        path: dir.to_owned(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            }
+            Err(e) => {
+                return Err(WriteError::Io {
+                    action: "inspect",
+                    path: dir.to_owned(),
+                    source: e,
+                })
+            }
+        }
+
+        let checkpoints = dir.join(CHECKPOINTS_DIR);
+        fs::create_dir(&checkpoints).map_err(io_err("create directory", &checkpoints))?;
+        let events_path = dir.join(EVENTS_FILE);
+        // create_new: if another process raced us into the directory, fail rather than clobber.
+        let mut events_file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&events_path)
+            .map_err(io_err("create", &events_path))?;
+        let file_header = codec::events_file_header();
+        events_file
+            .write_all(&file_header)
+            .map_err(io_err("write", &events_path))?;
+
+        let json = serde_json::to_vec_pretty(header).map_err(|e| WriteError::Io {
+            action: "serialize",
+            path: dir.join(HEADER_FILE),
+            source: e.into(),
+        })?;
+        write_atomic(&dir.join(HEADER_FILE), &json)?;
+        sync_dir(dir)?;
+
+        Ok(TraceWriter {
+            dir: dir.to_owned(),
+            events_path,
+            events_file,
+            ram_pages: header.ram_pages(),
+            pending: Vec::new(),
+            pending_count: 0,
+            last_icount: 0,
+            complete_upto: 0,
+            last_checkpoint: None,
+            checkpoints: 0,
+            event_bytes: file_header.len() as u64,
+            checkpoint_bytes: 0,
+            failed: false,
+        })
+    }
+
+    /// Buffers an event. Events must come in non-decreasing icount order and not before the last
+    /// flush point. A chunk is written on its own when the buffer gets large.
+    pub fn push(&mut self, event: Event) -> Result<(), WriteError> {
+        self.check_usable()?;
+        let icount = event.icount;
+        if icount < self.last_icount {
+            return Err(WriteError::EventOutOfOrder {
+                icount,
+                previous: self.last_icount,
+            });
+        }
+        if icount < self.complete_upto {
+            return Err(WriteError::EventBeforeFlushPoint {
+                icount,
+                upto: self.complete_upto,
+            });
+        }
+        let encoded =
+            postcard::to_stdvec(&event).map_err(|source| WriteError::Encode { icount, source })?;
+        if encoded.len() > CHUNK_TARGET_BYTES {
+            return Err(WriteError::EventTooLarge {
+                icount,
+                bytes: encoded.len(),
+            });
+        }
+        if self.pending.len() + encoded.len() > CHUNK_TARGET_BYTES
+            || self.pending_count == MAX_EVENTS_PER_CHUNK
+        {
+            // Every later event has icount >= this one, so the stream is complete up to it.
+            self.write_chunk(icount)?;
+        }
+        self.pending.extend_from_slice(&encoded);
+        self.pending_count += 1;
+        self.last_icount = icount;
+        Ok(())
+    }
+
+    /// Writes the buffered events as one chunk that marks the stream complete up to
+    /// `upto_icount` (no event with a smaller icount will follow). A chunk is written even with no
+    /// events, to record progress. One `write(2)`, no fsync.
+    pub fn flush(&mut self, upto_icount: u64) -> Result<(), WriteError> {
+        self.check_usable()?;
+        if upto_icount < self.complete_upto {
+            return Err(WriteError::FlushBackward {
+                upto: upto_icount,
+                previous: self.complete_upto,
+            });
+        }
+        self.write_chunk(upto_icount)
+    }
+
+    /// Flushes events up to the checkpoint's icount, then writes the checkpoint file atomically.
+    /// Pages of a full checkpoint that are all zero are dropped (they are implied); in an
+    /// incremental one they are kept as zero-page markers so restoring clears them. Returns the
+    /// file's size on disk.
+    pub fn write_checkpoint(&mut self, cp: &Checkpoint) -> Result<u64, WriteError> {
+        self.check_usable()?;
+        let icount = cp.icount;
+        match self.last_checkpoint {
+            Some(previous) if icount <= previous => {
+                return Err(WriteError::CheckpointOutOfOrder { icount, previous });
+            }
+            None if !cp.full => return Err(WriteError::NoFullCheckpoint { icount }),
+            _ => {}
+        }
+        let pages = self.checkpoint_pages(cp)?;
+        let payload_len = codec::checkpoint_payload_len(cp.state.len(), &pages);
+        if payload_len > MAX_CHECKPOINT_PAYLOAD {
+            return Err(WriteError::CheckpointTooLarge {
+                icount,
+                bytes: payload_len,
+            });
+        }
+
+        self.flush(icount)?;
+
+        let path = self
+            .dir
+            .join(CHECKPOINTS_DIR)
+            .join(checkpoint_file_name(icount));
+        let bytes =
+            codec::encode_checkpoint(cp, &pages, payload_len).map_err(io_err("compress", &path))?;
+        let compressed = (bytes.len() - CHECKPOINT_HEADER_LEN) as u64;
+        if compressed > MAX_CHECKPOINT_PAYLOAD {
+            return Err(WriteError::CheckpointTooLarge {
+                icount,
+                bytes: compressed,
+            });
+        }
+        write_atomic(&path, &bytes)?;
+        self.last_checkpoint = Some(icount);
+        self.checkpoints += 1;
+        self.checkpoint_bytes += bytes.len() as u64;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Ends the recording: flushes up to `summary.end_icount`, fsyncs `events.bin`, writes
+    /// `summary.json` atomically and fsyncs the directories. Only a trace that went through here
+    /// reads as complete.
+    pub fn finish(mut self, summary: &Summary) -> Result<(), WriteError> {
+        summary
+            .validate()
+            .map_err(|source| WriteError::InvalidSummary { source })?;
+        if self.last_icount > summary.end_icount {
+            return Err(WriteError::SummaryMismatch {
+                reason: format!(
+                    "end_icount {} is before the last event (icount {})",
+                    summary.end_icount, self.last_icount
+                ),
+            });
+        }
+        if summary.checkpoints != self.checkpoints {
+            return Err(WriteError::SummaryMismatch {
+                reason: format!(
+                    "it counts {} checkpoints, {} were written",
+                    summary.checkpoints, self.checkpoints
+                ),
+            });
+        }
+        self.flush(summary.end_icount)?;
+        self.events_file
+            .sync_all()
+            .map_err(io_err("fsync", &self.events_path))?;
+        let path = self.dir.join(SUMMARY_FILE);
+        let json = serde_json::to_vec_pretty(summary).map_err(|e| WriteError::Io {
+            action: "serialize",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        write_atomic(&path, &json)?;
+        // The checkpoint renames and the summary's are only durable once their directories are.
+        sync_dir(&self.dir.join(CHECKPOINTS_DIR))?;
+        sync_dir(&self.dir)
+    }
+
+    /// Bytes written so far to `events.bin` and to checkpoint files.
+    pub fn bytes_written(&self) -> (u64, u64) {
+        (self.event_bytes, self.checkpoint_bytes)
+    }
+
+    fn check_usable(&self) -> Result<(), WriteError> {
+        if self.failed {
+            return Err(WriteError::Failed {
+                path: self.events_path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends the pending events as one frame with the given flush point.
+    fn write_chunk(&mut self, upto_icount: u64) -> Result<(), WriteError> {
+        let frame = codec::encode_chunk(upto_icount, self.pending_count, &self.pending)
+            .map_err(io_err("compress events for", &self.events_path))?;
+        // One write call per frame: a kill leaves either the whole frame or a torn tail.
+        if let Err(source) = self.events_file.write_all(&frame) {
+            self.failed = true;
+            return Err(WriteError::Io {
+                action: "append to",
+                path: self.events_path.clone(),
+                source,
+            });
+        }
+        self.event_bytes += frame.len() as u64;
+        self.pending.clear();
+        self.pending_count = 0;
+        self.complete_upto = upto_icount;
+        Ok(())
+    }
+
+    /// Validates a checkpoint's pages and returns them sorted by pfn, with all-zero pages dropped
+    /// (full checkpoint) or turned into zero-page markers (incremental).
+    fn checkpoint_pages<'a>(&self, cp: &'a Checkpoint) -> Result<Vec<PageRef<'a>>, WriteError> {
+        let icount = cp.icount;
+        let mut pages = Vec::with_capacity(cp.pages.len());
+        for (pfn, bytes) in &cp.pages {
+            let pfn = *pfn;
+            if bytes.len() != PAGE_SIZE {
+                return Err(WriteError::BadPageSize {
+                    icount,
+                    pfn,
+                    len: bytes.len(),
+                });
+            }
+            if pfn >= self.ram_pages {
+                return Err(WriteError::PageOutsideRam {
+                    icount,
+                    pfn,
+                    ram_pages: self.ram_pages,
+                });
+            }
+            let zero = bytes.iter().all(|&b| b == 0);
+            match (zero, cp.full) {
+                (true, true) => {}
+                (true, false) => pages.push((pfn, None)),
+                (false, _) => pages.push((pfn, Some(bytes.as_slice()))),
+            }
+        }
+        pages.sort_unstable_by_key(|&(pfn, _)| pfn);
+        if let Some(w) = pages.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(WriteError::DuplicatePage {
+                icount,
+                pfn: w[0].0,
+            });
+        }
+        Ok(pages)
+    }
+}
+
+/// Writes `bytes` to `path` so that `path` is either absent or complete: temporary file in the
+/// same directory, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    // The leading dot and .tmp suffix keep readers from mistaking it for a real file.
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    file.write_all(bytes).map_err(io_err("write", &tmp))?;
+    file.sync_all().map_err(io_err("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("rename into place", path))
+}
+
+/// fsyncs a directory so renames and creations in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
+    let path = path.to_owned();
+    move |source| WriteError::Io {
+        action,
+        path,
+        source,
+    }
+}

@@ -1,0 +1,884 @@
+//! End-to-end tests of the trace format: real files in a temporary directory, written with
+//! `TraceWriter`, damaged the ways crashes and hostile inputs damage them, read with `TraceReader`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use traces::{
+    checkpoint_file_name, sha256_hex, Checkpoint, ClockKind, Event, EventKind, Header, HostInsn,
+    MachineConfig, ReadError, StopReason, Summary, TimeMode, TraceReader, TraceWriter, WriteError,
+    CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, PAGE_SIZE,
+};
+
+/// A uniquely named directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let unique = format!(
+            "retrovisor-traces-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(unique);
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// A path inside the temp dir for a trace (not created).
+    fn trace(&self) -> PathBuf {
+        self.0.join("t.rvt")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn header() -> Header {
+    Header {
+        format_version: traces::FORMAT_VERSION,
+        tool_version: "0.1.0".into(),
+        image_path: "/images/bug.elf".into(),
+        image_sha256: sha256_hex(b"image"),
+        image_size: 5,
+        machine: MachineConfig {
+            ram_bytes: 64 << 20,
+            cmdline: "console=ttyS0".into(),
+        },
+        clock: "step".into(),
+        time_mode: TimeMode::Host,
+        checkpoint_every: 1_000_000,
+        created_unix_secs: 1_700_000_000,
+    }
+}
+
+fn summary(end_icount: u64, checkpoints: u64) -> Summary {
+    Summary {
+        end_icount,
+        stop: StopReason::GuestExit { status: 3 },
+        events_by_kind: BTreeMap::from([("irq".to_string(), 2), ("stop".to_string(), 1)]),
+        checkpoints,
+        output_bytes: 12,
+        output_sha256: sha256_hex(b"hello world\n"),
+        wall_secs: 1.5,
+    }
+}
+
+fn ev(icount: u64, kind: EventKind) -> Event {
+    Event {
+        icount,
+        rip: 0x10_0000 + icount,
+        kind,
+    }
+}
+
+fn irq(icount: u64) -> Event {
+    ev(icount, EventKind::Irq { line: 0 })
+}
+
+fn page(fill: u8) -> Vec<u8> {
+    vec![fill; PAGE_SIZE]
+}
+
+fn checkpoint(icount: u64, full: bool, pages: Vec<(u64, Vec<u8>)>) -> Checkpoint {
+    Checkpoint {
+        icount,
+        rip: 0x2000 + icount,
+        full,
+        digest: [icount as u8; 32],
+        state: vec![1, 2, 3, icount as u8],
+        pages,
+    }
+}
+
+/// Byte offsets of every complete frame in an events file.
+fn frame_offsets(events_bin: &[u8]) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut at = EVENTS_FILE_HEADER_LEN;
+    while at + CHUNK_HEADER_LEN <= events_bin.len() {
+        let clen = u32::from_le_bytes(events_bin[at + 4..at + 8].try_into().unwrap()) as usize;
+        offsets.push(at);
+        at += CHUNK_HEADER_LEN + clen;
+    }
+    offsets
+}
+
+/// Writes a cut-off trace with three chunks (upto 100, 200, 300) and returns its events.
+fn three_chunks(dir: &Path) -> Vec<Event> {
+    let mut w = TraceWriter::create(dir, &header()).unwrap();
+    let events = vec![irq(10), irq(50), irq(150), irq(150), irq(250), irq(299)];
+    for e in &events[..2] {
+        w.push(e.clone()).unwrap();
+    }
+    w.flush(100).unwrap();
+    for e in &events[2..4] {
+        w.push(e.clone()).unwrap();
+    }
+    w.flush(200).unwrap();
+    for e in &events[4..] {
+        w.push(e.clone()).unwrap();
+    }
+    w.flush(300).unwrap();
+    events
+}
+
+fn err_text<T: std::fmt::Debug>(result: Result<T, ReadError>) -> String {
+    result.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn round_trip_of_header_events_checkpoints_and_summary() {
+    let tmp = TempDir::new("round-trip");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    let events = [
+        ev(
+            0,
+            EventKind::Clock {
+                kind: ClockKind::Wall,
+                ns: 1_700_000_000_000_000_000,
+            },
+        ),
+        ev(
+            5,
+            EventKind::SerialRx {
+                bytes: b"ls\n".to_vec(),
+            },
+        ),
+        ev(
+            5,
+            EventKind::HostValue {
+                insn: HostInsn::Rdtscp,
+                value: 123_456_789,
+                aux: 7,
+            },
+        ),
+        ev(90, EventKind::Irq { line: 0 }),
+        ev(91, EventKind::Interrupt { vector: 0x20 }),
+        ev(
+            150,
+            EventKind::HostValue {
+                insn: HostInsn::Rdrand,
+                value: u64::MAX,
+                aux: 0,
+            },
+        ),
+        ev(
+            150,
+            EventKind::Clock {
+                kind: ClockKind::Monotonic,
+                ns: 42,
+            },
+        ),
+        ev(
+            400,
+            EventKind::Stop {
+                reason: StopReason::GuestExit { status: 3 },
+            },
+        ),
+    ];
+    for e in &events[..5] {
+        w.push(e.clone()).unwrap();
+    }
+    // The all-zero page 9 is dropped from a full checkpoint: it is implied.
+    let full = checkpoint(
+        100,
+        true,
+        vec![(3, page(0xaa)), (9, page(0)), (1, page(0x11))],
+    );
+    let full_size = w.write_checkpoint(&full).unwrap();
+    for e in &events[5..7] {
+        w.push(e.clone()).unwrap();
+    }
+    let incr = checkpoint(200, false, vec![(3, page(0)), (4, page(0x44))]);
+    let incr_size = w.write_checkpoint(&incr).unwrap();
+    w.push(events[7].clone()).unwrap();
+    let (event_bytes, checkpoint_bytes) = w.bytes_written();
+    assert_eq!(checkpoint_bytes, full_size + incr_size);
+    assert_eq!(
+        fs::metadata(dir.join("events.bin")).unwrap().len(),
+        event_bytes
+    );
+    w.finish(&summary(400, 2)).unwrap();
+
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.header(), &header());
+    assert_eq!(r.events(), &events[..]);
+    assert_eq!(r.summary(), Some(&summary(400, 2)));
+    assert_eq!(r.complete_upto(), 400);
+    assert!(!r.cut_off());
+    assert!(!r.truncated_tail());
+    assert_eq!(r.cut_off_description(), None);
+    // finish() appended the final chunk.
+    let events_size = fs::metadata(dir.join("events.bin")).unwrap().len();
+    assert!(events_size > event_bytes);
+    assert_eq!(r.sizes(), (events_size, checkpoint_bytes));
+
+    let infos = r.checkpoints();
+    assert_eq!(infos.len(), 2);
+    assert_eq!(
+        (infos[0].icount, infos[0].rip, infos[0].full),
+        (100, 0x2064, true)
+    );
+    assert_eq!(
+        (infos[1].icount, infos[1].full, infos[1].digest),
+        (200, false, [200; 32])
+    );
+    assert_eq!(infos[0].bytes_on_disk, full_size);
+    assert_eq!(
+        infos[1].path,
+        dir.join("checkpoints").join(checkpoint_file_name(200))
+    );
+    assert!(infos[1]
+        .path
+        .ends_with("checkpoints/00000000000000000200.ckpt"));
+
+    let back = r.read_checkpoint(0).unwrap();
+    let expected = Checkpoint {
+        pages: vec![(1, page(0x11)), (3, page(0xaa))],
+        ..full
+    };
+    assert_eq!(back, expected);
+    // An incremental checkpoint keeps its zeroed page, and comes back page-sized.
+    let back = r.read_checkpoint(1).unwrap();
+    assert_eq!(
+        back,
+        Checkpoint {
+            pages: vec![(3, page(0)), (4, page(0x44))],
+            ..incr
+        }
+    );
+    assert!(matches!(
+        r.read_checkpoint(2),
+        Err(ReadError::NoSuchCheckpoint { index: 2, count: 2 })
+    ));
+
+    // No temporary files are left behind.
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["checkpoints", "events.bin", "header.json", "summary.json"]
+    );
+    assert_eq!(fs::read_dir(dir.join("checkpoints")).unwrap().count(), 2);
+}
+
+#[test]
+fn writer_dropped_without_finish_reads_as_a_cut_off_prefix() {
+    let tmp = TempDir::new("dropped");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.push(irq(10)).unwrap();
+    w.flush(100).unwrap();
+    w.write_checkpoint(&checkpoint(150, true, vec![(1, page(1))]))
+        .unwrap();
+    w.push(irq(160)).unwrap();
+    w.flush(200).unwrap();
+    // Never flushed: lost, as with kill -9.
+    w.push(irq(250)).unwrap();
+    drop(w);
+
+    let r = TraceReader::open(&dir).unwrap();
+    assert!(r.cut_off());
+    assert!(!r.truncated_tail());
+    assert_eq!(r.summary(), None);
+    assert_eq!(r.complete_upto(), 200);
+    assert_eq!(r.events(), &[irq(10), irq(160)]);
+    assert_eq!(r.checkpoints().len(), 1);
+    let text = r.cut_off_description().unwrap();
+    assert!(text.contains("complete up to icount 200"), "{text}");
+}
+
+#[test]
+fn torn_final_frame_is_dropped() {
+    let tmp = TempDir::new("torn");
+    let dir = tmp.trace();
+    let events = three_chunks(&dir);
+    let path = dir.join("events.bin");
+    let full = fs::read(&path).unwrap();
+    let offsets = frame_offsets(&full);
+    assert_eq!(offsets.len(), 3);
+
+    // Cut in the middle of the last frame's payload, then in the middle of its header.
+    for cut in [full.len() - 3, offsets[2] + 10] {
+        fs::write(&path, &full[..cut]).unwrap();
+        let r = TraceReader::open(&dir).unwrap();
+        assert!(r.cut_off());
+        assert!(r.truncated_tail());
+        assert_eq!(r.complete_upto(), 200);
+        assert_eq!(r.events(), &events[..4]);
+        let torn = r.torn_tail().unwrap();
+        assert_eq!(
+            (torn.offset, torn.bytes),
+            (offsets[2] as u64, (cut - offsets[2]) as u64)
+        );
+        assert!(r
+            .cut_off_description()
+            .unwrap()
+            .contains("incomplete final chunk"));
+    }
+}
+
+#[test]
+fn every_truncation_of_the_event_file_opens_as_a_prefix() {
+    // A kill can stop the writer between any two bytes; every such file must open.
+    let tmp = TempDir::new("every-cut");
+    let dir = tmp.trace();
+    let events = three_chunks(&dir);
+    let path = dir.join("events.bin");
+    let full = fs::read(&path).unwrap();
+    let offsets = frame_offsets(&full);
+    let uptos = [100, 200, 300];
+    let counts = [2, 4, 6];
+    for cut in 0..=full.len() {
+        fs::write(&path, &full[..cut]).unwrap();
+        let r = TraceReader::open(&dir).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        // Frames wholly inside the cut survive.
+        let ends: Vec<usize> = offsets[1..].iter().copied().chain([full.len()]).collect();
+        let whole = ends.iter().filter(|&&end| end <= cut).count();
+        let (upto, count) = if whole == 0 {
+            (0, 0)
+        } else {
+            (uptos[whole - 1], counts[whole - 1])
+        };
+        assert_eq!(r.complete_upto(), upto, "cut at {cut}");
+        assert_eq!(r.events(), &events[..count], "cut at {cut}");
+        let clean_end = cut == full.len() || offsets.contains(&cut);
+        assert_eq!(r.truncated_tail(), !clean_end, "cut at {cut}");
+    }
+}
+
+#[test]
+fn zero_filled_tail_after_a_system_crash_is_torn() {
+    let tmp = TempDir::new("zero-tail");
+    let dir = tmp.trace();
+    let events = three_chunks(&dir);
+    let path = dir.join("events.bin");
+    let mut bytes = fs::read(&path).unwrap();
+    let offsets = frame_offsets(&bytes);
+    // The last frame's blocks never reached the disk: the file is the right size but zeros there.
+    for b in &mut bytes[offsets[2]..] {
+        *b = 0;
+    }
+    bytes.extend_from_slice(&[0; 100]);
+    fs::write(&path, &bytes).unwrap();
+    let r = TraceReader::open(&dir).unwrap();
+    assert!(r.truncated_tail());
+    assert_eq!(r.events(), &events[..4]);
+    assert_eq!(r.complete_upto(), 200);
+}
+
+#[test]
+fn flipped_byte_in_a_middle_chunk_is_an_error_naming_the_chunk() {
+    let tmp = TempDir::new("flip-chunk");
+    let dir = tmp.trace();
+    three_chunks(&dir);
+    let path = dir.join("events.bin");
+    let good = fs::read(&path).unwrap();
+    let offsets = frame_offsets(&good);
+
+    // A byte in the payload, in the flush point (header CRC), and in the magic.
+    for at in [
+        offsets[1] + CHUNK_HEADER_LEN + 2,
+        offsets[1] + 17,
+        offsets[1],
+    ] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x40;
+        fs::write(&path, &bad).unwrap();
+        let text = err_text(TraceReader::open(&dir));
+        assert!(text.contains("chunk 1"), "{text}");
+        assert!(text.contains(&format!("offset {}", offsets[1])), "{text}");
+        assert!(text.contains("events.bin"), "{text}");
+    }
+    // A byte in the payload's CRC field.
+    let mut bad = good.clone();
+    bad[offsets[1] + 12] ^= 1;
+    fs::write(&path, &bad).unwrap();
+    assert!(err_text(TraceReader::open(&dir)).contains("crc32 mismatch"));
+}
+
+#[test]
+fn events_out_of_order_on_disk_are_corruption() {
+    // Chunk 1 declares upto 50 after chunk 0's 100; a hand-built file, as a buggy or hostile
+    // writer would leave it.
+    let tmp = TempDir::new("order");
+    let dir = tmp.trace();
+    drop(TraceWriter::create(&dir, &header()).unwrap());
+    let mut bytes = fs::read(dir.join("events.bin")).unwrap();
+    bytes.extend(frame(100, &[irq(10)]));
+    bytes.extend(frame(50, &[]));
+    fs::write(dir.join("events.bin"), &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("chunk 1") && text.contains("upto_icount 50"),
+        "{text}"
+    );
+
+    // An event before the previous flush point.
+    bytes.truncate(EVENTS_FILE_HEADER_LEN);
+    bytes.extend(frame(100, &[irq(10)]));
+    bytes.extend(frame(200, &[irq(99)]));
+    fs::write(dir.join("events.bin"), &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("chunk 1") && text.contains("icount 99"),
+        "{text}"
+    );
+
+    // Events going backward inside a chunk.
+    bytes.truncate(EVENTS_FILE_HEADER_LEN);
+    bytes.extend(frame(100, &[irq(20), irq(10)]));
+    fs::write(dir.join("events.bin"), &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("chunk 0") && text.contains("follows an event at icount 20"),
+        "{text}"
+    );
+}
+
+/// A frame as FORMAT.md describes it, built independently of the writer.
+fn frame(upto: u64, events: &[Event]) -> Vec<u8> {
+    let payload = postcard::to_stdvec(&events.to_vec()).unwrap();
+    let compressed = zstd::bulk::compress(&payload, 3).unwrap();
+    frame_with(
+        compressed.len() as u32,
+        payload.len() as u32,
+        crc32fast::hash(&compressed),
+        upto,
+        events.len() as u32,
+        &compressed,
+    )
+}
+
+fn frame_with(clen: u32, ulen: u32, crc: u32, upto: u64, count: u32, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
+    h.extend_from_slice(&clen.to_le_bytes());
+    h.extend_from_slice(&ulen.to_le_bytes());
+    h.extend_from_slice(&crc.to_le_bytes());
+    h.extend_from_slice(&upto.to_le_bytes());
+    h.extend_from_slice(&count.to_le_bytes());
+    let header_crc = crc32fast::hash(&h);
+    h.extend_from_slice(&header_crc.to_le_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+#[test]
+fn hostile_lengths_are_rejected_without_allocating_them() {
+    let tmp = TempDir::new("hostile");
+    let dir = tmp.trace();
+    drop(TraceWriter::create(&dir, &header()).unwrap());
+    let events_path = dir.join("events.bin");
+    let file_header = fs::read(&events_path).unwrap();
+    let payload = postcard::to_stdvec(&vec![irq(1)]).unwrap();
+    let small = zstd::bulk::compress(&payload, 3).unwrap();
+    let crc = crc32fast::hash(&small);
+    let n = small.len() as u32;
+    let ulen = payload.len() as u32;
+
+    let cases: [(Vec<u8>, &str); 5] = [
+        // Lengths far past the caps, with valid header CRCs so only the caps stop them. The
+        // payload is present in full, so these cannot pass for a torn tail.
+        (
+            frame_with(u32::MAX, ulen, crc, 1, 1, &small),
+            "compressed payload length of 4294967295 exceeds",
+        ),
+        (
+            frame_with(n, u32::MAX, crc, 1, 1, &small),
+            "uncompressed payload length of 4294967295 exceeds",
+        ),
+        (
+            frame_with(n, ulen, crc, 1, u32::MAX, &small),
+            "event count of 4294967295 exceeds",
+        ),
+        // Within the caps, but lying: the payload decompresses to less, or holds fewer events.
+        (
+            frame_with(n, 60 << 20, crc, 1, 1, &small),
+            "decompressed to",
+        ),
+        (
+            frame_with(n, ulen, crc, 1, 1 << 20, &small),
+            "declares 1048576",
+        ),
+    ];
+    for (frame, expected) in cases {
+        let mut bytes = file_header.clone();
+        bytes.extend(&frame);
+        fs::write(&events_path, &bytes).unwrap();
+        let text = err_text(TraceReader::open(&dir));
+        assert!(
+            text.contains(expected) && text.contains("chunk 0"),
+            "expected {expected:?} in {text}"
+        );
+    }
+
+    // A postcard length prefix claiming u64::MAX serial bytes inside an otherwise valid frame.
+    let mut lying = vec![1u8, 1, 1, 0]; // Vec len 1, icount 1, rip 1, variant SerialRx
+    lying.extend([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    let compressed = zstd::bulk::compress(&lying, 3).unwrap();
+    let mut bytes = file_header.clone();
+    bytes.extend(frame_with(
+        compressed.len() as u32,
+        lying.len() as u32,
+        crc32fast::hash(&compressed),
+        1,
+        1,
+        &compressed,
+    ));
+    fs::write(&events_path, &bytes).unwrap();
+    assert!(err_text(TraceReader::open(&dir)).contains("cannot decode event"));
+
+    // A checkpoint header declaring u64::MAX bytes is refused at open.
+    fs::write(&events_path, &file_header).unwrap();
+    let mut ckpt = Vec::new();
+    ckpt.extend_from_slice(b"RVTCKP01");
+    ckpt.extend_from_slice(&0u32.to_le_bytes());
+    ckpt.extend_from_slice(&0u64.to_le_bytes());
+    ckpt.extend_from_slice(&0u64.to_le_bytes());
+    ckpt.push(1);
+    ckpt.extend_from_slice(&[0; 32]);
+    ckpt.extend_from_slice(&u64::MAX.to_le_bytes());
+    ckpt.extend_from_slice(&u64::MAX.to_le_bytes());
+    let ckpt_path = dir.join("checkpoints").join(checkpoint_file_name(0));
+    fs::write(&ckpt_path, &ckpt).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("00000000000000000000.ckpt") && text.contains("exceeds"),
+        "{text}"
+    );
+}
+
+#[test]
+fn flipped_byte_in_a_checkpoint_fails_read_checkpoint() {
+    let tmp = TempDir::new("flip-ckpt");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(7)), (2, page(8))]))
+        .unwrap();
+    drop(w);
+    let path = dir.join("checkpoints").join(checkpoint_file_name(100));
+    let good = fs::read(&path).unwrap();
+
+    // One in the payload, one in the rip field of the header: open only reads the header's
+    // shape, so both surface in read_checkpoint, which checks the CRC.
+    for at in [good.len() - 5, 20] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x08;
+        fs::write(&path, &bad).unwrap();
+        let r = TraceReader::open(&dir).unwrap();
+        let text = err_text(r.read_checkpoint(0));
+        assert!(
+            text.contains("crc32 mismatch") && text.contains(&path.display().to_string()),
+            "{text}"
+        );
+        assert!(r.restore_point(0).is_err());
+    }
+
+    // The icount in the header no longer matching the file name is caught at open.
+    let mut bad = good.clone();
+    bad[12] ^= 1;
+    fs::write(&path, &bad).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(text.contains("file name says icount 100"), "{text}");
+
+    // So is a truncated checkpoint file.
+    fs::write(&path, &good[..good.len() - 1]).unwrap();
+    assert!(err_text(TraceReader::open(&dir)).contains("declares"));
+}
+
+#[test]
+fn future_format_version_asks_for_an_upgrade() {
+    let tmp = TempDir::new("future");
+    let dir = tmp.trace();
+    three_chunks(&dir);
+    // A future header may look nothing like ours apart from the version.
+    fs::write(
+        dir.join("header.json"),
+        r#"{"format_version": 2, "something_new": [1, 2]}"#,
+    )
+    .unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains(
+            "trace format version 2 is newer than this retrovisor supports (1); upgrade retrovisor"
+        ),
+        "{text}"
+    );
+    fs::write(dir.join("header.json"), r#"{"format_version": 0}"#).unwrap();
+    assert!(err_text(TraceReader::open(&dir)).contains("version 0 is not supported"));
+}
+
+#[test]
+fn restore_point_merges_full_and_incremental_checkpoints() {
+    let tmp = TempDir::new("restore");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(
+        100,
+        true,
+        vec![(1, page(1)), (2, page(2)), (3, page(3)), (4, page(0))],
+    ))
+    .unwrap();
+    // Page 2 changes, page 3 is cleared.
+    w.write_checkpoint(&checkpoint(200, false, vec![(2, page(0x22)), (3, page(0))]))
+        .unwrap();
+    // Page 5 appears, page 2 changes again.
+    w.write_checkpoint(&checkpoint(300, false, vec![(5, page(5)), (2, page(0x23))]))
+        .unwrap();
+    // A new full checkpoint starts over.
+    w.write_checkpoint(&checkpoint(400, true, vec![(6, page(6))]))
+        .unwrap();
+    w.write_checkpoint(&checkpoint(500, false, vec![(6, page(0))]))
+        .unwrap();
+    w.finish(&summary(600, 5)).unwrap();
+
+    let r = TraceReader::open(&dir).unwrap();
+    let pages = |index| {
+        let (cp, memory) = r.restore_point(index).unwrap();
+        assert_eq!(cp.icount, r.checkpoints()[index].icount);
+        assert_eq!(cp.state, vec![1, 2, 3, cp.icount as u8]);
+        memory
+    };
+    assert_eq!(
+        pages(0),
+        BTreeMap::from([(1, page(1)), (2, page(2)), (3, page(3))])
+    );
+    assert_eq!(
+        pages(1),
+        BTreeMap::from([(1, page(1)), (2, page(0x22)), (3, page(0))])
+    );
+    assert_eq!(
+        pages(2),
+        BTreeMap::from([(1, page(1)), (2, page(0x23)), (3, page(0)), (5, page(5))])
+    );
+    assert_eq!(pages(3), BTreeMap::from([(6, page(6))]));
+    assert_eq!(pages(4), BTreeMap::from([(6, page(0))]));
+    assert!(matches!(
+        r.restore_point(5),
+        Err(ReadError::NoSuchCheckpoint { .. })
+    ));
+}
+
+#[test]
+fn create_refuses_to_overwrite() {
+    let tmp = TempDir::new("overwrite");
+    let dir = tmp.trace();
+    three_chunks(&dir);
+    let before = fs::read(dir.join("events.bin")).unwrap();
+    let err = TraceWriter::create(&dir, &header()).unwrap_err();
+    assert!(matches!(err, WriteError::NotEmpty { .. }), "{err}");
+    assert!(err.to_string().contains("refusing to overwrite"));
+    assert_eq!(fs::read(dir.join("events.bin")).unwrap(), before);
+
+    // Any non-empty directory, trace or not.
+    let other = tmp.0.join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("notes.txt"), "keep me").unwrap();
+    assert!(matches!(
+        TraceWriter::create(&other, &header()),
+        Err(WriteError::NotEmpty { .. })
+    ));
+
+    // An empty directory is fine, as is a file path's absence; a plain file is not.
+    let empty = tmp.0.join("empty");
+    fs::create_dir(&empty).unwrap();
+    TraceWriter::create(&empty, &header()).unwrap();
+    let file = tmp.0.join("file");
+    fs::write(&file, "x").unwrap();
+    assert!(matches!(
+        TraceWriter::create(&file, &header()),
+        Err(WriteError::NotADirectory { .. })
+    ));
+}
+
+#[test]
+fn writer_refuses_out_of_order_input() {
+    let tmp = TempDir::new("writer-order");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.push(irq(10)).unwrap();
+    w.push(irq(10)).unwrap();
+    assert!(matches!(
+        w.push(irq(9)),
+        Err(WriteError::EventOutOfOrder {
+            icount: 9,
+            previous: 10
+        })
+    ));
+    w.flush(50).unwrap();
+    assert!(matches!(
+        w.push(irq(20)),
+        Err(WriteError::EventBeforeFlushPoint {
+            icount: 20,
+            upto: 50
+        })
+    ));
+    assert!(matches!(
+        w.flush(40),
+        Err(WriteError::FlushBackward {
+            upto: 40,
+            previous: 50
+        })
+    ));
+
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(60, false, vec![])),
+        Err(WriteError::NoFullCheckpoint { icount: 60 })
+    ));
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(60, true, vec![(1, vec![1; 100])])),
+        Err(WriteError::BadPageSize {
+            pfn: 1,
+            len: 100,
+            ..
+        })
+    ));
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(60, true, vec![(1, page(1)), (1, page(2))])),
+        Err(WriteError::DuplicatePage { pfn: 1, .. })
+    ));
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(60, true, vec![(1 << 20, page(1))])),
+        Err(WriteError::PageOutsideRam { .. })
+    ));
+    w.write_checkpoint(&checkpoint(60, true, vec![])).unwrap();
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(60, false, vec![])),
+        Err(WriteError::CheckpointOutOfOrder {
+            icount: 60,
+            previous: 60
+        })
+    ));
+    assert!(matches!(
+        w.finish(&summary(70, 2)),
+        Err(WriteError::SummaryMismatch { .. })
+    ));
+
+    // Nothing refused reached the disk.
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.events(), &[irq(10), irq(10)]);
+    assert_eq!(r.complete_upto(), 60);
+}
+
+#[test]
+fn missing_or_broken_files_are_named() {
+    let tmp = TempDir::new("missing");
+    let dir = tmp.trace();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("header.json") && text.contains("missing"),
+        "{text}"
+    );
+
+    three_chunks(&dir);
+    fs::write(dir.join("header.json"), "{ not json").unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains(&dir.join("header.json").display().to_string()),
+        "{text}"
+    );
+
+    fs::write(
+        dir.join("header.json"),
+        serde_json::to_vec(&header()).unwrap(),
+    )
+    .unwrap();
+    fs::remove_file(dir.join("events.bin")).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("events.bin") && text.contains("missing"),
+        "{text}"
+    );
+
+    // Something other than a file under a trace file's name is refused without opening it.
+    fs::create_dir(dir.join("events.bin")).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(text.contains("events.bin is not a regular file"), "{text}");
+    fs::remove_dir(dir.join("events.bin")).unwrap();
+
+    fs::write(dir.join("events.bin"), b"NOTATRACEFILE!!!").unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("events.bin") && text.contains("bad magic"),
+        "{text}"
+    );
+}
+
+#[test]
+fn summary_must_agree_with_the_event_stream() {
+    let tmp = TempDir::new("summary");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.push(irq(5)).unwrap();
+    w.finish(&summary(10, 0)).unwrap();
+    TraceReader::open(&dir).unwrap();
+
+    fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec(&summary(11, 0)).unwrap(),
+    )
+    .unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("summary.json") && text.contains("end_icount is 11"),
+        "{text}"
+    );
+
+    fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec(&summary(10, 3)).unwrap(),
+    )
+    .unwrap();
+    assert!(err_text(TraceReader::open(&dir)).contains("summary counts 3 checkpoints"));
+}
+
+#[test]
+fn large_bursts_are_split_into_chunks_the_reader_accepts() {
+    let tmp = TempDir::new("split");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    let events: Vec<Event> = (0..20u64)
+        .map(|i| {
+            let bytes = (0..1 << 20)
+                .map(|j: u64| (j.wrapping_mul(i + 7) >> 3) as u8)
+                .collect();
+            ev(1000 + i / 4, EventKind::SerialRx { bytes })
+        })
+        .collect();
+    for e in &events {
+        w.push(e.clone()).unwrap();
+    }
+    let huge = ev(
+        2000,
+        EventKind::SerialRx {
+            bytes: vec![1; 17 << 20],
+        },
+    );
+    assert!(matches!(
+        w.push(huge),
+        Err(WriteError::EventTooLarge { icount: 2000, .. })
+    ));
+    w.flush(2000).unwrap();
+    drop(w);
+
+    let bin = fs::read(dir.join("events.bin")).unwrap();
+    assert!(
+        frame_offsets(&bin).len() >= 2,
+        "20 MiB of events must not fit in one chunk"
+    );
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.events(), &events[..]);
+    assert_eq!(r.complete_upto(), 2000);
+}
