@@ -306,6 +306,15 @@ impl Machine {
         &self.mem
     }
 
+    /// Reads guest memory at a guest-virtual (linear) address through the guest's page tables.
+    pub fn read_virtual(
+        &self,
+        addr: u64,
+        buf: &mut [u8],
+    ) -> Result<(), crate::paging::PagingError> {
+        emulate::paging_mode(&self.sregs).read_linear(&self.mem, addr, buf)
+    }
+
     /// Whether the guest is halted waiting for an interrupt.
     pub fn is_halted(&self) -> bool {
         self.halted

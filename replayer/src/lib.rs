@@ -67,8 +67,11 @@ pub struct Replayer {
     end: u64,
     /// Index of the next checkpoint whose digest to verify.
     next_verify: usize,
-    /// Whether output since boot is being hashed (only when replay started at icount 0).
+    /// Hash of all output printed since boot (None once a jump forward skipped some).
     output_hash: Option<Sha256>,
+    /// Output of instructions before this icount has been printed already: after a jump back, re-executed
+    /// instructions print nothing, so the user sees the guest's output once, in order.
+    printed_upto: u64,
     finished: Option<Halt>,
 }
 
@@ -114,7 +117,8 @@ impl Replayer {
             machine,
             end,
             next_verify: 0,
-            output_hash: None,
+            output_hash: Some(Sha256::new()),
+            printed_upto: 0,
             finished: None,
         };
         replayer.restore_checkpoint(0)?;
@@ -152,7 +156,11 @@ impl Replayer {
         self.host
             .seek(events.partition_point(|e| e.icount < cp.icount));
         self.next_verify = index;
-        self.output_hash = (cp.icount == 0).then(Sha256::new);
+        if cp.icount > self.printed_upto {
+            // Jumping ahead: the output in between is never printed, so the whole-output check is off.
+            self.output_hash = None;
+            self.printed_upto = cp.icount;
+        }
         self.finished = None;
         Ok(())
     }
@@ -163,6 +171,18 @@ impl Replayer {
             .checkpoints()
             .partition_point(|c| c.icount <= icount)
             .saturating_sub(1)
+    }
+
+    /// Moves to `target` (clamped to the recording): restores the last checkpoint at or before it when it
+    /// lies behind, or when a checkpoint is nearer than the current position, then runs forward.
+    pub fn seek(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
+        let target = target.min(self.end);
+        let index = self.checkpoint_before(target);
+        let cp_icount = self.trace.checkpoints().get(index).map_or(0, |c| c.icount);
+        if target < self.icount() || cp_icount > self.icount() {
+            self.restore_checkpoint(index)?;
+        }
+        self.run_to(target, out)
     }
 
     /// Runs forward until `target` icount or the end of the recording, writing guest output to `out`.
@@ -199,7 +219,7 @@ impl Replayer {
             let step = self.machine.step(&mut self.host)?;
             self.host.end_step()?;
             let output = self.machine.take_output();
-            if !output.is_empty() {
+            if !output.is_empty() && icount >= self.printed_upto {
                 out.write_all(&output)
                     .and_then(|_| out.flush())
                     .map_err(ReplayError::Output)?;
@@ -207,6 +227,7 @@ impl Replayer {
                     h.update(&output);
                 }
             }
+            self.printed_upto = self.printed_upto.max(self.machine.icount());
             match step {
                 Step::Retired => return Ok(()),
                 Step::Idle => {
