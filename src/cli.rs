@@ -76,6 +76,18 @@ struct GuestArgs {
 struct RunArgs {
     #[command(flatten)]
     guest: GuestArgs,
+    /// How the guest is driven: `free` runs at the host's speed (nothing counted); `step` single-steps
+    /// every instruction exactly as `record` does, without writing a trace.
+    #[arg(long, value_enum, default_value = "free")]
+    clock: ClockArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClockArg {
+    /// Run free between exits (host time only).
+    Free,
+    /// Single-step every instruction (exact instruction counts; what record uses).
+    Step,
 }
 
 #[derive(Args)]
@@ -139,8 +151,14 @@ enum CliError {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => record(a.guest, None),
-        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every))),
+        Command::Run(a) => {
+            // Virtual time and instruction limits need instruction counts, which only stepping gives.
+            let step = a.clock == ClockArg::Step
+                || matches!(a.guest.time, TimeArg::Virtual)
+                || a.guest.max_instructions.is_some();
+            record(a.guest, None, !step)
+        }
+        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every)), false),
         Command::Replay(a) => replay(&a),
         Command::Info(a) => info(&a.trace),
     };
@@ -170,7 +188,7 @@ fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
     })
 }
 
-fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>) -> Result<i32, CliError> {
+fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>, free_run: bool) -> Result<i32, CliError> {
     let image = std::fs::read(&g.kernel).map_err(|source| CliError::Kernel {
         path: g.kernel.clone(),
         source,
@@ -194,6 +212,7 @@ fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>) -> Result<i32, CliError> 
         },
         checkpoint_every,
         max_instructions: g.max_instructions,
+        free_run,
     };
     let mut stdout = std::io::stdout().lock();
     let outcome = recorder::record(opts, &mut stdout)?;

@@ -159,6 +159,22 @@ pub struct Snapshot {
     pub digest: [u8; 32],
 }
 
+/// How one entry into the guest ended, once I/O has been handed to the devices.
+enum Exit {
+    /// Port or MMIO access (still to be completed by the next entry).
+    Io,
+    /// The guest ran (a single-step, or an interrupt window opened).
+    Ran,
+    /// `hlt` (only seen when free running).
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// KVM could not emulate the instruction at RIP.
+    EmulationFailed,
+    /// A signal interrupted KVM_RUN.
+    Interrupted,
+}
+
 /// The deterministic PC.
 pub struct Machine {
     _kvm: Kvm,
@@ -488,64 +504,58 @@ impl Machine {
         Ok(())
     }
 
-    /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
-    fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
-        if self.stale_shadow {
-            self.clear_interrupt_shadow()?;
-        }
-        let mut completing = false;
-        let mut stop = None;
-        loop {
-            let exit = self.vcpu.run();
-            let mut io = false;
-            match exit {
-                Ok(VcpuExit::Debug(_)) => {}
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    self.devices.io_out(port, data, host);
-                    io = true;
-                }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.devices.io_in(port, data, host);
-                    io = true;
-                }
-                // No MMIO devices: like an empty bus, reads float high and writes are dropped.
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
-                    io = true;
-                }
-                Ok(VcpuExit::MmioWrite(..)) => io = true,
-                Ok(VcpuExit::Hlt) => self.halted = true,
-                Ok(VcpuExit::Shutdown) => stop = Some(Stop::TripleFault),
-                Ok(VcpuExit::InternalError) => {
-                    self.refresh_regs();
-                    self.complete_failed_emulation()?;
-                    break;
-                }
-                Err(e) if completing && e.errno() == libc::EINTR => {}
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
-                Ok(other) => {
-                    let what = format!("{other:?}");
-                    self.refresh_regs();
-                    return Err(MachineError::UnexpectedExit {
-                        icount: self.icount,
-                        rip: self.regs.rip,
-                        what,
-                    });
-                }
+    /// Enters the guest once and hands any I/O to the devices.
+    fn enter(&mut self, host: &mut dyn Host) -> Result<Exit, MachineError> {
+        let exit = match self.vcpu.run() {
+            Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => Exit::Ran,
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.devices.io_out(port, data, host);
+                Exit::Io
             }
-            if io {
-                // Complete the I/O without running further: `immediate_exit` makes KVM finish the pending
-                // operation and return before the guest executes anything else.
-                self.vcpu.set_kvm_immediate_exit(1);
-                completing = true;
-                continue;
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.devices.io_in(port, data, host);
+                Exit::Io
             }
-            break;
-        }
-        if completing {
-            self.vcpu.set_kvm_immediate_exit(0);
-        }
+            // No MMIO devices: like an empty bus, reads float high and writes are dropped.
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                Exit::Io
+            }
+            Ok(VcpuExit::MmioWrite(..)) => Exit::Io,
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::InternalError) => Exit::EmulationFailed,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => return Err(kvm_err("KVM_RUN")(e)),
+            Ok(other) => {
+                let what = format!("{other:?}");
+                self.refresh_regs();
+                return Err(MachineError::UnexpectedExit {
+                    icount: self.icount,
+                    rip: self.regs.rip,
+                    what,
+                });
+            }
+        };
+        Ok(exit)
+    }
+
+    /// Completes a pending I/O without running further: with `immediate_exit` KVM finishes the operation and
+    /// returns before the guest executes anything else (a string I/O may need more rounds).
+    fn complete_io(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let result = loop {
+            match self.enter(host) {
+                Ok(Exit::Io) => continue,
+                other => break other.map(|_| ()),
+            }
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        result
+    }
+
+    /// Bookkeeping after the guest ran: device interrupts, output, exit requests, registers.
+    fn after_exit(&mut self, mut stop: Option<Stop>) -> Option<Stop> {
         self.devices.sync_irqs();
         self.output.extend(self.devices.uart.take_output());
         if let Some(status) = self.devices.debug_exit.take_exit() {
@@ -555,8 +565,87 @@ impl Machine {
         let run = self.vcpu.get_kvm_run();
         self.irq_window = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
         self.stale_shadow = false;
+        stop
+    }
+
+    /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
+    fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
+        if self.stale_shadow {
+            self.clear_interrupt_shadow()?;
+        }
+        let stop = loop {
+            match self.enter(host)? {
+                // A signal arrived before the guest ran: nothing happened, try again.
+                Exit::Interrupted => continue,
+                Exit::Io => {
+                    self.complete_io(host)?;
+                    break None;
+                }
+                Exit::Ran => break None,
+                Exit::Hlt => {
+                    self.halted = true;
+                    break None;
+                }
+                Exit::Shutdown => break Some(Stop::TripleFault),
+                Exit::EmulationFailed => {
+                    self.refresh_regs();
+                    self.complete_failed_emulation()?;
+                    break None;
+                }
+            }
+        };
+        let stop = self.after_exit(stop);
         self.icount += 1;
         Ok(stop)
+    }
+
+    /// Switches between the exact `step` clock (the default) and free running ([`Machine::run_free`]).
+    pub fn set_single_step(&mut self, on: bool) -> Result<(), MachineError> {
+        let control = if on {
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+        } else {
+            0
+        };
+        let debug = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        self.vcpu
+            .set_guest_debug(&debug)
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))
+    }
+
+    /// Asks KVM to exit as soon as the guest can take an interrupt (free running only: stepping checks at
+    /// every instruction anyway).
+    pub fn request_interrupt_window(&mut self, on: bool) {
+        self.vcpu.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    /// Free running, for plain unrecorded runs: enters the guest until its next exit (an I/O, HLT, or a signal
+    /// such as a timer kick). Nothing is counted: `icount` does not advance, and RDTSC/RDRAND run natively.
+    /// Returns `Retired` when the guest made progress.
+    pub fn run_free(&mut self, host: &mut dyn Host) -> Result<Step, MachineError> {
+        if self.halted {
+            return Ok(Step::Idle);
+        }
+        let stop = match self.enter(host)? {
+            Exit::Io | Exit::Ran | Exit::Interrupted => None,
+            Exit::Hlt => {
+                self.halted = true;
+                None
+            }
+            Exit::Shutdown => Some(Stop::TripleFault),
+            Exit::EmulationFailed => {
+                self.refresh_regs();
+                self.complete_failed_emulation()?;
+                None
+            }
+        };
+        let stop = self.after_exit(stop);
+        if self.halted && self.regs.rflags & (1 << 9) == 0 {
+            return Ok(Step::Stopped(Stop::Halted));
+        }
+        Ok(stop.map(Step::Stopped).unwrap_or(Step::Retired))
     }
 
     fn refresh_regs(&mut self) {

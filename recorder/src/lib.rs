@@ -2,6 +2,7 @@
 //! clock, host random numbers) and logs every nondeterministic input, tagged with icount and rip, into a
 //! trace. Without a trace it is the plain single-stepped `run`.
 
+mod free;
 mod inputs;
 
 pub use inputs::{SerialInput, TimeSourceKind};
@@ -26,6 +27,9 @@ pub enum RecordError {
     /// The trace could not be written.
     #[error("cannot write the trace: {0}")]
     Trace(#[from] traces::WriteError),
+    /// Free running cannot count instructions, so it cannot record, keep virtual time or stop at a count.
+    #[error("the free-running clock only does plain runs with host time: recording, --time virtual and --max-instructions need the step clock")]
+    FreeRunUnsupported,
     /// The guest's serial output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
@@ -49,6 +53,8 @@ pub struct Options {
     pub checkpoint_every: u64,
     /// Stop after this many instructions (the recording ends as a user stop).
     pub max_instructions: Option<u64>,
+    /// Run free instead of single-stepping (plain runs with host time only: nothing is counted).
+    pub free_run: bool,
 }
 
 /// How a recording or run ended.
@@ -99,6 +105,28 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 pub fn record(opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
     let started = Instant::now();
     let mut machine = Machine::new(&opts.machine, &opts.image)?;
+    if opts.free_run {
+        if opts.trace.is_some()
+            || opts.time != TimeSourceKind::Host
+            || opts.max_instructions.is_some()
+        {
+            return Err(RecordError::FreeRunUnsupported);
+        }
+        let stop = free::run(
+            &mut machine,
+            HostEnv::new(opts.time, opts.serial_input),
+            out,
+        )?;
+        let none = BTreeMap::new();
+        return Ok(Outcome {
+            stop,
+            icount: 0,
+            events_by_kind: none,
+            checkpoints: 0,
+            trace_bytes: (0, 0),
+            wall: started.elapsed(),
+        });
+    }
     let mut writer = match &opts.trace {
         Some(dir) => {
             let header = Header {
@@ -239,4 +267,15 @@ pub fn exit_status(stop: &StopReason) -> i32 {
         StopReason::TripleFault => 6,
         StopReason::UserStop => 130,
     }
+}
+
+/// Passes the guest's new serial output to `out`, returning it.
+fn forward_output(machine: &mut Machine, out: &mut dyn Write) -> Result<Vec<u8>, RecordError> {
+    let output = machine.take_output();
+    if !output.is_empty() {
+        out.write_all(&output)
+            .and_then(|_| out.flush())
+            .map_err(RecordError::Output)?;
+    }
+    Ok(output)
 }
