@@ -108,13 +108,16 @@ fn tampered_event_is_detected_as_divergence_with_its_icount() {
     let moved_to = events[i].icount;
     let tampered = dir.join("tampered.rvt");
     let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
-    let cp = reader.read_checkpoint(0).unwrap();
-    w.write_checkpoint(&cp).unwrap();
-    for e in events
-        .into_iter()
-        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
-    {
+    let mut checkpoints = (0..reader.checkpoints().len()).peekable();
+    for e in events.into_iter().filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. })) {
+        // Checkpoints go in icount order between the events, as the recorder writes them.
+        while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
+            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap()).unwrap();
+        }
         w.push(e).unwrap();
+    }
+    for cp in checkpoints {
+        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap()).unwrap();
     }
     w.finish(reader.summary().unwrap()).unwrap();
     let o = replay(&tampered, &[]);

@@ -22,7 +22,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::os::fd::AsRawFd;
 use thiserror::Error;
 
@@ -155,7 +154,7 @@ pub struct Snapshot {
     pub state: Vec<u8>,
     /// (page frame, contents): every non-zero page if full, else pages changed since the previous snapshot.
     pub pages: Vec<(u64, Vec<u8>)>,
-    /// Digest of the whole machine (state and all of RAM).
+    /// Digest of the whole machine (see `Machine::digest`).
     pub digest: [u8; 32],
 }
 
@@ -707,11 +706,17 @@ impl Machine {
         })
     }
 
+    /// The machine digest: xxh3-128 of state and RAM, then xxh3-128 of the state alone, so a mismatch can
+    /// tell registers and devices from memory. A fast non-cryptographic hash is enough: it detects
+    /// divergence, it does not authenticate (and it hashes all of RAM at every checkpoint, so speed matters).
     fn digest_of(state_blob: &[u8], mem: &GuestMemory) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(state_blob);
-        h.update(mem.as_slice());
-        h.finalize().into()
+        let mut whole = xxhash_rust::xxh3::Xxh3::new();
+        whole.update(state_blob);
+        whole.update(mem.as_slice());
+        let mut d = [0u8; 32];
+        d[..16].copy_from_slice(&whole.digest128().to_le_bytes());
+        d[16..].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(state_blob).to_le_bytes());
+        d
     }
 
     /// Clears the dirty-page tracking (KVM's log and ours): the current RAM becomes the baseline.
@@ -752,7 +757,8 @@ impl Machine {
         })
     }
 
-    /// The digest of the machine as it is now (as [`Snapshot::digest`] would be).
+    /// The digest of the machine as it is now (as [`Snapshot::digest`] would be): bytes 0-15 cover CPU,
+    /// device state and RAM, bytes 16-31 CPU and device state only.
     pub fn digest(&self) -> Result<[u8; 32], MachineError> {
         let state = postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)?;
         Ok(Self::digest_of(&state, &self.mem))

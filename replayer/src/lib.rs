@@ -305,8 +305,10 @@ impl Replayer {
             if digest != cp.digest {
                 let what = if self.machine.rip() != info.rip {
                     format!("rip is {:#x}, recorded {:#x}", self.machine.rip(), info.rip)
+                } else if digest[16..] != cp.digest[16..] {
+                    "CPU or device state differs from the recorded checkpoint".to_string()
                 } else {
-                    "machine state (registers, devices or memory) differs from the recorded checkpoint".to_string()
+                    "guest memory differs from the recorded checkpoint".to_string()
                 };
                 return Err(Divergence::new(
                     icount,
