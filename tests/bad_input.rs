@@ -109,15 +109,20 @@ fn tampered_event_is_detected_as_divergence_with_its_icount() {
     let tampered = dir.join("tampered.rvt");
     let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
     let mut checkpoints = (0..reader.checkpoints().len()).peekable();
-    for e in events.into_iter().filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. })) {
+    for e in events
+        .into_iter()
+        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
+    {
         // Checkpoints go in icount order between the events, as the recorder writes them.
         while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
-            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap()).unwrap();
+            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
+                .unwrap();
         }
         w.push(e).unwrap();
     }
     for cp in checkpoints {
-        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap()).unwrap();
+        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
+            .unwrap();
     }
     w.finish(reader.summary().unwrap()).unwrap();
     let o = replay(&tampered, &[]);

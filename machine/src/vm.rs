@@ -292,7 +292,7 @@ impl Machine {
             output: Vec::new(),
         };
         // The loader's writes are in the VMM-dirty map; the first (full) checkpoint covers them.
-        machine.clear_dirty()?;
+        machine.take_dirty_pages()?;
         Ok(machine)
     }
 
@@ -719,33 +719,41 @@ impl Machine {
         d
     }
 
-    /// Clears the dirty-page tracking (KVM's log and ours): the current RAM becomes the baseline.
-    fn clear_dirty(&mut self) -> Result<(), MachineError> {
-        self.vm
-            .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
-            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-        self.mem.take_vmm_dirty();
-        Ok(())
-    }
-
-    /// Takes a checkpoint: `full` holds every non-zero page, otherwise the pages written since the previous one.
-    pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, MachineError> {
-        let state = postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)?;
+    /// Page frames written since the last snapshot, restore or call of this (by the guest, per KVM's dirty
+    /// log, or by the VMM), in increasing order; resets the tracking.
+    pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, MachineError> {
         let kvm_dirty = self
             .vm
             .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
         let vmm_dirty = self.mem.take_vmm_dirty();
-        let pages = (0..self.mem.pages())
+        Ok((0..self.mem.pages() as u64)
             .filter(|&pfn| {
-                if full {
-                    self.mem.page(pfn).iter().any(|&b| b != 0)
-                } else {
-                    let bit = 1u64 << (pfn % 64);
-                    (kvm_dirty.get(pfn / 64).copied().unwrap_or(0) | vmm_dirty[pfn / 64]) & bit != 0
-                }
+                let (word, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+                (kvm_dirty.get(word).copied().unwrap_or(0) | vmm_dirty[word]) & bit != 0
             })
-            .map(|pfn| (pfn as u64, self.mem.page(pfn).to_vec()))
+            .collect())
+    }
+
+    /// The serialized CPU and device state (a checkpoint without memory).
+    pub fn state_blob(&self) -> Result<Vec<u8>, MachineError> {
+        postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)
+    }
+
+    /// Takes a checkpoint: `full` holds every non-zero page, otherwise the pages written since the previous one.
+    pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, MachineError> {
+        let state = self.state_blob()?;
+        let dirty = self.take_dirty_pages()?;
+        let pages = if full {
+            (0..self.mem.pages() as u64)
+                .filter(|&pfn| self.mem.page(pfn as usize).iter().any(|&b| b != 0))
+                .collect()
+        } else {
+            dirty
+        };
+        let pages = pages
+            .into_iter()
+            .map(|pfn| (pfn, self.mem.page(pfn as usize).to_vec()))
             .collect();
         let digest = Self::digest_of(&state, &self.mem);
         Ok(Snapshot {
@@ -760,26 +768,24 @@ impl Machine {
     /// The digest of the machine as it is now (as [`Snapshot::digest`] would be): bytes 0-15 cover CPU,
     /// device state and RAM, bytes 16-31 CPU and device state only.
     pub fn digest(&self) -> Result<[u8; 32], MachineError> {
-        let state = postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)?;
-        Ok(Self::digest_of(&state, &self.mem))
+        Ok(Self::digest_of(&self.state_blob()?, &self.mem))
     }
 
-    /// Restores a checkpoint: the state blob and the complete set of non-zero pages (absent pages are zero).
-    pub fn restore<'a>(
-        &mut self,
-        state: &[u8],
-        pages: impl IntoIterator<Item = (u64, &'a [u8])>,
-    ) -> Result<(), MachineError> {
+    /// Overwrites one page of RAM with `data` (None: zeroes), without marking it dirty: restoring is how the
+    /// baseline is set, not a change to it.
+    pub fn restore_page(&mut self, pfn: u64, data: Option<&[u8]>) -> Result<(), MachineError> {
+        const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        let n = self.mem.pages();
+        let idx = usize::try_from(pfn)
+            .ok()
+            .filter(|&p| p < n)
+            .ok_or(MachineError::BadPage { pfn, pages: n })?;
+        Ok(self.mem.set_page(idx, data.unwrap_or(&ZERO))?)
+    }
+
+    /// Restores CPU and device state from a blob made by [`Machine::state_blob`]; memory is left alone.
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<(), MachineError> {
         let st: MachineState = postcard::from_bytes(state).map_err(MachineError::BadState)?;
-        self.mem.clear();
-        for (pfn, data) in pages {
-            let n = self.mem.pages();
-            let idx = usize::try_from(pfn)
-                .ok()
-                .filter(|&p| p < n)
-                .ok_or(MachineError::BadPage { pfn, pages: n })?;
-            self.mem.set_page(idx, data)?;
-        }
         st.cpu.restore(&self.vcpu)?;
         self.icount = st.icount;
         self.halted = st.halted;
@@ -789,7 +795,22 @@ impl Machine {
         self.irq_window = st.cpu.regs.rflags & (1 << 9) != 0 && st.cpu.events.interrupt.shadow == 0;
         self.stale_shadow = false;
         self.output.clear();
-        self.clear_dirty()
+        Ok(())
+    }
+
+    /// Restores a checkpoint: the state blob and the complete set of non-zero pages (absent pages are zero).
+    pub fn restore<'a>(
+        &mut self,
+        state: &[u8],
+        pages: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<(), MachineError> {
+        self.mem.clear();
+        for (pfn, data) in pages {
+            self.restore_page(pfn, Some(data))?;
+        }
+        self.restore_state(state)?;
+        self.take_dirty_pages()?;
+        Ok(())
     }
 
     /// Number of bytes of guest RAM.
@@ -829,4 +850,13 @@ fn set_gpr(regs: &mut kvm_regs, reg: Register, value: u64) {
         4 => value & 0xffff_ffff,
         _ => value,
     };
+}
+
+/// Debugger access to the x87/SSE registers, read from KVM on demand: stepping never needs them, so the
+/// machine does not cache them, but a debugger showing all registers does.
+impl Machine {
+    /// The FPU and SSE registers as the vCPU holds them now.
+    pub fn fpu(&self) -> Result<kvm_bindings::kvm_fpu, MachineError> {
+        self.vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))
+    }
 }

@@ -3,11 +3,13 @@
 //! between the replay and the log is a divergence, reported with its icount and what differed.
 
 mod log;
+mod snapshots;
 
 pub use log::Divergence;
 use log::LogHost;
 use machine::{Machine, MachineConfig, MachineError, Step, Stop};
 use sha2::{Digest, Sha256};
+use snapshots::{PageMap, Snap, SnapshotCache};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -73,7 +75,16 @@ pub struct Replayer {
     /// instructions print nothing, so the user sees the guest's output once, in order.
     printed_upto: u64,
     finished: Option<Halt>,
+    /// In-memory snapshots taken while replaying, for fast moves backward.
+    cache: SnapshotCache,
+    /// Guest RAM as of the last restore or snapshot: the base the next snapshot's dirty pages apply to.
+    base_pages: Rc<PageMap>,
+    /// The position the user is looking at: snapshots are densest around it.
+    focus: u64,
 }
+
+/// Default memory cap of the snapshot cache.
+pub const DEFAULT_SNAPSHOT_MEMORY: usize = 512 << 20;
 
 /// Opens the guest image named in the trace header (or `image` if given) and checks its hash.
 fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, ReplayError> {
@@ -120,6 +131,9 @@ impl Replayer {
             output_hash: Some(Sha256::new()),
             printed_upto: 0,
             finished: None,
+            cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY),
+            base_pages: Rc::new(PageMap::new()),
+            focus: 0,
         };
         replayer.restore_checkpoint(0)?;
         Ok(replayer)
@@ -152,17 +166,89 @@ impl Replayer {
             &cp.state,
             pages.iter().map(|(&pfn, data)| (pfn, data.as_slice())),
         )?;
-        let events = self.trace.events();
+        self.base_pages = Rc::new(
+            pages
+                .into_iter()
+                .map(|(pfn, data)| (pfn, Rc::from(data)))
+                .collect(),
+        );
+        self.after_restore(cp.icount);
+        Ok(())
+    }
+
+    /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
+    fn after_restore(&mut self, icount: u64) {
         self.host
-            .seek(events.partition_point(|e| e.icount < cp.icount));
-        self.next_verify = index;
-        if cp.icount > self.printed_upto {
+            .seek(self.trace.events().partition_point(|e| e.icount < icount));
+        self.next_verify = self
+            .trace
+            .checkpoints()
+            .partition_point(|c| c.icount < icount);
+        if icount > self.printed_upto {
             // Jumping ahead: the output in between is never printed, so the whole-output check is off.
             self.output_hash = None;
-            self.printed_upto = cp.icount;
+            self.printed_upto = icount;
         }
         self.finished = None;
+    }
+
+    /// Restores an in-memory snapshot, rewriting only the pages that differ from RAM as it is: those the
+    /// guest wrote since the last restore or snapshot, and those where the two page maps differ.
+    fn restore_snapshot(&mut self, icount: u64) -> Result<(), ReplayError> {
+        let snap = self
+            .cache
+            .before(icount)
+            .expect("caller checked a snapshot exists");
+        let (pages, state, at) = (snap.pages.clone(), snap.state.clone(), snap.icount);
+        let mut pfns: std::collections::BTreeSet<u64> =
+            self.machine.take_dirty_pages()?.into_iter().collect();
+        pfns.extend(map_difference(&self.base_pages, &pages));
+        for pfn in pfns {
+            self.machine
+                .restore_page(pfn, pages.get(&pfn).map(|p| &p[..]))?;
+        }
+        self.machine.restore_state(&state)?;
+        self.base_pages = pages;
+        self.after_restore(at);
         Ok(())
+    }
+
+    /// Takes an in-memory snapshot here if the cache wants one (called at fresh instruction boundaries).
+    fn maybe_snapshot(&mut self) -> Result<(), ReplayError> {
+        let icount = self.machine.icount();
+        self.focus = self.focus.max(icount);
+        if !self.cache.wants(icount, self.focus) {
+            return Ok(());
+        }
+        let dirty = self.machine.take_dirty_pages()?;
+        let mut pages = (*self.base_pages).clone();
+        for &pfn in &dirty {
+            let data = self.machine.memory().page(pfn as usize);
+            if data.iter().all(|&b| b == 0) {
+                pages.remove(&pfn);
+            } else {
+                pages.insert(pfn, Rc::from(data));
+            }
+        }
+        self.base_pages = Rc::new(pages);
+        let snap = Snap {
+            icount,
+            state: self.machine.state_blob()?,
+            pages: self.base_pages.clone(),
+            own_bytes: dirty.len() * machine::memory::PAGE_SIZE,
+        };
+        self.cache.insert(snap, self.focus);
+        Ok(())
+    }
+
+    /// Sets the memory cap of the in-memory snapshot cache.
+    pub fn set_snapshot_memory(&mut self, bytes: usize) {
+        self.cache = SnapshotCache::new(bytes);
+    }
+
+    /// Number of in-memory snapshots and the bytes they hold.
+    pub fn snapshot_stats(&self) -> (usize, usize) {
+        (self.cache.len(), self.cache.bytes())
     }
 
     /// Index of the last checkpoint at or before `icount`.
@@ -177,14 +263,28 @@ impl Replayer {
     /// lies behind, or when a checkpoint is nearer than the current position, then runs forward.
     pub fn seek(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
         let target = target.min(self.end);
+        self.focus = target;
+        // Start from whichever is latest at or before the target: where we are, an in-memory snapshot, or a
+        // checkpoint in the trace.
+        let here = Some(self.icount()).filter(|&i| i <= target);
+        let snap = self.cache.before(target).map(|s| s.icount);
         let index = self.checkpoint_before(target);
-        let cp_icount = self.trace.checkpoints().get(index).map_or(0, |c| c.icount);
-        if target < self.icount() || cp_icount > self.icount() {
-            self.restore_checkpoint(index)?;
+        let cp = self
+            .trace
+            .checkpoints()
+            .get(index)
+            .map(|c| c.icount)
+            .filter(|&i| i <= target);
+        let best = [here, snap, cp].into_iter().flatten().max().unwrap_or(0);
+        if here != Some(best) {
+            if snap == Some(best) {
+                self.restore_snapshot(target)?;
+            } else {
+                self.restore_checkpoint(index)?;
+            }
         }
         self.run_to(target, out)
     }
-
     /// Runs forward until `target` icount or the end of the recording, writing guest output to `out`.
     pub fn run_to(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
         loop {
@@ -200,6 +300,9 @@ impl Replayer {
 
     /// Executes one instruction (applying the events logged before it), or finds the end of the recording.
     pub fn step(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
+        if self.finished.is_none() && self.machine.icount() < self.end {
+            self.maybe_snapshot()?;
+        }
         loop {
             let icount = self.machine.icount();
             self.verify_checkpoint(icount)?;
@@ -334,5 +437,39 @@ impl Replayer {
             }
         }
         Ok(())
+    }
+}
+
+/// Page frames where two page maps differ (present in one only, or different pages).
+fn map_difference(a: &PageMap, b: &PageMap) -> Vec<u64> {
+    let mut out = Vec::new();
+    let (mut x, mut y) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (x.peek(), y.peek()) {
+            (Some((pa, da)), Some((pb, db))) => {
+                if pa == pb {
+                    if !Rc::ptr_eq(da, db) && da[..] != db[..] {
+                        out.push(**pa);
+                    }
+                    x.next();
+                    y.next();
+                } else if pa < pb {
+                    out.push(**pa);
+                    x.next();
+                } else {
+                    out.push(**pb);
+                    y.next();
+                }
+            }
+            (Some((pa, _)), None) => {
+                out.push(**pa);
+                x.next();
+            }
+            (None, Some((pb, _))) => {
+                out.push(**pb);
+                y.next();
+            }
+            (None, None) => return out,
+        }
     }
 }
