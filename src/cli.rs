@@ -214,6 +214,7 @@ fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>, free_run: bool) -> Result
         checkpoint_every,
         max_instructions: g.max_instructions,
         free_run,
+        progress: None,
     };
     let mut stdout = std::io::stdout().lock();
     let outcome = recorder::record(opts, &mut stdout)?;

@@ -55,6 +55,8 @@ pub struct Options {
     pub max_instructions: Option<u64>,
     /// Run free instead of single-stepping (plain runs with host time only: nothing is counted).
     pub free_run: bool,
+    /// Called now and then during a stepped run with (instructions so far, events so far).
+    pub progress: Option<Box<dyn FnMut(u64, u64)>>,
 }
 
 /// How a recording or run ended.
@@ -102,7 +104,7 @@ const FLUSH_CHECK_EVERY: u64 = 4096;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Records (or, without a trace path, just runs) the guest until it stops. Guest serial output goes to `out`.
-pub fn record(opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
+pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
     let started = Instant::now();
     let mut machine = Machine::new(&opts.machine, &opts.image)?;
     if opts.free_run {
@@ -176,9 +178,14 @@ pub fn record(opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError
                 checkpoints += 1;
                 next_checkpoint = icount + opts.checkpoint_every.max(1);
             }
-            if icount % FLUSH_CHECK_EVERY == 0 && last_flush.elapsed() >= FLUSH_INTERVAL {
+            if icount.is_multiple_of(FLUSH_CHECK_EVERY) && last_flush.elapsed() >= FLUSH_INTERVAL {
                 w.flush(icount)?;
                 last_flush = Instant::now();
+            }
+        }
+        if icount.is_multiple_of(FLUSH_CHECK_EVERY) {
+            if let Some(p) = opts.progress.as_mut() {
+                p(icount, counts.values().sum());
             }
         }
         if STOP_REQUESTED.load(Ordering::SeqCst)

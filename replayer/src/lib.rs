@@ -81,7 +81,14 @@ pub struct Replayer {
     base_pages: Rc<PageMap>,
     /// The position the user is looking at: snapshots are densest around it.
     focus: u64,
+    progress: Option<Progress>,
 }
+
+/// A progress callback: (current icount, target icount).
+pub type Progress = Box<dyn FnMut(u64, u64)>;
+
+/// How often (in instructions) long runs report progress.
+const PROGRESS_EVERY: u64 = 16_384;
 
 /// Default memory cap of the snapshot cache.
 pub const DEFAULT_SNAPSHOT_MEMORY: usize = 512 << 20;
@@ -134,6 +141,7 @@ impl Replayer {
             cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY),
             base_pages: Rc::new(PageMap::new()),
             focus: 0,
+            progress: None,
         };
         replayer.restore_checkpoint(0)?;
         Ok(replayer)
@@ -291,11 +299,22 @@ impl Replayer {
             if let Some(h) = &self.finished {
                 return Ok(h.clone());
             }
-            if self.machine.icount() >= target {
+            let icount = self.machine.icount();
+            if icount >= target {
                 return Ok(Halt::Target);
+            }
+            if icount.is_multiple_of(PROGRESS_EVERY) {
+                if let Some(p) = self.progress.as_mut() {
+                    p(icount, target.min(self.end));
+                }
             }
             self.step(out)?;
         }
+    }
+
+    /// Installs a callback that long runs call now and then with (current icount, target icount).
+    pub fn set_progress(&mut self, progress: Option<Progress>) {
+        self.progress = progress;
     }
 
     /// Executes one instruction (applying the events logged before it), or finds the end of the recording.
