@@ -223,3 +223,32 @@ fn sigint_ends_a_recording_cleanly() {
     );
     assert_replays(&trace, &rec);
 }
+
+#[test]
+fn kvm_without_permission_is_a_clear_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/kvm")
+        .expect("/dev/kvm is needed")
+        .permissions()
+        .mode();
+    // Where everyone may open /dev/kvm there is no unprivileged user to test with; say so rather than pass.
+    if mode & 0o006 == 0o006 {
+        eprintln!("note: /dev/kvm is world-accessible here ({mode:o}); the permission error cannot be provoked");
+        return;
+    }
+    let kernel = guest("hello");
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_retrovisor"))
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) is needed");
+    assert_error(&o, "cannot open /dev/kvm");
+    assert!(
+        text(&o.stderr).contains("Permission denied"),
+        "{}",
+        text(&o.stderr)
+    );
+}
