@@ -1,6 +1,7 @@
 //! The command line: argument parsing, friendly errors and exit statuses.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use recorder::{Options, SerialInput, TimeSourceKind};
 use replayer::{Halt, ReplayError, Replayer};
 use std::io::{IsTerminal, Write};
@@ -70,6 +71,11 @@ struct GuestArgs {
     /// Stop after this many instructions.
     #[arg(long, value_name = "N")]
     max_instructions: Option<u64>,
+    /// Disk image for a virtio-mmio block device; repeat for up to 4 disks. Disk i is at MMIO
+    /// 0xd0000000 + i*0x1000 with IRQ 5, 10, 11, 9 (Linux: virtio_mmio.device=512@0xd0000000:5). The
+    /// image is never written: guest writes go to an in-memory copy-on-write overlay.
+    #[arg(long = "disk", value_name = "IMAGE")]
+    disks: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -80,6 +86,10 @@ struct RunArgs {
     /// every instruction exactly as `record` does, without writing a trace.
     #[arg(long, value_enum, default_value = "free")]
     clock: ClockArg,
+    /// Write what the guest wrote to its disks back into the image files when the run ends (the guest
+    /// exits, halts, triple-faults or is stopped with Ctrl-C). Without it, images are never modified.
+    #[arg(long)]
+    disk_writeback: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +129,27 @@ struct ReplayArgs {
     /// Stop at this icount instead of the end of the recording.
     #[arg(long, value_name = "ICOUNT")]
     to: Option<u64>,
+    /// Instead of running to the end, wait for gdb on ADDR (HOST:PORT, :PORT or PORT; default
+    /// 127.0.0.1:1234) and let it drive the replay forward and backward. Exits 0 when gdb detaches or kills.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = gdb::DEFAULT_ADDR, conflicts_with = "to")]
+    gdb: Option<String>,
+    /// Let --gdb listen on an address other machines can reach (anyone who connects can read guest memory).
+    #[arg(long, requires = "gdb")]
+    gdb_allow_remote: bool,
+    /// Register layout gdb gets: auto is x86-64 when the image is an ELF64 or the guest ends in long mode.
+    #[arg(long, value_enum, default_value = "auto", requires = "gdb")]
+    gdb_arch: GdbArchArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GdbArchArg {
+    /// From the guest image and the CPU mode at the end of the recording.
+    Auto,
+    /// 32-bit registers.
+    I386,
+    /// 64-bit registers.
+    #[value(name = "x86-64")]
+    X86_64,
 }
 
 #[derive(Args)]
@@ -141,11 +172,24 @@ enum CliError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Disk(#[from] machine::disk::DiskError),
+    #[error("--disk given {0} times; a machine has at most {max} disks", max = machine::devices::MAX_DISKS)]
+    TooManyDisks(usize),
+    #[error("cannot open disk image {path} for --disk-writeback: {source}")]
+    WritebackOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk image {0} is given twice; with --disk-writeback each image may be given once")]
+    WritebackTwice(PathBuf),
+    #[error(transparent)]
     Record(#[from] recorder::RecordError),
     #[error(transparent)]
     Replay(#[from] ReplayError),
     #[error(transparent)]
     Trace(#[from] traces::ReadError),
+    #[error(transparent)]
+    Gdb(#[from] gdb::GdbError),
 }
 
 /// Parses arguments, runs the command and returns the process exit status.
@@ -157,9 +201,9 @@ pub fn main() -> i32 {
             let step = a.clock == ClockArg::Step
                 || matches!(a.guest.time, TimeArg::Virtual)
                 || a.guest.max_instructions.is_some();
-            record(a.guest, None, !step)
+            record(a.guest, None, !step, a.disk_writeback)
         }
-        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every)), false),
+        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every)), false, false),
         Command::Replay(a) => replay(&a),
         Command::Info(a) => info(&a.trace),
     };
@@ -169,10 +213,44 @@ pub fn main() -> i32 {
             eprintln!("retrovisor: error: {e}");
             match e {
                 CliError::Replay(ReplayError::Divergence(_)) => EXIT_DIVERGENCE,
+                CliError::Gdb(gdb::GdbError::Replay(replayer::search::SearchError::Replay(
+                    ReplayError::Divergence(_),
+                ))) => EXIT_DIVERGENCE,
                 _ => EXIT_ERROR,
             }
         }
     }
+}
+
+/// Reads the disk images (before the guest starts, so a bad one is a clean error) and, for
+/// `--disk-writeback`, opens each for writing now, so a read-only image fails before the run.
+fn open_disks(
+    paths: &[PathBuf],
+    writeback: bool,
+) -> Result<(Vec<machine::disk::DiskImage>, Vec<std::fs::File>), CliError> {
+    if paths.len() > machine::devices::MAX_DISKS {
+        return Err(CliError::TooManyDisks(paths.len()));
+    }
+    let mut images = Vec::new();
+    let mut files = Vec::new();
+    for p in paths {
+        let path = std::fs::canonicalize(p).unwrap_or(p.clone());
+        images.push(machine::disk::DiskImage::open(&path)?);
+        if writeback {
+            if images[..images.len() - 1].iter().any(|d| d.path() == path) {
+                return Err(CliError::WritebackTwice(path));
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| CliError::WritebackOpen {
+                    path: path.clone(),
+                    source,
+                })?;
+            files.push(file);
+        }
+    }
+    Ok((images, files))
 }
 
 fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
@@ -189,21 +267,28 @@ fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
     })
 }
 
-fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>, free_run: bool) -> Result<i32, CliError> {
+fn record(
+    g: GuestArgs,
+    trace: Option<(PathBuf, u64)>,
+    free_run: bool,
+    disk_writeback: bool,
+) -> Result<i32, CliError> {
     let image = std::fs::read(&g.kernel).map_err(|source| CliError::Kernel {
         path: g.kernel.clone(),
         source,
     })?;
+    let (disks, writeback) = open_disks(&g.disks, disk_writeback)?;
     let recording = trace.is_some();
     let (trace, checkpoint_every) = trace
         .map(|(p, n)| (Some(p), n))
         .unwrap_or((None, DEFAULT_CHECKPOINT_EVERY));
-    let opts = Options {
+    let mut opts = Options {
         image_path: std::fs::canonicalize(&g.kernel).unwrap_or(g.kernel.clone()),
         image,
         machine: machine::MachineConfig {
             ram_bytes: g.ram << 20,
             cmdline: g.cmdline,
+            disks: disks.clone(),
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,
@@ -216,8 +301,18 @@ fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>, free_run: bool) -> Result
         free_run,
         progress: None,
     };
+    let bar = progress_bar(g.max_instructions, "recording");
+    if !free_run {
+        let b = bar.clone();
+        opts.progress = Some(Box::new(move |icount, events| {
+            b.set_position(icount);
+            b.set_message(format!("recording ({events} events)"));
+        }));
+    }
     let mut stdout = std::io::stdout().lock();
-    let outcome = recorder::record(opts, &mut stdout)?;
+    let outcome = recorder::record(opts, &mut stdout);
+    bar.finish_and_clear();
+    let outcome = outcome?;
     if recording {
         let secs = outcome.wall.as_secs_f64();
         eprintln!(
@@ -231,7 +326,33 @@ fn record(g: GuestArgs, trace: Option<(PathBuf, u64)>, free_run: bool) -> Result
             describe_stop(&outcome.stop),
         );
     }
+    for ((overlay, file), disk) in outcome.disk_writes.iter().zip(&writeback).zip(&disks) {
+        overlay.write_back(file, disk.len(), disk.path())?;
+    }
     Ok(recorder::exit_status(&outcome.stop))
+}
+
+/// A progress bar on stderr for a long run of `len` instructions (unknown: a counter). Shown only when stderr
+/// is a terminal and the guest's output is not going to a terminal too, where the two would interleave.
+fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() || std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{msg} [{bar:40}] {human_pos}/{human_len} instructions, {elapsed} (eta {eta})",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{spinner} {msg}: {human_pos} instructions, {elapsed}",
+        ),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
 }
 
 fn describe_stop(stop: &traces::StopReason) -> String {
@@ -255,8 +376,31 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         let index = r.checkpoint_before(from);
         r.restore_checkpoint(index)?;
     }
+    if let Some(addr) = &a.gdb {
+        let opts = gdb::GdbOptions {
+            addr: addr.clone(),
+            allow_remote: a.gdb_allow_remote,
+            arch: match a.gdb_arch {
+                GdbArchArg::Auto => gdb::ArchChoice::Auto,
+                GdbArchArg::I386 => gdb::ArchChoice::I386,
+                GdbArchArg::X86_64 => gdb::ArchChoice::X86_64,
+            },
+            trace: a.trace.clone(),
+            image: a.kernel.clone(),
+        };
+        gdb::serve(r, &opts, Box::new(std::io::stdout()))?;
+        return Ok(0);
+    }
+    let bar = progress_bar(Some(r.end_icount()), "replaying");
+    let b = bar.clone();
+    r.set_progress(Some(Box::new(move |icount, target| {
+        b.set_length(target);
+        b.set_position(icount);
+    })));
     let mut stdout = std::io::stdout().lock();
-    let halt = r.run_to(a.to.unwrap_or(u64::MAX), &mut stdout)?;
+    let halt = r.run_to(a.to.unwrap_or(u64::MAX), &mut stdout);
+    bar.finish_and_clear();
+    let halt = halt?;
     stdout.flush().ok();
     Ok(match halt {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
@@ -287,6 +431,19 @@ fn info(dir: &Path) -> Result<i32, CliError> {
         h.machine.cmdline
     );
     println!("clock:         {}, time {:?}", h.clock, h.time_mode);
+    for (i, d) in h.disks.iter().enumerate() {
+        println!(
+            "disk {i}:        {} ({} bytes, sha256 {}); the trace holds a copy",
+            d.path, d.size, d.sha256
+        );
+    }
+    if !h.disks.is_empty() {
+        println!(
+            "disk copies:   {} bytes in {}/",
+            t.disk_copy_bytes(),
+            traces::DISKS_DIR
+        );
+    }
     println!("instructions:  {end}");
     match t.summary() {
         Some(s) => println!(

@@ -3,5 +3,9 @@
 mod cli;
 
 fn main() {
+    // Rust ignores SIGPIPE, which turns `retrovisor info T | head` into a panic on the closed pipe; restore
+    // the default so retrovisor ends quietly like any other Unix tool.
+    // SAFETY: setting a signal's disposition to SIG_DFL at the start of main, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     std::process::exit(cli::main());
 }

@@ -11,7 +11,8 @@
 //! - A protected-mode 32-bit `iret` cannot be emulated by PVM: see [`crate::emulate`].
 
 use crate::cpu::{CpuError, CpuState};
-use crate::devices::{Devices, TimeSource};
+use crate::devices::{Devices, TimeSource, MAX_DISKS};
+use crate::disk::DiskImage;
 use crate::emulate::{self, hex_bytes, EmulateError};
 use crate::loader::{self, LoaderError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
@@ -69,6 +70,15 @@ pub enum MachineError {
     /// A checkpoint's state blob does not decode.
     #[error("checkpoint machine state does not decode: {0}")]
     BadState(postcard::Error),
+    /// A checkpoint's device state does not fit this machine (its disks).
+    #[error("checkpoint device state does not fit this machine: {0}")]
+    BadDeviceState(String),
+    /// More disks than the machine has slots for.
+    #[error("{count} disks given; a machine has at most {MAX_DISKS}")]
+    TooManyDisks {
+        /// How many were given.
+        count: usize,
+    },
     /// A checkpoint was taken with different RAM size.
     #[error("checkpoint page {pfn} is outside guest RAM ({pages} pages)")]
     BadPage {
@@ -90,6 +100,9 @@ pub struct MachineConfig {
     pub ram_bytes: u64,
     /// Kernel command line passed through the multiboot information.
     pub cmdline: String,
+    /// Disk images, one virtio block device each (at most [`MAX_DISKS`]); the guest's writes go to an
+    /// overlay in the machine state, never to these bytes.
+    pub disks: Vec<DiskImage>,
 }
 
 /// Instructions whose result comes from the host.
@@ -276,7 +289,12 @@ impl Machine {
         };
         vcpu.set_guest_debug(&debug)
             .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
-        let devices = Devices::new(mem.size());
+        if config.disks.len() > MAX_DISKS {
+            return Err(MachineError::TooManyDisks {
+                count: config.disks.len(),
+            });
+        }
+        let devices = Devices::with_disks(mem.size(), &config.disks);
         let mut machine = Machine {
             _kvm: kvm,
             vm,
@@ -515,12 +533,15 @@ impl Machine {
                 self.devices.io_in(port, data, host);
                 Exit::Io
             }
-            // No MMIO devices: like an empty bus, reads float high and writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            // The virtio disks; elsewhere, like an empty bus, reads float high and writes are dropped.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.devices.mmio_read(addr, data);
                 Exit::Io
             }
-            Ok(VcpuExit::MmioWrite(..)) => Exit::Io,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.devices.mmio_write(addr, data, &mut self.mem);
+                Exit::Io
+            }
             Ok(VcpuExit::Hlt) => Exit::Hlt,
             Ok(VcpuExit::Shutdown) => Exit::Shutdown,
             Ok(VcpuExit::InternalError) => Exit::EmulationFailed,
@@ -786,10 +807,14 @@ impl Machine {
     /// Restores CPU and device state from a blob made by [`Machine::state_blob`]; memory is left alone.
     pub fn restore_state(&mut self, state: &[u8]) -> Result<(), MachineError> {
         let st: MachineState = postcard::from_bytes(state).map_err(MachineError::BadState)?;
+        let devices = self
+            .devices
+            .restored(st.devices)
+            .map_err(MachineError::BadDeviceState)?;
         st.cpu.restore(&self.vcpu)?;
         self.icount = st.icount;
         self.halted = st.halted;
-        self.devices = st.devices;
+        self.devices = devices;
         self.regs = st.cpu.regs;
         self.sregs = st.cpu.sregs;
         self.irq_window = st.cpu.regs.rflags & (1 << 9) != 0 && st.cpu.events.interrupt.shadow == 0;

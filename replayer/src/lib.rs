@@ -3,10 +3,12 @@
 //! between the replay and the log is a divergence, reported with its icount and what differed.
 
 mod log;
+pub mod search;
 mod snapshots;
 
 pub use log::Divergence;
 use log::LogHost;
+use machine::disk::DiskImage;
 use machine::{Machine, MachineConfig, MachineError, Step, Stop};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
@@ -119,9 +121,17 @@ impl Replayer {
         let trace = TraceReader::open(dir)?;
         let image = load_image(&trace, image)?;
         let h = trace.header();
+        // Disks come from the trace's own hashed copies, never from the user's image files.
+        let disks = (0..h.disks.len())
+            .map(|i| {
+                let path = PathBuf::from(&h.disks[i].path);
+                trace.read_disk(i).map(|bytes| DiskImage::new(bytes, path))
+            })
+            .collect::<Result<_, _>>()?;
         let config = MachineConfig {
             ram_bytes: h.machine.ram_bytes,
             cmdline: h.machine.cmdline.clone(),
+            disks,
         };
         let machine = Machine::new(&config, &image)?;
         let end = trace
@@ -490,5 +500,22 @@ fn map_difference(a: &PageMap, b: &PageMap) -> Vec<u64> {
             }
             (None, None) => return out,
         }
+    }
+}
+
+/// For backward searches ([`search`]), which scan forward from the nearest position a seek reaches without
+/// replaying: in-memory snapshots make those scans short near the position the user is looking at.
+impl Replayer {
+    /// The latest position at or before `icount` that [`Replayer::seek`] restores directly: an in-memory
+    /// snapshot or a checkpoint of the trace (0 if there is none).
+    pub fn restore_point_before(&self, icount: u64) -> u64 {
+        let snapshot = self.cache.before(icount).map(|s| s.icount);
+        let checkpoint = self
+            .trace
+            .checkpoints()
+            .get(self.checkpoint_before(icount))
+            .map(|c| c.icount)
+            .filter(|&i| i <= icount);
+        snapshot.into_iter().chain(checkpoint).max().unwrap_or(0)
     }
 }

@@ -112,3 +112,172 @@ pub fn assert_replays(trace: &Path, recorded: &Output) {
     );
     assert_eq!(r.stdout, recorded.stdout);
 }
+
+/// A `retrovisor replay TRACE --gdb 127.0.0.1:0` child, serving gdb on the free port it picked and announced;
+/// killed when dropped.
+pub struct GdbServer {
+    child: std::process::Child,
+    /// The port it listens on.
+    pub port: u16,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Collects a child's pipe into a shared string from a background thread.
+fn collect(pipe: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    text
+}
+
+impl GdbServer {
+    /// Starts serving `trace` (with extra replay args) and waits until it announces its port.
+    pub fn start(trace: &Path, extra: &[&str]) -> GdbServer {
+        let mut child = bin()
+            .arg("replay")
+            .arg(trace)
+            .args(["--gdb", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start retrovisor replay --gdb");
+        let stderr = collect(child.stderr.take().unwrap());
+        let stdout = collect(child.stdout.take().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let port = loop {
+            let announced = stderr
+                .lock()
+                .unwrap()
+                .split("waiting for gdb on 127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+            if let Some(port) = announced {
+                break port;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "retrovisor replay --gdb exited ({status}) before listening: {}",
+                    stderr.lock().unwrap()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "retrovisor never announced its gdb port: {}",
+                stderr.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        GdbServer {
+            child,
+            port,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// What the server wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Guest output the server wrote on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits up to `secs` for the server to exit; its exit status, or None if it is still running.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the server process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for GdbServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `gdb -nx -batch` on `elf`, connected to `port`, with each of `cmds` as an `-ex` command; returns its
+/// stdout and stderr interleaved as gdb wrote them. gdb is killed after 120 s.
+pub fn gdb_batch(port: u16, elf: &Path, cmds: &[&str]) -> String {
+    let dir = scratch("gdb-output");
+    let log = dir.join("gdb.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut c = Command::new("timeout");
+    c.args(["120", "gdb", "-nx", "-batch"])
+        .arg("-ex")
+        .arg(format!("target remote 127.0.0.1:{port}"));
+    for cmd in cmds {
+        c.arg("-ex").arg(cmd);
+    }
+    c.arg(elf)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let status = c
+        .status()
+        .expect("cannot run gdb (GNU gdb is needed for the gdb tests)");
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_ne!(
+        status.code(),
+        Some(124),
+        "gdb timed out; it printed:\n{out}"
+    );
+    out
+}
+
+/// The number of the first line of tests/guests/`file` that contains `needle`.
+pub fn guest_source_line(file: &str, needle: &str) -> usize {
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/guests")
+            .join(file),
+    )
+    .unwrap();
+    src.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{file} has no line containing {needle:?}"))
+        + 1
+}
+
+/// Every `monitor when` answer in gdb output, in order: (current icount, end of the recording).
+pub fn when_answers(gdb_output: &str) -> Vec<(u64, u64)> {
+    gdb_output
+        .lines()
+        .filter_map(|line| {
+            let (now, rest) = line.strip_prefix("icount ")?.split_once(' ')?;
+            let end = rest
+                .strip_prefix("(the recording ends at icount ")?
+                .strip_suffix(')')?;
+            Some((now.parse().ok()?, end.parse().ok()?))
+        })
+        .collect()
+}

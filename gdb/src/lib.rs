@@ -1,0 +1,250 @@
+//! The gdb remote target over the replayer: `target remote` into a replay, then run, step, break and watch
+//! forward and backward through the recording.
+//!
+//! - Registers: i386 or x86-64 (see [`ArchChoice`] for how the layout is chosen), with a complete target
+//!   description, so gdb needs no `set architecture`.
+//! - Memory is read by guest-virtual address through the guest's page tables; writes to memory or registers
+//!   are refused (gdb reports an error and the replay is untouched).
+//! - Breakpoints (`break` and `hbreak` alike) and watchpoints are checked by the replayer
+//!   ([`replayer::search`]); reverse step and continue stop with gdb's "no more history" at either end.
+//! - Positions are instruction counts, so `stepi` and `reverse-stepi` move exactly one recorded step. On this
+//!   host's KVM the step that delivers an interrupt also runs the handler's first instruction, and `iretq` runs
+//!   together with the instruction after it: gdb sees each such pair as one `stepi`, and a breakpoint on the
+//!   second instruction of a pair is never hit.
+//! - One gdb at a time. A dropped connection or a malformed packet ends only that session: the replay keeps
+//!   its position and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
+
+mod arch;
+mod target;
+
+use arch::{GuestArch, I386, X86_64};
+use gdbstub::stub::{DisconnectReason, GdbStub};
+use replayer::search::SearchError;
+use replayer::Replayer;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use target::{EventLoop, ReplayTarget};
+use thiserror::Error;
+
+/// The address gdb's `target remote :1234` means.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:1234";
+
+/// Errors from serving a replay to gdb.
+#[derive(Debug, Error)]
+pub enum GdbError {
+    /// The listen address does not resolve.
+    #[error("cannot resolve gdb address {addr:?}: {source}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The listen address is not on this machine and remote access was not allowed.
+    #[error(
+        "refusing to serve gdb on {addr}: it is not a loopback address, and anyone who can reach it could read \
+         the guest's memory (pass --gdb-allow-remote to allow it)"
+    )]
+    NotLoopback {
+        /// The resolved address.
+        addr: SocketAddr,
+    },
+    /// The listening socket cannot be created.
+    #[error("cannot listen for gdb on {addr}: {source}")]
+    Bind {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guest image cannot be read to choose the register layout.
+    #[error("cannot read guest image {path} to choose gdb's register layout: {source}")]
+    Image {
+        /// The image path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The replay failed while gdb drove it (a divergence, or a machine or trace error).
+    #[error(transparent)]
+    Replay(#[from] SearchError),
+}
+
+/// Which register layout gdb gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchChoice {
+    /// x86-64 if the guest image is an ELF64, or if the guest is in long mode at the end of the recording
+    /// (a Multiboot image is an ELF32 container even when it switches to 64-bit code, like long64.elf);
+    /// i386 otherwise. gdb then needs the matching ELF: for a 64-bit guest booted from an ELF32 container,
+    /// its ELF64 build with symbols (long64.sym.elf for long64.elf).
+    Auto,
+    /// 32-bit registers (gdb `i386`).
+    I386,
+    /// 64-bit registers (gdb `i386:x86-64`).
+    X86_64,
+}
+
+/// How to serve gdb.
+#[derive(Debug, Clone)]
+pub struct GdbOptions {
+    /// Where to listen: `HOST:PORT`, `:PORT` or `PORT` (the last two on 127.0.0.1). Port 0 picks a free port,
+    /// which the announcement on stderr names.
+    pub addr: String,
+    /// Allow a non-loopback listen address.
+    pub allow_remote: bool,
+    /// Register layout.
+    pub arch: ArchChoice,
+    /// The trace directory (to examine the end of the recording for [`ArchChoice::Auto`]).
+    pub trace: PathBuf,
+    /// The guest image, if not the path the trace names.
+    pub image: Option<PathBuf>,
+}
+
+/// Serves `replayer` to gdb from its current position until gdb detaches or kills it. Guest serial output
+/// produced while gdb runs the guest goes to `out` (each piece once, even when execution goes back over it).
+pub fn serve(replayer: Replayer, opts: &GdbOptions, out: Box<dyn Write>) -> Result<(), GdbError> {
+    let addrs = resolve(&opts.addr, opts.allow_remote)?;
+    let image = opts
+        .image
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&replayer.trace().header().image_path));
+    let elf64 = is_elf64(&image)?;
+    let x86_64 = match opts.arch {
+        ArchChoice::I386 => false,
+        ArchChoice::X86_64 => true,
+        ArchChoice::Auto => elf64 || ends_in_long_mode(opts),
+    };
+    // Listen only once the layout is known, so that a gdb connecting at once is answered at once.
+    let listener = TcpListener::bind(&addrs[..]).map_err(|source| GdbError::Bind {
+        addr: opts.addr.clone(),
+        source,
+    })?;
+    let hint = if x86_64 && !elf64 {
+        "; the image is a 32-bit container, so give gdb its ELF64 build with symbols"
+    } else {
+        ""
+    };
+    if x86_64 {
+        serve_as::<X86_64>(ReplayTarget::new(replayer, out), &listener, &image, hint)
+    } else {
+        serve_as::<I386>(ReplayTarget::new(replayer, out), &listener, &image, hint)
+    }
+}
+
+/// Resolves the listen address, refusing non-loopback ones unless allowed.
+fn resolve(addr: &str, allow_remote: bool) -> Result<Vec<SocketAddr>, GdbError> {
+    let spec = match addr.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None if addr.parse::<u16>().is_ok() => format!("127.0.0.1:{addr}"),
+        None => addr.to_string(),
+    };
+    let resolve_err = |source| GdbError::Resolve {
+        addr: addr.to_string(),
+        source,
+    };
+    let addrs: Vec<SocketAddr> = spec.to_socket_addrs().map_err(resolve_err)?.collect();
+    if addrs.is_empty() {
+        return Err(resolve_err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "it names no address",
+        )));
+    }
+    if let Some(remote) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        if !allow_remote {
+            return Err(GdbError::NotLoopback { addr: *remote });
+        }
+        eprintln!(
+            "retrovisor: warning: gdb server reachable from other machines on {remote}: anyone who can connect \
+             can read the guest's memory"
+        );
+    }
+    Ok(addrs)
+}
+
+/// Whether the image is an ELF64 (ELF class byte 2).
+fn is_elf64(image: &Path) -> Result<bool, GdbError> {
+    let bytes = std::fs::read(image).map_err(|source| GdbError::Image {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes.starts_with(b"\x7fELF") && bytes.get(4) == Some(&2))
+}
+
+/// Whether the guest is in long mode at the end of the recording: replays, on a separate machine with the
+/// output discarded, from the last checkpoint to the end. If that fails the user is told, and gets i386.
+fn ends_in_long_mode(opts: &GdbOptions) -> bool {
+    let probe = || -> Result<bool, replayer::ReplayError> {
+        let mut r = Replayer::open(&opts.trace, opts.image.as_deref())?;
+        let last = r.trace().checkpoints().len().saturating_sub(1);
+        r.restore_checkpoint(last)?;
+        let end = r.end_icount();
+        r.run_to(end, &mut std::io::sink())?;
+        Ok(r.machine().sregs().efer & (1 << 10) != 0)
+    };
+    probe().unwrap_or_else(|e| {
+        eprintln!(
+            "retrovisor: warning: cannot tell whether the guest ends in long mode ({e}); giving gdb i386 \
+             registers (choose with --gdb-arch)"
+        );
+        false
+    })
+}
+
+/// Accepts gdb connections one after another until one detaches or kills.
+fn serve_as<A: GuestArch>(
+    mut target: ReplayTarget<A>,
+    listener: &TcpListener,
+    image: &Path,
+    hint: &str,
+) -> Result<(), GdbError> {
+    let local = listener.local_addr().map_err(|source| GdbError::Bind {
+        addr: "the listening socket".into(),
+        source,
+    })?;
+    eprintln!(
+        "retrovisor: waiting for gdb on {local} ({} registers{hint}); attach with: gdb {} -ex 'target remote {local}'",
+        A::NAME,
+        image.display()
+    );
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // Such as running out of file descriptors: wait a little for it to pass.
+                eprintln!("retrovisor: cannot accept a gdb connection: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        eprintln!(
+            "retrovisor: gdb connected from {peer} at icount {}",
+            target.icount()
+        );
+        target.new_session();
+        match GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target) {
+            Ok(DisconnectReason::Disconnect) => {
+                eprintln!("retrovisor: gdb detached at icount {}", target.icount());
+                return Ok(());
+            }
+            Ok(DisconnectReason::Kill) => {
+                eprintln!("retrovisor: gdb killed the replay at icount {}", target.icount());
+                return Ok(());
+            }
+            // Only stop reasons this target never reports (exit, termination) end a session this way.
+            Ok(DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_)) => {
+                return Ok(())
+            }
+            Err(e) if e.is_target_error() => {
+                if let Some(e) = e.into_target_error() {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => eprintln!(
+                "retrovisor: gdb session ended ({e}); the replay stays at icount {}; waiting for the next \
+                 connection on {local}",
+                target.icount()
+            ),
+        }
+    }
+}

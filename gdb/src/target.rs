@@ -1,0 +1,467 @@
+//! The gdbstub target: a [`Replayer`] that gdb drives forward and backward, with breakpoints and watchpoints
+//! checked by the replayer (never written into guest memory), reads by guest-virtual address, refused writes,
+//! and `monitor` commands. Also the blocking event loop that runs it and watches the connection for Ctrl-C.
+
+use crate::arch::GuestArch;
+use gdbstub::common::Signal;
+use gdbstub::conn::{Connection, ConnectionExt};
+use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
+use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::target::ext::base::reverse_exec::{
+    ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
+};
+use gdbstub::target::ext::base::singlethread::{
+    SingleThreadBase, SingleThreadRangeStepping, SingleThreadRangeSteppingOps, SingleThreadResume,
+    SingleThreadResumeOps, SingleThreadSingleStep, SingleThreadSingleStepOps,
+};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind,
+};
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use replayer::search::{self, Access, Hit, Outcome, SearchError, StopSet, Watch};
+use replayer::Replayer;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::marker::PhantomData;
+use std::net::TcpStream;
+
+/// Largest watched range: every watched byte is compared at every step, so keep that cheap.
+const MAX_WATCH_LEN: u64 = 4096;
+
+const MONITOR_HELP: &str = "\
+retrovisor monitor commands:
+  monitor when      print the current position (instructions retired since boot) and the end of the recording
+  monitor seek N    move to icount N (clamped to the recording); then `maint flush register-cache` (or any
+                    step) so gdb re-reads the registers, which it does not know have changed
+  monitor help      this list";
+
+/// What gdb last asked the target to do; carried out by the event loop.
+#[derive(Debug, Clone, Copy)]
+enum Resume {
+    Continue,
+    Step,
+    /// Step while RIP stays in `start..end`.
+    Range(u64, u64),
+    ReverseStep,
+    ReverseContinue,
+}
+
+/// The replay as gdb sees it.
+pub(crate) struct ReplayTarget<A> {
+    replayer: Replayer,
+    /// Where guest serial output goes.
+    out: Box<dyn Write>,
+    /// Breakpoints gdb set with `Z0` (`break`) and `Z1` (`hbreak`): both are address compares.
+    sw: BTreeSet<u64>,
+    hw: BTreeSet<u64>,
+    watches: Vec<Watch>,
+    resume: Option<Resume>,
+    _arch: PhantomData<A>,
+}
+
+impl<A: GuestArch> ReplayTarget<A> {
+    pub(crate) fn new(replayer: Replayer, out: Box<dyn Write>) -> Self {
+        ReplayTarget {
+            replayer,
+            out,
+            sw: BTreeSet::new(),
+            hw: BTreeSet::new(),
+            watches: Vec::new(),
+            resume: None,
+            _arch: PhantomData,
+        }
+    }
+
+    /// Current position.
+    pub(crate) fn icount(&self) -> u64 {
+        self.replayer.icount()
+    }
+
+    /// Forgets what a previous gdb session set up: a new session inserts its own breakpoints, and a run that
+    /// was in progress when the connection dropped is abandoned where it stood.
+    pub(crate) fn new_session(&mut self) {
+        self.sw.clear();
+        self.hw.clear();
+        self.watches.clear();
+        self.resume = None;
+    }
+
+    fn stops(&self) -> StopSet {
+        StopSet {
+            breakpoints: self.sw.union(&self.hw).copied().collect(),
+            watches: self.watches.clone(),
+        }
+    }
+
+    fn stop_reason(&self, outcome: Outcome) -> SingleThreadStopReason<A::Usize> {
+        match outcome {
+            Outcome::Hit(Hit::Breakpoint(addr)) if self.sw.contains(&addr) => {
+                SingleThreadStopReason::SwBreak(())
+            }
+            Outcome::Hit(Hit::Breakpoint(_)) => SingleThreadStopReason::HwBreak(()),
+            Outcome::Hit(Hit::Watch(w)) => SingleThreadStopReason::Watch {
+                tid: (),
+                kind: match w.access {
+                    Access::Write => WatchKind::Write,
+                    Access::Read => WatchKind::Read,
+                    Access::Any => WatchKind::ReadWrite,
+                },
+                addr: A::to_gdb(w.addr),
+            },
+            Outcome::End => SingleThreadStopReason::ReplayLog {
+                tid: None,
+                pos: ReplayLogPosition::End,
+            },
+            Outcome::Begin => SingleThreadStopReason::ReplayLog {
+                tid: None,
+                pos: ReplayLogPosition::Begin,
+            },
+            // Interrupted runs are turned into incoming data by the event loop before they get here.
+            Outcome::Done | Outcome::Interrupted => SingleThreadStopReason::DoneStep,
+        }
+    }
+
+    /// Carries out `resume`, asking `interrupted` now and then whether gdb sent something.
+    fn run(
+        &mut self,
+        resume: Resume,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Outcome, SearchError> {
+        let stops = self.stops();
+        let (r, out) = (&mut self.replayer, &mut *self.out);
+        match resume {
+            Resume::Continue => search::run_forward(r, &stops, None, out, interrupted),
+            Resume::Range(start, end) => {
+                search::run_forward(r, &stops, Some(start..end), out, interrupted)
+            }
+            Resume::Step => search::step_forward(r, &stops, out),
+            Resume::ReverseStep => search::step_backward(r, &stops, out),
+            Resume::ReverseContinue => search::run_backward(r, &stops, out, interrupted),
+        }
+    }
+
+    fn monitor(&mut self, cmd: &str, out: &mut ConsoleOutput<'_>) -> Result<(), SearchError> {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        match words.as_slice() {
+            ["when"] => outputln!(
+                out,
+                "icount {} (the recording ends at icount {})",
+                self.replayer.icount(),
+                self.replayer.end_icount()
+            ),
+            ["seek", n] => match parse_icount(n) {
+                Some(n) => {
+                    let outcome = search::seek(&mut self.replayer, n, &mut *self.out)?;
+                    outputln!(out, "now at icount {}", self.replayer.icount());
+                    if outcome == Outcome::End {
+                        outputln!(out, "(the end of the recording)");
+                    }
+                    outputln!(
+                        out,
+                        "run `maint flush register-cache` (or step) so gdb re-reads the registers"
+                    );
+                }
+                None => outputln!(
+                    out,
+                    "monitor seek: {n:?} is not an icount (a number such as 12345 or 0x3039)"
+                ),
+            },
+            [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
+            _ => outputln!(out, "unknown monitor command {cmd:?}\n{MONITOR_HELP}"),
+        }
+        Ok(())
+    }
+}
+
+/// A decimal or 0x-prefixed hexadecimal icount.
+fn parse_icount(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl<A: GuestArch> Target for ReplayTarget<A> {
+    type Arch = A;
+    type Error = SearchError;
+
+    #[inline(always)]
+    fn base_ops(&mut self) -> BaseOps<'_, A, SearchError> {
+        BaseOps::SingleThread(self)
+    }
+
+    #[inline(always)]
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
+    fn read_registers(&mut self, regs: &mut A::Registers) -> TargetResult<(), Self> {
+        let machine = self.replayer.machine();
+        let fpu = machine.fpu().map_err(|e| {
+            eprintln!("retrovisor: gdb: cannot read the guest's FPU registers: {e}");
+            TargetError::NonFatal
+        })?;
+        *regs = A::registers(machine, &fpu);
+        Ok(())
+    }
+
+    fn write_registers(&mut self, _regs: &A::Registers) -> TargetResult<(), Self> {
+        eprintln!("retrovisor: gdb: refused a register write: a replay cannot be changed");
+        Err(TargetError::NonFatal)
+    }
+
+    fn read_addrs(&mut self, start: A::Usize, data: &mut [u8]) -> TargetResult<usize, Self> {
+        let machine = self.replayer.machine();
+        let start = A::from_gdb(start);
+        // Without long mode, linear addresses are 32 bits wide: wider ones do not exist (rather than wrap).
+        let long_mode = machine.sregs().efer & (1 << 10) != 0;
+        let limit = if long_mode { u64::MAX } else { 1 << 32 };
+        // Read page by page so that a range running into an unmapped page gives its readable start.
+        let mut done = 0;
+        while done < data.len() {
+            let addr = start + done as u64;
+            let n = ((4096 - (addr & 0xfff)) as usize).min(data.len() - done);
+            if addr.checked_add(n as u64).is_none_or(|end| end > limit)
+                || machine
+                    .read_virtual(addr, &mut data[done..done + n])
+                    .is_err()
+            {
+                break;
+            }
+            done += n;
+        }
+        if done == 0 && !data.is_empty() {
+            // gdb shows this as "Cannot access memory at address ...".
+            return Err(TargetError::NonFatal);
+        }
+        Ok(done)
+    }
+
+    fn write_addrs(&mut self, start: A::Usize, data: &[u8]) -> TargetResult<(), Self> {
+        // gdb probes for binary writes (`X`) with an empty one: that changes nothing, so it may succeed.
+        if data.is_empty() {
+            return Ok(());
+        }
+        eprintln!(
+            "retrovisor: gdb: refused a {}-byte memory write at {:#x}: a replay cannot be changed",
+            data.len(),
+            A::from_gdb(start)
+        );
+        Err(TargetError::NonFatal)
+    }
+
+    #[inline(always)]
+    fn support_resume(&mut self) -> Option<SingleThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+// A signal gdb asks to deliver on resuming is ignored: nothing can be delivered into a recording.
+impl<A: GuestArch> SingleThreadResume for ReplayTarget<A> {
+    fn resume(&mut self, _signal: Option<Signal>) -> Result<(), SearchError> {
+        self.resume = Some(Resume::Continue);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_range_step(&mut self) -> Option<SingleThreadRangeSteppingOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
+        Some(self)
+    }
+}
+
+impl<A: GuestArch> SingleThreadSingleStep for ReplayTarget<A> {
+    fn step(&mut self, _signal: Option<Signal>) -> Result<(), SearchError> {
+        self.resume = Some(Resume::Step);
+        Ok(())
+    }
+}
+
+impl<A: GuestArch> SingleThreadRangeStepping for ReplayTarget<A> {
+    fn resume_range_step(&mut self, start: A::Usize, end: A::Usize) -> Result<(), SearchError> {
+        self.resume = Some(Resume::Range(A::from_gdb(start), A::from_gdb(end)));
+        Ok(())
+    }
+}
+
+impl<A: GuestArch> ReverseStep<()> for ReplayTarget<A> {
+    fn reverse_step(&mut self, _tid: ()) -> Result<(), SearchError> {
+        self.resume = Some(Resume::ReverseStep);
+        Ok(())
+    }
+}
+
+impl<A: GuestArch> ReverseCont<()> for ReplayTarget<A> {
+    fn reverse_cont(&mut self) -> Result<(), SearchError> {
+        self.resume = Some(Resume::ReverseContinue);
+        Ok(())
+    }
+}
+
+impl<A: GuestArch> Breakpoints for ReplayTarget<A> {
+    #[inline(always)]
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    #[inline(always)]
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<A: GuestArch> SwBreakpoint for ReplayTarget<A> {
+    fn add_sw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+        self.sw.insert(A::from_gdb(addr));
+        Ok(true)
+    }
+
+    fn remove_sw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(self.sw.remove(&A::from_gdb(addr)))
+    }
+}
+
+impl<A: GuestArch> HwBreakpoint for ReplayTarget<A> {
+    fn add_hw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+        self.hw.insert(A::from_gdb(addr));
+        Ok(true)
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(self.hw.remove(&A::from_gdb(addr)))
+    }
+}
+
+fn watch<A: GuestArch>(addr: A::Usize, len: A::Usize, kind: WatchKind) -> Watch {
+    Watch {
+        addr: A::from_gdb(addr),
+        len: A::from_gdb(len),
+        access: match kind {
+            WatchKind::Write => Access::Write,
+            WatchKind::Read => Access::Read,
+            WatchKind::ReadWrite => Access::Any,
+        },
+    }
+}
+
+impl<A: GuestArch> HwWatchpoint for ReplayTarget<A> {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: A::Usize,
+        len: A::Usize,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let w = watch::<A>(addr, len, kind);
+        if w.len == 0 || w.len > MAX_WATCH_LEN {
+            return Ok(false);
+        }
+        self.watches.push(w);
+        Ok(true)
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: A::Usize,
+        len: A::Usize,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let w = watch::<A>(addr, len, kind);
+        Ok(match self.watches.iter().position(|x| *x == w) {
+            Some(i) => {
+                self.watches.remove(i);
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+impl<A: GuestArch> MonitorCmd for ReplayTarget<A> {
+    fn handle_monitor_cmd(
+        &mut self,
+        cmd: &[u8],
+        mut out: ConsoleOutput<'_>,
+    ) -> Result<(), SearchError> {
+        match std::str::from_utf8(cmd) {
+            Ok(cmd) => self.monitor(cmd, &mut out),
+            Err(_) => {
+                outputln!(out, "monitor commands are text; see `monitor help`");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// gdbstub's blocking event loop over a TCP connection, for one register layout.
+pub(crate) struct EventLoop<A>(PhantomData<A>);
+
+impl<A: GuestArch> BlockingEventLoop for EventLoop<A> {
+    type Target = ReplayTarget<A>;
+    type Connection = TcpStream;
+    type StopReason = SingleThreadStopReason<A::Usize>;
+
+    #[allow(clippy::type_complexity)] // the signature is gdbstub's
+    fn wait_for_stop_reason(
+        target: &mut ReplayTarget<A>,
+        conn: &mut TcpStream,
+    ) -> Result<
+        run_blocking::Event<Self::StopReason>,
+        WaitForStopReasonError<SearchError, <TcpStream as Connection>::Error>,
+    > {
+        // gdbstub only waits after a resume; should it ever ask otherwise, there is nothing to run.
+        let Some(resume) = target.resume else {
+            return Ok(run_blocking::Event::TargetStopped(
+                SingleThreadStopReason::DoneStep,
+            ));
+        };
+        // Anything from gdb while running (normally the Ctrl-C byte) interrupts the run; a broken connection
+        // counts as data too, so that the read below reports it.
+        let mut data_waiting = || conn.peek().map_or(true, |b| b.is_some());
+        let outcome = target
+            .run(resume, &mut data_waiting)
+            .map_err(WaitForStopReasonError::Target)?;
+        if outcome == Outcome::Interrupted {
+            // The run stays requested: unless the byte is Ctrl-C, the next call carries on with it.
+            let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+            return Ok(run_blocking::Event::IncomingData(byte));
+        }
+        target.resume = None;
+        Ok(run_blocking::Event::TargetStopped(
+            target.stop_reason(outcome),
+        ))
+    }
+
+    fn on_interrupt(target: &mut ReplayTarget<A>) -> Result<Option<Self::StopReason>, SearchError> {
+        target.resume = None;
+        Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
+    }
+}

@@ -1,0 +1,509 @@
+//! Breakpoint- and watchpoint-aware execution over a [`Replayer`], forward and backward.
+//!
+//! A *position* is an icount: the machine state after that many instructions, before the next one runs.
+//! - A breakpoint at address A is hit at a position whose RIP is A (checked before the instruction runs;
+//!   breakpoints are never written into guest memory).
+//! - A watchpoint is hit by the instruction that accesses the watched bytes. Writes are found by comparing the
+//!   watched bytes before and after each step, so a device (DMA) write applied in that step counts too; reads
+//!   are found by decoding the instruction about to run and computing its memory operands from the registers.
+//!   Going forward the stop is right after the accessing instruction; going backward it is right before it
+//!   (the state the access is about to change), which is where gdb expects a reverse watchpoint stop and
+//!   where it shows the source line that did the access.
+//!
+//! Backward execution only uses [`Replayer::seek`] and [`Replayer::step`]: a reverse continue scans the
+//! intervals between restore points (in-memory snapshots and trace checkpoints, see
+//! [`Replayer::restore_point_before`]) before the current position one by one, latest first, running each
+//! forward and keeping the last hit; so the denser the restore points near the position, the shorter the scans.
+//!
+//! Caveat of the step clock on this host (see PLATFORM.md): the step that delivers an interrupt also runs the
+//! handler's first instruction, and `iretq` runs together with the instruction after it. Those pairs are one
+//! position apart; the address of the second instruction of each pair is never a position's RIP, so a breakpoint
+//! there is not hit, and read watchpoints in those steps look at the instruction that was at RIP before the step.
+
+use crate::{Halt, ReplayError, Replayer};
+use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+use machine::Machine;
+use std::collections::BTreeSet;
+use std::io::Write;
+use thiserror::Error;
+
+/// How many steps run between two calls of the interrupt callback: rare enough to cost nothing next to a
+/// KVM single-step, frequent enough that Ctrl-C answers within a few tens of milliseconds.
+const POLL_EVERY: u64 = 2048;
+
+/// Errors from breakpoint-aware execution.
+#[derive(Debug, Error)]
+pub enum SearchError {
+    /// The replay itself failed (divergence, machine or trace error).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// A seek stopped before the position it was asked for: the recording ended earlier than it claims.
+    #[error("replay cannot reach icount {target}: it stops at icount {reached}")]
+    Unreachable {
+        /// The position asked for.
+        target: u64,
+        /// Where the replay stopped.
+        reached: u64,
+    },
+}
+
+/// Which accesses a watchpoint catches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Writes that change the watched bytes (gdb `watch`).
+    Write,
+    /// Reads (gdb `rwatch`).
+    Read,
+    /// Reads and changing writes (gdb `awatch`).
+    Any,
+}
+
+impl Access {
+    fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::Any)
+    }
+
+    fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::Any)
+    }
+}
+
+/// A watched range of guest-linear addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// First watched byte.
+    pub addr: u64,
+    /// Number of watched bytes (all of them are compared at every step: keep it small).
+    pub len: u64,
+    /// Which accesses stop.
+    pub access: Access,
+}
+
+impl Watch {
+    fn overlaps(&self, addr: u64, len: u64) -> bool {
+        addr < self.addr.saturating_add(self.len) && self.addr < addr.saturating_add(len)
+    }
+}
+
+/// Where execution stops: breakpoint addresses and watched ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopSet {
+    /// Addresses compared with RIP before each instruction.
+    pub breakpoints: BTreeSet<u64>,
+    /// Watched ranges.
+    pub watches: Vec<Watch>,
+}
+
+impl StopSet {
+    /// Whether nothing can ever stop a run.
+    pub fn is_empty(&self) -> bool {
+        self.breakpoints.is_empty() && self.watches.is_empty()
+    }
+
+    fn has_read_watches(&self) -> bool {
+        self.watches.iter().any(|w| w.access.reads())
+    }
+}
+
+/// What stopped a run at a position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hit {
+    /// RIP is at this breakpoint address.
+    Breakpoint(u64),
+    /// The instruction next to this position (the one just run going forward, the one about to run going
+    /// backward) accessed this watched range.
+    Watch(Watch),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped on a breakpoint or watchpoint.
+    Hit(Hit),
+    /// Did what was asked: one instruction, or left the address range of a range step.
+    Done,
+    /// At the end of the recording: nothing more to run forward.
+    End,
+    /// At icount 0: nothing more to run backward.
+    Begin,
+    /// The interrupt callback asked to stop. Forward runs stop where they are; backward runs stop at a
+    /// position from which no stop lies between it and where the run began, so a repeated request is exact.
+    Interrupted,
+}
+
+/// The watched bytes of every write-catching watchpoint (None where not mapped).
+fn watched_bytes(m: &Machine, stops: &StopSet) -> Vec<Option<Vec<u8>>> {
+    stops
+        .watches
+        .iter()
+        .map(|w| {
+            if !w.access.writes() {
+                return None;
+            }
+            let mut buf = vec![0u8; w.len as usize];
+            m.read_virtual(w.addr, &mut buf).ok().map(|_| buf)
+        })
+        .collect()
+}
+
+/// The first write-catching watchpoint whose bytes changed.
+fn changed(
+    stops: &StopSet,
+    before: &[Option<Vec<u8>>],
+    after: &[Option<Vec<u8>>],
+) -> Option<Watch> {
+    stops
+        .watches
+        .iter()
+        .zip(before.iter().zip(after))
+        .find(|(_, (b, a))| matches!((b, a), (Some(b), Some(a)) if b != a))
+        .map(|(w, _)| *w)
+}
+
+/// Decodes the instruction at CS:RIP, or None if its bytes are unreadable or invalid.
+fn decode_at_rip(m: &Machine) -> Option<Instruction> {
+    let (regs, sregs) = (m.regs(), m.sregs());
+    let bitness = if sregs.efer & (1 << 10) != 0 && sregs.cs.l == 1 {
+        64
+    } else if sregs.cs.db == 1 {
+        32
+    } else {
+        16
+    };
+    let linear = sregs.cs.base.wrapping_add(regs.rip);
+    let mut bytes = [0u8; 15];
+    // The instruction may end on a page the guest has not mapped: then decode what is readable.
+    let first = (4096 - (linear & 0xfff) as usize).min(15);
+    m.read_virtual(linear, &mut bytes[..first]).ok()?;
+    let len = if m
+        .read_virtual(linear + first as u64, &mut bytes[first..])
+        .is_ok()
+    {
+        15
+    } else {
+        first
+    };
+    let insn = Decoder::with_ip(bitness, &bytes[..len], regs.rip, DecoderOptions::NONE).decode();
+    (!insn.is_invalid()).then_some(insn)
+}
+
+/// The value of a register iced asks for when computing a memory operand's address.
+fn register_value(m: &Machine, insn: &Instruction, reg: Register) -> Option<u64> {
+    let (r, s) = (m.regs(), m.sregs());
+    let value = match reg.full_register() {
+        Register::RAX => r.rax,
+        Register::RCX => r.rcx,
+        Register::RDX => r.rdx,
+        Register::RBX => r.rbx,
+        Register::RSP => r.rsp,
+        Register::RBP => r.rbp,
+        Register::RSI => r.rsi,
+        Register::RDI => r.rdi,
+        Register::R8 => r.r8,
+        Register::R9 => r.r9,
+        Register::R10 => r.r10,
+        Register::R11 => r.r11,
+        Register::R12 => r.r12,
+        Register::R13 => r.r13,
+        Register::R14 => r.r14,
+        Register::R15 => r.r15,
+        Register::RIP => insn.next_ip(),
+        Register::ES => s.es.base,
+        Register::CS => s.cs.base,
+        Register::SS => s.ss.base,
+        Register::DS => s.ds.base,
+        Register::FS => s.fs.base,
+        Register::GS => s.gs.base,
+        _ => return None,
+    };
+    Some(match reg.size() {
+        1 => value & 0xff,
+        2 => value & 0xffff,
+        4 => value & 0xffff_ffff,
+        _ => value,
+    })
+}
+
+/// The first read-catching watchpoint that the instruction at RIP reads.
+fn read_hit(m: &Machine, stops: &StopSet, info: &mut InstructionInfoFactory) -> Option<Watch> {
+    if !stops.has_read_watches() {
+        return None;
+    }
+    let insn = decode_at_rip(m)?;
+    let used = info.info(&insn).used_memory().to_vec();
+    used.iter()
+        .filter(|u| {
+            matches!(
+                u.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+            )
+        })
+        .find_map(|u| {
+            let addr = u.virtual_address(0, |reg, _, _| register_value(m, &insn, reg))?;
+            let len = u.memory_size().size().max(1) as u64;
+            stops
+                .watches
+                .iter()
+                .find(|w| w.access.reads() && w.overlaps(addr, len))
+                .copied()
+        })
+}
+
+/// One instruction executed with its accesses checked.
+struct Checked {
+    /// Whether an instruction ran (false: the recording ended here).
+    advanced: bool,
+    /// The watchpoint the instruction accessed.
+    watch: Option<Watch>,
+}
+
+/// Runs the instruction at the current position, checking it against the watchpoints.
+fn step_checked(
+    r: &mut Replayer,
+    stops: &StopSet,
+    info: &mut InstructionInfoFactory,
+    out: &mut dyn Write,
+) -> Result<Checked, SearchError> {
+    let start = r.icount();
+    if start >= r.end_icount() {
+        return Ok(Checked {
+            advanced: false,
+            watch: None,
+        });
+    }
+    let read = read_hit(r.machine(), stops, info);
+    let before = watched_bytes(r.machine(), stops);
+    r.step(out)?;
+    let after = watched_bytes(r.machine(), stops);
+    Ok(Checked {
+        advanced: r.icount() > start,
+        watch: read.or_else(|| changed(stops, &before, &after)),
+    })
+}
+
+/// Moves to exactly `target`, which must lie within the recording.
+fn seek_exact(r: &mut Replayer, target: u64, out: &mut dyn Write) -> Result<(), SearchError> {
+    r.seek(target, out)?;
+    if r.icount() != target {
+        return Err(SearchError::Unreachable {
+            target,
+            reached: r.icount(),
+        });
+    }
+    Ok(())
+}
+
+/// Executes one instruction forward: [`Outcome::Hit`] if it accessed a watchpoint, [`Outcome::End`] if the
+/// recording ends here, else [`Outcome::Done`]. (A breakpoint at the new position is not a hit: like a
+/// hardware single-step, the stop is the step's.)
+pub fn step_forward(
+    r: &mut Replayer,
+    stops: &StopSet,
+    out: &mut dyn Write,
+) -> Result<Outcome, SearchError> {
+    let mut info = InstructionInfoFactory::new();
+    let step = step_checked(r, stops, &mut info, out)?;
+    Ok(match step {
+        Checked {
+            advanced: false, ..
+        } => Outcome::End,
+        Checked { watch: Some(w), .. } => Outcome::Hit(Hit::Watch(w)),
+        Checked { .. } => Outcome::Done,
+    })
+}
+
+/// Runs forward until a breakpoint or watchpoint is hit, the end of the recording, or (with `range`) RIP
+/// leaves `range` ([`Outcome::Done`]). The current position's own breakpoint does not stop the run: it is
+/// where the run resumes from. `interrupted` is asked every few thousand steps whether to stop.
+pub fn run_forward(
+    r: &mut Replayer,
+    stops: &StopSet,
+    range: Option<std::ops::Range<u64>>,
+    out: &mut dyn Write,
+    interrupted: &mut dyn FnMut() -> bool,
+) -> Result<Outcome, SearchError> {
+    let mut info = InstructionInfoFactory::new();
+    let mut steps = 0u64;
+    loop {
+        let step = step_checked(r, stops, &mut info, out)?;
+        if !step.advanced {
+            return Ok(Outcome::End);
+        }
+        if let Some(w) = step.watch {
+            return Ok(Outcome::Hit(Hit::Watch(w)));
+        }
+        let rip = r.machine().rip();
+        if stops.breakpoints.contains(&rip) {
+            return Ok(Outcome::Hit(Hit::Breakpoint(rip)));
+        }
+        if range.as_ref().is_some_and(|range| !range.contains(&rip)) {
+            return Ok(Outcome::Done);
+        }
+        steps += 1;
+        if steps.is_multiple_of(POLL_EVERY) && interrupted() {
+            return Ok(Outcome::Interrupted);
+        }
+    }
+}
+
+/// Moves one instruction backward: [`Outcome::Begin`] at icount 0, [`Outcome::Hit`] if the instruction
+/// stepped back over accessed a watchpoint, else [`Outcome::Done`].
+pub fn step_backward(
+    r: &mut Replayer,
+    stops: &StopSet,
+    out: &mut dyn Write,
+) -> Result<Outcome, SearchError> {
+    let now = r.icount();
+    if now == 0 {
+        return Ok(Outcome::Begin);
+    }
+    let after = watched_bytes(r.machine(), stops);
+    seek_exact(r, now - 1, out)?;
+    let before = watched_bytes(r.machine(), stops);
+    let mut info = InstructionInfoFactory::new();
+    let watch = read_hit(r.machine(), stops, &mut info).or_else(|| changed(stops, &before, &after));
+    Ok(watch.map_or(Outcome::Done, |w| Outcome::Hit(Hit::Watch(w))))
+}
+
+/// The start of the interval of positions that a backward search scans before position `before` (> 0): the
+/// last restore point (in-memory snapshot or trace checkpoint) strictly before it.
+fn interval_start(r: &Replayer, before: u64) -> u64 {
+    r.restore_point_before(before - 1)
+}
+
+/// Result of scanning one interval forward.
+enum Scan {
+    /// The last hit in the interval: its position and what it was.
+    Found(u64, Hit),
+    /// No hit in the interval.
+    Nothing,
+    /// The interrupt callback asked to stop.
+    Interrupted,
+}
+
+/// Scans positions `from..to` (forward from `from`) and returns the last one that hits, with backward
+/// semantics: a breakpoint at the position's RIP, or a watchpoint accessed by the instruction run from it.
+fn scan(
+    r: &mut Replayer,
+    stops: &StopSet,
+    (from, to): (u64, u64),
+    out: &mut dyn Write,
+    poll: &mut Poll<'_>,
+) -> Result<Scan, SearchError> {
+    let mut info = InstructionInfoFactory::new();
+    seek_exact(r, from, out)?;
+    let mut last = None;
+    while r.icount() < to {
+        let position = r.icount();
+        let rip = r.machine().rip();
+        let step = step_checked(r, stops, &mut info, out)?;
+        if let Some(w) = step.watch {
+            last = Some((position, Hit::Watch(w)));
+        } else if stops.breakpoints.contains(&rip) {
+            last = Some((position, Hit::Breakpoint(rip)));
+        }
+        if !step.advanced {
+            break;
+        }
+        if poll.due() {
+            return Ok(Scan::Interrupted);
+        }
+    }
+    Ok(last.map_or(Scan::Nothing, |(p, hit)| Scan::Found(p, hit)))
+}
+
+/// Counts steps and asks the interrupt callback every [`POLL_EVERY`] of them.
+struct Poll<'a> {
+    steps: u64,
+    interrupted: &'a mut dyn FnMut() -> bool,
+}
+
+impl Poll<'_> {
+    fn due(&mut self) -> bool {
+        self.steps += 1;
+        self.steps.is_multiple_of(POLL_EVERY) && (self.interrupted)()
+    }
+}
+
+/// Runs backward to the latest earlier position that hits a breakpoint or watchpoint, or to icount 0
+/// ([`Outcome::Begin`]). The intervals between restore points before the current position are scanned latest
+/// first, each forward from its start, and the last hit in the first interval that has one wins.
+/// `interrupted` is asked every few thousand steps whether to stop (see [`Outcome::Interrupted`]).
+pub fn run_backward(
+    r: &mut Replayer,
+    stops: &StopSet,
+    out: &mut dyn Write,
+    interrupted: &mut dyn FnMut() -> bool,
+) -> Result<Outcome, SearchError> {
+    let start = r.icount();
+    let mut poll = Poll {
+        steps: 0,
+        interrupted,
+    };
+    // Positions from `clear` up to the start have been scanned and hold no hit.
+    let mut clear = start;
+    if !stops.is_empty() {
+        while clear > 0 {
+            let from = interval_start(r, clear);
+            match scan(r, stops, (from, clear), out, &mut poll)? {
+                Scan::Found(position, hit) => {
+                    seek_exact(r, position, out)?;
+                    return Ok(Outcome::Hit(hit));
+                }
+                Scan::Interrupted => {
+                    seek_exact(r, clear, out)?;
+                    return Ok(Outcome::Interrupted);
+                }
+                Scan::Nothing => clear = from,
+            }
+        }
+    }
+    seek_exact(r, 0, out)?;
+    Ok(Outcome::Begin)
+}
+
+/// Moves to `target` (clamped to the recording) and says whether that is the end of the recording.
+pub fn seek(r: &mut Replayer, target: u64, out: &mut dyn Write) -> Result<Outcome, SearchError> {
+    Ok(match r.seek(target, out)? {
+        Halt::End(_) => Outcome::End,
+        Halt::Target if r.icount() >= r.end_icount() => Outcome::End,
+        Halt::Target => Outcome::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watches_overlap_accesses_and_notice_changed_bytes() {
+        let w = Watch {
+            addr: 0x100d60,
+            len: 4,
+            access: Access::Write,
+        };
+        assert!(w.overlaps(0x100d63, 1) && w.overlaps(0x100d5c, 8));
+        assert!(!w.overlaps(0x100d64, 4) && !w.overlaps(0x100d5c, 4));
+        assert!(
+            !w.overlaps(u64::MAX, 8),
+            "no overflow at the top of the address space"
+        );
+        let read = Watch {
+            access: Access::Read,
+            ..w
+        };
+        let stops = StopSet {
+            breakpoints: BTreeSet::new(),
+            watches: vec![read, w],
+        };
+        assert!(stops.has_read_watches() && !stops.is_empty());
+        let before = [None, Some(vec![0xee, 0xff, 0xc0, 0])];
+        let same = [None, Some(vec![0xee, 0xff, 0xc0, 0])];
+        let after = [None, Some(vec![0x47, 0, 0, 0])];
+        let unmapped = [None, None];
+        assert_eq!(changed(&stops, &before, &same), None);
+        assert_eq!(changed(&stops, &before, &after), Some(w));
+        // A page that became unmapped (or mapped) is no write.
+        assert_eq!(changed(&stops, &before, &unmapped), None);
+    }
+}

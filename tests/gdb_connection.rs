@@ -1,0 +1,203 @@
+//! The gdb server's connection handling: garbage on the wire, dropped and repeated connections, Ctrl-C,
+//! detach and kill, and the loopback-only default.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A gdb remote-protocol packet with its checksum.
+fn packet(body: &str) -> Vec<u8> {
+    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+    format!("${body}#{sum:02x}").into_bytes()
+}
+
+/// A gdb in batch mode running in the background, writing to `log`.
+fn spawn_gdb(port: u16, elf: &Path, cmds: &[&str], log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    let mut c = Command::new("gdb");
+    c.args(["-nx", "-batch", "-ex"])
+        .arg(format!("target remote 127.0.0.1:{port}"));
+    for cmd in cmds {
+        c.arg("-ex").arg(cmd);
+    }
+    c.arg(elf)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("cannot run gdb")
+}
+
+/// Waits until `log` contains `needle`; returns its contents.
+fn wait_for(log: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in gdb output:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the server's stderr contains `needle`.
+fn wait_for_server(server: &GdbServer, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.stderr().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} from retrovisor:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn demo_trace(name: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let (trace, rec) = record(&dir, "demo", &["--checkpoint-every", "2000"]);
+    assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
+    trace
+}
+
+#[test]
+fn garbage_on_the_wire_ends_only_that_session() {
+    let trace = demo_trace("gdb-garbage");
+    let mut server = GdbServer::start(&trace, &[]);
+    {
+        let mut raw = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        raw.write_all(b"$garbage#00").unwrap(); // wrong checksum
+        raw.write_all(b"\xff\xfe\x00 not a packet $$##").unwrap();
+        for body in [
+            "m,zz",
+            "Z0,notanumber,1",
+            "vCont;x",
+            "G00",
+            "qXfer:features:read:target.xml:zz",
+        ] {
+            raw.write_all(&packet(body)).unwrap();
+        }
+        let mut reply = [0u8; 4096];
+        let _ = raw.read(&mut reply);
+    }
+    wait_for_server(&server, "gdb session ended");
+    assert!(server.running(), "{}", server.stderr());
+    let out = gdb_batch(
+        server.port,
+        &guest("demo"),
+        &["monitor when", "stepi", "monitor when", "detach"],
+    );
+    let now: Vec<u64> = when_answers(&out).iter().map(|w| w.0).collect();
+    assert_eq!(now, [0, 1], "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
+
+#[test]
+fn a_new_gdb_carries_on_where_the_last_one_left() {
+    let trace = demo_trace("gdb-reconnect");
+    let mut server = GdbServer::start(&trace, &[]);
+    let elf = guest("demo");
+    // `disconnect` closes the connection without detaching.
+    let out = gdb_batch(
+        server.port,
+        &elf,
+        &["stepi 7", "monitor when", "disconnect"],
+    );
+    assert_eq!(when_answers(&out)[0].0, 7, "{out}");
+    wait_for_server(&server, "waiting for the next connection");
+    assert!(server.running(), "{}", server.stderr());
+
+    // A gdb killed outright while connected.
+    let dir = scratch("gdb-reconnect-kill");
+    let log = dir.join("gdb.log");
+    let mut gdb = spawn_gdb(
+        server.port,
+        &elf,
+        &["stepi", "monitor when", "echo READY\\n", "shell sleep 60"],
+        &log,
+    );
+    let out = wait_for(&log, "READY");
+    assert_eq!(when_answers(&out)[0].0, 8, "{out}");
+    gdb.kill().unwrap();
+    gdb.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server
+        .stderr()
+        .matches("waiting for the next connection")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.running(), "{}", server.stderr());
+
+    let out = gdb_batch(server.port, &elf, &["monitor when", "detach"]);
+    assert_eq!(when_answers(&out)[0].0, 8, "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
+
+#[test]
+fn kill_from_gdb_ends_the_server_with_status_0() {
+    let trace = demo_trace("gdb-kill");
+    let mut server = GdbServer::start(&trace, &[]);
+    let out = gdb_batch(server.port, &guest("demo"), &["stepi", "kill"]);
+    // gdb 13 reports the server closing the connection after `k` as "Remote connection closed".
+    assert!(out.contains("Kill the program being debugged?"), "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
+
+#[test]
+fn ctrl_c_interrupts_a_long_continue() {
+    let dir = scratch("gdb-ctrl-c");
+    // Default checkpoints: the whole recording is one long forward run from boot.
+    let (trace, rec) = record(&dir, "timer", &[]);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let mut server = GdbServer::start(&trace, &[]);
+    let log = dir.join("gdb.log");
+    let mut gdb = spawn_gdb(
+        server.port,
+        &guest("timer"),
+        &["continue", "monitor when", "detach"],
+        &log,
+    );
+    // Connected (gdb shows the first frame), then `continue` runs: interrupt it as a user's Ctrl-C would.
+    wait_for(&log, "boot32.S");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(gdb.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gdb.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "gdb did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("Program received signal SIGINT"), "{out}");
+    let (now, end) = when_answers(&out)[0];
+    assert!(0 < now && now < end, "interrupted at {now} of {end}: {out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
+
+#[test]
+fn the_server_refuses_non_loopback_addresses_unless_allowed() {
+    let trace = demo_trace("gdb-loopback");
+    let t = trace.to_str().unwrap();
+    let out = rv(&["replay", t, "--gdb", "0.0.0.0:0"]);
+    assert_eq!(status(&out), 2);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("--gdb-allow-remote"),
+        "{err}"
+    );
+    let out = rv(&["replay", t, "--gdb-allow-remote"]);
+    assert_eq!(status(&out), 2, "--gdb-allow-remote needs --gdb");
+}
