@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod devices;
+pub mod disk;
 pub mod emulate;
 pub mod loader;
 pub mod memory;

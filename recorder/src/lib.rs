@@ -74,6 +74,18 @@ pub struct Outcome {
     pub trace_bytes: (u64, u64),
     /// Wall time.
     pub wall: Duration,
+    /// What the guest wrote to each disk (the overlays, disk 0 first), for `run --disk-writeback`.
+    pub disk_writes: Vec<machine::disk::Overlay>,
+}
+
+/// Takes the disks' overlays out of the machine at the end of a run.
+fn take_disk_writes(machine: &mut Machine) -> Vec<machine::disk::Overlay> {
+    machine
+        .devices
+        .disks
+        .iter_mut()
+        .map(|d| d.disk_mut().take_overlay())
+        .collect()
 }
 
 /// Set by SIGINT/SIGTERM: ends the recording cleanly at the next instruction boundary.
@@ -127,6 +139,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             checkpoints: 0,
             trace_bytes: (0, 0),
             wall: started.elapsed(),
+            disk_writes: take_disk_writes(&mut machine),
         });
     }
     let mut writer = match &opts.trace {
@@ -148,8 +161,23 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
+                disks: opts
+                    .machine
+                    .disks
+                    .iter()
+                    .map(|d| traces::DiskInfo {
+                        path: d.path().display().to_string(),
+                        size: d.len(),
+                        sha256: traces::sha256_hex(d.bytes()),
+                    })
+                    .collect(),
             };
-            Some(TraceWriter::create(dir, &header)?)
+            let mut w = TraceWriter::create(dir, &header)?;
+            // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
+            for (i, d) in opts.machine.disks.iter().enumerate() {
+                w.write_disk(i, d.bytes())?;
+            }
+            Some(w)
         }
         None => None,
     };
@@ -262,6 +290,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         checkpoints,
         trace_bytes,
         wall: started.elapsed(),
+        disk_writes: take_disk_writes(&mut machine),
     })
 }
 

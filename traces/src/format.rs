@@ -58,6 +58,16 @@ pub const MAX_TRACE_EVENTS: u64 = 1 << 26;
 /// Largest `header.json` or `summary.json` a reader accepts; real ones are well under a kilobyte.
 pub const MAX_JSON_FILE: u64 = 1 << 20;
 
+/// Name of the directory holding the copies of the guest's disk images inside a trace directory.
+pub const DISKS_DIR: &str = "disks";
+/// Most disks a header may list.
+pub const MAX_DISKS: usize = 4;
+/// Smallest disk image: one 512-byte sector.
+pub const MIN_DISK_BYTES: u64 = 512;
+/// Largest disk image a header may declare (1 TiB). Replay holds the image in memory, so a reader
+/// also refuses one it cannot allocate.
+pub const MAX_DISK_BYTES: u64 = 1 << 40;
+
 /// Largest zstd window (as a power of two) a reader accepts. zstd would otherwise allocate up to
 /// 128 MiB of window for a frame that merely claims to need it; the writer's level uses far less.
 pub const MAX_ZSTD_WINDOW_LOG: u32 = 24;
@@ -84,6 +94,30 @@ pub enum FormatError {
     BadRamSize {
         /// What it held.
         value: u64,
+    },
+    /// The header lists more disks than a machine has.
+    #[error("the header lists {count} disks; a machine has at most {MAX_DISKS}")]
+    TooManyDisks {
+        /// How many it lists.
+        count: usize,
+    },
+    /// A disk's size is outside [`MIN_DISK_BYTES`] ..= [`MAX_DISK_BYTES`].
+    #[error(
+        "disks[{index}].size is {value}; it must be between {MIN_DISK_BYTES} and {MAX_DISK_BYTES}"
+    )]
+    BadDiskSize {
+        /// Which disk.
+        index: usize,
+        /// What it held.
+        value: u64,
+    },
+    /// A disk's hash is not 64 lowercase hex digits.
+    #[error("disks[{index}].sha256 must be 64 lowercase hex digits (a SHA-256), got {value:?}")]
+    BadDiskSha256 {
+        /// Which disk.
+        index: usize,
+        /// What it held.
+        value: String,
     },
     /// The header names another format version than the one being written or read.
     #[error("header format_version is {found}, expected {FORMAT_VERSION}")]
@@ -112,6 +146,18 @@ pub struct MachineConfig {
     pub cmdline: String,
 }
 
+/// A disk the guest had, as `header.json` lists it. The trace holds a copy of the image
+/// ([`disk_file_name`] in [`DISKS_DIR`]), so replay needs nothing but the trace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Path of the image as given on the command line (for information: replay uses the copy).
+    pub path: String,
+    /// Size of the image in bytes.
+    pub size: u64,
+    /// SHA-256 of the image, lowercase hex; replay refuses a copy that differs.
+    pub sha256: String,
+}
+
 /// The contents of `header.json`, written when the recording starts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -135,6 +181,9 @@ pub struct Header {
     pub checkpoint_every: u64,
     /// When the recording started, seconds since the Unix epoch.
     pub created_unix_secs: u64,
+    /// The guest's disks, disk 0 first (absent in traces of guests without disks).
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
 }
 
 impl Header {
@@ -150,7 +199,27 @@ impl Header {
         if ram == 0 || ram > MAX_RAM_BYTES {
             return Err(FormatError::BadRamSize { value: ram });
         }
-        check_sha256("image_sha256", &self.image_sha256)
+        check_sha256("image_sha256", &self.image_sha256)?;
+        if self.disks.len() > MAX_DISKS {
+            return Err(FormatError::TooManyDisks {
+                count: self.disks.len(),
+            });
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&disk.size) {
+                return Err(FormatError::BadDiskSize {
+                    index,
+                    value: disk.size,
+                });
+            }
+            if check_sha256("sha256", &disk.sha256).is_err() {
+                return Err(FormatError::BadDiskSha256 {
+                    index,
+                    value: disk.sha256.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Pages of guest RAM (a partial last page counts, as the machine rounds RAM up to whole
@@ -329,6 +398,11 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+/// File name, inside [`DISKS_DIR`], of the copy of disk `index`: `N.img.zst`.
+pub fn disk_file_name(index: usize) -> String {
+    format!("{index}.img.zst")
 }
 
 /// File name of the checkpoint taken at `icount`: the icount zero-padded to 20 digits (the width

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod codec;
+mod disks;
 mod format;
 mod reader;
 mod writer;

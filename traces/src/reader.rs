@@ -206,6 +206,7 @@ pub struct TornTail {
 /// A validated trace, open for reading.
 #[derive(Debug)]
 pub struct TraceReader {
+    dir: PathBuf,
     header: Header,
     events: Vec<Event>,
     summary: Option<Summary>,
@@ -261,6 +262,7 @@ impl TraceReader {
         }
 
         Ok(TraceReader {
+            dir: dir.to_owned(),
             header,
             events: stream.events,
             summary,
@@ -269,6 +271,11 @@ impl TraceReader {
             checkpoints,
             events_size: stream.file_size,
         })
+    }
+
+    /// The trace directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The trace's header.

@@ -401,6 +401,11 @@ impl TraceWriter {
         sync_dir(&self.dir)
     }
 
+    /// The trace directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Bytes written so far to `events.bin` and to checkpoint files.
     pub fn bytes_written(&self) -> (u64, u64) {
         (self.event_bytes, self.checkpoint_bytes)

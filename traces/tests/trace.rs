@@ -56,6 +56,7 @@ fn header() -> Header {
         time_mode: TimeMode::Host,
         checkpoint_every: 1_000_000,
         created_unix_secs: 1_700_000_000,
+        disks: vec![],
     }
 }
 

@@ -1,5 +1,5 @@
 //! The userspace PC devices: 8259A PIC pair, 8254 PIT, MC146818 RTC/CMOS, 16550A UART on COM1 and
-//! QEMU's isa-debug-exit, at their standard ports.
+//! QEMU's isa-debug-exit, at their standard ports, and up to four virtio-mmio block devices.
 //!
 //! Every device is a deterministic function of its state and its inputs. They never read a clock: the
 //! time comes from the caller through a [`TimeSource`], which is asked only when an access really
@@ -10,7 +10,10 @@ pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod serial;
+pub mod virtio_blk;
 
+use crate::disk::{Disk, DiskImage};
+use crate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
 pub use debug_exit::DebugExit;
@@ -18,6 +21,17 @@ pub use pic::Pic;
 pub use pit::Pit;
 pub use rtc::Rtc;
 pub use serial::{Uart, UartError, UartState};
+pub use virtio_blk::VirtioBlk;
+
+/// Guest physical address of disk 0's virtio-mmio window; disk i is at
+/// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE`, [`virtio_blk::MMIO_SIZE`] bytes long.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Distance between the disks' MMIO windows.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// The IRQ line of each disk (8259 inputs that nothing else on our PC uses).
+pub const VIRTIO_BLK_IRQS: [u8; MAX_DISKS] = [5, 10, 11, 9];
+/// The most disks a machine has.
+pub const MAX_DISKS: usize = 4;
 
 /// Where device reads get the time: the recorder reads (and logs) the host clock, the replayer returns
 /// logged values, virtual time derives it from the instruction count.
@@ -80,6 +94,8 @@ pub struct Devices {
     pub uart: Uart,
     /// The exit port.
     pub debug_exit: DebugExit,
+    /// The virtio block devices, disk 0 first (their overlays are part of the state; the images are not).
+    pub disks: Vec<VirtioBlk>,
 }
 
 impl Devices {
@@ -91,6 +107,59 @@ impl Devices {
             rtc: Rtc::new(ram_bytes),
             uart: Uart::new(),
             debug_exit: DebugExit::new(),
+            disks: Vec::new(),
+        }
+    }
+
+    /// The devices with a virtio block device for each image (at most [`MAX_DISKS`]; extra images are
+    /// not attached, so callers check the count first).
+    pub fn with_disks(ram_bytes: u64, images: &[DiskImage]) -> Self {
+        let mut devices = Devices::new(ram_bytes);
+        devices.disks = (0..MAX_DISKS as u8)
+            .zip(images)
+            .map(|(i, image)| VirtioBlk::new(i, Disk::new(image.clone())))
+            .collect();
+        devices
+    }
+
+    /// `saved` (device state decoded from a checkpoint) made live: it takes this machine's disk images
+    /// (which checkpoints do not hold) and is checked against them.
+    pub fn restored(&self, mut saved: Devices) -> Result<Devices, String> {
+        if saved.disks.len() != self.disks.len() {
+            return Err(format!(
+                "the checkpoint has {} disks but the machine has {}",
+                saved.disks.len(),
+                self.disks.len()
+            ));
+        }
+        for (new, live) in saved.disks.iter_mut().zip(&self.disks) {
+            new.adopt_image(live)?;
+        }
+        Ok(saved)
+    }
+
+    /// The disk whose MMIO window holds `[addr, addr + len)`, and the offset into the window.
+    fn disk_at(&self, addr: u64, len: usize) -> Option<(usize, u64)> {
+        let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+        let index = usize::try_from(rel / VIRTIO_MMIO_STRIDE).ok()?;
+        let offset = rel % VIRTIO_MMIO_STRIDE;
+        (index < self.disks.len() && offset + len as u64 <= virtio_blk::MMIO_SIZE)
+            .then_some((index, offset))
+    }
+
+    /// A guest MMIO read. Addresses no device decodes read as all ones (like an empty bus).
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.disk_at(addr, data.len()) {
+            Some((i, offset)) => self.disks[i].mmio_read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest MMIO write; a virtio QueueNotify moves data between the disk and guest RAM (`mem`).
+    /// Writes no device decodes are dropped.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &mut GuestMemory) {
+        if let Some((i, offset)) = self.disk_at(addr, data.len()) {
+            self.disks[i].mmio_write(offset, data, mem);
         }
     }
 
@@ -147,6 +216,11 @@ impl Devices {
     pub fn sync_irqs(&mut self) {
         if self.uart.take_irq() {
             self.pic.pulse_irq(COM1_IRQ);
+        }
+        for (disk, irq) in self.disks.iter_mut().zip(VIRTIO_BLK_IRQS) {
+            if disk.take_irq() {
+                self.pic.pulse_irq(irq);
+            }
         }
     }
 }

@@ -99,6 +99,36 @@ void put_dec64(u64 v)
         putc(buf[--n]);
 }
 
+/* ---------------- multiboot information ---------------- */
+
+const char *mb_cmdline(void)
+{
+    const u32 *info = (const u32 *)(unsigned long)mb_info;
+    if (mb_magic != MULTIBOOT_BOOT_MAGIC || !info || !(info[0] & (1u << 2)) || !info[4])
+        return "";
+    return (const char *)(unsigned long)info[4];
+}
+
+int cmdline_has(const char *word)
+{
+    const char *s = mb_cmdline();
+    while (*s) {
+        const char *w = word;
+        const char *p = s;
+        while (*w && *p == *w) {
+            p++;
+            w++;
+        }
+        if (!*w && (*p == 0 || *p == ' '))
+            return 1;
+        while (*s && *s != ' ')     /* next word */
+            s++;
+        while (*s == ' ')
+            s++;
+    }
+    return 0;
+}
+
 /* ---------------- exit ---------------- */
 
 void guest_exit(u32 v)

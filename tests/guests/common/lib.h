@@ -62,6 +62,12 @@ void put_dec(u32 v);
 void put_dec64(u64 v);
 void put_sdec(s32 v);
 
+/* ---- multiboot information ---- */
+/* The kernel command line the loader passed (flags bit 2), or "" if there is none. */
+const char *mb_cmdline(void);
+/* Whether `word` appears in the command line as a whole, space-separated word. */
+int cmdline_has(const char *word);
+
 /* ---- exit through QEMU isa-debug-exit (port 0xf4): process status (v << 1) | 1 ---- */
 #define DEBUG_EXIT_PORT 0xf4
 void guest_exit(u32 v) __attribute__((noreturn));
