@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The main job on the bundled demo guest: build, record, replay. See README.md.
+# The main job on the bundled demo guest: record it, replay it with gdb attached, and let a watchpoint and
+# reverse-continue find the store that corrupted a variable long before the program noticed. See README.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-for tool in cargo make gcc ld; do
-    command -v "$tool" >/dev/null || { echo "demo: $tool is needed (apt-get install build-essential; Rust via rustup)" >&2; exit 1; }
+for tool in cargo make gcc ld gdb; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "demo: $tool is needed (Debian: apt-get install build-essential gdb; Rust via rustup)" >&2
+        exit 1
+    fi
 done
 [ -e /dev/kvm ] || { echo "demo: /dev/kvm is missing: retrovisor needs KVM" >&2; exit 1; }
 
@@ -12,13 +16,39 @@ work=$(mktemp -d /tmp/retrovisor-demo.XXXXXX)
 make -s -C tests/guests OUT="$work/guests"
 rv=target/release/retrovisor
 elf="$work/guests/demo.elf"
+src=tests/guests/demo.c
+check=$(grep -n 'if (guard != GUARD_VALUE)' "$src" | cut -d: -f1)
 
-echo "== recording tests/guests/demo.c (it notices at the very end that a variable was clobbered)"
+echo "== 1. record tests/guests/demo.c: it notices only at the very end that a variable was clobbered"
 "$rv" record --kernel "$elf" -o "$work/demo.rvt" || true
+
 echo
-echo "== replaying the recording: the same output, instruction for instruction"
-"$rv" replay "$work/demo.rvt" || true
+echo "== 2. replay it under gdb: stop where the program checks 'guard', watch it, run backwards"
+"$rv" replay "$work/demo.rvt" --gdb 127.0.0.1:0 >"$work/guest-output.txt" 2>"$work/replay.log" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+port=""
+for _ in $(seq 200); do
+    port=$(sed -n 's/.*waiting for gdb on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/replay.log" | head -n1)
+    [ -n "$port" ] && break
+    sleep 0.05
+done
+[ -n "$port" ] || { echo "demo: the replay never started listening:" >&2; cat "$work/replay.log" >&2; exit 1; }
+gdb -nx -q -batch "$elf" \
+    -ex "target remote 127.0.0.1:$port" \
+    -ex "break demo.c:$check" \
+    -ex "continue" \
+    -ex "print/x guard" \
+    -ex "watch guard" \
+    -ex "reverse-continue" \
+    -ex "print i" \
+    -ex "monitor when" \
+    -ex "detach" 2>&1 | grep -v '^$'
+wait "$server" || true
+trap - EXIT
+
 echo
-"$rv" info "$work/demo.rvt"
-echo
-echo "trace and guests are in $work"
+echo "gdb stopped on the off-by-one store, line $(grep -n 'BUG: off-by-one' "$src" | cut -d: -f1) of $src."
+echo "To do it yourself:"
+echo "  $rv replay $work/demo.rvt --gdb 127.0.0.1:1234"
+echo "  gdb $elf -ex 'target remote :1234'     # then: break demo.c:$check, continue, watch guard, reverse-continue"
