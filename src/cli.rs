@@ -139,6 +139,10 @@ struct ReplayArgs {
     /// Register layout gdb gets: auto is x86-64 when the image is an ELF64 or the guest ends in long mode.
     #[arg(long, value_enum, default_value = "auto", requires = "gdb")]
     gdb_arch: GdbArchArg,
+    /// Memory (MiB) for the in-memory snapshots that keep reverse execution fast; farther-away snapshots
+    /// are dropped first when it is full.
+    #[arg(long, value_name = "MIB", default_value_t = replayer::DEFAULT_SNAPSHOT_MEMORY >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    snapshot_memory: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -366,6 +370,7 @@ fn describe_stop(stop: &traces::StopReason) -> String {
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
+    r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
     if r.trace().cut_off() {
         eprintln!(
             "retrovisor: warning: the recording was cut off (no clean end); replaying its first {} instructions",

@@ -428,3 +428,40 @@ fn the_guest_sees_the_same_data_as_with_qemus_virtio_blk() {
     );
     assert_eq!(std::fs::read(&img).unwrap(), image_bytes());
 }
+
+#[test]
+fn a_watchpoint_on_a_dma_buffer_stops_where_the_device_filled_it() {
+    let dir = scratch("disk-watch");
+    let img = make_image(&dir, "disk.img");
+    let (trace, rec) = record(&dir, "disk", &["--disk", s(&img)]);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let mut server = GdbServer::start(&trace, &[]);
+    // The guest zeroes buf first (no change: it is zero already); the first change is the device's GET_ID
+    // reply, which DMA writes during the store to QueueNotify (register 0x50 = 80, in the inlined `wr`).
+    let out = gdb_batch(
+        server.port,
+        &guest("disk"),
+        &[
+            "watch buf[0]",
+            "continue",
+            "info line *$pc",
+            "reverse-stepi",
+            "print buf[0]",
+            "kill",
+        ],
+    );
+    assert!(
+        out.contains("Old value = 0 '\\000'") && out.contains("New value = 114 'r'"),
+        "{out}"
+    );
+    assert!(
+        out.contains("in wr (v=0, reg=80)") && out.contains("<submit+"),
+        "the stop is not at the notify:\n{out}"
+    );
+    // One instruction back, before the notify, the buffer is zero again: the device filled it in that step.
+    assert!(
+        out.contains("Old value = 114 'r'") && out.contains("$1 = 0 '\\000'"),
+        "{out}"
+    );
+    assert_eq!(server.wait_exit(10), Some(0));
+}

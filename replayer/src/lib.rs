@@ -93,7 +93,7 @@ pub type Progress = Box<dyn FnMut(u64, u64)>;
 const PROGRESS_EVERY: u64 = 16_384;
 
 /// Default memory cap of the snapshot cache.
-pub const DEFAULT_SNAPSHOT_MEMORY: usize = 512 << 20;
+pub const DEFAULT_SNAPSHOT_MEMORY: u64 = 512 << 20;
 
 /// Opens the guest image named in the trace header (or `image` if given) and checks its hash.
 fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, ReplayError> {
@@ -148,7 +148,7 @@ impl Replayer {
             output_hash: Some(Sha256::new()),
             printed_upto: 0,
             finished: None,
-            cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY),
+            cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY as usize),
             base_pages: Rc::new(PageMap::new()),
             focus: 0,
             progress: None,

@@ -134,9 +134,15 @@ mod tests {
         for i in 0..500 {
             c.insert(snap(i * BASE_INTERVAL), 499 * BASE_INTERVAL);
         }
-        let near = c.snaps.range((499 - DENSE_SPAN + 1) * BASE_INTERVAL..).count();
+        let near = c
+            .snaps
+            .range((499 - DENSE_SPAN + 1) * BASE_INTERVAL..)
+            .count();
         let far = c.snaps.range(..100 * BASE_INTERVAL).count();
-        assert_eq!(near as u64, DENSE_SPAN, "every snapshot within the dense span is kept");
+        assert_eq!(
+            near as u64, DENSE_SPAN,
+            "every snapshot within the dense span is kept"
+        );
         assert!(far <= 4, "far away only a few remain, found {far}");
         assert!(c.len() < 60, "{} snapshots kept", c.len());
         assert_eq!(
