@@ -432,12 +432,12 @@ impl Replayer {
             self.next_verify += 1;
         }
         if let Some(info) = cps.get(self.next_verify).filter(|c| c.icount == icount) {
-            let cp = self.trace.read_checkpoint(self.next_verify)?;
+            let recorded = info.digest;
             let digest = self.machine.digest()?;
-            if digest != cp.digest {
+            if digest != recorded {
                 let what = if self.machine.rip() != info.rip {
                     format!("rip is {:#x}, recorded {:#x}", self.machine.rip(), info.rip)
-                } else if digest[16..] != cp.digest[16..] {
+                } else if digest[16..] != recorded[16..] {
                     "CPU or device state differs from the recorded checkpoint".to_string()
                 } else {
                     "guest memory differs from the recorded checkpoint".to_string()

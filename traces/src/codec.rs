@@ -116,7 +116,7 @@ pub enum CodecError {
         left: usize,
     },
     /// A page has another length than a page or the zero-page marker.
-    #[error("page {pfn:#x} is {len} bytes, expected {PAGE_SIZE} (or 0 for a zero page)")]
+    #[error("page {pfn:#x} is {len} bytes, expected {PAGE_SIZE} (or 0 for a zero page, 16 for a reference)")]
     PageSize {
         /// Its page frame number.
         pfn: u64,
@@ -364,8 +364,13 @@ impl CheckpointHeader {
 }
 
 /// A page as the checkpoint encoder takes it: `None` stands for an all-zero page, stored as the
-/// zero-page marker (an empty byte string).
+/// zero-page marker (an empty byte string); `Some` holds either the page's `PAGE_SIZE` bytes or a
+/// [`PAGE_REF_LEN`]-byte reference to identical content stored earlier.
 pub(crate) type PageRef<'a> = (u64, Option<&'a [u8]>);
+
+/// Length of a page reference: the xxh3-128 of the page's content, little-endian, standing for a page
+/// with that content stored earlier in the same checkpoint or in one since the last full checkpoint.
+pub const PAGE_REF_LEN: usize = 16;
 
 /// Builds a whole checkpoint file. `pages` must be sorted by pfn, unique, and each `PAGE_SIZE`
 /// long (the writer checks); `uncompressed_len` is what [`checkpoint_payload_len`] returned.
@@ -422,7 +427,8 @@ pub(crate) fn checkpoint_payload_len(state_len: usize, pages: &[PageRef<'_>]) ->
 
 /// Decodes a whole checkpoint file: header, CRC, payload. Page frame numbers must be below
 /// `ram_pages` (guest RAM is one block at physical address 0). Zero-page markers come back as
-/// `PAGE_SIZE` zero bytes, so callers never see the marker.
+/// `PAGE_SIZE` zero bytes, so callers never see the marker; page references come back as their
+/// [`PAGE_REF_LEN`] bytes, for the reader to resolve against earlier pages.
 pub(crate) fn decode_checkpoint(file: &[u8], ram_pages: u64) -> Result<Checkpoint, CodecError> {
     let fixed: &[u8; CHECKPOINT_HEADER_LEN] = file
         .get(..CHECKPOINT_HEADER_LEN)
@@ -471,7 +477,7 @@ pub(crate) fn decode_checkpoint(file: &[u8], ram_pages: u64) -> Result<Checkpoin
         let (len, tail) = take_varint(tail, "page length")?;
         let (bytes, tail) = match len {
             0 => (vec![0; PAGE_SIZE], tail),
-            n if n == PAGE_SIZE as u64 => {
+            n if n == PAGE_SIZE as u64 || n == PAGE_REF_LEN as u64 => {
                 let (bytes, tail) = take_bytes(tail, n, "page")?;
                 (bytes.to_vec(), tail)
             }

@@ -175,6 +175,14 @@ pub enum ReadError {
         /// The checkpoint file asked for.
         path: PathBuf,
     },
+    /// A page reference names content stored nowhere before it.
+    #[error("{path}: page {pfn:#x} refers to content no earlier page since the last full checkpoint has")]
+    DanglingPageRef {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The page holding the reference.
+        pfn: u64,
+    },
 }
 
 /// What [`TraceReader::open`] learns about a checkpoint from its fixed header alone.
@@ -341,6 +349,55 @@ impl TraceReader {
     /// Reads and fully verifies (CRC, sizes, every page) checkpoint `index`. Zero pages of an
     /// incremental checkpoint come back as `PAGE_SIZE` zero bytes.
     pub fn read_checkpoint(&self, index: usize) -> Result<Checkpoint, ReadError> {
+        let mut last = None;
+        self.read_chain(index, |cp| last = Some(cp))?;
+        last.ok_or(ReadError::NoSuchCheckpoint {
+            index,
+            count: self.checkpoints.len(),
+        })
+    }
+
+    /// Reads the checkpoints from the last full one up to `index` in order, resolving page
+    /// references (content stored earlier in the chain), and hands each to `each`.
+    fn read_chain(&self, index: usize, mut each: impl FnMut(Checkpoint)) -> Result<(), ReadError> {
+        let info = self
+            .checkpoints
+            .get(index)
+            .ok_or(ReadError::NoSuchCheckpoint {
+                index,
+                count: self.checkpoints.len(),
+            })?;
+        let base = self.checkpoints[..=index]
+            .iter()
+            .rposition(|c| c.full)
+            .ok_or_else(|| ReadError::NoFullCheckpoint {
+                path: info.path.clone(),
+            })?;
+        let mut content: std::collections::HashMap<u128, Vec<u8>> =
+            std::collections::HashMap::new();
+        for i in base..=index {
+            let mut cp = self.read_raw(i)?;
+            for (pfn, page) in cp.pages.iter_mut() {
+                if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
+                    let hash = u128::from_le_bytes(hash);
+                    *page =
+                        content
+                            .get(&hash)
+                            .cloned()
+                            .ok_or_else(|| ReadError::DanglingPageRef {
+                                path: self.checkpoints[i].path.clone(),
+                                pfn: *pfn,
+                            })?;
+                } else if page.iter().any(|&b| b != 0) {
+                    content.insert(xxhash_rust::xxh3::xxh3_128(page), page.clone());
+                }
+            }
+            each(cp);
+        }
+        Ok(())
+    }
+
+    fn read_raw(&self, index: usize) -> Result<Checkpoint, ReadError> {
         let info = self
             .checkpoints
             .get(index)
@@ -376,28 +433,18 @@ impl TraceReader {
         &self,
         index: usize,
     ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ReadError> {
-        let info = self
-            .checkpoints
-            .get(index)
-            .ok_or(ReadError::NoSuchCheckpoint {
-                index,
-                count: self.checkpoints.len(),
-            })?;
-        let base = self.checkpoints[..=index]
-            .iter()
-            .rposition(|c| c.full)
-            .ok_or_else(|| ReadError::NoFullCheckpoint {
-                path: info.path.clone(),
-            })?;
         let mut memory = BTreeMap::new();
-        for i in base..index {
-            memory.extend(self.read_checkpoint(i)?.pages);
-        }
-        let mut target = self.read_checkpoint(index)?;
-        memory.extend(std::mem::take(&mut target.pages));
+        let mut last = None;
+        self.read_chain(index, |mut cp| {
+            memory.extend(std::mem::take(&mut cp.pages));
+            last = Some(cp);
+        })?;
+        let target = last.ok_or(ReadError::NoSuchCheckpoint {
+            index,
+            count: self.checkpoints.len(),
+        })?;
         Ok((target, memory))
     }
-
     /// Sizes on disk of `events.bin` and of all checkpoint files together.
     pub fn sizes(&self) -> (u64, u64) {
         (

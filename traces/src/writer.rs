@@ -185,6 +185,9 @@ pub struct TraceWriter {
     complete_upto: u64,
     /// icount of the last checkpoint written.
     last_checkpoint: Option<u64>,
+    /// Content hashes of the pages stored since the last full checkpoint: a page with one of these
+    /// contents is stored as a reference instead of again.
+    stored_pages: std::collections::HashSet<u128>,
     checkpoints: u64,
     event_bytes: u64,
     checkpoint_bytes: u64,
@@ -259,6 +262,7 @@ impl TraceWriter {
             last_icount: 0,
             complete_upto: 0,
             last_checkpoint: None,
+            stored_pages: std::collections::HashSet::new(),
             checkpoints: 0,
             event_bytes: file_header.len() as u64,
             checkpoint_bytes: 0,
@@ -332,6 +336,26 @@ impl TraceWriter {
             _ => {}
         }
         let pages = self.checkpoint_pages(cp)?;
+        // Identical pages are stored once: later copies (in this checkpoint or any since the last full
+        // one, which is where readers start merging) become references to the content hash.
+        let mut known = if cp.full {
+            Default::default()
+        } else {
+            self.stored_pages.clone()
+        };
+        let hashes: Vec<Option<[u8; codec::PAGE_REF_LEN]>> = pages
+            .iter()
+            .map(|&(_, bytes)| {
+                let bytes = bytes?;
+                let h = xxhash_rust::xxh3::xxh3_128(bytes);
+                (!known.insert(h)).then(|| h.to_le_bytes())
+            })
+            .collect();
+        let pages: Vec<PageRef<'_>> = pages
+            .iter()
+            .zip(&hashes)
+            .map(|(&(pfn, bytes), h)| (pfn, h.as_ref().map(|h| &h[..]).or(bytes)))
+            .collect();
         let payload_len = codec::checkpoint_payload_len(cp.state.len(), &pages);
         if payload_len > MAX_CHECKPOINT_PAYLOAD {
             return Err(WriteError::CheckpointTooLarge {
@@ -356,6 +380,7 @@ impl TraceWriter {
             });
         }
         write_atomic(&path, &bytes)?;
+        self.stored_pages = known;
         self.last_checkpoint = Some(icount);
         self.checkpoints += 1;
         self.checkpoint_bytes += bytes.len() as u64;

@@ -883,3 +883,88 @@ fn large_bursts_are_split_into_chunks_the_reader_accepts() {
     assert_eq!(r.events(), &events[..]);
     assert_eq!(r.complete_upto(), 2000);
 }
+
+/// The payload size a checkpoint file declares (its uncompressed_len header field).
+fn uncompressed_len(path: &Path) -> u64 {
+    let b = fs::read(path).unwrap();
+    u64::from_le_bytes(b[69..77].try_into().unwrap())
+}
+
+#[test]
+fn identical_pages_are_stored_once_and_read_back_whole() {
+    let tmp = TempDir::new("dedup");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    // Pages 1 and 3 hold the same content; page 2 differs.
+    w.write_checkpoint(&checkpoint(
+        100,
+        true,
+        vec![(1, page(7)), (2, page(8)), (3, page(7))],
+    ))
+    .unwrap();
+    // Page 5 gets content already stored in the full checkpoint; page 6 gets new content.
+    w.write_checkpoint(&checkpoint(200, false, vec![(5, page(8)), (6, page(9))]))
+        .unwrap();
+    w.finish(&summary(200, 2)).unwrap();
+
+    let r = TraceReader::open(&dir).unwrap();
+    // Two distinct pages of data in the full checkpoint, one in the incremental: references are 16 bytes.
+    let full = uncompressed_len(&r.checkpoints()[0].path);
+    let incremental = uncompressed_len(&r.checkpoints()[1].path);
+    assert!(
+        full < 2 * PAGE_SIZE as u64 + 100,
+        "full checkpoint payload {full} bytes stores page 7 twice"
+    );
+    assert!(
+        incremental < PAGE_SIZE as u64 + 100,
+        "incremental payload {incremental} bytes stores page 8 again"
+    );
+
+    let (_, memory) = r.restore_point(1).unwrap();
+    let expected: BTreeMap<u64, Vec<u8>> = [
+        (1, page(7)),
+        (2, page(8)),
+        (3, page(7)),
+        (5, page(8)),
+        (6, page(9)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(memory, expected);
+    assert_eq!(
+        r.read_checkpoint(1).unwrap().pages,
+        vec![(5, page(8)), (6, page(9))]
+    );
+}
+
+#[test]
+fn a_page_reference_to_content_stored_nowhere_is_an_error() {
+    let tmp = TempDir::new("dangling");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(7))]))
+        .unwrap();
+    w.write_checkpoint(&checkpoint(200, false, vec![(2, page(7))]))
+        .unwrap();
+    w.finish(&summary(200, 1 + 1)).unwrap();
+    // Replace the full checkpoint with one that never stored page 7's content.
+    let other = tmp.0.join("other.rvt");
+    let mut w = TraceWriter::create(&other, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(6))]))
+        .unwrap();
+    drop(w);
+    let name = fs::read_dir(other.join("checkpoints"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    fs::copy(
+        other.join("checkpoints").join(&name),
+        dir.join("checkpoints").join(&name),
+    )
+    .unwrap();
+    let r = TraceReader::open(&dir).unwrap();
+    let e = err_text(r.restore_point(1));
+    assert!(e.contains("refers to content no earlier page"), "{e}");
+}
