@@ -162,11 +162,9 @@ fn missing_kvm_is_a_clear_error() {
     assert_error(&o, "cannot open /dev/kvm");
 }
 
-#[test]
-fn killed_recording_leaves_a_replayable_prefix() {
-    let dir = scratch("kill");
-    let trace = dir.join("spin.rvt");
-    let mut child = bin()
+/// Starts recording the guest that never ends into `trace`, with its output captured.
+fn record_spin(trace: &std::path::Path) -> std::process::Child {
+    bin()
         .args([
             "record",
             "--kernel",
@@ -177,7 +175,14 @@ fn killed_recording_leaves_a_replayable_prefix() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn killed_recording_leaves_a_replayable_prefix() {
+    let dir = scratch("kill");
+    let trace = dir.join("spin.rvt");
+    let mut child = record_spin(&trace);
     std::thread::sleep(Duration::from_millis(2500));
     child.kill().unwrap(); // SIGKILL: no chance to finish the trace
     let rec = child.wait_with_output().unwrap();
@@ -200,18 +205,7 @@ fn killed_recording_leaves_a_replayable_prefix() {
 fn sigint_ends_a_recording_cleanly() {
     let dir = scratch("sigint");
     let trace = dir.join("spin.rvt");
-    let child = bin()
-        .args([
-            "record",
-            "--kernel",
-            guest("spin").to_str().unwrap(),
-            "-o",
-            trace.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = record_spin(&trace);
     std::thread::sleep(Duration::from_millis(2000));
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

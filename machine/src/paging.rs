@@ -109,6 +109,25 @@ impl PagingMode {
         Ok((pte & 0xffff_f000) | (linear & 0xfff))
     }
 
+    /// Splits `len` bytes at a linear address into (guest physical address, range of the bytes) pieces
+    /// that do not cross a page, translating each; all are translated before any is used.
+    fn pieces(
+        &self,
+        mem: &GuestMemory,
+        linear: u64,
+        len: usize,
+    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, PagingError> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let addr = linear.wrapping_add(done as u64);
+            let in_page = (4096 - (addr & 0xfff) as usize).min(len - done);
+            out.push((self.translate(mem, addr)?, done..done + in_page));
+            done += in_page;
+        }
+        Ok(out)
+    }
+
     /// Reads `buf.len()` bytes at a linear address, page by page (the pages need not be contiguous).
     pub fn read_linear(
         &self,
@@ -116,33 +135,25 @@ impl PagingMode {
         linear: u64,
         buf: &mut [u8],
     ) -> Result<(), PagingError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let in_page = (4096 - (addr & 0xfff) as usize).min(buf.len() - done);
-            let phys = self.translate(mem, addr)?;
-            mem.read(phys, &mut buf[done..done + in_page])
-                .map_err(|_| PagingError::NotMapped(addr))?;
-            done += in_page;
+        for (phys, range) in self.pieces(mem, linear, buf.len())? {
+            let at = linear.wrapping_add(range.start as u64);
+            mem.read(phys, &mut buf[range])
+                .map_err(|_| PagingError::NotMapped(at))?;
         }
         Ok(())
     }
 
-    /// Writes bytes at a linear address, page by page.
+    /// Writes bytes at a linear address, page by page; nothing is written unless every page is mapped.
     pub fn write_linear(
         &self,
         mem: &mut GuestMemory,
         linear: u64,
         data: &[u8],
     ) -> Result<(), PagingError> {
-        let mut done = 0;
-        while done < data.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let in_page = (4096 - (addr & 0xfff) as usize).min(data.len() - done);
-            let phys = self.translate(mem, addr)?;
-            mem.write(phys, &data[done..done + in_page])
-                .map_err(|_| PagingError::NotMapped(addr))?;
-            done += in_page;
+        for (phys, range) in self.pieces(mem, linear, data.len())? {
+            let at = linear.wrapping_add(range.start as u64);
+            mem.write(phys, &data[range])
+                .map_err(|_| PagingError::NotMapped(at))?;
         }
         Ok(())
     }

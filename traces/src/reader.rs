@@ -360,13 +360,7 @@ impl TraceReader {
     /// Reads the checkpoints from the last full one up to `index` in order, resolving page
     /// references (content stored earlier in the chain), and hands each to `each`.
     fn read_chain(&self, index: usize, mut each: impl FnMut(Checkpoint)) -> Result<(), ReadError> {
-        let info = self
-            .checkpoints
-            .get(index)
-            .ok_or(ReadError::NoSuchCheckpoint {
-                index,
-                count: self.checkpoints.len(),
-            })?;
+        let info = self.checkpoint_info(index)?;
         let base = self.checkpoints[..=index]
             .iter()
             .rposition(|c| c.full)
@@ -397,14 +391,17 @@ impl TraceReader {
         Ok(())
     }
 
-    fn read_raw(&self, index: usize) -> Result<Checkpoint, ReadError> {
-        let info = self
-            .checkpoints
+    fn checkpoint_info(&self, index: usize) -> Result<&CheckpointInfo, ReadError> {
+        self.checkpoints
             .get(index)
             .ok_or(ReadError::NoSuchCheckpoint {
                 index,
                 count: self.checkpoints.len(),
-            })?;
+            })
+    }
+
+    fn read_raw(&self, index: usize) -> Result<Checkpoint, ReadError> {
+        let info = self.checkpoint_info(index)?;
         let path = &info.path;
         let bytes = read_checkpoint_file(path, info.bytes_on_disk)?;
         let cp = codec::decode_checkpoint(&bytes, self.header.ram_pages()).map_err(|source| {
