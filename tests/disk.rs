@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 const SECTOR: usize = 512;
 const IMAGE_BYTES: usize = 64 * 1024;
@@ -19,10 +20,37 @@ fn image_bytes() -> Vec<u8> {
     b
 }
 
-fn make_image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, image_bytes()).unwrap();
-    path
+/// A fresh scratch directory `name` holding the test image as `disk.img`: (directory, image).
+fn scratch_with_image(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    let img = dir.join("disk.img");
+    std::fs::write(&img, image_bytes()).unwrap();
+    (dir, img)
+}
+
+/// Records disk.elf with the test image (and `extra` arguments) in a fresh scratch directory `name`, and
+/// checks that it ended with `expected` status: (image, trace, recording).
+fn record_disk(name: &str, extra: &[&str], expected: i32) -> (PathBuf, PathBuf, Output) {
+    let (dir, img) = scratch_with_image(name);
+    let mut args = vec!["--disk", s(&img)];
+    args.extend_from_slice(extra);
+    let (trace, rec) = record(&dir, "disk", &args);
+    assert_eq!(
+        status(&rec),
+        expected,
+        "{}\n{}",
+        text(&rec.stderr),
+        text(&rec.stdout)
+    );
+    (img, trace, rec)
+}
+
+/// `retrovisor run` of disk.elf with `args`.
+fn run_disk(args: &[&str]) -> Output {
+    let kernel = guest("disk");
+    let mut all = vec!["run", "--kernel", s(&kernel)];
+    all.extend_from_slice(args);
+    rv(&all)
 }
 
 /// What disk.elf writes: sectors 5 and 6, byte j of sector s = (j * 3 + s) ^ 0xA5.
@@ -84,10 +112,7 @@ fn end_icount(trace: &Path) -> u64 {
 
 #[test]
 fn disk_guest_records_and_replays_identically_and_the_image_is_untouched() {
-    let dir = scratch("disk-rr");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(&dir, "disk", &["--disk", s(&img)]);
-    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let (img, trace, rec) = record_disk("disk-rr", &[], 1);
     assert_normal_output(&text(&rec.stdout));
     assert_eq!(
         std::fs::read(&img).unwrap(),
@@ -123,18 +148,9 @@ fn disk_guest_records_and_replays_identically_and_the_image_is_untouched() {
 
 #[test]
 fn run_leaves_the_image_alone_unless_told_to_write_back() {
-    let dir = scratch("disk-run");
-    let img = make_image(&dir, "disk.img");
+    let (dir, img) = scratch_with_image("disk-run");
     for clock in ["free", "step"] {
-        let o = rv(&[
-            "run",
-            "--kernel",
-            s(&guest("disk")),
-            "--disk",
-            s(&img),
-            "--clock",
-            clock,
-        ]);
+        let o = run_disk(&["--disk", s(&img), "--clock", clock]);
         assert_eq!(status(&o), 1, "{}", text(&o.stderr));
         assert_normal_output(&text(&o.stdout));
         assert_eq!(
@@ -143,14 +159,7 @@ fn run_leaves_the_image_alone_unless_told_to_write_back() {
             "{clock} run wrote the image"
         );
     }
-    let o = rv(&[
-        "run",
-        "--kernel",
-        s(&guest("disk")),
-        "--disk",
-        s(&img),
-        "--disk-writeback",
-    ]);
+    let o = run_disk(&["--disk", s(&img), "--disk-writeback"]);
     assert_eq!(status(&o), 1, "{}", text(&o.stderr));
     assert_eq!(
         std::fs::read(&img).unwrap(),
@@ -173,10 +182,7 @@ fn run_leaves_the_image_alone_unless_told_to_write_back() {
 
 #[test]
 fn replay_needs_only_the_trace_even_after_the_image_is_gone() {
-    let dir = scratch("disk-gone");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(&dir, "disk", &["--disk", s(&img)]);
-    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let (img, trace, rec) = record_disk("disk-gone", &[], 1);
     std::fs::remove_file(&img).unwrap();
     assert_replays(&trace, &rec);
     // A different file at the old path does not matter either.
@@ -186,14 +192,7 @@ fn replay_needs_only_the_trace_even_after_the_image_is_gone() {
 
 #[test]
 fn replay_from_middle_checkpoints_restores_the_overlay() {
-    let dir = scratch("disk-middle");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(
-        &dir,
-        "disk",
-        &["--disk", s(&img), "--checkpoint-every", "10000"],
-    );
-    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let (_, trace, rec) = record_disk("disk-middle", &["--checkpoint-every", "10000"], 1);
     let end = end_icount(&trace);
     // The final whole-disk read takes the last ~70k instructions: a checkpoint 20k before the end
     // lies after the writes, so the checksum it prints depends on the overlay in the checkpoint.
@@ -218,11 +217,8 @@ fn replay_from_middle_checkpoints_restores_the_overlay() {
 
 #[test]
 fn a_guest_that_programs_the_device_wrongly_gets_errors_and_the_vmm_keeps_running() {
-    let dir = scratch("disk-bad");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(&dir, "disk", &["--disk", s(&img), "--cmdline", "bad"]);
+    let (img, trace, rec) = record_disk("disk-bad", &["--cmdline", "bad"], 1);
     let out = text(&rec.stdout);
-    assert_eq!(status(&rec), 1, "{}\n{out}", text(&rec.stderr));
     for line in [
         "bad: read into a buffer outside RAM: status 1",
         "bad: write from a buffer outside RAM: status 1",
@@ -256,10 +252,9 @@ fn a_guest_that_programs_the_device_wrongly_gets_errors_and_the_vmm_keeps_runnin
 
 #[test]
 fn bad_disk_images_are_refused_before_the_guest_starts() {
-    let dir = scratch("disk-badimg");
+    let (dir, img) = scratch_with_image("disk-badimg");
     let empty = dir.join("empty.img");
     std::fs::write(&empty, b"").unwrap();
-    let img = make_image(&dir, "disk.img");
     let missing = dir.join("missing.img");
     let kernel = guest("disk");
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -306,14 +301,7 @@ fn bad_disk_images_are_refused_before_the_guest_starts() {
 
 #[test]
 fn a_tampered_disk_copy_is_refused() {
-    let dir = scratch("disk-tamper");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(
-        &dir,
-        "disk",
-        &["--disk", s(&img), "--max-instructions", "20000"],
-    );
-    assert_eq!(status(&rec), 130, "{}", text(&rec.stderr));
+    let (_, trace, _) = record_disk("disk-tamper", &["--max-instructions", "20000"], 130);
     let copy = trace.join("disks").join("0.img.zst");
     let mut other = image_bytes();
     other[1000] ^= 1;
@@ -346,21 +334,10 @@ fn zstd_frame_of(data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn several_disks_appear_at_their_windows() {
-    let dir = scratch("disk-many");
-    let img = make_image(&dir, "disk.img");
+    let (dir, img) = scratch_with_image("disk-many");
     let small = dir.join("small.img");
     std::fs::write(&small, vec![0x5a; 3 * SECTOR + 100]).unwrap();
-    let o = rv(&[
-        "run",
-        "--kernel",
-        s(&guest("disk")),
-        "--disk",
-        s(&img),
-        "--disk",
-        s(&small),
-        "--disk",
-        s(&small),
-    ]);
+    let o = run_disk(&["--disk", s(&img), "--disk", s(&small), "--disk", s(&small)]);
     let out = text(&o.stdout);
     assert_eq!(status(&o), 1, "{}", text(&o.stderr));
     assert!(
@@ -382,8 +359,7 @@ fn several_disks_appear_at_their_windows() {
 fn the_guest_sees_the_same_data_as_with_qemus_virtio_blk() {
     // QEMU's PC machine has no virtio-mmio; its microvm machine does (at other addresses, which
     // disk.elf uses with `qemu` on its command line, polling instead of waiting for interrupts).
-    let dir = scratch("disk-qemu");
-    let img = make_image(&dir, "disk.img");
+    let (_, img) = scratch_with_image("disk-qemu");
     let kernel = guest("disk");
     let q = std::process::Command::new("qemu-system-x86_64")
         .args(["-M", "microvm", "-global", "virtio-mmio.force-legacy=false"])
@@ -413,7 +389,7 @@ fn the_guest_sees_the_same_data_as_with_qemus_virtio_blk() {
         .expect("qemu-system-x86_64 is needed for this test (Debian package qemu-system-x86)");
     let theirs = text(&q.stdout);
     assert_eq!(status(&q), 1, "{theirs}{}", text(&q.stderr));
-    let ours = text(&rv(&["run", "--kernel", s(&kernel), "--disk", s(&img)]).stdout);
+    let ours = text(&run_disk(&["--disk", s(&img)]).stdout);
     let checksums = |out: &str| -> Vec<String> {
         out.lines()
             .filter(|l| l.contains("checksum") || l.contains("says") || l.contains("read back"))
@@ -431,10 +407,7 @@ fn the_guest_sees_the_same_data_as_with_qemus_virtio_blk() {
 
 #[test]
 fn a_watchpoint_on_a_dma_buffer_stops_where_the_device_filled_it() {
-    let dir = scratch("disk-watch");
-    let img = make_image(&dir, "disk.img");
-    let (trace, rec) = record(&dir, "disk", &["--disk", s(&img)]);
-    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let (_, trace, _) = record_disk("disk-watch", &[], 1);
     let mut server = GdbServer::start(&trace, &[]);
     // The guest zeroes buf first (no change: it is zero already); the first change is the device's GET_ID
     // reply, which DMA writes during the store to QueueNotify (register 0x50 = 80, in the inlined `wr`).

@@ -32,35 +32,46 @@ fn spawn_gdb(port: u16, elf: &Path, cmds: &[&str], log: &Path) -> Child {
         .expect("cannot run gdb")
 }
 
+/// Calls `check` every 20 ms until it returns a value, and returns that; fails with its last complaint
+/// once `secs` seconds have passed.
+fn poll<T>(secs: u64, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(complaint) => assert!(Instant::now() < deadline, "{complaint}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until `log` contains `needle`; returns its contents.
 fn wait_for(log: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    poll(60, || {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         if text.contains(needle) {
-            return text;
+            Ok(text)
+        } else {
+            Err(format!("no {needle:?} in gdb output:\n{text}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in gdb output:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
-/// Waits until the server's stderr contains `needle`.
-fn wait_for_server(server: &GdbServer, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !server.stderr().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} from retrovisor:\n{}",
-            server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits until the server's stderr contains `needle` `times` times.
+fn wait_for_server(server: &GdbServer, needle: &str, times: usize) {
+    poll(30, || {
+        let stderr = server.stderr();
+        if stderr.matches(needle).count() >= times {
+            Ok(())
+        } else {
+            Err(format!(
+                "{needle:?} not {times} times in retrovisor's stderr:\n{stderr}"
+            ))
+        }
+    })
 }
 
+/// demo.elf recorded (with checkpoints close together) in a fresh scratch directory `name`.
 fn demo_trace(name: &str) -> std::path::PathBuf {
     let dir = scratch(name);
     let (trace, rec) = record(&dir, "demo", &["--checkpoint-every", "2000"]);
@@ -89,7 +100,7 @@ fn garbage_on_the_wire_ends_only_that_session() {
         let mut reply = [0u8; 4096];
         let _ = raw.read(&mut reply);
     }
-    wait_for_server(&server, "gdb session ended");
+    wait_for_server(&server, "gdb session ended", 1);
     assert!(server.running(), "{}", server.stderr());
     let out = gdb_batch(
         server.port,
@@ -113,7 +124,7 @@ fn a_new_gdb_carries_on_where_the_last_one_left() {
         &["stepi 7", "monitor when", "disconnect"],
     );
     assert_eq!(when_answers(&out)[0].0, 7, "{out}");
-    wait_for_server(&server, "waiting for the next connection");
+    wait_for_server(&server, "waiting for the next connection", 1);
     assert!(server.running(), "{}", server.stderr());
 
     // A gdb killed outright while connected.
@@ -129,16 +140,7 @@ fn a_new_gdb_carries_on_where_the_last_one_left() {
     assert_eq!(when_answers(&out)[0].0, 8, "{out}");
     gdb.kill().unwrap();
     gdb.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server
-        .stderr()
-        .matches("waiting for the next connection")
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "{}", server.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_server(&server, "waiting for the next connection", 2);
     assert!(server.running(), "{}", server.stderr());
 
     let out = gdb_batch(server.port, &elf, &["monitor when", "detach"]);
@@ -175,11 +177,10 @@ fn ctrl_c_interrupts_a_long_continue() {
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
     unsafe { libc::kill(gdb.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gdb.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "gdb did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(60, || match gdb.try_wait().unwrap() {
+        Some(_) => Ok(()),
+        None => Err("gdb did not finish".to_string()),
+    });
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(out.contains("Program received signal SIGINT"), "{out}");
     let (now, end) = when_answers(&out)[0];

@@ -23,106 +23,100 @@ pub trait GuestArch: Arch<BreakpointKind = usize> {
     fn from_gdb(addr: Self::Usize) -> u64;
 }
 
-/// The flags type of the core feature (gdb scopes types to the feature that defines them).
-macro_rules! core_types {
-    () => {
-        r#"<flags id="i386_eflags" size="4">
-<field name="CF" start="0" end="0"/><field name="" start="1" end="1"/><field name="PF" start="2" end="2"/>
-<field name="AF" start="4" end="4"/><field name="ZF" start="6" end="6"/><field name="SF" start="7" end="7"/>
-<field name="TF" start="8" end="8"/><field name="IF" start="9" end="9"/><field name="DF" start="10" end="10"/>
-<field name="OF" start="11" end="11"/><field name="NT" start="14" end="14"/><field name="RF" start="16" end="16"/>
-<field name="VM" start="17" end="17"/><field name="AC" start="18" end="18"/><field name="VIF" start="19" end="19"/>
-<field name="VIP" start="20" end="20"/><field name="ID" start="21" end="21"/>
-</flags>"#
+/// A 4-byte `<flags>` type `$id` of one-bit fields, each `$name` at bit `$bit`.
+macro_rules! flags {
+    ($id:literal { $($name:literal: $bit:literal),* $(,)? }) => {
+        concat!(
+            "<flags id=\"", $id, "\" size=\"4\">",
+            $("<field name=\"", $name, "\" start=\"", $bit, "\" end=\"", $bit, "\"/>",)*
+            "</flags>"
+        )
     };
 }
 
-/// The vector, union and flags types of the SSE feature.
-macro_rules! sse_types {
-    () => {
-        r#"<vector id="v4f" type="ieee_single" count="4"/><vector id="v2d" type="ieee_double" count="2"/>
-<vector id="v16i8" type="int8" count="16"/><vector id="v8i16" type="int16" count="8"/>
-<vector id="v4i32" type="int32" count="4"/><vector id="v2i64" type="int64" count="2"/>
-<union id="vec128"><field name="v4_float" type="v4f"/><field name="v2_double" type="v2d"/>
-<field name="v16_int8" type="v16i8"/><field name="v8_int16" type="v8i16"/><field name="v4_int32" type="v4i32"/>
-<field name="v2_int64" type="v2i64"/><field name="uint128" type="uint128"/></union>
-<flags id="i386_mxcsr" size="4">
-<field name="IE" start="0" end="0"/><field name="DE" start="1" end="1"/><field name="ZE" start="2" end="2"/>
-<field name="OE" start="3" end="3"/><field name="UE" start="4" end="4"/><field name="PE" start="5" end="5"/>
-<field name="DAZ" start="6" end="6"/><field name="IM" start="7" end="7"/><field name="DM" start="8" end="8"/>
-<field name="ZM" start="9" end="9"/><field name="OM" start="10" end="10"/><field name="UM" start="11" end="11"/>
-<field name="PM" start="12" end="12"/><field name="FZ" start="15" end="15"/>
-</flags>"#
+/// `<reg>`s of `$bits` bits and type `$ty` (in gdb's register group `$group`, if given), one per `$name`,
+/// in the order given: gdb takes a `g` packet's registers in the order the description lists them.
+macro_rules! regs {
+    ($bits:literal $ty:literal: $($name:literal)*) => {
+        concat!($("<reg name=\"", $name, "\" bitsize=\"", $bits, "\" type=\"", $ty, "\"/>",)*)
+    };
+    ($bits:literal $ty:literal in $group:literal: $($name:literal)*) => {
+        concat!(
+            $("<reg name=\"", $name, "\" bitsize=\"", $bits, "\" type=\"", $ty, "\" group=\"", $group, "\"/>",)*
+        )
     };
 }
 
-/// Segment selectors, x87 stack and x87 control registers: the same in both layouts.
-macro_rules! x87_and_segments {
-    () => {
-        r#"<reg name="cs" bitsize="32" type="int32"/><reg name="ss" bitsize="32" type="int32"/>
-<reg name="ds" bitsize="32" type="int32"/><reg name="es" bitsize="32" type="int32"/>
-<reg name="fs" bitsize="32" type="int32"/><reg name="gs" bitsize="32" type="int32"/>
-<reg name="st0" bitsize="80" type="i387_ext"/><reg name="st1" bitsize="80" type="i387_ext"/>
-<reg name="st2" bitsize="80" type="i387_ext"/><reg name="st3" bitsize="80" type="i387_ext"/>
-<reg name="st4" bitsize="80" type="i387_ext"/><reg name="st5" bitsize="80" type="i387_ext"/>
-<reg name="st6" bitsize="80" type="i387_ext"/><reg name="st7" bitsize="80" type="i387_ext"/>
-<reg name="fctrl" bitsize="32" type="int" group="float"/><reg name="fstat" bitsize="32" type="int" group="float"/>
-<reg name="ftag" bitsize="32" type="int" group="float"/><reg name="fiseg" bitsize="32" type="int" group="float"/>
-<reg name="fioff" bitsize="32" type="int" group="float"/><reg name="foseg" bitsize="32" type="int" group="float"/>
-<reg name="fooff" bitsize="32" type="int" group="float"/><reg name="fop" bitsize="32" type="int" group="float"/>"#
+/// A complete target description with gdb's `org.gnu.gdb.i386.core` and `.sse` features, which the two
+/// layouts share but for their general registers (`$gprs`, up to eflags) and XMM registers (`$xmm`);
+/// `$extra` are features after those two. (gdb scopes types to the feature that defines them, hence the
+/// flags and vector types inside each feature.)
+macro_rules! target_xml {
+    ($arch:literal, gprs: $gprs:expr, xmm: $xmm:expr, extra: $extra:expr) => {
+        concat!(
+            r#"<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target version="1.0">"#,
+            "<architecture>", $arch, "</architecture>",
+            r#"<feature name="org.gnu.gdb.i386.core">"#,
+            flags!("i386_eflags" {
+                "CF": 0, "": 1, "PF": 2, "AF": 4, "ZF": 6, "SF": 7, "TF": 8, "IF": 9, "DF": 10, "OF": 11,
+                "NT": 14, "RF": 16, "VM": 17, "AC": 18, "VIF": 19, "VIP": 20, "ID": 21,
+            }),
+            $gprs,
+            regs!(32 "int32": "cs" "ss" "ds" "es" "fs" "gs"),
+            regs!(80 "i387_ext": "st0" "st1" "st2" "st3" "st4" "st5" "st6" "st7"),
+            regs!(32 "int" in "float": "fctrl" "fstat" "ftag" "fiseg" "fioff" "foseg" "fooff" "fop"),
+            r#"</feature><feature name="org.gnu.gdb.i386.sse">"#,
+            r#"<vector id="v4f" type="ieee_single" count="4"/><vector id="v2d" type="ieee_double" count="2"/>"#,
+            r#"<vector id="v16i8" type="int8" count="16"/><vector id="v8i16" type="int16" count="8"/>"#,
+            r#"<vector id="v4i32" type="int32" count="4"/><vector id="v2i64" type="int64" count="2"/>"#,
+            r#"<union id="vec128"><field name="v4_float" type="v4f"/><field name="v2_double" type="v2d"/>"#,
+            r#"<field name="v16_int8" type="v16i8"/><field name="v8_int16" type="v8i16"/>"#,
+            r#"<field name="v4_int32" type="v4i32"/><field name="v2_int64" type="v2i64"/>"#,
+            r#"<field name="uint128" type="uint128"/></union>"#,
+            flags!("i386_mxcsr" {
+                "IE": 0, "DE": 1, "ZE": 2, "OE": 3, "UE": 4, "PE": 5, "DAZ": 6, "IM": 7, "DM": 8, "ZM": 9,
+                "OM": 10, "UM": 11, "PM": 12, "FZ": 15,
+            }),
+            $xmm,
+            regs!(32 "i386_mxcsr" in "vector": "mxcsr"),
+            "</feature>",
+            $extra,
+            "</target>"
+        )
     };
 }
 
 /// The 64-bit target description: registers in the order [`Regs64`] sends them.
-const XML_64: &str = concat!(
-    r#"<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target version="1.0">"#,
-    r#"<architecture>i386:x86-64</architecture><feature name="org.gnu.gdb.i386.core">"#,
-    core_types!(),
-    r#"<reg name="rax" bitsize="64" type="int64"/><reg name="rbx" bitsize="64" type="int64"/>
-<reg name="rcx" bitsize="64" type="int64"/><reg name="rdx" bitsize="64" type="int64"/>
-<reg name="rsi" bitsize="64" type="int64"/><reg name="rdi" bitsize="64" type="int64"/>
-<reg name="rbp" bitsize="64" type="data_ptr"/><reg name="rsp" bitsize="64" type="data_ptr"/>
-<reg name="r8" bitsize="64" type="int64"/><reg name="r9" bitsize="64" type="int64"/>
-<reg name="r10" bitsize="64" type="int64"/><reg name="r11" bitsize="64" type="int64"/>
-<reg name="r12" bitsize="64" type="int64"/><reg name="r13" bitsize="64" type="int64"/>
-<reg name="r14" bitsize="64" type="int64"/><reg name="r15" bitsize="64" type="int64"/>
-<reg name="rip" bitsize="64" type="code_ptr"/><reg name="eflags" bitsize="32" type="i386_eflags"/>"#,
-    x87_and_segments!(),
-    r#"</feature><feature name="org.gnu.gdb.i386.sse">"#,
-    sse_types!(),
-    r#"<reg name="xmm0" bitsize="128" type="vec128"/><reg name="xmm1" bitsize="128" type="vec128"/>
-<reg name="xmm2" bitsize="128" type="vec128"/><reg name="xmm3" bitsize="128" type="vec128"/>
-<reg name="xmm4" bitsize="128" type="vec128"/><reg name="xmm5" bitsize="128" type="vec128"/>
-<reg name="xmm6" bitsize="128" type="vec128"/><reg name="xmm7" bitsize="128" type="vec128"/>
-<reg name="xmm8" bitsize="128" type="vec128"/><reg name="xmm9" bitsize="128" type="vec128"/>
-<reg name="xmm10" bitsize="128" type="vec128"/><reg name="xmm11" bitsize="128" type="vec128"/>
-<reg name="xmm12" bitsize="128" type="vec128"/><reg name="xmm13" bitsize="128" type="vec128"/>
-<reg name="xmm14" bitsize="128" type="vec128"/><reg name="xmm15" bitsize="128" type="vec128"/>
-<reg name="mxcsr" bitsize="32" type="i386_mxcsr" group="vector"/>"#,
-    r#"</feature><feature name="org.gnu.gdb.i386.segments">"#,
-    r#"<reg name="fs_base" bitsize="64" type="int"/><reg name="gs_base" bitsize="64" type="int"/>"#,
-    r#"</feature></target>"#
+const XML_64: &str = target_xml!(
+    "i386:x86-64",
+    gprs: concat!(
+        regs!(64 "int64": "rax" "rbx" "rcx" "rdx" "rsi" "rdi"),
+        regs!(64 "data_ptr": "rbp" "rsp"),
+        regs!(64 "int64": "r8" "r9" "r10" "r11" "r12" "r13" "r14" "r15"),
+        regs!(64 "code_ptr": "rip"),
+        regs!(32 "i386_eflags": "eflags"),
+    ),
+    xmm: regs!(128 "vec128": "xmm0" "xmm1" "xmm2" "xmm3" "xmm4" "xmm5" "xmm6" "xmm7" "xmm8" "xmm9" "xmm10"
+        "xmm11" "xmm12" "xmm13" "xmm14" "xmm15"),
+    extra: concat!(
+        r#"<feature name="org.gnu.gdb.i386.segments">"#,
+        regs!(64 "int": "fs_base" "gs_base"),
+        "</feature>",
+    )
 );
 
 /// The 32-bit target description: registers in the order gdbstub_arch's `X86CoreRegs` sends them.
-const XML_32: &str = concat!(
-    r#"<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target version="1.0">"#,
-    r#"<architecture>i386</architecture><feature name="org.gnu.gdb.i386.core">"#,
-    core_types!(),
-    r#"<reg name="eax" bitsize="32" type="int32"/><reg name="ecx" bitsize="32" type="int32"/>
-<reg name="edx" bitsize="32" type="int32"/><reg name="ebx" bitsize="32" type="int32"/>
-<reg name="esp" bitsize="32" type="data_ptr"/><reg name="ebp" bitsize="32" type="data_ptr"/>
-<reg name="esi" bitsize="32" type="int32"/><reg name="edi" bitsize="32" type="int32"/>
-<reg name="eip" bitsize="32" type="code_ptr"/><reg name="eflags" bitsize="32" type="i386_eflags"/>"#,
-    x87_and_segments!(),
-    r#"</feature><feature name="org.gnu.gdb.i386.sse">"#,
-    sse_types!(),
-    r#"<reg name="xmm0" bitsize="128" type="vec128"/><reg name="xmm1" bitsize="128" type="vec128"/>
-<reg name="xmm2" bitsize="128" type="vec128"/><reg name="xmm3" bitsize="128" type="vec128"/>
-<reg name="xmm4" bitsize="128" type="vec128"/><reg name="xmm5" bitsize="128" type="vec128"/>
-<reg name="xmm6" bitsize="128" type="vec128"/><reg name="xmm7" bitsize="128" type="vec128"/>
-<reg name="mxcsr" bitsize="32" type="i386_mxcsr" group="vector"/>"#,
-    r#"</feature></target>"#
+const XML_32: &str = target_xml!(
+    "i386",
+    gprs: concat!(
+        regs!(32 "int32": "eax" "ecx" "edx" "ebx"),
+        regs!(32 "data_ptr": "esp" "ebp"),
+        regs!(32 "int32": "esi" "edi"),
+        regs!(32 "code_ptr": "eip"),
+        regs!(32 "i386_eflags": "eflags"),
+    ),
+    xmm: regs!(128 "vec128": "xmm0" "xmm1" "xmm2" "xmm3" "xmm4" "xmm5" "xmm6" "xmm7"),
+    extra: ""
 );
 
 /// Bytes of gdbstub_arch's 64-bit core + SSE registers in a `g` packet.
@@ -198,6 +192,13 @@ impl Arch for I386 {
     }
 }
 
+/// Whether `machine` is in long mode (EFER.LMA set).
+pub(crate) fn in_long_mode(machine: &Machine) -> bool {
+    const EFER_LMA: u64 = 1 << 10;
+    machine.sregs().efer & EFER_LMA != 0
+}
+
+/// The segment selectors.
 fn segments(m: &Machine) -> X86SegmentRegs {
     let s = m.sregs();
     X86SegmentRegs {
@@ -243,6 +244,7 @@ fn tag_word(fpu: &kvm_fpu) -> u32 {
     })
 }
 
+/// The x87 control registers as gdb lists them.
 fn x87(fpu: &kvm_fpu) -> X87FpuInternalRegs {
     X87FpuInternalRegs {
         fctrl: fpu.fcw.into(),
@@ -258,6 +260,7 @@ fn x87(fpu: &kvm_fpu) -> X87FpuInternalRegs {
     }
 }
 
+/// XMM0 up to XMM`N - 1`.
 fn xmm<const N: usize>(fpu: &kvm_fpu) -> [u128; N] {
     let mut x = [0u128; N];
     for (dst, src) in x.iter_mut().zip(&fpu.xmm) {

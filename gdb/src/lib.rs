@@ -58,6 +58,12 @@ pub enum GdbError {
         /// Why.
         source: std::io::Error,
     },
+    /// The listening socket cannot tell its own address (to announce it).
+    #[error("cannot tell which address the gdb socket listens on: {source}")]
+    LocalAddr {
+        /// Why.
+        source: std::io::Error,
+    },
     /// The guest image cannot be read to choose the register layout.
     #[error("cannot read guest image {path} to choose gdb's register layout: {source}")]
     Image {
@@ -180,7 +186,7 @@ fn ends_in_long_mode(opts: &GdbOptions) -> bool {
         r.restore_checkpoint(last)?;
         let end = r.end_icount();
         r.run_to(end, &mut std::io::sink())?;
-        Ok(r.machine().sregs().efer & (1 << 10) != 0)
+        Ok(arch::in_long_mode(r.machine()))
     };
     probe().unwrap_or_else(|e| {
         eprintln!(
@@ -198,10 +204,9 @@ fn serve_as<A: GuestArch>(
     image: &Path,
     hint: &str,
 ) -> Result<(), GdbError> {
-    let local = listener.local_addr().map_err(|source| GdbError::Bind {
-        addr: "the listening socket".into(),
-        source,
-    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| GdbError::LocalAddr { source })?;
     eprintln!(
         "retrovisor: waiting for gdb on {local} ({} registers{hint}); attach with: gdb {} -ex 'target remote {local}'",
         A::NAME,

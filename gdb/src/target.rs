@@ -2,7 +2,7 @@
 //! checked by the replayer (never written into guest memory), reads by guest-virtual address, refused writes,
 //! and `monitor` commands. Also the blocking event loop that runs it and watches the connection for Ctrl-C.
 
-use crate::arch::GuestArch;
+use crate::arch::{in_long_mode, GuestArch};
 use gdbstub::common::Signal;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
@@ -38,6 +38,18 @@ retrovisor monitor commands:
                     step) so gdb re-reads the registers, which it does not know have changed
   monitor help      this list";
 
+/// gdbstub's `support_*` methods: each says that the target implements an extension by returning itself.
+macro_rules! supports {
+    ($($method:ident -> $ops:ty),* $(,)?) => {
+        $(
+            #[inline(always)]
+            fn $method(&mut self) -> Option<$ops> {
+                Some(self)
+            }
+        )*
+    };
+}
+
 /// What gdb last asked the target to do; carried out by the event loop.
 #[derive(Debug, Clone, Copy)]
 enum Resume {
@@ -54,15 +66,19 @@ pub(crate) struct ReplayTarget<A> {
     replayer: Replayer,
     /// Where guest serial output goes.
     out: Box<dyn Write>,
-    /// Breakpoints gdb set with `Z0` (`break`) and `Z1` (`hbreak`): both are address compares.
+    /// Breakpoints gdb set with `Z0` (`break`) and `Z1` (`hbreak`): both are address compares, kept apart
+    /// only so that a stop reports the kind gdb set.
     sw: BTreeSet<u64>,
     hw: BTreeSet<u64>,
+    /// Watchpoints gdb set (`Z2`-`Z4`).
     watches: Vec<Watch>,
+    /// What the event loop is to do next, if gdb asked for anything.
     resume: Option<Resume>,
     _arch: PhantomData<A>,
 }
 
 impl<A: GuestArch> ReplayTarget<A> {
+    /// `replayer` at its current position, with guest serial output going to `out`.
     pub(crate) fn new(replayer: Replayer, out: Box<dyn Write>) -> Self {
         ReplayTarget {
             replayer,
@@ -89,6 +105,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         self.resume = None;
     }
 
+    /// Everything a run stops at.
     fn stops(&self) -> StopSet {
         StopSet {
             breakpoints: self.sw.union(&self.hw).copied().collect(),
@@ -96,6 +113,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         }
     }
 
+    /// How gdb is told about `outcome`.
     fn stop_reason(&self, outcome: Outcome) -> SingleThreadStopReason<A::Usize> {
         match outcome {
             Outcome::Hit(Hit::Breakpoint(addr)) if self.sw.contains(&addr) => {
@@ -143,6 +161,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         }
     }
 
+    /// Carries out `monitor cmd`, answering on `out`.
     fn monitor(&mut self, cmd: &str, out: &mut ConsoleOutput<'_>) -> Result<(), SearchError> {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
@@ -193,14 +212,9 @@ impl<A: GuestArch> Target for ReplayTarget<A> {
         BaseOps::SingleThread(self)
     }
 
-    #[inline(always)]
-    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
-        Some(self)
+    supports! {
+        support_breakpoints -> BreakpointsOps<'_, Self>,
+        support_monitor_cmd -> MonitorCmdOps<'_, Self>,
     }
 }
 
@@ -224,7 +238,7 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
         let machine = self.replayer.machine();
         let start = A::from_gdb(start);
         // Without long mode, linear addresses are 32 bits wide: wider ones do not exist (rather than wrap).
-        let long_mode = machine.sregs().efer & (1 << 10) != 0;
+        let long_mode = in_long_mode(machine);
         let limit = if long_mode { u64::MAX } else { 1 << 32 };
         // Read page by page so that a range running into an unmapped page gives its readable start.
         let mut done = 0;
@@ -260,9 +274,8 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
         Err(TargetError::NonFatal)
     }
 
-    #[inline(always)]
-    fn support_resume(&mut self) -> Option<SingleThreadResumeOps<'_, Self>> {
-        Some(self)
+    supports! {
+        support_resume -> SingleThreadResumeOps<'_, Self>,
     }
 }
 
@@ -273,24 +286,11 @@ impl<A: GuestArch> SingleThreadResume for ReplayTarget<A> {
         Ok(())
     }
 
-    #[inline(always)]
-    fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_range_step(&mut self) -> Option<SingleThreadRangeSteppingOps<'_, Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
-        Some(self)
+    supports! {
+        support_single_step -> SingleThreadSingleStepOps<'_, Self>,
+        support_range_step -> SingleThreadRangeSteppingOps<'_, Self>,
+        support_reverse_step -> ReverseStepOps<'_, (), Self>,
+        support_reverse_cont -> ReverseContOps<'_, (), Self>,
     }
 }
 
@@ -323,44 +323,34 @@ impl<A: GuestArch> ReverseCont<()> for ReplayTarget<A> {
 }
 
 impl<A: GuestArch> Breakpoints for ReplayTarget<A> {
-    #[inline(always)]
-    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
-        Some(self)
-    }
-
-    #[inline(always)]
-    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        Some(self)
+    supports! {
+        support_sw_breakpoint -> SwBreakpointOps<'_, Self>,
+        support_hw_breakpoint -> HwBreakpointOps<'_, Self>,
+        support_hw_watchpoint -> HwWatchpointOps<'_, Self>,
     }
 }
 
-impl<A: GuestArch> SwBreakpoint for ReplayTarget<A> {
-    fn add_sw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
-        self.sw.insert(A::from_gdb(addr));
-        Ok(true)
-    }
+/// gdbstub's breakpoint extension `$ext` (its `$add` and `$remove`) over the set of addresses in the field
+/// `$set`: `break` and `hbreak` work alike.
+macro_rules! address_breakpoints {
+    ($ext:ident: $add:ident, $remove:ident, $set:ident) => {
+        impl<A: GuestArch> $ext for ReplayTarget<A> {
+            fn $add(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+                self.$set.insert(A::from_gdb(addr));
+                Ok(true)
+            }
 
-    fn remove_sw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.sw.remove(&A::from_gdb(addr)))
-    }
+            fn $remove(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
+                Ok(self.$set.remove(&A::from_gdb(addr)))
+            }
+        }
+    };
 }
 
-impl<A: GuestArch> HwBreakpoint for ReplayTarget<A> {
-    fn add_hw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
-        self.hw.insert(A::from_gdb(addr));
-        Ok(true)
-    }
+address_breakpoints!(SwBreakpoint: add_sw_breakpoint, remove_sw_breakpoint, sw);
+address_breakpoints!(HwBreakpoint: add_hw_breakpoint, remove_hw_breakpoint, hw);
 
-    fn remove_hw_breakpoint(&mut self, addr: A::Usize, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.hw.remove(&A::from_gdb(addr)))
-    }
-}
-
+/// A watchpoint as gdb gives it, as the replayer checks it.
 fn watch<A: GuestArch>(addr: A::Usize, len: A::Usize, kind: WatchKind) -> Watch {
     Watch {
         addr: A::from_gdb(addr),
@@ -395,13 +385,11 @@ impl<A: GuestArch> HwWatchpoint for ReplayTarget<A> {
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
         let w = watch::<A>(addr, len, kind);
-        Ok(match self.watches.iter().position(|x| *x == w) {
-            Some(i) => {
-                self.watches.remove(i);
-                true
-            }
-            None => false,
-        })
+        let Some(i) = self.watches.iter().position(|x| *x == w) else {
+            return Ok(false);
+        };
+        self.watches.remove(i);
+        Ok(true)
     }
 }
 

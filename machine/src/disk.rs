@@ -24,7 +24,7 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Bytes per overlay block.
 pub const BLOCK_SIZE: usize = 4096;
 
-/// Problems with a disk image file.
+/// Problems with a disk image file, or with a disk restored from a checkpoint.
 #[derive(Debug, Error)]
 pub enum DiskError {
     /// The file cannot be opened or read.
@@ -67,6 +67,22 @@ pub enum DiskError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// A checkpoint's disk is not the size of the image it is restored onto.
+    #[error("the checkpoint's disk is {saved} bytes but the disk image is {image} bytes")]
+    SizeMismatch {
+        /// The size the checkpoint records.
+        saved: u64,
+        /// The image's size.
+        image: u64,
+    },
+    /// A checkpoint's overlay holds a block past the end of the image, or one of the wrong length.
+    #[error("the checkpoint's disk overlay has a bad block {block} ({len} bytes)")]
+    BadBlock {
+        /// The block number.
+        block: u64,
+        /// Its length.
+        len: usize,
     },
 }
 
@@ -247,7 +263,7 @@ impl Disk {
 
     /// The bytes at `offset` up to the end of its block (or of the image), as the guest sees them.
     /// `offset` must be below [`Disk::capacity_bytes`]; otherwise the result is empty.
-    pub fn chunk(&self, offset: u64) -> &[u8] {
+    fn chunk(&self, offset: u64) -> &[u8] {
         if offset >= self.capacity_bytes() {
             return &[];
         }
@@ -256,7 +272,8 @@ impl Disk {
         let block_end = ((block + 1) * BLOCK_SIZE as u64).min(self.capacity_bytes());
         let len = (block_end - offset) as usize;
         match self.overlay.blocks.get(&block) {
-            Some(data) => &data[within..within + len],
+            // A block of the wrong length (from a checkpoint not yet checked) reads as nothing.
+            Some(data) => data.get(within..within + len).unwrap_or_default(),
             None => {
                 let start = offset as usize;
                 self.image.bytes().get(start..start + len).unwrap_or(&[])
@@ -266,7 +283,7 @@ impl Disk {
 
     /// The bytes at `offset` up to the end of its block, for writing: the block moves into the
     /// overlay first (copied from the image). Empty if `offset` is beyond the capacity.
-    pub fn chunk_mut(&mut self, offset: u64) -> &mut [u8] {
+    fn chunk_mut(&mut self, offset: u64) -> &mut [u8] {
         if offset >= self.capacity_bytes() {
             return &mut [];
         }
@@ -285,45 +302,53 @@ impl Disk {
             }
             data
         });
-        &mut data[within..within + len]
+        data.get_mut(within..within + len).unwrap_or_default()
+    }
+
+    /// Hands `f` the bytes of `[offset, offset + len)` as the guest sees them, a block at a time, each
+    /// piece with its position in the range. False if the range is not inside the capacity, if no
+    /// image is attached (a restored state before [`Disk::adopt_image`]), or as soon as `f` returns
+    /// false.
+    pub fn read_with(&self, offset: u64, len: u64, mut f: impl FnMut(u64, &[u8]) -> bool) -> bool {
+        self.contains(offset, len)
+            && pieces(offset, len).all(|(at, n)| match self.chunk(at).get(..n) {
+                Some(bytes) => f(at - offset, bytes),
+                None => false,
+            })
+    }
+
+    /// Hands `f` the bytes of `[offset, offset + len)` to overwrite, a block at a time (each block moves
+    /// into the overlay first), each piece with its position in the range. False if the range is not
+    /// inside the capacity (then nothing moves), or as soon as `f` returns false.
+    pub fn write_with(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, &mut [u8]) -> bool,
+    ) -> bool {
+        self.contains(offset, len)
+            && pieces(offset, len).all(|(at, n)| match self.chunk_mut(at).get_mut(..n) {
+                Some(bytes) => f(at - offset, bytes),
+                None => false,
+            })
     }
 
     /// Copies `buf.len()` bytes at `offset` out of the disk; false (and nothing copied) if the range
     /// is not inside the capacity.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
-        if !self.contains(offset, buf.len() as u64) {
-            return false;
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            let chunk = self.chunk(offset + done as u64);
-            let n = chunk.len().min(buf.len() - done);
-            if n == 0 {
-                return false; // no image attached (a state not yet restored): nothing to read
-            }
-            buf[done..done + n].copy_from_slice(&chunk[..n]);
-            done += n;
-        }
-        true
+        self.read_with(offset, buf.len() as u64, |at, bytes| {
+            buf[at as usize..][..bytes.len()].copy_from_slice(bytes);
+            true
+        })
     }
 
     /// Writes `data` at `offset` (into the overlay); false (and nothing written) if the range is not
     /// inside the capacity.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> bool {
-        if !self.contains(offset, data.len() as u64) {
-            return false;
-        }
-        let mut done = 0;
-        while done < data.len() {
-            let chunk = self.chunk_mut(offset + done as u64);
-            let n = chunk.len().min(data.len() - done);
-            if n == 0 {
-                return false;
-            }
-            chunk[..n].copy_from_slice(&data[done..done + n]);
-            done += n;
-        }
-        true
+        self.write_with(offset, data.len() as u64, |at, bytes| {
+            bytes.copy_from_slice(&data[at as usize..][..bytes.len()]);
+            true
+        })
     }
 
     /// Whether `[offset, offset + len)` lies inside the capacity.
@@ -336,26 +361,41 @@ impl Disk {
     /// Takes the base image of `current` (the live disk this restored state replaces) and checks
     /// that the restored overlay fits it: the same image size, every block inside the image and
     /// exactly one block long.
-    pub fn adopt_image(&mut self, current: &Disk) -> Result<(), String> {
+    pub fn adopt_image(&mut self, current: &Disk) -> Result<(), DiskError> {
         if self.size != current.image.len() {
-            return Err(format!(
-                "the checkpoint's disk is {} bytes but the disk image is {} bytes",
-                self.size,
-                current.image.len()
-            ));
+            return Err(DiskError::SizeMismatch {
+                saved: self.size,
+                image: current.image.len(),
+            });
         }
         let blocks = self.size.div_ceil(BLOCK_SIZE as u64);
         for (&block, data) in &self.overlay.blocks {
             if block >= blocks || data.len() != BLOCK_SIZE {
-                return Err(format!(
-                    "the checkpoint's disk overlay has a bad block {block} ({} bytes)",
-                    data.len()
-                ));
+                return Err(DiskError::BadBlock {
+                    block,
+                    len: data.len(),
+                });
             }
         }
         self.image = current.image.clone();
         Ok(())
     }
+}
+
+/// `[offset, offset + len)` split where blocks begin: the start and length of each piece. The caller
+/// checks that the range does not overflow.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize)> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let block_end = (at / BLOCK_SIZE as u64 + 1) * BLOCK_SIZE as u64;
+        let piece = (at, (block_end.min(end) - at) as usize);
+        at = block_end;
+        Some(piece)
+    })
 }
 
 #[cfg(test)]

@@ -141,26 +141,19 @@ impl Queue {
         (self.num.is_power_of_two() && self.num <= QUEUE_NUM_MAX).then_some(self.num as u16)
     }
 
-    /// Why the queue cannot be used with `ram` bytes of RAM, or None if it can.
-    fn check(&self, ram: u64) -> Option<&'static str> {
-        let Some(num) = self.size() else {
-            return Some("the queue size is not a power of two between 1 and QueueNumMax");
-        };
+    /// The queue size if the queue can be used with `ram` bytes of RAM: a valid size, and the three
+    /// areas aligned as the spec requires and inside RAM.
+    fn usable_size(&self, ram: u64) -> Option<u16> {
+        let num = self.size()?;
         let n = u64::from(num);
         let inside = |addr: u64, len: u64| addr.checked_add(len).is_some_and(|end| end <= ram);
-        if !self.desc.is_multiple_of(16)
-            || !self.driver.is_multiple_of(2)
-            || !self.device.is_multiple_of(4)
-        {
-            return Some("a queue area is misaligned");
-        }
-        if !inside(self.desc, 16 * n)
-            || !inside(self.driver, 6 + 2 * n)
-            || !inside(self.device, 6 + 8 * n)
-        {
-            return Some("a queue area lies outside guest RAM");
-        }
-        None
+        (self.desc.is_multiple_of(16)
+            && self.driver.is_multiple_of(2)
+            && self.device.is_multiple_of(4)
+            && inside(self.desc, 16 * n)
+            && inside(self.driver, 6 + 2 * n)
+            && inside(self.device, 6 + 8 * n))
+        .then_some(num)
     }
 }
 
@@ -363,9 +356,10 @@ impl VirtioBlk {
                 if value == 0 {
                     self.queue.ready = false;
                 } else if !self.queue.ready {
-                    match self.queue.check(mem.size()) {
-                        None => self.queue.ready = true,
-                        Some(why) => self.needs_reset(why),
+                    if self.queue.usable_size(mem.size()).is_some() {
+                        self.queue.ready = true;
+                    } else {
+                        self.needs_reset();
                     }
                 }
             }
@@ -373,6 +367,7 @@ impl VirtioBlk {
             REG_QUEUE_NOTIFY if value == 0 => self.notify(mem),
             REG_INTERRUPT_ACK => self.interrupt_status &= !value,
             REG_STATUS => self.write_status(value),
+            // There are no shared memory regions to select.
             REG_SHM_SEL => {}
             _ => {}
         }
@@ -396,8 +391,9 @@ impl VirtioBlk {
         self.status = value | (self.status & STATUS_DEVICE_NEEDS_RESET);
     }
 
-    /// The device cannot go on until the driver resets it.
-    fn needs_reset(&mut self, _why: &'static str) {
+    /// The device cannot go on until the driver resets it: the queue is broken (see the module
+    /// documentation for how).
+    fn needs_reset(&mut self) {
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         if self.status & STATUS_DRIVER_OK != 0 {
             self.interrupt_status |= INT_CONFIG_CHANGE;
@@ -413,28 +409,30 @@ impl VirtioBlk {
         {
             return;
         }
-        let Some(num) = self.queue.size() else {
-            return self.needs_reset("the queue size is invalid");
+        // The guest's queue was checked when it was made ready, but one a checkpoint restored was
+        // not. A usable queue's rings lie inside RAM, so the ring accesses below cannot fail (nor
+        // their addresses overflow); should one fail all the same, the ring counts as broken.
+        let Some(num) = self.queue.usable_size(mem.size()) else {
+            return self.needs_reset();
         };
         let q = self.queue.clone();
-        let Ok(avail_idx) = read_u16(mem, q.driver + 2) else {
-            return self.needs_reset("the available ring is outside guest RAM");
+        let Some(avail_idx) = read_u16(mem, q.driver + 2) else {
+            return self.needs_reset();
         };
         // Read once: a request may DMA into the ring itself, and must not make this loop endless.
         let pending = avail_idx.wrapping_sub(q.next_avail);
         if pending > num {
-            return self.needs_reset("the available index moved by more than the queue size");
+            return self.needs_reset(); // the available index moved by more than the queue size
         }
         let mut used_any = false;
         for _ in 0..pending {
             let slot = self.queue.next_avail % num;
-            let Ok(head) = read_u16(mem, q.driver + 4 + 2 * u64::from(slot)) else {
-                return self.needs_reset("the available ring is outside guest RAM");
+            let Some(head) = read_u16(mem, q.driver + 4 + 2 * u64::from(slot)) else {
+                return self.needs_reset();
             };
             self.queue.next_avail = self.queue.next_avail.wrapping_add(1);
-            let chain = match read_chain(mem, &q, num, head) {
-                Ok(chain) => chain,
-                Err(why) => return self.needs_reset(why),
+            let Some(chain) = read_chain(mem, &q, num, head) else {
+                return self.needs_reset();
             };
             let written = self.execute(&chain, mem);
             let slot = self.queue.next_used % num;
@@ -447,7 +445,7 @@ impl VirtioBlk {
                     .write(q.device + 2, &self.queue.next_used.to_le_bytes())
                     .is_ok();
             if !ok {
-                return self.needs_reset("the used ring is outside guest RAM");
+                return self.needs_reset();
             }
             self.completed += 1;
             used_any = true;
@@ -517,17 +515,10 @@ impl VirtioBlk {
                 let mut offset = sector * SECTOR_SIZE;
                 let disk = &self.disk;
                 let ok = for_each_piece(&chain.writable, 0, data_in, |addr, len| {
-                    let mut done = 0;
-                    while done < len {
-                        let chunk = disk.chunk(offset);
-                        let n = (chunk.len() as u64).min(len - done);
-                        if n == 0 || mem.write(addr + done, &chunk[..n as usize]).is_err() {
-                            return false;
-                        }
-                        done += n;
-                        offset += n;
-                    }
-                    true
+                    let ok = disk
+                        .read_with(offset, len, |at, bytes| mem.write(addr + at, bytes).is_ok());
+                    offset += len;
+                    ok
                 });
                 if ok {
                     (VIRTIO_BLK_S_OK, data_in)
@@ -543,17 +534,10 @@ impl VirtioBlk {
                 let mut offset = sector * SECTOR_SIZE;
                 let disk = &mut self.disk;
                 let ok = for_each_piece(&chain.readable, REQ_HEADER_LEN, data_out, |addr, len| {
-                    let mut done = 0;
-                    while done < len {
-                        let chunk = disk.chunk_mut(offset);
-                        let n = (chunk.len() as u64).min(len - done);
-                        if n == 0 || mem.read(addr + done, &mut chunk[..n as usize]).is_err() {
-                            return false;
-                        }
-                        done += n;
-                        offset += n;
-                    }
-                    true
+                    let ok = disk
+                        .write_with(offset, len, |at, bytes| mem.read(addr + at, bytes).is_ok());
+                    offset += len;
+                    ok
                 });
                 // Every range was checked above, so this cannot fail half-way.
                 (
@@ -597,16 +581,17 @@ impl VirtioBlk {
     }
 }
 
-fn read_u16(mem: &GuestMemory, addr: u64) -> Result<u16, ()> {
+/// The little-endian u16 at `addr` in guest RAM, if it is inside RAM.
+fn read_u16(mem: &GuestMemory, addr: u64) -> Option<u16> {
     let mut b = [0u8; 2];
-    mem.read(addr, &mut b).map_err(|_| ())?;
-    Ok(u16::from_le_bytes(b))
+    mem.read(addr, &mut b).ok()?;
+    Some(u16::from_le_bytes(b))
 }
 
-/// Follows the chain starting at descriptor `head`. Errors are ring corruption.
-fn read_chain(mem: &GuestMemory, q: &Queue, num: u16, head: u16) -> Result<Chain, &'static str> {
+/// Follows the chain starting at descriptor `head`; None if the ring is corrupt.
+fn read_chain(mem: &GuestMemory, q: &Queue, num: u16, head: u16) -> Option<Chain> {
     if head >= num {
-        return Err("an available ring entry names a descriptor past the table");
+        return None; // an available ring entry names a descriptor past the table
     }
     let mut chain = Chain {
         head,
@@ -617,8 +602,7 @@ fn read_chain(mem: &GuestMemory, q: &Queue, num: u16, head: u16) -> Result<Chain
     let mut index = head;
     for _ in 0..num {
         let mut raw = [0u8; 16];
-        mem.read(q.desc + 16 * u64::from(index), &mut raw)
-            .map_err(|_| "the descriptor table is outside guest RAM")?;
+        mem.read(q.desc + 16 * u64::from(index), &mut raw).ok()?;
         let desc = Desc {
             addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
             len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
@@ -636,14 +620,14 @@ fn read_chain(mem: &GuestMemory, q: &Queue, num: u16, head: u16) -> Result<Chain
             chain.malformed = true;
         }
         if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(chain);
+            return Some(chain);
         }
         if next >= num {
-            return Err("a descriptor's next index lies past the table");
+            return None; // the next index lies past the table
         }
         index = next;
     }
-    Err("a descriptor chain is longer than the queue (it loops)")
+    None // the chain is longer than the queue: it loops
 }
 
 /// Calls `f(guest_addr, len)` for the pieces of guest memory that hold bytes
