@@ -167,6 +167,12 @@ impl HostEnv {
     /// deliver it. Returns false if nothing ever can (no timer armed, no more input): the guest is dead.
     pub fn wait_for_wakeup(&mut self, machine: &mut Machine) -> bool {
         loop {
+            // An interrupt may already be waiting (a device raised it while the guest had interrupts off,
+            // as in `cli; notify; sti; hlt`): then nothing else is needed to wake the guest.
+            self.deliver_inputs(machine);
+            if machine.interrupt_ready() {
+                return true;
+            }
             self.drain_stream();
             let input_possible = !self.pending_input.is_empty() || self.stream.is_some();
             let next_tick = machine.devices.pit.next_irq0_ns(self.pit_polled_ns);
@@ -192,10 +198,6 @@ impl HostEnv {
                 }
             }
             if super::STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
-                return true;
-            }
-            self.deliver_inputs(machine);
-            if machine.interrupt_ready() {
                 return true;
             }
         }
