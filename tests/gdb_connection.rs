@@ -18,13 +18,9 @@ fn packet(body: &str) -> Vec<u8> {
 /// A gdb in batch mode running in the background, writing to `log`.
 fn spawn_gdb(port: u16, elf: &Path, cmds: &[&str], log: &Path) -> Child {
     let file = std::fs::File::create(log).unwrap();
-    let mut c = Command::new("gdb");
-    c.args(["-nx", "-batch", "-ex"])
-        .arg(format!("target remote 127.0.0.1:{port}"));
-    for cmd in cmds {
-        c.arg("-ex").arg(cmd);
-    }
-    c.arg(elf)
+    // Not under `timeout` as gdb_batch runs it: the Ctrl-C test signals gdb itself.
+    Command::new("gdb")
+        .args(gdb_args(port, elf, cmds))
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file)

@@ -282,23 +282,14 @@ impl Replayer {
     pub fn seek(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
         let target = target.min(self.end);
         self.focus = target;
-        // Start from whichever is latest at or before the target: where we are, an in-memory snapshot, or a
-        // checkpoint in the trace.
+        // Start from whichever is latest at or before the target: where we are, or a restore point.
         let here = Some(self.icount()).filter(|&i| i <= target);
-        let snap = self.cache.before(target).map(|s| s.icount);
-        let index = self.checkpoint_before(target);
-        let cp = self
-            .trace
-            .checkpoints()
-            .get(index)
-            .map(|c| c.icount)
-            .filter(|&i| i <= target);
-        let best = [here, snap, cp].into_iter().flatten().max().unwrap_or(0);
-        if here != Some(best) {
-            if snap == Some(best) {
+        let (start, from_snapshot) = self.restore_source_before(target);
+        if here.is_none_or(|h| h < start) {
+            if from_snapshot {
                 self.restore_snapshot(target)?;
             } else {
-                self.restore_checkpoint(index)?;
+                self.restore_checkpoint(self.checkpoint_before(target))?;
             }
         }
         self.run_to(target, out)
@@ -509,13 +500,23 @@ impl Replayer {
     /// The latest position at or before `icount` that [`Replayer::seek`] restores directly: an in-memory
     /// snapshot or a checkpoint of the trace (0 if there is none).
     pub fn restore_point_before(&self, icount: u64) -> u64 {
+        self.restore_source_before(icount).0
+    }
+
+    /// The latest restore point at or before `icount`, and whether it is an in-memory snapshot (rather than
+    /// a trace checkpoint; a snapshot wins a tie, being cheaper to restore).
+    fn restore_source_before(&self, icount: u64) -> (u64, bool) {
         let snapshot = self.cache.before(icount).map(|s| s.icount);
         let checkpoint = self
             .trace
             .checkpoints()
             .get(self.checkpoint_before(icount))
             .map(|c| c.icount)
-            .filter(|&i| i <= icount);
-        snapshot.into_iter().chain(checkpoint).max().unwrap_or(0)
+            .filter(|&i| i <= icount)
+            .unwrap_or(0);
+        match snapshot {
+            Some(s) if s >= checkpoint => (s, true),
+            _ => (checkpoint, false),
+        }
     }
 }

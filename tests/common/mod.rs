@@ -225,6 +225,22 @@ impl Drop for GdbServer {
     }
 }
 
+/// gdb's arguments for a batch session on `elf` that connects to `port` and runs each of `cmds`.
+pub fn gdb_args(port: u16, elf: &Path, cmds: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-nx".into(),
+        "-batch".into(),
+        "-ex".into(),
+        format!("target remote 127.0.0.1:{port}").into(),
+    ];
+    for cmd in cmds {
+        args.push("-ex".into());
+        args.push((*cmd).into());
+    }
+    args.push(elf.into());
+    args
+}
+
 /// Runs `gdb -nx -batch` on `elf`, connected to `port`, with each of `cmds` as an `-ex` command; returns its
 /// stdout and stderr interleaved as gdb wrote them. gdb is killed after 120 s.
 pub fn gdb_batch(port: u16, elf: &Path, cmds: &[&str]) -> String {
@@ -232,13 +248,8 @@ pub fn gdb_batch(port: u16, elf: &Path, cmds: &[&str]) -> String {
     let log = dir.join("gdb.log");
     let file = std::fs::File::create(&log).unwrap();
     let mut c = Command::new("timeout");
-    c.args(["120", "gdb", "-nx", "-batch"])
-        .arg("-ex")
-        .arg(format!("target remote 127.0.0.1:{port}"));
-    for cmd in cmds {
-        c.arg("-ex").arg(cmd);
-    }
-    c.arg(elf)
+    c.args(["120", "gdb"])
+        .args(gdb_args(port, elf, cmds))
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file);
