@@ -93,21 +93,9 @@ fn corrupt_chunk_and_future_format_are_reported() {
     assert_error(&replay(&trace, &[]), "newer than this retrovisor supports");
 }
 
-#[test]
-fn tampered_event_is_detected_as_divergence_with_its_icount() {
-    let dir = scratch("tamper");
-    let (trace, _) = record(&dir, "timer", &[]);
-    // Rewrite the trace with the first interrupt injected one instruction later than recorded.
-    let reader = traces::TraceReader::open(&trace).unwrap();
-    let mut events = reader.events().to_vec();
-    let i = events
-        .iter()
-        .position(|e| matches!(e.kind, traces::EventKind::Interrupt { .. }))
-        .expect("no interrupt recorded");
-    events[i].icount += 1;
-    let moved_to = events[i].icount;
-    let tampered = dir.join("tampered.rvt");
-    let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
+/// Writes a copy of the trace `reader` holds to `dest`, with `events` instead of its events.
+fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &std::path::Path) {
+    let mut w = traces::TraceWriter::create(dest, reader.header()).unwrap();
     let mut checkpoints = (0..reader.checkpoints().len()).peekable();
     for e in events
         .into_iter()
@@ -125,6 +113,23 @@ fn tampered_event_is_detected_as_divergence_with_its_icount() {
             .unwrap();
     }
     w.finish(reader.summary().unwrap()).unwrap();
+}
+
+#[test]
+fn tampered_event_is_detected_as_divergence_with_its_icount() {
+    let dir = scratch("tamper");
+    let (trace, _) = record(&dir, "timer", &[]);
+    // Rewrite the trace with the first interrupt injected one instruction later than recorded.
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let mut events = reader.events().to_vec();
+    let i = events
+        .iter()
+        .position(|e| matches!(e.kind, traces::EventKind::Interrupt { .. }))
+        .expect("no interrupt recorded");
+    events[i].icount += 1;
+    let moved_to = events[i].icount;
+    let tampered = dir.join("tampered.rvt");
+    rewrite(&reader, events, &tampered);
     let o = replay(&tampered, &[]);
     let err = text(&o.stderr);
     assert_eq!(status(&o), 4, "{err}");
@@ -141,6 +146,34 @@ fn tampered_event_is_detected_as_divergence_with_its_icount() {
     assert!(
         at <= moved_to,
         "divergence reported at {at}, after the tampered event at {moved_to}"
+    );
+}
+
+#[test]
+fn a_checkpoint_divergence_names_what_differs() {
+    let dir = scratch("tamper-value");
+    let (trace, _) = record(&dir, "rand", &["--checkpoint-every", "1000"]);
+    // The guest keeps its first RDTSC result in memory: give it another value than recorded.
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let mut events = reader.events().to_vec();
+    let first = events
+        .iter_mut()
+        .find_map(|e| match &mut e.kind {
+            traces::EventKind::HostValue { value, .. } => Some(value),
+            _ => None,
+        })
+        .expect("rand.elf executes RDTSC");
+    *first ^= 0x5a5a_0000_0000;
+    let tampered = dir.join("tampered.rvt");
+    rewrite(&reader, events, &tampered);
+    let o = replay(&tampered, &[]);
+    let err = text(&o.stderr);
+    assert_eq!(status(&o), 4, "{err}");
+    // Not just "state differs": the report names the page (or register) and the bytes.
+    assert!(err.contains("at checkpoint"), "{err}");
+    assert!(
+        err.contains("guest memory differs in") && err.contains("recorded 0x"),
+        "{err}"
     );
 }
 

@@ -198,3 +198,43 @@ fn the_server_refuses_non_loopback_addresses_unless_allowed() {
     let out = rv(&["replay", t, "--gdb-allow-remote"]);
     assert_eq!(status(&out), 2, "--gdb-allow-remote needs --gdb");
 }
+
+#[test]
+fn a_second_gdb_is_refused_while_one_is_attached_and_served_after() {
+    let trace = demo_trace("gdb-second");
+    let mut server = GdbServer::start(&trace, &[]);
+    let elf = guest("demo");
+    let dir = scratch("gdb-second-log");
+    let log = dir.join("first.log");
+    let mut first = spawn_gdb(
+        server.port,
+        &elf,
+        &[
+            "stepi 3",
+            "echo READY\\n",
+            "shell sleep 3",
+            "monitor when",
+            "disconnect",
+        ],
+        &log,
+    );
+    wait_for(&log, "READY");
+    // The second gdb is told who holds the replay, instead of waiting in silence.
+    let second = gdb_batch(server.port, &elf, &["monitor when"]);
+    assert!(
+        second.contains("a debugger is already attached from 127.0.0.1:"),
+        "{second}"
+    );
+    assert!(when_answers(&second).is_empty(), "{second}");
+    wait_for_server(&server, "refused gdb from", 1);
+    poll(30, || match first.try_wait().unwrap() {
+        Some(_) => Ok(()),
+        None => Err("the first gdb did not finish".to_string()),
+    });
+    // The first session was not disturbed, and once it is gone the next gdb is served.
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(when_answers(&out)[0].0, 3, "{out}");
+    let third = gdb_batch(server.port, &elf, &["monitor when", "detach"]);
+    assert_eq!(when_answers(&third)[0].0, 3, "{third}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}

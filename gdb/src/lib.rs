@@ -11,7 +11,8 @@
 //!   host's KVM the step that delivers an interrupt also runs the handler's first instruction, and `iretq` runs
 //!   together with the instruction after it: gdb sees each such pair as one `stepi`, and a breakpoint on the
 //!   second instruction of a pair is never hit.
-//! - One gdb at a time. A dropped connection or a malformed packet ends only that session: the replay keeps
+//! - One gdb at a time: a second one that connects while a session runs is refused with a message naming
+//!   the attached peer. A dropped connection or a malformed packet ends only that session: the replay keeps
 //!   its position and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
 
 mod arch;
@@ -22,8 +23,9 @@ use gdbstub::stub::{DisconnectReason, GdbStub};
 use replayer::search::SearchError;
 use replayer::Replayer;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
 use target::{EventLoop, ReplayTarget};
 use thiserror::Error;
 
@@ -198,6 +200,10 @@ fn ends_in_long_mode(opts: &GdbOptions) -> bool {
 }
 
 /// Accepts gdb connections one after another until one detaches or kills.
+///
+/// One gdb at a time: a doorman thread accepts every connection. While no session is running it hands
+/// the connection over; while one is, it answers the newcomer's first packet with an error that says
+/// who is attached, and closes it, so a second gdb gets a clear refusal instead of silence.
 fn serve_as<A: GuestArch>(
     mut target: ReplayTarget<A>,
     listener: &TcpListener,
@@ -212,22 +218,28 @@ fn serve_as<A: GuestArch>(
         A::NAME,
         image.display()
     );
+    let attached: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let doorman = listener
+        .try_clone()
+        .map_err(|source| GdbError::LocalAddr { source })?;
+    let (tx, rx) = mpsc::channel();
+    let busy = attached.clone();
+    std::thread::spawn(move || accept_loop(&doorman, &busy, &tx));
     loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                // Such as running out of file descriptors: wait a little for it to pass.
-                eprintln!("retrovisor: cannot accept a gdb connection: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
+        let Ok((stream, peer)) = rx.recv() else {
+            // The doorman only stops if its listener fails for good.
+            return Err(GdbError::LocalAddr {
+                source: std::io::Error::other("the gdb listener stopped accepting connections"),
+            });
         };
         eprintln!(
             "retrovisor: gdb connected from {peer} at icount {}",
             target.icount()
         );
         target.new_session();
-        match GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target) {
+        let ended = GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target);
+        *lock(&attached) = None;
+        match ended {
             Ok(DisconnectReason::Disconnect) => {
                 eprintln!("retrovisor: gdb detached at icount {}", target.icount());
                 return Ok(());
@@ -252,4 +264,67 @@ fn serve_as<A: GuestArch>(
             ),
         }
     }
+}
+
+/// The poison-tolerant lock of the attached peer (a panicking holder cannot leave it inconsistent).
+fn lock(attached: &Mutex<Option<SocketAddr>>) -> std::sync::MutexGuard<'_, Option<SocketAddr>> {
+    attached.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The doorman: hands each connection to the session loop when no gdb is attached, else refuses it.
+fn accept_loop(
+    listener: &TcpListener,
+    attached: &Mutex<Option<SocketAddr>>,
+    sessions: &mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                // Such as running out of file descriptors: wait a little for it to pass.
+                eprintln!("retrovisor: cannot accept a gdb connection: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut current = lock(attached);
+        match *current {
+            Some(holder) => {
+                drop(current);
+                eprintln!("retrovisor: refused gdb from {peer}: a debugger is already attached from {holder}");
+                // Answer off this thread: a silent client must not hold up the next connection.
+                std::thread::spawn(move || refuse(stream, holder));
+            }
+            None => {
+                *current = Some(peer);
+                if sessions.send((stream, peer)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Tells a second gdb why it cannot attach: its first packet gets an error reply (gdb prints the text
+/// after "E."), then the connection closes.
+fn refuse(mut stream: TcpStream, holder: SocketAddr) {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    // gdb starts with `+` and a qSupported packet; wait for the packet's end before answering.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !seen.contains(&b'#') && seen.len() < 4096 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = format!(
+        "E.retrovisor: a debugger is already attached from {holder}; only one gdb at a time can drive \
+         the replay (detach or disconnect it first)"
+    );
+    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+    let _ = stream.write_all(format!("+${body}#{sum:02x}").as_bytes());
+    // Give gdb a moment to read the reply before the connection closes under it.
+    std::thread::sleep(std::time::Duration::from_millis(200));
 }

@@ -40,7 +40,8 @@ pub struct CpuState {
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
-    /// FPU/SSE/AVX state: the legacy 4 KiB XSAVE region (`kvm_xsave` itself is not Clone).
+    /// FPU/SSE/AVX state: the legacy 4 KiB XSAVE region (`kvm_xsave` itself is not Clone), in the
+    /// canonical form of [`canonicalize_xsave`].
     pub xsave: Vec<u32>,
     /// Extended control registers (XCR0).
     pub xcrs: kvm_xcrs,
@@ -83,14 +84,16 @@ impl CpuState {
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         let n = vcpu.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
+        let mut xsave = vcpu
+            .get_xsave()
+            .map_err(err("KVM_GET_XSAVE"))?
+            .region
+            .to_vec();
+        canonicalize_xsave(&mut xsave);
         Ok(CpuState {
             regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
-            xsave: vcpu
-                .get_xsave()
-                .map_err(err("KVM_GET_XSAVE"))?
-                .region
-                .to_vec(),
+            xsave,
             xcrs: vcpu.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
             msrs: msrs.as_slice()[..n]
                 .iter()
@@ -135,5 +138,282 @@ impl CpuState {
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(err("KVM_SET_DEBUGREGS"))?;
         Ok(())
+    }
+}
+
+/// Appends "`prefix``field` is X, recorded Y" for each listed field that differs; numbers in hex
+/// (`{:#x}`) or, with `debug`, any value in hex Debug form (`{:x?}`).
+macro_rules! field_differences {
+    ($out:expr, $prefix:literal, $now:expr, $recorded:expr, [$($field:ident),* $(,)?]) => {
+        field_differences!(@fmt "{:#x}", $out, $prefix, $now, $recorded, [$($field),*])
+    };
+    (debug $out:expr, $prefix:literal, $now:expr, $recorded:expr, [$($field:ident),* $(,)?]) => {
+        field_differences!(@fmt "{:x?}", $out, $prefix, $now, $recorded, [$($field),*])
+    };
+    (@fmt $fmt:literal, $out:expr, $prefix:literal, $now:expr, $recorded:expr, [$($field:ident),*]) => {
+        $(
+            if $now.$field != $recorded.$field {
+                $out.push(format!(
+                    concat!($prefix, stringify!($field), " is ", $fmt, ", recorded ", $fmt),
+                    $now.$field, $recorded.$field
+                ));
+            }
+        )*
+    };
+}
+
+impl CpuState {
+    /// What differs between this state and `recorded`, one line per field, named as a user reads
+    /// it: `regs.rflags is 0x246, recorded 0x202`, `msr 0x277 ...`, `xsave word 128 (XSTATE_BV) ...`.
+    pub fn differences(&self, recorded: &CpuState) -> Vec<String> {
+        let mut out = Vec::new();
+        let (r, q) = (&self.regs, &recorded.regs);
+        field_differences!(
+            out,
+            "regs.",
+            r,
+            q,
+            [
+                rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip,
+                rflags
+            ]
+        );
+        let (s, t) = (&self.sregs, &recorded.sregs);
+        field_differences!(debug out, "sregs.", s, t, [cs, ds, es, fs, gs, ss, tr, ldt, gdt, idt]);
+        field_differences!(
+            out,
+            "sregs.",
+            s,
+            t,
+            [cr0, cr2, cr3, cr4, cr8, efer, apic_base]
+        );
+        field_differences!(debug out, "sregs.", s, t, [interrupt_bitmap]);
+        for (i, (a, b)) in self.xsave.iter().zip(&recorded.xsave).enumerate() {
+            if a != b {
+                out.push(format!(
+                    "xsave word {i} ({}) is {a:#x}, recorded {b:#x}",
+                    xsave_word_name(i)
+                ));
+            }
+        }
+        if self.xcrs.xcrs[..self.xcrs.nr_xcrs as usize]
+            != recorded.xcrs.xcrs[..(recorded.xcrs.nr_xcrs as usize).min(self.xcrs.xcrs.len())]
+        {
+            out.push(format!(
+                "xcrs are {:x?}, recorded {:x?}",
+                self.xcrs, recorded.xcrs
+            ));
+        }
+        for &(index, value) in &self.msrs {
+            match recorded.msrs.iter().find(|m| m.0 == index) {
+                Some(&(_, v)) if v == value => {}
+                Some(&(_, v)) => out.push(format!("msr {index:#x} is {value:#x}, recorded {v:#x}")),
+                None => out.push(format!("msr {index:#x} is {value:#x}, not recorded")),
+            }
+        }
+        let (e, f) = (&self.events, &recorded.events);
+        field_differences!(debug out, "events.", e, f, [exception, interrupt, nmi, smi, triple_fault]);
+        field_differences!(
+            out,
+            "events.",
+            e,
+            f,
+            [sipi_vector, flags, exception_has_payload, exception_payload]
+        );
+        if self.mp_state != recorded.mp_state {
+            out.push(format!(
+                "mp_state is {}, recorded {}",
+                self.mp_state.mp_state, recorded.mp_state.mp_state
+            ));
+        }
+        let (d, g) = (&self.debugregs, &recorded.debugregs);
+        field_differences!(debug out, "debugregs.", d, g, [db]);
+        field_differences!(out, "debugregs.", d, g, [dr6, dr7, flags]);
+        out
+    }
+}
+
+/// What word `i` (32 bits) of the XSAVE region holds, for divergence reports.
+fn xsave_word_name(i: usize) -> String {
+    let byte = i * 4;
+    match byte {
+        0 => "FCW, FSW".into(),
+        4 => "FTW, FOP".into(),
+        8..=15 => "FIP".into(),
+        16..=23 => "FDP".into(),
+        24 => "MXCSR".into(),
+        28 => "MXCSR_MASK".into(),
+        32..=159 => format!("ST{}", (byte - 32) / 16),
+        160..=415 => format!("XMM{}", (byte - 160) / 16),
+        512..=519 => "XSTATE_BV".into(),
+        520..=527 => "XCOMP_BV".into(),
+        _ => match extended_components()
+            .iter()
+            .find(|(_, r)| r.contains(&byte))
+        {
+            Some((bit, _)) => format!("XSAVE component {bit}"),
+            None => "reserved".into(),
+        },
+    }
+}
+
+/// Byte offset of XSTATE_BV, the XSAVE header's bitmap of components in use.
+const XSTATE_BV: usize = 512;
+/// Byte offset of XCOMP_BV (zero in the standard format KVM uses).
+const XCOMP_BV: usize = 520;
+/// End of the XSAVE header; extended components follow.
+const XSAVE_HEADER_END: usize = 576;
+/// The x87 control word after FNINIT, the only non-zero field of the x87 initial state.
+const FCW_INIT: u16 = 0x037f;
+/// The legacy-region bytes of the x87 component: FCW..FDP (0..24) and ST0-7 (32..160); MXCSR and
+/// MXCSR_MASK (24..32) belong to no single component and are kept as they are.
+const X87_BYTES: [std::ops::Range<usize>; 2] = [0..24, 32..160];
+/// The legacy-region bytes of the SSE component: XMM0-15.
+const SSE_BYTES: std::ops::Range<usize> = 160..416;
+
+/// Puts an XSAVE region into one canonical form, so that two regions holding the same architectural
+/// state are equal word for word.
+///
+/// Why: which components XSTATE_BV marks as in use is not the guest's doing alone. The host saves the
+/// vCPU's FPU state when it preempts or signals the thread, and XSAVE may report a component as in
+/// use although it holds its initial values (the init optimization is allowed, not required). A
+/// recorded checkpoint once had XSTATE_BV = 0x2 ("SSE in use") with every XMM register zero, where
+/// the replay had 0: the same state, a different digest. So: a component whose bit is clear takes its
+/// initial values (whatever the save left in its bytes), a component holding its initial values gets
+/// its bit cleared, and the bytes no component owns (reserved, software-available) are zeroed.
+/// Restoring the canonical form gives the guest exactly the state it could observe before.
+pub fn canonicalize_xsave(region: &mut [u32]) {
+    let mut bytes: Vec<u8> = region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    if bytes.len() < XSAVE_HEADER_END {
+        return;
+    }
+    let mut bv = u64::from_le_bytes(bytes[XSTATE_BV..XSTATE_BV + 8].try_into().expect("8 bytes"));
+    // x87: initial state is FCW = 0x37f and every other field zero.
+    if bv & 1 == 0 {
+        for r in X87_BYTES {
+            bytes[r].fill(0);
+        }
+        bytes[0..2].copy_from_slice(&FCW_INIT.to_le_bytes());
+    }
+    let x87_init = bytes[0..2] == FCW_INIT.to_le_bytes()
+        && bytes[2..24].iter().chain(&bytes[32..160]).all(|&b| b == 0);
+    if x87_init {
+        bv &= !1;
+    }
+    // SSE and every extended component: initial state is all zeros.
+    let len = bytes.len();
+    let extended = extended_components()
+        .iter()
+        .filter(|(_, r)| r.end <= len)
+        .cloned();
+    for (bit, range) in std::iter::once((1, SSE_BYTES)).chain(extended) {
+        if bv & (1 << bit) == 0 {
+            bytes[range.clone()].fill(0);
+        }
+        if bytes[range].iter().all(|&b| b == 0) {
+            bv &= !(1 << bit);
+        }
+    }
+    bytes[416..XSTATE_BV].fill(0);
+    bytes[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    bytes[XCOMP_BV..XSAVE_HEADER_END].fill(0);
+    for (word, chunk) in region.iter_mut().zip(bytes.chunks_exact(4)) {
+        *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+    }
+}
+
+/// (bit, byte range) of each extended XSAVE component (bits 2 and up) this CPU defines, from CPUID
+/// leaf 0xd (standard-format offsets; KVM gives the guest the host's supported CPUID, so these are
+/// the guest's too). Read once: CPUID is slow inside a VM, and every capture needs the list.
+fn extended_components() -> &'static [(u32, std::ops::Range<usize>)] {
+    static COMPONENTS: std::sync::OnceLock<Vec<(u32, std::ops::Range<usize>)>> =
+        std::sync::OnceLock::new();
+    COMPONENTS.get_or_init(|| {
+        (2..63)
+            .filter_map(|bit| {
+                // Leaf 0xd exists on every CPU with XSAVE, which KVM_GET_XSAVE presupposes;
+                // unknown subleaves return zeros.
+                let leaf = core::arch::x86_64::__cpuid_count(0xd, bit);
+                let (size, offset) = (leaf.eax as usize, leaf.ebx as usize);
+                (size > 0 && offset >= XSAVE_HEADER_END).then_some((bit, offset..offset + size))
+            })
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    /// A real vCPU: what KVM reports and accepts is what matters here.
+    fn new_vcpu() -> (Kvm, kvm_ioctls::VmFd, VcpuFd) {
+        let kvm = Kvm::new().expect("these tests need /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+        (kvm, vm, vcpu)
+    }
+
+    fn set_xsave(vcpu: &VcpuFd, region: &[u32]) {
+        let mut xsave = kvm_xsave::default();
+        let n = xsave.region.len();
+        xsave.region.copy_from_slice(&region[..n]);
+        // SAFETY: a legacy-size region taken from KVM_GET_XSAVE on this same vCPU.
+        unsafe { vcpu.set_xsave(&xsave) }.expect("KVM_SET_XSAVE");
+    }
+
+    /// The recorded checkpoint that diverged had XSTATE_BV = 0x2 (SSE in use) with every XMM register
+    /// zero, where the replay had 0. Both are the same state and must capture identically.
+    #[test]
+    fn sse_marked_in_use_at_its_initial_values_captures_like_sse_unused() {
+        let (_kvm, _vm, vcpu) = new_vcpu();
+        let clean = CpuState::capture(&vcpu).unwrap();
+        let mut marked = vcpu.get_xsave().unwrap().region.to_vec();
+        marked[XSTATE_BV / 4] |= 0x2;
+        marked[SSE_BYTES.start / 4..SSE_BYTES.end / 4].fill(0);
+        set_xsave(&vcpu, &marked);
+        assert_eq!(
+            vcpu.get_xsave().unwrap().region[XSTATE_BV / 4] & 0x2,
+            0x2,
+            "KVM keeps the in-use bit it was given (else this test proves nothing)"
+        );
+        let again = CpuState::capture(&vcpu).unwrap();
+        assert_eq!(again.differences(&clean), Vec::<String>::new());
+        assert!(again == clean);
+    }
+
+    /// Real contents survive: a non-zero XMM register is kept, its bit set, and a restore puts it back.
+    #[test]
+    fn live_sse_state_is_kept_and_restored() {
+        let (_kvm, _vm, vcpu) = new_vcpu();
+        let mut live = vcpu.get_xsave().unwrap().region.to_vec();
+        live[XSTATE_BV / 4] |= 0x2;
+        live[SSE_BYTES.start / 4 + 5] = 0xdead_beef; // XMM1, second dword
+        set_xsave(&vcpu, &live);
+        let state = CpuState::capture(&vcpu).unwrap();
+        assert_eq!(state.xsave[SSE_BYTES.start / 4 + 5], 0xdead_beef);
+        assert_eq!(state.xsave[XSTATE_BV / 4] & 0x2, 0x2);
+        let (_kvm2, _vm2, other) = new_vcpu();
+        state.restore(&other).unwrap();
+        assert!(CpuState::capture(&other).unwrap() == state);
+    }
+
+    #[test]
+    fn differences_name_the_field() {
+        let (_kvm, _vm, vcpu) = new_vcpu();
+        let a = CpuState::capture(&vcpu).unwrap();
+        let mut b = a.clone();
+        b.regs.rflags ^= 0x40;
+        b.xsave[XSTATE_BV / 4] ^= 0x2;
+        b.msrs[0].1 ^= 1;
+        let d = a.differences(&b);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].starts_with("regs.rflags is 0x"), "{d:?}");
+        assert!(d[1].starts_with("xsave word 128 (XSTATE_BV)"), "{d:?}");
+        assert!(d[2].starts_with("msr 0x"), "{d:?}");
     }
 }

@@ -792,6 +792,64 @@ impl Machine {
         Ok(Self::digest_of(&self.state_blob()?, &self.mem))
     }
 
+    /// Decodes a state blob, with its XSAVE region in canonical form (traces recorded before capture
+    /// canonicalized it hold the raw form).
+    fn canonical_state(blob: &[u8]) -> Result<MachineState, MachineError> {
+        let mut state: MachineState = postcard::from_bytes(blob).map_err(MachineError::BadState)?;
+        crate::cpu::canonicalize_xsave(&mut state.cpu.xsave);
+        Ok(state)
+    }
+
+    /// Whether the machine now holds the state a checkpoint recorded as (`recorded`, `digest`) even
+    /// though [`Machine::digest`] differs from `digest`: RAM is identical (the recorded digest over the
+    /// recorded state blob and this RAM matches) and the CPU and device state are equal once both are
+    /// canonical. So a checkpoint whose XSAVE region was saved in another (equivalent) form, as
+    /// traces from before canonicalization hold, is no divergence.
+    pub fn equivalent_to(&self, recorded: &[u8], digest: &[u8; 32]) -> Result<bool, MachineError> {
+        if Self::digest_of(recorded, &self.mem)[..16] != digest[..16] {
+            return Ok(false);
+        }
+        Ok(Self::canonical_state(recorded)? == self.state()?)
+    }
+
+    /// What differs between the CPU and device state now and `recorded` (a blob made by
+    /// [`Machine::state_blob`], as a checkpoint holds it), one line per field, at most `limit` lines:
+    /// what a divergence report names.
+    pub fn state_differences(
+        &self,
+        recorded: &[u8],
+        limit: usize,
+    ) -> Result<Vec<String>, MachineError> {
+        let then = Self::canonical_state(recorded)?;
+        let now = self.state()?;
+        let mut out = Vec::new();
+        if now.icount != then.icount {
+            out.push(format!(
+                "icount is {}, recorded {}",
+                now.icount, then.icount
+            ));
+        }
+        if now.halted != then.halted {
+            out.push(format!(
+                "halted is {}, recorded {}",
+                now.halted, then.halted
+            ));
+        }
+        out.extend(now.cpu.differences(&then.cpu));
+        if now.devices != then.devices {
+            // Devices are plain serde data: compare them as JSON trees to name the field.
+            let to_json = |d: &Devices| serde_json::to_value(d).unwrap_or_default();
+            json_differences(
+                "devices",
+                &to_json(&now.devices),
+                &to_json(&then.devices),
+                &mut out,
+            );
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Overwrites one page of RAM with `data` (None: zeroes), without marking it dirty: restoring is how the
     /// baseline is set, not a change to it.
     pub fn restore_page(&mut self, pfn: u64, data: Option<&[u8]>) -> Result<(), MachineError> {
@@ -845,6 +903,45 @@ impl Machine {
 
     /// Size of a page, for checkpoint accounting.
     pub const PAGE_SIZE: usize = PAGE_SIZE;
+}
+
+/// Appends "PATH is A, recorded B" for every leaf where two JSON trees differ.
+fn json_differences(
+    path: &str,
+    now: &serde_json::Value,
+    then: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (now, then) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, va) in a {
+                let vb = b.get(key).unwrap_or(&Value::Null);
+                json_differences(&format!("{path}.{key}"), va, vb, out);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (va, vb)) in a.iter().zip(b).enumerate() {
+                json_differences(&format!("{path}[{i}]"), va, vb, out);
+            }
+        }
+        _ if now != then => {
+            let short = |v: &Value| {
+                let s = v.to_string();
+                if s.len() > 80 {
+                    format!("{}...", &s[..s.floor_char_boundary(80)])
+                } else {
+                    s
+                }
+            };
+            out.push(format!(
+                "{path} is {}, recorded {}",
+                short(now),
+                short(then)
+            ));
+        }
+        _ => {}
+    }
 }
 
 /// Writes `value` to a general-purpose register with the CPU's partial-register rules: 16-bit writes merge,

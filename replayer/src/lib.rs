@@ -425,14 +425,8 @@ impl Replayer {
         if let Some(info) = cps.get(self.next_verify).filter(|c| c.icount == icount) {
             let recorded = info.digest;
             let digest = self.machine.digest()?;
-            if digest != recorded {
-                let what = if self.machine.rip() != info.rip {
-                    format!("rip is {:#x}, recorded {:#x}", self.machine.rip(), info.rip)
-                } else if digest[16..] != recorded[16..] {
-                    "CPU or device state differs from the recorded checkpoint".to_string()
-                } else {
-                    "guest memory differs from the recorded checkpoint".to_string()
-                };
+            if digest != recorded && !self.equivalent_to_checkpoint(self.next_verify, &recorded) {
+                let what = self.describe_mismatch(self.next_verify, digest);
                 return Err(Divergence::new(
                     icount,
                     format!("at checkpoint {}: {what}", self.next_verify),
@@ -442,6 +436,84 @@ impl Replayer {
             self.next_verify += 1;
         }
         Ok(())
+    }
+
+    /// Whether the machine is in checkpoint `index`'s state although its digest differs (see
+    /// [`Machine::equivalent_to`]); false if the checkpoint cannot be read.
+    fn equivalent_to_checkpoint(&self, index: usize, digest: &[u8; 32]) -> bool {
+        self.trace
+            .checkpoint_state(index)
+            .ok()
+            .and_then(|state| self.machine.equivalent_to(&state, digest).ok())
+            .unwrap_or(false)
+    }
+
+    /// Names what differs between the machine now and checkpoint `index`, whose digest it does not match:
+    /// rip, then each CPU or device field, then the pages of RAM (read back from the checkpoint chain).
+    fn describe_mismatch(&self, index: usize, digest: [u8; 32]) -> String {
+        /// Enough lines to diagnose from the message alone, few enough to read.
+        const MAX_FIELDS: usize = 12;
+        const MAX_PAGES: usize = 8;
+        let info = &self.trace.checkpoints()[index];
+        let mut parts = Vec::new();
+        let (cp, pages) = match self.trace.restore_point(index) {
+            Ok(read) => read,
+            Err(e) => {
+                if self.machine.rip() != info.rip {
+                    parts.push(format!(
+                        "rip is {:#x}, recorded {:#x}",
+                        self.machine.rip(),
+                        info.rip
+                    ));
+                }
+                let part = if digest[16..] != info.digest[16..] {
+                    "CPU or device state"
+                } else {
+                    "guest memory"
+                };
+                parts.push(format!(
+                    "{part} differs from the recorded checkpoint (which cannot be read to say more: {e})"
+                ));
+                return parts.join("; ");
+            }
+        };
+        match self.machine.state_differences(&cp.state, MAX_FIELDS) {
+            Ok(fields) if !fields.is_empty() => parts.push(fields.join(", ")),
+            Ok(_) => {}
+            Err(e) => parts.push(format!("the recorded CPU state does not decode: {e}")),
+        }
+        let memory = self.machine.memory();
+        let zero = [0u8; machine::memory::PAGE_SIZE];
+        let differing: Vec<String> = (0..memory.pages() as u64)
+            .filter_map(|pfn| {
+                let now = memory.page(pfn as usize);
+                let then = pages.get(&pfn).map_or(&zero[..], |p| &p[..]);
+                let at = now.iter().zip(then).position(|(a, b)| a != b)?;
+                Some(format!(
+                    "page {pfn:#x} (first at {:#x}: {:#04x}, recorded {:#04x})",
+                    pfn * machine::memory::PAGE_SIZE as u64 + at as u64,
+                    now[at],
+                    then[at]
+                ))
+            })
+            .collect();
+        if !differing.is_empty() {
+            let more = differing.len().saturating_sub(MAX_PAGES);
+            let mut text = format!(
+                "guest memory differs in {} page(s): {}",
+                differing.len(),
+                differing[..differing.len().min(MAX_PAGES)].join(", ")
+            );
+            if more > 0 {
+                text.push_str(&format!(" and {more} more"));
+            }
+            parts.push(text);
+        }
+        if parts.is_empty() {
+            // The digests differ, yet no field or page does: the digest itself covers something else.
+            parts.push("the state digest differs, though no field or page does".into());
+        }
+        parts.join("; ")
     }
 
     /// At the end of a replay from boot, the guest's whole output must hash to what the recording saw.

@@ -421,6 +421,12 @@ impl TraceReader {
         Ok(cp)
     }
 
+    /// The CPU and device state blob of checkpoint `index` alone (its file is read and checked, but
+    /// not the chain before it: the state does not depend on earlier checkpoints).
+    pub fn checkpoint_state(&self, index: usize) -> Result<Vec<u8>, ReadError> {
+        Ok(self.read_raw(index)?.state)
+    }
+
     /// Guest memory at checkpoint `index`: the pages of the nearest full checkpoint at or before
     /// it, overlaid with every incremental checkpoint after that up to `index` (later wins).
     /// Pages absent from the map are zero. Returns checkpoint `index` and the pages by pfn; the

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Retrovisor soak: record and replay small guests many times on an overloaded machine and count
+divergences. Every replay of an unmodified trace must match: a divergence here is a false one, a bug.
+
+CPU hogs (twice as many as cores, by default, plus a process that keeps forking) keep the machine loaded
+far beyond its cores, so the vCPU thread is preempted, migrated and signalled at every moment.
+
+Usage: python3 bench/soak.py [--rounds N] [--hogs N] [--guests timer,echo,disk,ledger]
+
+Prints one line per divergence (with retrovisor's message, which names the field or page that differed)
+and the totals; exits 1 if any replay diverged or failed.
+"""
+import argparse
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "retrovisor")
+
+
+def hog(stop):
+    x = 0
+    while not stop.is_set():
+        x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+
+
+def forker(stop):
+    while not stop.is_set():
+        subprocess.run(["true"])
+
+
+def guest_args(name, guests, work):
+    """Extra arguments for recording guest `name`."""
+    if name == "echo":
+        path = os.path.join(work, "echo-input.txt")
+        with open(path, "w") as f:
+            f.write("abc\nhello world\n" * 3 + "quit\n")
+        return ["--serial-input", path]
+    if name == "ledger":
+        return ["--serial-input", os.path.join(ROOT, "tests", "guests", "ledger-short.txt")]
+    if name == "disk":
+        path = os.path.join(work, "disk.img")
+        with open(path, "wb") as f:
+            f.write(bytes(range(256)) * 256)
+        return ["--disk", path]
+    return []
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=50, help="recordings per guest (each replayed --replays times)")
+    ap.add_argument("--replays", type=int, default=3)
+    ap.add_argument("--hogs", type=int, default=2 * os.cpu_count())
+    ap.add_argument("--guests", default="timer,echo,disk,ledger")
+    ap.add_argument("--checkpoint-every", type=int, default=2000)
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="retrovisor-soak-")
+    guests = os.path.join(work, "guests")
+    subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "guests"), f"OUT={guests}"], check=True)
+    stop = multiprocessing.Event()
+    workers = [multiprocessing.Process(target=hog, args=(stop,)) for _ in range(a.hogs)]
+    workers.append(multiprocessing.Process(target=forker, args=(stop,)))
+    for w in workers:
+        w.start()
+    replays = divergences = failures = 0
+    started = time.time()
+    try:
+        for rnd in range(a.rounds):
+            for name in a.guests.split(","):
+                trace = os.path.join(work, f"{name}.rvt")
+                shutil.rmtree(trace, ignore_errors=True)
+                rec = subprocess.run(
+                    [BIN, "record", "--kernel", os.path.join(guests, f"{name}.elf"), "-o", trace,
+                     "--checkpoint-every", str(a.checkpoint_every)] + guest_args(name, guests, work),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                if rec.returncode in (2, 4):
+                    failures += 1
+                    print(f"record {name} failed: {rec.stderr.decode(errors='replace').strip()}", flush=True)
+                    continue
+                for _ in range(a.replays):
+                    rep = subprocess.run([BIN, "replay", trace], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL)
+                    replays += 1
+                    err = rep.stderr.decode(errors="replace").strip()
+                    if rep.returncode == 4:
+                        divergences += 1
+                        print(f"DIVERGENCE {name} round {rnd}: {err}", flush=True)
+                        shutil.copytree(trace, os.path.join(ROOT, "target", f"soak-diverged-{name}-{rnd}.rvt"),
+                                        dirs_exist_ok=True)
+                    elif rep.returncode != rec.returncode or rep.stdout != rec.stdout:
+                        failures += 1
+                        print(f"MISMATCH {name} round {rnd}: status {rep.returncode} vs {rec.returncode}: {err}",
+                              flush=True)
+            print(f"round {rnd + 1}/{a.rounds}: {replays} replays, {divergences} divergences, {failures} failures, "
+                  f"load {os.getloadavg()[0]:.1f}, {time.time() - started:.0f}s", flush=True)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"soak: {replays} replays of unmodified traces under load: {divergences} divergences, {failures} failures")
+    sys.exit(1 if divergences or failures else 0)
+
+
+if __name__ == "__main__":
+    main()
