@@ -40,6 +40,23 @@ enum Command {
     Replay(ReplayArgs),
     /// Describe a trace: instructions, events by kind, checkpoints, sizes, clock, guest image.
     Info(InfoArgs),
+    /// List a trace's events (and checkpoints) with their positions, rips, kinds and values.
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Trace directory written by `record`.
+    trace: PathBuf,
+    /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, kick, stop, checkpoint).
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// Only events at or after this position.
+    #[arg(long, value_name = "POSITION")]
+    from: Option<u64>,
+    /// Only events at or before this position.
+    #[arg(long, value_name = "POSITION")]
+    to: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,9 +99,9 @@ struct GuestArgs {
 struct RunArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// How the guest is driven: `free` runs at the host's speed (nothing counted); `step` single-steps
-    /// every instruction exactly as `record` does, without writing a trace.
-    #[arg(long, value_enum, default_value = "free")]
+    /// How the guest is driven: `landmark` runs free at the host's speed; `step` single-steps every
+    /// instruction, as `record --clock step` does, without writing a trace.
+    #[arg(long, value_enum, default_value = "landmark")]
     clock: ClockArg,
     /// Write what the guest wrote to its disks back into the image files when the run ends (the guest
     /// exits, halts, triple-faults or is stopped with Ctrl-C). Without it, images are never modified.
@@ -94,10 +111,20 @@ struct RunArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ClockArg {
-    /// Run free between exits (host time only).
-    Free,
-    /// Single-step every instruction (exact instruction counts; what record uses).
+    /// Run free between the guest's own exits ("landmarks"), at the host's speed; host time only.
+    #[value(alias = "free")]
+    Landmark,
+    /// Single-step every instruction: exact instruction counts on any KVM, about 10x slower here.
     Step,
+}
+
+impl ClockArg {
+    fn clock(self) -> machine::Clock {
+        match self {
+            ClockArg::Landmark => machine::Clock::Landmark,
+            ClockArg::Step => machine::Clock::Step,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -107,14 +134,24 @@ struct RecordArgs {
     /// Trace directory to create (must not exist).
     #[arg(short, long, value_name = "TRACE")]
     output: PathBuf,
-    /// Instructions between checkpoints.
+    /// Instructions between checkpoints (step clock).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1000..))]
     checkpoint_every: u64,
+    /// Milliseconds of wall time between checkpoints (landmark clock: taken at the first landmark after).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_CHECKPOINT_MS, value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_ms: u64,
+    /// How the guest is driven while recording: `step` single-steps every instruction (exact positions
+    /// by instruction count, on any KVM); `landmark` runs free at the host's speed and names positions by
+    /// the guest's own exits (no PMU needed; RDTSC/RDRAND cannot be recorded).
+    #[arg(long, value_enum, default_value = "step")]
+    clock: ClockArg,
 }
 
 /// Default checkpoint interval, from measurement (README): a checkpoint costs ~4 ms, i.e. <2% at ~220k
 /// instructions/s, and bounds a replay from the nearest checkpoint to ~0.45 s.
 const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
+/// Default checkpoint interval of the landmark clock: the same ~2% cost and ~0.25 s bound at free-run speed.
+const DEFAULT_CHECKPOINT_MS: u64 = 250;
 
 #[derive(Args)]
 struct ReplayArgs {
@@ -139,6 +176,10 @@ struct ReplayArgs {
     /// Register layout gdb gets: auto is x86-64 when the image is an ELF64 or the guest ends in long mode.
     #[arg(long, value_enum, default_value = "auto", requires = "gdb")]
     gdb_arch: GdbArchArg,
+    /// Replay a landmark trace with another clock: `step` single-steps to every recorded point (slow; the
+    /// same result, which is the check that both clocks agree). Default: the clock that recorded it.
+    #[arg(long, value_enum)]
+    clock: Option<ClockArg>,
     /// Memory (MiB) for the in-memory snapshots that keep reverse execution fast; farther-away snapshots
     /// are dropped first when it is full.
     #[arg(long, value_name = "MIB", default_value_t = replayer::DEFAULT_SNAPSHOT_MEMORY >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
@@ -194,6 +235,8 @@ enum CliError {
     Trace(#[from] traces::ReadError),
     #[error(transparent)]
     Gdb(#[from] gdb::GdbError),
+    #[error("cannot write to standard output: {0}")]
+    Output(std::io::Error),
 }
 
 /// Parses arguments, runs the command and returns the process exit status.
@@ -205,11 +248,24 @@ pub fn main() -> i32 {
             let step = a.clock == ClockArg::Step
                 || matches!(a.guest.time, TimeArg::Virtual)
                 || a.guest.max_instructions.is_some();
-            record(a.guest, None, !step, a.disk_writeback)
+            let clock = if step {
+                machine::Clock::Step
+            } else {
+                machine::Clock::Landmark
+            };
+            record(a.guest, None, clock, a.disk_writeback)
         }
-        Command::Record(a) => record(a.guest, Some((a.output, a.checkpoint_every)), false, false),
+        Command::Record(a) => {
+            let clock = a.clock.clock();
+            let every = match clock {
+                machine::Clock::Step => a.checkpoint_every,
+                machine::Clock::Landmark => a.checkpoint_ms,
+            };
+            record(a.guest, Some((a.output, every)), clock, false)
+        }
         Command::Replay(a) => replay(&a),
         Command::Info(a) => info(&a.trace),
+        Command::Events(a) => events(&a),
     };
     match result {
         Ok(status) => status,
@@ -274,7 +330,7 @@ fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
 fn record(
     g: GuestArgs,
     trace: Option<(PathBuf, u64)>,
-    free_run: bool,
+    clock: machine::Clock,
     disk_writeback: bool,
 ) -> Result<i32, CliError> {
     let image = std::fs::read(&g.kernel).map_err(|source| CliError::Kernel {
@@ -293,6 +349,7 @@ fn record(
             ram_bytes: g.ram << 20,
             cmdline: g.cmdline,
             disks: disks.clone(),
+            hide_host_values: clock == machine::Clock::Landmark,
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,
@@ -302,11 +359,11 @@ fn record(
         },
         checkpoint_every,
         max_instructions: g.max_instructions,
-        free_run,
+        clock,
         progress: None,
     };
     let bar = progress_bar(g.max_instructions, "recording");
-    if !free_run {
+    if clock == machine::Clock::Step {
         let b = bar.clone();
         opts.progress = Some(Box::new(move |icount, events| {
             b.set_position(icount);
@@ -370,6 +427,9 @@ fn describe_stop(stop: &traces::StopReason) -> String {
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
+    if let Some(clock) = a.clock {
+        r.set_clock(clock.clock())?;
+    }
     r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
     if r.trace().cut_off() {
         eprintln!(
@@ -486,5 +546,56 @@ fn info(dir: &Path) -> Result<i32, CliError> {
         event_bytes + checkpoint_bytes,
         per_m(event_bytes + checkpoint_bytes)
     );
+    Ok(0)
+}
+
+/// One line per event and checkpoint, in position order.
+fn events(a: &EventsArgs) -> Result<i32, CliError> {
+    let t = traces::TraceReader::open(&a.trace)?;
+    let (from, to) = (a.from.unwrap_or(0), a.to.unwrap_or(u64::MAX));
+    let unit = if t.header().clock == "landmark" {
+        "landmark"
+    } else {
+        "icount"
+    };
+    let wanted = |kind: &str| a.kind.as_deref().is_none_or(|k| k == kind);
+    let mut checkpoints = t.checkpoints().iter().peekable();
+    let mut out = std::io::stdout().lock();
+    let mut line = |position: u64, rip: u64, kind: &str, what: String| {
+        if (from..=to).contains(&position) && wanted(kind) {
+            writeln!(
+                out,
+                "{unit} {position:>12}  rip {rip:#010x}  {kind:<11} {what}"
+            )
+        } else {
+            Ok(())
+        }
+    };
+    let io = |e: std::io::Error| CliError::Output(e);
+    for e in t.events() {
+        while let Some(c) = checkpoints.next_if(|c| c.icount <= e.icount) {
+            line(c.icount, c.rip, "checkpoint", String::new()).map_err(io)?;
+        }
+        let what = match &e.kind {
+            traces::EventKind::SerialRx { bytes } => {
+                format!("{:?}", String::from_utf8_lossy(bytes))
+            }
+            traces::EventKind::Clock { kind, ns } => format!("{kind:?} {ns} ns"),
+            traces::EventKind::Irq { line } => format!("line {line}"),
+            traces::EventKind::Interrupt { vector } => format!("vector {vector:#x}"),
+            traces::EventKind::HostValue { insn, value, aux } => {
+                format!("{insn:?} {value:#x} aux {aux:#x}")
+            }
+            traces::EventKind::Stop { reason } => format!("{reason:?}"),
+            traces::EventKind::Kick { fingerprint: f } => format!(
+                "at rip {:#x} rsp {:#x} rflags {:#x} regs {:016x} memory {:016x}",
+                f.rip, f.rsp, f.rflags, f.regs, f.memory
+            ),
+        };
+        line(e.icount, e.rip, e.kind.name(), what).map_err(io)?;
+    }
+    for c in checkpoints {
+        line(c.icount, c.rip, "checkpoint", String::new()).map_err(io)?;
+    }
     Ok(0)
 }

@@ -83,7 +83,7 @@ fn garbage_on_the_wire_ends_only_that_session() {
         let mut raw = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
         raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         raw.write_all(b"$garbage#00").unwrap(); // wrong checksum
-        raw.write_all(b"\xff\xfe\x00 not a packet $$##").unwrap();
+        let _ = raw.write_all(b"\xff\xfe\x00 not a packet $$##");
         for body in [
             "m,zz",
             "Z0,notanumber,1",
@@ -91,7 +91,8 @@ fn garbage_on_the_wire_ends_only_that_session() {
             "G00",
             "qXfer:features:read:target.xml:zz",
         ] {
-            raw.write_all(&packet(body)).unwrap();
+            // The server may already have dropped the connection over the garbage before: that is fine.
+            let _ = raw.write_all(&packet(body));
         }
         let mut reply = [0u8; 4096];
         let _ = raw.read(&mut reply);

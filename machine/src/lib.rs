@@ -1,6 +1,7 @@
 //! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the Multiboot loader,
 //! CPU-state capture and restore, guest-virtual address translation and the execution clock.
 
+pub mod clock;
 pub mod cpu;
 pub mod devices;
 pub mod disk;
@@ -10,4 +11,5 @@ pub mod memory;
 pub mod paging;
 pub mod vm;
 
+pub use clock::{Advance, Clock, Fingerprint, Kicker, Search};
 pub use vm::{Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};

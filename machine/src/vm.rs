@@ -10,6 +10,7 @@
 //!   decoded before each step and these are executed here instead, with values the [`Host`] supplies.
 //! - A protected-mode 32-bit `iret` cannot be emulated by PVM: see [`crate::emulate`].
 
+use crate::clock::Clock;
 use crate::cpu::{CpuError, CpuState};
 use crate::devices::{Devices, TimeSource, MAX_DISKS};
 use crate::disk::DiskImage;
@@ -103,6 +104,9 @@ pub struct MachineConfig {
     /// Disk images, one virtio block device each (at most [`MAX_DISKS`]); the guest's writes go to an
     /// overlay in the machine state, never to these bytes.
     pub disks: Vec<DiskImage>,
+    /// Hide RDRAND, RDSEED and RDTSCP from the guest's CPUID: the landmark clock runs free, where their
+    /// results never reach the VMM to be logged, so a guest must not be told it has them.
+    pub hide_host_values: bool,
 }
 
 /// Instructions whose result comes from the host.
@@ -150,6 +154,7 @@ pub enum Step {
 /// Machine state that is not guest RAM: serialized into checkpoints and hashed into digests.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct MachineState {
+    /// The position: the icount in step traces, the landmark count in landmark traces.
     icount: u64,
     halted: bool,
     cpu: CpuState,
@@ -159,7 +164,7 @@ struct MachineState {
 /// A checkpoint of the machine as the trace stores it.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Instruction count.
+    /// Position: instruction count (step clock) or landmark count (landmark clock).
     pub icount: u64,
     /// Guest RIP.
     pub rip: u64,
@@ -172,10 +177,10 @@ pub struct Snapshot {
 }
 
 /// How one entry into the guest ended, once I/O has been handed to the devices.
-enum Exit {
+pub(crate) enum Exit {
     /// Port or MMIO access (still to be completed by the next entry).
     Io,
-    /// The guest ran (a single-step, or an interrupt window opened).
+    /// The guest ran: a single-step or a breakpoint (debug exit).
     Ran,
     /// `hlt` (only seen when free running).
     Hlt,
@@ -191,20 +196,32 @@ enum Exit {
 pub struct Machine {
     _kvm: Kvm,
     vm: VmFd,
-    vcpu: VcpuFd,
-    mem: GuestMemory,
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) mem: GuestMemory,
     /// The userspace devices.
     pub devices: Devices,
-    icount: u64,
+    pub(crate) icount: u64,
+    /// Landmarks so far: exits the guest itself caused (see [`crate::clock`]).
+    pub(crate) landmarks: u64,
+    /// How the machine is driven.
+    pub(crate) clock: Clock,
+    /// What the state blob records as the position: the icount (step traces) or the landmark count.
+    pub(crate) positions: Clock,
+    /// An interrupt was just queued: the next entry delivers it and must not be interrupted by a kick.
+    pub(crate) delivering: bool,
+    /// Pages written since the last [`Machine::mark_checkpoint`] (a bitmap): what a fingerprint digests.
+    pub(crate) dirty_since_mark: Vec<u64>,
+    /// Pages written since the last [`Machine::take_dirty_pages`].
+    dirty_since_take: Vec<u64>,
     /// Set after `hlt` with interrupts enabled, until an interrupt is injected.
-    halted: bool,
+    pub(crate) halted: bool,
     /// Registers as of the last exit or the last change we made.
-    regs: kvm_regs,
-    sregs: kvm_sregs,
+    pub(crate) regs: kvm_regs,
+    pub(crate) sregs: kvm_sregs,
     /// Whether the guest can take an interrupt now (IF set, no STI/MOV SS shadow).
-    irq_window: bool,
+    pub(crate) irq_window: bool,
     /// Whether KVM holds an interrupt shadow we made stale by completing an instruction ourselves.
-    stale_shadow: bool,
+    pub(crate) stale_shadow: bool,
     output: Vec<u8>,
 }
 
@@ -235,9 +252,19 @@ impl Machine {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        if config.hide_host_values {
+            for e in cpuid.as_mut_slice() {
+                match (e.function, e.index) {
+                    (1, _) => e.ecx &= !(1 << 30),           // RDRAND
+                    (7, 0) => e.ebx &= !(1 << 18),           // RDSEED
+                    (0x8000_0001, _) => e.edx &= !(1 << 27), // RDTSCP
+                    _ => {}
+                }
+            }
+        }
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -295,6 +322,7 @@ impl Machine {
             });
         }
         let devices = Devices::with_disks(mem.size(), &config.disks);
+        let bitmap_words = mem.pages().div_ceil(64);
         let mut machine = Machine {
             _kvm: kvm,
             vm,
@@ -302,6 +330,12 @@ impl Machine {
             mem,
             devices,
             icount: 0,
+            landmarks: 0,
+            clock: Clock::Step,
+            positions: Clock::Step,
+            delivering: false,
+            dirty_since_mark: vec![0; bitmap_words],
+            dirty_since_take: vec![0; bitmap_words],
             halted: false,
             regs,
             sregs,
@@ -363,6 +397,11 @@ impl Machine {
         self.irq_window && self.devices.pic.has_interrupt()
     }
 
+    /// Whether the CPU would take an interrupt now (IF set, no interrupt shadow), whatever the PIC holds.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.irq_window
+    }
+
     /// Acknowledges the PIC's pending interrupt and queues it in the vCPU: the next step delivers it.
     /// Returns the vector, or None if the PIC withdrew it. Only call when [`Machine::interrupt_ready`].
     pub fn inject_interrupt(&mut self) -> Result<Option<u8>, MachineError> {
@@ -383,6 +422,7 @@ impl Machine {
         }
         self.halted = false;
         self.irq_window = false;
+        self.delivering = true;
         Ok(Some(vector))
     }
 
@@ -403,7 +443,8 @@ impl Machine {
         n
     }
 
-    /// Executes exactly one guest instruction (or reports that the guest is idle or stopped).
+    /// Executes exactly one guest instruction (or reports that the guest is idle or stopped). Landmarks
+    /// are counted as the landmark clock would see them (see [`crate::clock`]).
     pub fn step(&mut self, host: &mut dyn Host) -> Result<Step, MachineError> {
         if self.halted {
             return Ok(Step::Idle);
@@ -419,7 +460,7 @@ impl Machine {
     }
 
     /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
-    fn decode_at_rip(&self) -> Option<Instruction> {
+    pub(crate) fn decode_at_rip(&self) -> Option<Instruction> {
         let bitness = if self.sregs.efer & (1 << 10) != 0 && self.sregs.cs.l == 1 {
             64
         } else if self.sregs.cs.db == 1 {
@@ -459,11 +500,41 @@ impl Machine {
         match insn.mnemonic() {
             Mnemonic::Hlt => {
                 const IF: u64 = 1 << 9;
+                // Free running, `hlt` is an exit: a landmark.
+                self.landmarks += 1;
                 if regs.rflags & IF == 0 {
                     return Ok(Some(Step::Stopped(Stop::Halted)));
                 }
                 self.halted = true;
             }
+            Mnemonic::Rdtsc | Mnemonic::Rdtscp | Mnemonic::Rdrand | Mnemonic::Rdseed => {
+                if !self.execute_host_insn(insn, host)? {
+                    return Ok(None);
+                }
+                // Free running on PVM, RDRAND and RDSEED fail to emulate and reach the VMM: a landmark.
+                if matches!(insn.mnemonic(), Mnemonic::Rdrand | Mnemonic::Rdseed) {
+                    self.landmarks += 1;
+                }
+                self.icount += 1;
+                return Ok(Some(Step::Retired));
+            }
+            _ => return Ok(None),
+        }
+        regs.rip = insn.next_ip();
+        self.set_regs(regs)?;
+        self.icount += 1;
+        Ok(Some(Step::Retired))
+    }
+
+    /// Executes an instruction whose result comes from the host (RDTSC, RDTSCP, RDRAND, RDSEED with a
+    /// register operand) with the value `host` gives. False if it is not one.
+    fn execute_host_insn(
+        &mut self,
+        insn: &Instruction,
+        host: &mut dyn Host,
+    ) -> Result<bool, MachineError> {
+        let mut regs = self.regs;
+        match insn.mnemonic() {
             Mnemonic::Rdtsc | Mnemonic::Rdtscp => {
                 let which = if insn.mnemonic() == Mnemonic::Rdtsc {
                     HostInsn::Rdtsc
@@ -484,19 +555,18 @@ impl Machine {
                     HostInsn::Rdseed
                 };
                 if insn.op0_kind() != OpKind::Register {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 let (value, _) = host.host_value(which);
                 set_gpr(&mut regs, insn.op0_register(), value);
                 // CF=1 (a value is available); OF, SF, ZF, AF, PF cleared.
                 regs.rflags = (regs.rflags & !0x8d5) | 1;
             }
-            _ => return Ok(None),
+            _ => return Ok(false),
         }
         regs.rip = insn.next_ip();
         self.set_regs(regs)?;
-        self.icount += 1;
-        Ok(Some(Step::Retired))
+        Ok(true)
     }
 
     fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
@@ -508,7 +578,7 @@ impl Machine {
         Ok(())
     }
 
-    fn clear_interrupt_shadow(&mut self) -> Result<(), MachineError> {
+    pub(crate) fn clear_interrupt_shadow(&mut self) -> Result<(), MachineError> {
         let mut events = self
             .vcpu
             .get_vcpu_events()
@@ -522,9 +592,9 @@ impl Machine {
     }
 
     /// Enters the guest once and hands any I/O to the devices.
-    fn enter(&mut self, host: &mut dyn Host) -> Result<Exit, MachineError> {
+    pub(crate) fn enter(&mut self, host: &mut dyn Host) -> Result<Exit, MachineError> {
         let exit = match self.vcpu.run() {
-            Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => Exit::Ran,
+            Ok(VcpuExit::Debug(_)) => Exit::Ran,
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.devices.io_out(port, data, host);
                 Exit::Io
@@ -557,12 +627,13 @@ impl Machine {
                 });
             }
         };
+        self.landmarks += self.landmarks_in(&exit);
         Ok(exit)
     }
 
     /// Completes a pending I/O without running further: with `immediate_exit` KVM finishes the operation and
     /// returns before the guest executes anything else (a string I/O may need more rounds).
-    fn complete_io(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+    pub(crate) fn complete_io(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
         self.vcpu.set_kvm_immediate_exit(1);
         let result = loop {
             match self.enter(host) {
@@ -575,7 +646,7 @@ impl Machine {
     }
 
     /// Bookkeeping after the guest ran: device interrupts, output, exit requests, registers.
-    fn after_exit(&mut self, mut stop: Option<Stop>) -> Option<Stop> {
+    pub(crate) fn after_exit(&mut self, mut stop: Option<Stop>) -> Option<Stop> {
         self.devices.sync_irqs();
         self.output.extend(self.devices.uart.take_output());
         if let Some(status) = self.devices.debug_exit.take_exit() {
@@ -589,7 +660,7 @@ impl Machine {
     }
 
     /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
-    fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
+    pub(crate) fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
         if self.stale_shadow {
             self.clear_interrupt_shadow()?;
         }
@@ -609,7 +680,7 @@ impl Machine {
                 Exit::Shutdown => break Some(Stop::TripleFault),
                 Exit::EmulationFailed => {
                     self.refresh_regs();
-                    self.complete_failed_emulation()?;
+                    self.complete_failed_emulation(host)?;
                     break None;
                 }
             }
@@ -619,56 +690,7 @@ impl Machine {
         Ok(stop)
     }
 
-    /// Switches between the exact `step` clock (the default) and free running ([`Machine::run_free`]).
-    pub fn set_single_step(&mut self, on: bool) -> Result<(), MachineError> {
-        let control = if on {
-            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
-        } else {
-            0
-        };
-        let debug = kvm_guest_debug {
-            control,
-            ..Default::default()
-        };
-        self.vcpu
-            .set_guest_debug(&debug)
-            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))
-    }
-
-    /// Asks KVM to exit as soon as the guest can take an interrupt (free running only: stepping checks at
-    /// every instruction anyway).
-    pub fn request_interrupt_window(&mut self, on: bool) {
-        self.vcpu.get_kvm_run().request_interrupt_window = u8::from(on);
-    }
-
-    /// Free running, for plain unrecorded runs: enters the guest until its next exit (an I/O, HLT, or a signal
-    /// such as a timer kick). Nothing is counted: `icount` does not advance, and RDTSC/RDRAND run natively.
-    /// Returns `Retired` when the guest made progress.
-    pub fn run_free(&mut self, host: &mut dyn Host) -> Result<Step, MachineError> {
-        if self.halted {
-            return Ok(Step::Idle);
-        }
-        let stop = match self.enter(host)? {
-            Exit::Io | Exit::Ran | Exit::Interrupted => None,
-            Exit::Hlt => {
-                self.halted = true;
-                None
-            }
-            Exit::Shutdown => Some(Stop::TripleFault),
-            Exit::EmulationFailed => {
-                self.refresh_regs();
-                self.complete_failed_emulation()?;
-                None
-            }
-        };
-        let stop = self.after_exit(stop);
-        if self.halted && self.regs.rflags & (1 << 9) == 0 {
-            return Ok(Step::Stopped(Stop::Halted));
-        }
-        Ok(stop.map(Step::Stopped).unwrap_or(Step::Retired))
-    }
-
-    fn refresh_regs(&mut self) {
+    pub(crate) fn refresh_regs(&mut self) {
         let sync = self.vcpu.sync_regs_mut();
         self.regs = sync.regs;
         self.sregs = sync.sregs;
@@ -676,8 +698,20 @@ impl Machine {
 
     /// KVM gave up on the instruction at RIP: complete it ourselves if it is one we know (protected-mode
     /// `iret`), else report it with its bytes.
-    fn complete_failed_emulation(&mut self) -> Result<(), MachineError> {
+    pub(crate) fn complete_failed_emulation(
+        &mut self,
+        host: &mut dyn Host,
+    ) -> Result<(), MachineError> {
         let insn = self.decode_at_rip();
+        // Running free on PVM, RDRAND and RDSEED fail to emulate: execute them here, as the step clock
+        // does, so their results are logged.
+        if let Some(insn) =
+            insn.filter(|i| matches!(i.mnemonic(), Mnemonic::Rdrand | Mnemonic::Rdseed))
+        {
+            if self.execute_host_insn(&insn, host)? {
+                return Ok(());
+            }
+        }
         let protected = self.sregs.cr0 & 1 != 0 && self.sregs.efer & (1 << 10) == 0;
         let mut regs = self.regs;
         let mut sregs = self.sregs;
@@ -720,7 +754,7 @@ impl Machine {
 
     fn state(&self) -> Result<MachineState, MachineError> {
         Ok(MachineState {
-            icount: self.icount,
+            icount: self.position(),
             halted: self.halted,
             cpu: CpuState::capture(&self.vcpu)?,
             devices: self.devices.clone(),
@@ -740,20 +774,62 @@ impl Machine {
         d
     }
 
-    /// Page frames written since the last snapshot, restore or call of this (by the guest, per KVM's dirty
-    /// log, or by the VMM), in increasing order; resets the tracking.
-    pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, MachineError> {
+    /// Folds the pages written since the last look (KVM's dirty log, and the VMM's own writes) into both
+    /// dirty sets.
+    pub(crate) fn collect_dirty(&mut self) -> Result<(), MachineError> {
         let kvm_dirty = self
             .vm
             .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
         let vmm_dirty = self.mem.take_vmm_dirty();
-        Ok((0..self.mem.pages() as u64)
-            .filter(|&pfn| {
-                let (word, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
-                (kvm_dirty.get(word).copied().unwrap_or(0) | vmm_dirty[word]) & bit != 0
-            })
-            .collect())
+        for (i, (mark, take)) in self
+            .dirty_since_mark
+            .iter_mut()
+            .zip(self.dirty_since_take.iter_mut())
+            .enumerate()
+        {
+            let fresh = kvm_dirty.get(i).copied().unwrap_or(0) | vmm_dirty[i];
+            *mark |= fresh;
+            *take |= fresh;
+        }
+        Ok(())
+    }
+
+    /// Page frames written since the last snapshot, restore or call of this (by the guest, per KVM's dirty
+    /// log, or by the VMM), in increasing order; resets the tracking.
+    pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, MachineError> {
+        self.collect_dirty()?;
+        let taken = std::mem::replace(
+            &mut self.dirty_since_take,
+            vec![0; self.dirty_since_mark.len()],
+        );
+        Ok(bitmap_pages(&taken))
+    }
+
+    /// Starts a new checkpoint interval for fingerprints: they digest the pages written since here. Record
+    /// and replay call it at the same positions (every checkpoint), so their digests agree.
+    pub fn mark_checkpoint(&mut self) -> Result<(), MachineError> {
+        self.collect_dirty()?;
+        self.dirty_since_mark.fill(0);
+        Ok(())
+    }
+
+    /// The pages written since the last [`Machine::mark_checkpoint`] (for an in-memory snapshot, which must
+    /// put them back on restore so that later fingerprints digest the same pages).
+    pub fn dirty_since_checkpoint(&mut self) -> Result<Vec<u64>, MachineError> {
+        self.collect_dirty()?;
+        Ok(bitmap_pages(&self.dirty_since_mark))
+    }
+
+    /// Sets the pages written since the last checkpoint, as [`Machine::dirty_since_checkpoint`] returned
+    /// them when a snapshot was taken (after restoring that snapshot).
+    pub fn set_dirty_since_checkpoint(&mut self, pages: &[u64]) {
+        self.dirty_since_mark.fill(0);
+        for &pfn in pages {
+            if let Some(word) = self.dirty_since_mark.get_mut((pfn / 64) as usize) {
+                *word |= 1 << (pfn % 64);
+            }
+        }
     }
 
     /// The serialized CPU and device state (a checkpoint without memory).
@@ -765,6 +841,7 @@ impl Machine {
     pub fn snapshot(&mut self, full: bool) -> Result<Snapshot, MachineError> {
         let state = self.state_blob()?;
         let dirty = self.take_dirty_pages()?;
+        self.dirty_since_mark.fill(0);
         let pages = if full {
             (0..self.mem.pages() as u64)
                 .filter(|&pfn| self.mem.page(pfn as usize).iter().any(|&b| b != 0))
@@ -778,7 +855,7 @@ impl Machine {
             .collect();
         let digest = Self::digest_of(&state, &self.mem);
         Ok(Snapshot {
-            icount: self.icount,
+            icount: self.position(),
             rip: self.regs.rip,
             state,
             pages,
@@ -870,8 +947,12 @@ impl Machine {
             .restored(st.devices)
             .map_err(MachineError::BadDeviceState)?;
         st.cpu.restore(&self.vcpu)?;
-        self.icount = st.icount;
+        match self.positions {
+            Clock::Step => self.icount = st.icount,
+            Clock::Landmark => self.landmarks = st.icount,
+        }
         self.halted = st.halted;
+        self.delivering = false;
         self.devices = devices;
         self.regs = st.cpu.regs;
         self.sregs = st.cpu.sregs;
@@ -893,6 +974,7 @@ impl Machine {
         }
         self.restore_state(state)?;
         self.take_dirty_pages()?;
+        self.dirty_since_mark.fill(0);
         Ok(())
     }
 
@@ -903,6 +985,19 @@ impl Machine {
 
     /// Size of a page, for checkpoint accounting.
     pub const PAGE_SIZE: usize = PAGE_SIZE;
+}
+
+/// The page frames whose bits are set in `bitmap`, in increasing order.
+fn bitmap_pages(bitmap: &[u64]) -> Vec<u64> {
+    bitmap
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &word)| {
+            (0..64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+        .collect()
 }
 
 /// Appends "PATH is A, recorded B" for every leaf where two JSON trees differ.

@@ -163,6 +163,18 @@ impl HostEnv {
         }
     }
 
+    /// Whether delivering the inputs due now would interrupt the guest (a timer edge or serial bytes that
+    /// raise an interrupt the PIC passes on). Nothing is delivered or logged.
+    pub fn interrupt_due(&mut self, machine: &Machine) -> bool {
+        let now = self.now_ns();
+        let edge =
+            now > self.pit_polled_ns && machine.devices.pit.irq0_edges(self.pit_polled_ns, now) > 0;
+        self.drain_stream();
+        let n = machine.serial_rx_room().min(self.pending_input.len());
+        let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
+        (edge || !bytes.is_empty()) && machine.devices.interrupt_after(edge, &bytes)
+    }
+
     /// The guest is halted: wait (host time) or skip ahead (virtual time) until something can wake it, and
     /// deliver it. Returns false if nothing ever can (no timer armed, no more input): the guest is dead.
     pub fn wait_for_wakeup(&mut self, machine: &mut Machine) -> bool {

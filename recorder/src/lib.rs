@@ -1,14 +1,13 @@
-//! The record loop: runs the machine instruction by instruction on host inputs (terminal or file, host
-//! clock, host random numbers) and logs every nondeterministic input, tagged with icount and rip, into a
-//! trace. Without a trace it is the plain single-stepped `run`.
+//! The record loop: drives the machine with its clock (step or landmark) on host inputs (terminal or
+//! file, host clock, host random numbers) and logs every nondeterministic input, tagged with its position
+//! and rip, into a trace. Without a trace it is the plain `run`.
 
-mod free;
 mod inputs;
 
 pub use inputs::{SerialInput, TimeSourceKind};
 
 use inputs::HostEnv;
-use machine::{Machine, MachineConfig, MachineError, Step, Stop};
+use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError, Stop};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,9 +26,12 @@ pub enum RecordError {
     /// The trace could not be written.
     #[error("cannot write the trace: {0}")]
     Trace(#[from] traces::WriteError),
-    /// Free running cannot count instructions, so it cannot record, keep virtual time or stop at a count.
-    #[error("the free-running clock only does plain runs with host time: recording, --time virtual and --max-instructions need the step clock")]
-    FreeRunUnsupported,
+    /// The landmark clock counts no instructions, so it cannot keep time by them.
+    #[error("--time virtual needs --clock step: virtual time follows the instruction count, which only the step clock counts")]
+    LandmarkNeedsHostTime,
+    /// The landmark clock counts no instructions, so it cannot stop at a count.
+    #[error("--max-instructions needs --clock step: the landmark clock runs free and counts no instructions")]
+    LandmarkCountsNoInstructions,
     /// The guest's serial output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
@@ -49,13 +51,13 @@ pub struct Options {
     pub serial_input: SerialInput,
     /// Host clock or instruction-count clock for the PIT and RTC.
     pub time: TimeSourceKind,
-    /// Instructions between checkpoints.
+    /// Between checkpoints: instructions (step clock) or milliseconds of wall time (landmark clock).
     pub checkpoint_every: u64,
     /// Stop after this many instructions (the recording ends as a user stop).
     pub max_instructions: Option<u64>,
-    /// Run free instead of single-stepping (plain runs with host time only: nothing is counted).
-    pub free_run: bool,
-    /// Called now and then during a stepped run with (instructions so far, events so far).
+    /// How the guest is driven: single-stepped, or free between landmarks.
+    pub clock: Clock,
+    /// Called now and then with (position so far, events so far).
     pub progress: Option<Box<dyn FnMut(u64, u64)>>,
 }
 
@@ -110,38 +112,28 @@ pub fn image_sha256(image: &[u8]) -> String {
     traces::sha256_hex(image)
 }
 
-/// How often (in instructions) the loop looks at the wall clock to flush the event stream.
+/// How often (in positions or kicks) the loop looks at the wall clock to flush the event stream.
 const FLUSH_CHECK_EVERY: u64 = 4096;
+/// How often the landmark clock kicks a guest that runs without exits: the resolution of timer and input
+/// delivery while it computes.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
 /// Longest stretch of wall time whose events a crash may lose.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Records (or, without a trace path, just runs) the guest until it stops. Guest serial output goes to `out`.
 pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
     let started = Instant::now();
-    let mut machine = Machine::new(&opts.machine, &opts.image)?;
-    if opts.free_run {
-        if opts.trace.is_some()
-            || opts.time != TimeSourceKind::Host
-            || opts.max_instructions.is_some()
-        {
-            return Err(RecordError::FreeRunUnsupported);
+    if opts.clock == Clock::Landmark {
+        if opts.time != TimeSourceKind::Host {
+            return Err(RecordError::LandmarkNeedsHostTime);
         }
-        let stop = free::run(
-            &mut machine,
-            HostEnv::new(opts.time, opts.serial_input),
-            out,
-        )?;
-        let none = BTreeMap::new();
-        return Ok(Outcome {
-            stop,
-            icount: 0,
-            events_by_kind: none,
-            checkpoints: 0,
-            trace_bytes: (0, 0),
-            wall: started.elapsed(),
-            disk_writes: take_disk_writes(&mut machine),
-        });
+        if opts.max_instructions.is_some() {
+            return Err(RecordError::LandmarkCountsNoInstructions);
+        }
     }
+    let mut machine = Machine::new(&opts.machine, &opts.image)?;
+    machine.set_clock(opts.clock)?;
+    machine.set_positions(opts.clock);
     let mut writer = match &opts.trace {
         Some(dir) => {
             let header = Header {
@@ -154,7 +146,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     ram_bytes: machine.ram_bytes(),
                     cmdline: opts.machine.cmdline.clone(),
                 },
-                clock: "step".to_string(),
+                clock: opts.clock.name().to_string(),
                 time_mode: opts.time.mode(),
                 checkpoint_every: opts.checkpoint_every,
                 created_unix_secs: std::time::SystemTime::now()
@@ -182,53 +174,66 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         None => None,
     };
     install_stop_handlers();
+    // The landmark clock gets control back from a guest that computes without exits by kicking it.
+    let _kicker = (opts.clock == Clock::Landmark).then(|| Kicker::start(KICK_INTERVAL));
     let mut env = HostEnv::new(opts.time, opts.serial_input);
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut output_hash = Sha256::new();
     let mut output_bytes = 0u64;
     let mut checkpoints = 0u64;
-    let mut next_checkpoint = 0u64;
+    let mut schedule = CheckpointSchedule::new(opts.clock, opts.checkpoint_every);
     let mut last_flush = Instant::now();
+    // Whether the machine stands at a position (where inputs may be delivered and checkpoints taken), as
+    // opposed to a point a kick stopped at.
+    let mut at_position = true;
+    let mut ticks = 0u64;
 
     let stop = loop {
-        let icount = machine.icount();
-        if let Some(w) = writer.as_mut() {
-            if icount >= next_checkpoint {
-                let snap = machine.snapshot(checkpoints == 0)?;
-                w.write_checkpoint(&Checkpoint {
-                    icount,
-                    rip: snap.rip,
-                    full: checkpoints == 0,
-                    digest: snap.digest,
-                    state: snap.state,
-                    pages: snap.pages,
-                })?;
-                checkpoints += 1;
-                next_checkpoint = icount + opts.checkpoint_every.max(1);
-            }
-            if icount.is_multiple_of(FLUSH_CHECK_EVERY) && last_flush.elapsed() >= FLUSH_INTERVAL {
-                w.flush(icount)?;
-                last_flush = Instant::now();
+        let position = machine.position();
+        if at_position {
+            if let Some(w) = writer.as_mut() {
+                if schedule.due(position) {
+                    let snap = machine.snapshot(checkpoints == 0)?;
+                    w.write_checkpoint(&Checkpoint {
+                        icount: position,
+                        rip: snap.rip,
+                        full: checkpoints == 0,
+                        digest: snap.digest,
+                        state: snap.state,
+                        pages: snap.pages,
+                    })?;
+                    checkpoints += 1;
+                    schedule.taken(position);
+                }
             }
         }
-        if icount.is_multiple_of(FLUSH_CHECK_EVERY) {
+        ticks += 1;
+        if ticks.is_multiple_of(FLUSH_CHECK_EVERY) {
+            if let Some(w) = writer.as_mut() {
+                if last_flush.elapsed() >= FLUSH_INTERVAL {
+                    w.flush(position)?;
+                    last_flush = Instant::now();
+                }
+            }
             if let Some(p) = opts.progress.as_mut() {
-                p(icount, counts.values().sum());
+                p(position, counts.values().sum());
             }
         }
         if STOP_REQUESTED.load(Ordering::SeqCst)
-            || opts.max_instructions.is_some_and(|m| icount >= m)
+            || opts.max_instructions.is_some_and(|m| position >= m)
         {
             break StopReason::UserStop;
         }
-        env.set_position(icount, machine.rip());
-        env.deliver_inputs(&mut machine);
-        if machine.interrupt_ready() {
-            if let Some(vector) = machine.inject_interrupt()? {
-                env.log(EventKind::Interrupt { vector });
+        env.set_position(position, machine.rip());
+        if at_position || kick_delivers(&mut machine, &mut env, writer.is_some())? {
+            env.deliver_inputs(&mut machine);
+            if machine.interrupt_ready() {
+                if let Some(vector) = machine.inject_interrupt()? {
+                    env.log(EventKind::Interrupt { vector });
+                }
             }
         }
-        let step = machine.step(&mut env)?;
+        let advance = machine.advance(&mut env)?;
         let output = machine.take_output();
         if !output.is_empty() {
             out.write_all(&output)
@@ -237,18 +242,19 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             output_hash.update(&output);
             output_bytes += output.len() as u64;
         }
-        let reason = match step {
-            Step::Retired => None,
-            Step::Idle => {
+        at_position = advance != Advance::Kicked;
+        let reason = match advance {
+            Advance::Moved | Advance::Kicked => None,
+            Advance::Idle => {
                 if env.wait_for_wakeup(&mut machine) {
                     None
                 } else {
                     Some(StopReason::Halted)
                 }
             }
-            Step::Stopped(Stop::GuestExit(status)) => Some(StopReason::GuestExit { status }),
-            Step::Stopped(Stop::TripleFault) => Some(StopReason::TripleFault),
-            Step::Stopped(Stop::Halted) => Some(StopReason::Halted),
+            Advance::Stopped(Stop::GuestExit(status)) => Some(StopReason::GuestExit { status }),
+            Advance::Stopped(Stop::TripleFault) => Some(StopReason::TripleFault),
+            Advance::Stopped(Stop::Halted) => Some(StopReason::Halted),
         };
         for event in env.take_events() {
             *counts.entry(event.kind.name().to_string()).or_default() += 1;
@@ -261,11 +267,11 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         }
     };
 
-    let icount = machine.icount();
+    let position = machine.position();
     let mut trace_bytes = (0, 0);
     if let Some(mut w) = writer {
         w.push(Event {
-            icount,
+            icount: position,
             rip: machine.rip(),
             kind: EventKind::Stop {
                 reason: stop.clone(),
@@ -274,7 +280,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         *counts.entry("stop".to_string()).or_default() += 1;
         trace_bytes = w.bytes_written();
         w.finish(&Summary {
-            end_icount: icount,
+            end_icount: position,
             stop: stop.clone(),
             events_by_kind: counts.clone(),
             checkpoints,
@@ -285,13 +291,80 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     }
     Ok(Outcome {
         stop,
-        icount,
+        icount: position,
         events_by_kind: counts,
         checkpoints,
         trace_bytes,
         wall: started.elapsed(),
         disk_writes: take_disk_writes(&mut machine),
     })
+}
+
+/// Landmark clock, at a point a kick stopped at: whether to deliver the inputs that are due here (and
+/// inject an interrupt that has been waiting). Only if the guest would be interrupted now; deliveries that
+/// can wait for the next landmark do (they cost replay nothing there). A recording names the point by its
+/// fingerprint first, in a `Kick` event.
+fn kick_delivers(
+    machine: &mut Machine,
+    env: &mut HostEnv,
+    recording: bool,
+) -> Result<bool, RecordError> {
+    if !machine.interrupts_enabled() || !(machine.interrupt_ready() || env.interrupt_due(machine)) {
+        return Ok(false);
+    }
+    if recording {
+        let fp = machine.fingerprint()?;
+        env.log(EventKind::Kick {
+            fingerprint: traces::Fingerprint {
+                rip: fp.rip,
+                rsp: fp.rsp,
+                rflags: fp.rflags,
+                regs: fp.regs,
+                memory: fp.memory,
+            },
+        });
+    }
+    Ok(true)
+}
+
+/// When checkpoints fall due: every `every` instructions with the step clock; with the landmark clock,
+/// whose positions come at no regular pace, every `every` milliseconds of wall time (at the first landmark
+/// after that).
+struct CheckpointSchedule {
+    clock: Clock,
+    every: u64,
+    next: u64,
+    last: Option<Instant>,
+}
+
+impl CheckpointSchedule {
+    fn new(clock: Clock, every: u64) -> CheckpointSchedule {
+        CheckpointSchedule {
+            clock,
+            every: every.max(1),
+            next: 0,
+            last: None,
+        }
+    }
+
+    fn due(&self, position: u64) -> bool {
+        match (self.clock, self.last) {
+            (_, None) => true,
+            (Clock::Step, _) => position >= self.next,
+            (Clock::Landmark, Some(last)) => {
+                position >= self.next && last.elapsed() >= Duration::from_millis(self.every)
+            }
+        }
+    }
+
+    fn taken(&mut self, position: u64) {
+        // A landmark trace holds at most one checkpoint per landmark.
+        self.next = match self.clock {
+            Clock::Step => position + self.every,
+            Clock::Landmark => position + 1,
+        };
+        self.last = Some(Instant::now());
+    }
 }
 
 /// Exit status of the retrovisor process for a guest that ended this way: the guest's own status for
@@ -303,15 +376,4 @@ pub fn exit_status(stop: &StopReason) -> i32 {
         StopReason::TripleFault => 6,
         StopReason::UserStop => 130,
     }
-}
-
-/// Passes the guest's new serial output to `out`, returning it.
-fn forward_output(machine: &mut Machine, out: &mut dyn Write) -> Result<Vec<u8>, RecordError> {
-    let output = machine.take_output();
-    if !output.is_empty() {
-        out.write_all(&output)
-            .and_then(|_| out.flush())
-            .map_err(RecordError::Output)?;
-    }
-    Ok(output)
 }

@@ -9,7 +9,7 @@ mod snapshots;
 pub use log::Divergence;
 use log::LogHost;
 use machine::disk::DiskImage;
-use machine::{Machine, MachineConfig, MachineError, Step, Stop};
+use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search, Stop};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
 use std::io::Write;
@@ -48,6 +48,15 @@ pub enum ReplayError {
     /// Replay and recording disagree.
     #[error(transparent)]
     Divergence(#[from] Divergence),
+    /// The header names a clock this retrovisor does not know.
+    #[error("the trace was recorded with clock {clock:?}, which this retrovisor does not know (it knows step and landmark)")]
+    UnknownClock {
+        /// The clock the header names.
+        clock: String,
+    },
+    /// A step trace names its positions by instruction counts, which only the step clock finds.
+    #[error("a trace recorded with the step clock replays only with the step clock")]
+    StepTraceNeedsStepClock,
     /// Guest output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
@@ -83,6 +92,9 @@ pub struct Replayer {
     base_pages: Rc<PageMap>,
     /// The position the user is looking at: snapshots are densest around it.
     focus: u64,
+    /// The current position and the rip where the machine stood when it got there (or at the kick taken
+    /// since): what the recorder tagged the values asked for until the next position with.
+    anchor: (u64, u64),
     progress: Option<Progress>,
 }
 
@@ -128,12 +140,18 @@ impl Replayer {
                 trace.read_disk(i).map(|bytes| DiskImage::new(bytes, path))
             })
             .collect::<Result<_, _>>()?;
+        let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
+            clock: h.clock.clone(),
+        })?;
         let config = MachineConfig {
             ram_bytes: h.machine.ram_bytes,
             cmdline: h.machine.cmdline.clone(),
             disks,
+            hide_host_values: clock == Clock::Landmark,
         };
-        let machine = Machine::new(&config, &image)?;
+        let mut machine = Machine::new(&config, &image)?;
+        machine.set_positions(clock);
+        machine.set_clock(clock)?;
         let end = trace
             .summary()
             .map(|s| s.end_icount)
@@ -151,6 +169,7 @@ impl Replayer {
             cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY as usize),
             base_pages: Rc::new(PageMap::new()),
             focus: 0,
+            anchor: (u64::MAX, 0),
             progress: None,
         };
         replayer.restore_checkpoint(0)?;
@@ -167,9 +186,24 @@ impl Replayer {
         &self.machine
     }
 
-    /// Current position (instructions retired).
+    /// Current position: instructions retired (step traces) or landmarks passed (landmark traces).
     pub fn icount(&self) -> u64 {
-        self.machine.icount()
+        self.machine.position()
+    }
+
+    /// The clock the trace was recorded with: what its positions count.
+    pub fn positions(&self) -> Clock {
+        Clock::from_name(&self.trace.header().clock).unwrap_or(Clock::Step)
+    }
+
+    /// Replays with `clock` from now on. A landmark trace replays with either clock: the step clock finds
+    /// every recorded point by single-stepping (slow, and the same answer), which is how `index` counts
+    /// its instructions. A step trace needs the step clock.
+    pub fn set_clock(&mut self, clock: Clock) -> Result<(), ReplayError> {
+        if clock == Clock::Landmark && self.positions() == Clock::Step {
+            return Err(ReplayError::StepTraceNeedsStepClock);
+        }
+        Ok(self.machine.set_clock(clock)?)
     }
 
     /// The last instruction boundary of the recording.
@@ -196,6 +230,7 @@ impl Replayer {
 
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
     fn after_restore(&mut self, icount: u64) {
+        self.anchor = (u64::MAX, 0);
         self.host
             .seek(self.trace.events().partition_point(|e| e.icount < icount));
         self.next_verify = self
@@ -218,6 +253,7 @@ impl Replayer {
             .before(icount)
             .expect("caller checked a snapshot exists");
         let (pages, state, at) = (snap.pages.clone(), snap.state.clone(), snap.icount);
+        let fingerprint_pages = snap.dirty_since_checkpoint.clone();
         let mut pfns: std::collections::BTreeSet<u64> =
             self.machine.take_dirty_pages()?.into_iter().collect();
         pfns.extend(map_difference(&self.base_pages, &pages));
@@ -226,6 +262,7 @@ impl Replayer {
                 .restore_page(pfn, pages.get(&pfn).map(|p| &p[..]))?;
         }
         self.machine.restore_state(&state)?;
+        self.machine.set_dirty_since_checkpoint(&fingerprint_pages);
         self.base_pages = pages;
         self.after_restore(at);
         Ok(())
@@ -233,7 +270,7 @@ impl Replayer {
 
     /// Takes an in-memory snapshot here if the cache wants one (called at fresh instruction boundaries).
     fn maybe_snapshot(&mut self) -> Result<(), ReplayError> {
-        let icount = self.machine.icount();
+        let icount = self.icount();
         self.focus = self.focus.max(icount);
         if !self.cache.wants(icount, self.focus) {
             return Ok(());
@@ -254,6 +291,7 @@ impl Replayer {
             state: self.machine.state_blob()?,
             pages: self.base_pages.clone(),
             own_bytes: dirty.len() * machine::memory::PAGE_SIZE,
+            dirty_since_checkpoint: self.machine.dirty_since_checkpoint()?,
         };
         self.cache.insert(snap, self.focus);
         Ok(())
@@ -300,7 +338,7 @@ impl Replayer {
             if let Some(h) = &self.finished {
                 return Ok(h.clone());
             }
-            let icount = self.machine.icount();
+            let icount = self.icount();
             if icount >= target {
                 return Ok(Halt::Target);
             }
@@ -318,19 +356,52 @@ impl Replayer {
         self.progress = progress;
     }
 
-    /// Executes one instruction (applying the events logged before it), or finds the end of the recording.
+    /// Advances the machine to its next position (applying the events logged before it), or finds the end
+    /// of the recording: one instruction with the step clock, to the next landmark with the landmark clock.
     pub fn step(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
-        if self.finished.is_none() && self.machine.icount() < self.end {
+        self.advance(out).map_err(|e| match e {
+            ReplayError::Divergence(d) => ReplayError::Divergence(self.explain(d)),
+            other => other,
+        })
+    }
+
+    /// Says what a divergence in a landmark trace most likely means, and names positions as landmarks.
+    fn explain(&self, mut d: Divergence) -> Divergence {
+        if self.positions() == Clock::Landmark {
+            d.unit = "landmark";
+            if self.machine.clock() == Clock::Landmark {
+                d.what.push_str(
+                    "; running free, the landmark clock cannot record what RDTSC returns: if the guest reads \
+                     the TSC, record it with --clock step (`retrovisor replay --clock step` on this trace \
+                     stops at the instruction that differs)",
+                );
+            }
+        }
+        d
+    }
+
+    fn advance(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
+        if self.finished.is_none() && self.icount() < self.end {
             self.maybe_snapshot()?;
         }
         loop {
-            let icount = self.machine.icount();
-            self.verify_checkpoint(icount)?;
-            if icount >= self.end {
-                return self.finish_at_end(icount);
+            let position = self.icount();
+            self.verify_checkpoint(position)?;
+            if position >= self.end {
+                return self.finish_at_end(position);
+            }
+            if self.anchor.0 != position {
+                self.anchor = (position, self.machine.rip());
             }
             self.host.apply_inputs(&mut self.machine)?;
-            if let Some(reason) = self.host.stop_here(icount) {
+            if let Some(fingerprint) = self.host.kick_here(position) {
+                if self.reach_kick(position, &fingerprint)? {
+                    self.host.take_kick();
+                    self.anchor.1 = self.machine.rip();
+                    self.host.apply_inputs(&mut self.machine)?;
+                }
+            }
+            if let Some(reason) = self.host.stop_here(position) {
                 // Only a user stop ends a recording without the guest doing something; anything else the
                 // guest must reproduce itself (checked below when its step stops).
                 if reason == StopReason::UserStop {
@@ -338,11 +409,14 @@ impl Replayer {
                     return Ok(());
                 }
             }
-            self.host.begin_step(icount, self.machine.rip());
-            let step = self.machine.step(&mut self.host)?;
-            self.host.end_step()?;
+            // Values the machine asks for on the way are logged with the rip where the recorder last stood
+            // at a position or kick: with the landmark clock, the start of the run that made the exit.
+            self.host.begin_step(position, self.anchor.1);
+            let advance = self.machine.advance(&mut self.host)?;
+            self.host.end_step(self.icount())?;
             let output = self.machine.take_output();
-            if !output.is_empty() && icount >= self.printed_upto {
+            // Output of positions before `printed_upto` has been printed already (after a jump back).
+            if !output.is_empty() && position >= self.printed_upto {
                 out.write_all(&output)
                     .and_then(|_| out.flush())
                     .map_err(ReplayError::Output)?;
@@ -350,30 +424,32 @@ impl Replayer {
                     h.update(&output);
                 }
             }
-            self.printed_upto = self.printed_upto.max(self.machine.icount());
-            match step {
-                Step::Retired => return Ok(()),
-                Step::Idle => {
-                    // Recorded inputs at this icount must wake it; if none are left it diverged.
-                    if !self.host.has_inputs_at(icount) {
+            self.printed_upto = self.printed_upto.max(self.icount());
+            match advance {
+                Advance::Moved => return Ok(()),
+                // Only the recorder kicks; a kick here is a signal meant for something else.
+                Advance::Kicked => continue,
+                Advance::Idle => {
+                    // Recorded inputs at this position must wake it; if none are left it diverged.
+                    if !self.host.has_inputs_at(position) {
                         return Err(Divergence::new(
-                            icount,
+                            position,
                             "the guest is halted here but the recording has no input that wakes it",
                         )
                         .into());
                     }
                 }
-                Step::Stopped(stop) => {
+                Advance::Stopped(stop) => {
                     let got = match stop {
                         Stop::GuestExit(status) => StopReason::GuestExit { status },
                         Stop::TripleFault => StopReason::TripleFault,
                         Stop::Halted => StopReason::Halted,
                     };
-                    let now = self.machine.icount();
+                    let now = self.icount();
                     match self
                         .host
                         .stop_here(now)
-                        .or_else(|| self.host.stop_here(icount))
+                        .or_else(|| self.host.stop_here(position))
                     {
                         Some(expected) if expected == got => {
                             self.finished = Some(Halt::End(Some(got)));
@@ -394,6 +470,47 @@ impl Replayer {
                             .into())
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Gets the machine to the point a kick stopped the recording at, after landmark `position`. With the
+    /// landmark clock: runs to it (breakpoint search); with the step clock: says whether this instruction
+    /// boundary is it (the caller steps on if not). Passing the next landmark without finding it is a
+    /// divergence.
+    fn reach_kick(
+        &mut self,
+        position: u64,
+        fingerprint: &traces::Fingerprint,
+    ) -> Result<bool, ReplayError> {
+        let fp = machine::Fingerprint {
+            rip: fingerprint.rip,
+            rsp: fingerprint.rsp,
+            rflags: fingerprint.rflags,
+            regs: fingerprint.regs,
+            memory: fingerprint.memory,
+        };
+        match self.machine.clock() {
+            Clock::Step => Ok(self.machine.matches(&fp)?),
+            Clock::Landmark => {
+                self.host.begin_step(position, self.machine.rip());
+                let search = self.machine.run_to_fingerprint(&fp, &mut self.host)?;
+                self.host.end_step(self.icount())?;
+                match search {
+                    Search::Found => Ok(true),
+                    Search::Passed => Err(Divergence::new(
+                        position,
+                        format!(
+                            "the recording delivered input at a point after landmark {position} (rip {:#x}, rsp {:#x}) \
+                             that the replay never reached before its next landmark (now at rip {:#x}); if the guest \
+                             reads the TSC or a random number, record it with --clock step",
+                            fp.rip,
+                            fp.rsp,
+                            self.machine.rip()
+                        ),
+                    )
+                    .into()),
                 }
             }
         }
@@ -433,6 +550,8 @@ impl Replayer {
                 )
                 .into());
             }
+            // Fingerprints digest the pages written since the last checkpoint, as the recorder saw them.
+            self.machine.mark_checkpoint()?;
             self.next_verify += 1;
         }
         Ok(())
@@ -522,7 +641,7 @@ impl Replayer {
             let got = traces::hex(&h.finalize());
             if got != summary.output_sha256 {
                 return Err(Divergence::new(
-                    self.machine.icount(),
+                    self.icount(),
                     "the guest's serial output differs from the recording's",
                 )
                 .into());

@@ -9,19 +9,22 @@ use traces::{ClockKind, Event, EventKind, StopReason};
 
 /// Replay and recording disagree: the replayed guest did something the recording did not.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("replay diverged from the recording at icount {icount}: {what}")]
+#[error("replay diverged from the recording at {unit} {icount}: {what}")]
 pub struct Divergence {
-    /// Instruction count where it was noticed.
+    /// Position where it was noticed.
     pub icount: u64,
+    /// What positions count: "icount" or "landmark".
+    pub unit: &'static str,
     /// What differed.
     pub what: String,
 }
 
 impl Divergence {
-    /// A divergence at `icount`.
+    /// A divergence at position `icount` (an instruction count until the replayer says otherwise).
     pub fn new(icount: u64, what: impl Into<String>) -> Divergence {
         Divergence {
             icount,
+            unit: "icount",
             what: what.into(),
         }
     }
@@ -66,10 +69,21 @@ impl LogHost {
         self.error = None;
     }
 
-    /// Applies the boundary inputs logged at the machine's icount, in order, checking rip and that the
-    /// guest can take each interrupt.
+    /// Applies the boundary inputs logged at the machine's position, in order, checking rip and that the
+    /// guest can take each interrupt. Stops at a kick (see [`LogHost::kick_here`]).
     pub fn apply_inputs(&mut self, machine: &mut Machine) -> Result<(), Divergence> {
-        let icount = machine.icount();
+        let icount = machine.position();
+        if let Some(e) = self.events.get(self.cursor).filter(|e| e.icount < icount) {
+            return Err(Divergence::new(
+                icount,
+                format!(
+                    "the replay passed position {} without reaching the recorded {} event there (rip {:#x})",
+                    e.icount,
+                    e.kind.name(),
+                    e.rip
+                ),
+            ));
+        }
         while let Some(e) = self.events.get(self.cursor) {
             if e.icount != icount || !is_boundary_input(&e.kind) {
                 break;
@@ -124,6 +138,24 @@ impl LogHost {
             .is_some_and(|e| e.icount == icount && is_boundary_input(&e.kind))
     }
 
+    /// The fingerprint of the point a kick stopped the recording at, if the next event is a kick at
+    /// `position`: the events after it apply there.
+    pub fn kick_here(&self, position: u64) -> Option<traces::Fingerprint> {
+        match self.events.get(self.cursor) {
+            Some(Event {
+                icount,
+                kind: EventKind::Kick { fingerprint },
+                ..
+            }) if *icount == position => Some(*fingerprint),
+            _ => None,
+        }
+    }
+
+    /// Consumes the kick [`LogHost::kick_here`] returned: the machine is at its point.
+    pub fn take_kick(&mut self) {
+        self.cursor += 1;
+    }
+
     /// The stop logged at `icount`, if the next event is one.
     pub fn stop_here(&self, icount: u64) -> Option<StopReason> {
         match self.events.get(self.cursor) {
@@ -144,9 +176,9 @@ impl LogHost {
         self.step_used = 0;
     }
 
-    /// Consumes the values the step asked for; any the recording had at this icount but the replay did not
-    /// ask for, or asked for differently, is a divergence.
-    pub fn end_step(&mut self) -> Result<(), Divergence> {
+    /// Consumes the values the step asked for; any the recording had at this position but the replay did
+    /// not ask for by the time it moved on (to `now`), or asked for differently, is a divergence.
+    pub fn end_step(&mut self, now: u64) -> Result<(), Divergence> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
@@ -154,9 +186,9 @@ impl LogHost {
         if let Some(e) = self
             .events
             .get(self.cursor)
-            .filter(|e| e.icount == self.icount && !is_boundary_input(&e.kind))
+            .filter(|e| e.icount == self.icount && now > self.icount && !is_boundary_input(&e.kind))
         {
-            if !matches!(e.kind, EventKind::Stop { .. }) {
+            if !matches!(e.kind, EventKind::Stop { .. } | EventKind::Kick { .. }) {
                 return Err(Divergence::new(self.icount, format!("the recording has a {} event here that the replayed instruction did not ask for", e.kind.name())));
             }
         }

@@ -21,6 +21,8 @@ pub struct Snap {
     pub pages: Rc<PageMap>,
     /// Bytes of page data this snapshot added (pages it does not share with the one it was made from).
     pub own_bytes: usize,
+    /// The pages written since the last checkpoint (what fingerprints digest), to put back on restore.
+    pub dirty_since_checkpoint: Vec<u64>,
 }
 
 /// Instructions between snapshots near the focus: about 10 ms of replay at this machine's single-step rate.
@@ -125,6 +127,7 @@ mod tests {
             state: vec![0; 10],
             pages: Rc::new(PageMap::new()),
             own_bytes: 100,
+            dirty_since_checkpoint: Vec::new(),
         }
     }
 

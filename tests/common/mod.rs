@@ -98,7 +98,12 @@ pub fn replay(trace: &Path, extra: &[&str]) -> Output {
 
 /// Asserts that replay reproduces the recording byte for byte, with the same exit status.
 pub fn assert_replays(trace: &Path, recorded: &Output) {
-    let r = replay(trace, &[]);
+    assert_replays_with(trace, recorded, &[]);
+}
+
+/// [`assert_replays`] with extra replay arguments (such as `--clock step`).
+pub fn assert_replays_with(trace: &Path, recorded: &Output, extra: &[&str]) {
+    let r = replay(trace, extra);
     assert_eq!(
         status(&r),
         status(recorded),

@@ -306,6 +306,29 @@ pub enum EventKind {
         /// Why it ended.
         reason: StopReason,
     },
+    /// Landmark clock only: the events after this one (until the next event of another position) apply
+    /// at a point between landmark `icount` and the next, which a kick stopped at; the point is named by
+    /// the state there.
+    Kick {
+        /// The state at the point.
+        fingerprint: Fingerprint,
+    },
+}
+
+/// A point between two landmarks, named by the state there (see the machine's clock): replay runs from
+/// the landmark to the first point with the same fingerprint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Guest RIP.
+    pub rip: u64,
+    /// Guest RSP.
+    pub rsp: u64,
+    /// Guest RFLAGS without RF.
+    pub rflags: u64,
+    /// Hash of the general, segment and control registers.
+    pub regs: u64,
+    /// Hash of the pages written since the last checkpoint.
+    pub memory: u64,
 }
 
 impl EventKind {
@@ -318,6 +341,7 @@ impl EventKind {
             EventKind::Interrupt { .. } => "interrupt",
             EventKind::HostValue { .. } => "host_value",
             EventKind::Stop { .. } => "stop",
+            EventKind::Kick { .. } => "kick",
         }
     }
 }

@@ -211,6 +211,23 @@ impl Devices {
         }
     }
 
+    /// Whether delivering these inputs (a timer edge on IRQ 0, bytes into the UART) would leave an
+    /// interrupt pending at the PIC, worked out on copies: the devices are not changed.
+    pub fn interrupt_after(&self, timer_edge: bool, serial: &[u8]) -> bool {
+        let mut pic = self.pic.clone();
+        if timer_edge {
+            pic.pulse_irq(0);
+        }
+        if !serial.is_empty() {
+            let mut uart = self.uart.clone();
+            uart.push_rx(serial);
+            if uart.take_irq() {
+                pic.pulse_irq(COM1_IRQ);
+            }
+        }
+        pic.has_interrupt()
+    }
+
     /// Moves interrupt edges raised by devices into the PIC; the machine calls it after every I/O and
     /// after feeding the UART.
     pub fn sync_irqs(&mut self) {

@@ -1,0 +1,450 @@
+//! The execution clock: how the machine is driven between the points where the outside world may act on
+//! it, and how those points are named.
+//!
+//! Two clocks drive the same machine:
+//! - **step** single-steps every instruction, so every instruction boundary is a position (the icount).
+//!   Exact on any KVM, and slow: one exit per instruction.
+//! - **landmark** runs free. Its positions are *landmarks*: the exits the guest itself causes (port I/O,
+//!   MMIO, `hlt`, an instruction the VMM completes). Given the
+//!   same state and inputs, the n-th landmark happens at the same instruction, so "after landmark n" names
+//!   a point without any counter. Inputs are delivered there. When the guest computes without exits while
+//!   an input falls due, a *kick* (a signal that interrupts KVM_RUN) stops it at an arbitrary point; that
+//!   point is named by its [`Fingerprint`] (registers and the memory written since the last checkpoint),
+//!   and replay finds it again with a hardware breakpoint on its rip ([`Machine::run_to_fingerprint`]).
+//!   A matching state has an identical future, so replay is exact even when a loop passes that rip often.
+//!
+//! Both clocks count landmarks the same way, so a landmark trace can be replayed by the step clock (that is
+//! how `index` gives every landmark its icount): each exit counts once per element transferred (a string
+//! I/O that KVM batches into one exit counts as the exits stepping would see), and `hlt` counts whether KVM
+//! reports it or the step clock executes it.
+//!
+//! KVM's interrupt-window exit is not used: on PVM it is not reported where the window opens (a window
+//! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
+//! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
+
+use crate::vm::{Exit, Host, Machine, MachineError, Step, Stop};
+use kvm_bindings::{
+    kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the machine is driven, and what a position counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// Single-step every instruction; positions are instruction counts.
+    Step,
+    /// Run free between the guest's own exits; positions are landmark counts.
+    Landmark,
+}
+
+impl Clock {
+    /// The name traces and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Clock::Step => "step",
+            Clock::Landmark => "landmark",
+        }
+    }
+
+    /// The clock a trace header names, if it is one this machine knows.
+    pub fn from_name(name: &str) -> Option<Clock> {
+        match name {
+            "step" => Some(Clock::Step),
+            "landmark" => Some(Clock::Landmark),
+            _ => None,
+        }
+    }
+}
+
+/// What one [`Machine::advance`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advance {
+    /// The guest reached its next position: the next instruction (step clock) or landmark.
+    Moved,
+    /// Landmark clock: a kick stopped the guest between two landmarks (its position is unchanged).
+    Kicked,
+    /// The guest is halted waiting for an interrupt; nothing ran.
+    Idle,
+    /// The guest ended.
+    Stopped(Stop),
+}
+
+/// A point between two landmarks, named by the state there: the general registers, RFLAGS (without RF,
+/// which only says how the point was reached) and a digest of every page written since the last checkpoint.
+/// Two points with the same fingerprint after the same landmark have the same future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Guest RIP.
+    pub rip: u64,
+    /// Guest RSP.
+    pub rsp: u64,
+    /// Guest RFLAGS without RF.
+    pub rflags: u64,
+    /// xxh3-64 of every general register and the segment and control registers.
+    pub regs: u64,
+    /// xxh3-64 of the pages written since the last checkpoint (frame number and contents).
+    pub memory: u64,
+}
+
+/// How [`Machine::run_to_fingerprint`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Search {
+    /// The machine is at the point.
+    Found,
+    /// The guest reached its next landmark (or stopped) without passing the point.
+    Passed,
+}
+
+/// RFLAGS.RF: set or not depending on how the instruction was reached (a breakpoint resumes with it).
+const RFLAGS_RF: u64 = 1 << 16;
+/// DR7: local enable of DR0 (an execution breakpoint, RW0 = LEN0 = 0), plus the bits KVM expects set.
+const DR7_EXEC_DR0: u64 = 0x1 | 0x600;
+
+impl Machine {
+    /// How the machine is driven.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Drives the machine with `clock` from now on.
+    pub fn set_clock(&mut self, clock: Clock) -> Result<(), MachineError> {
+        self.clock = clock;
+        self.set_debug(
+            match clock {
+                Clock::Step => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+                Clock::Landmark => 0,
+            },
+            0,
+        )
+    }
+
+    /// Makes checkpoint state blobs record the landmark count (landmark traces) or the icount as the
+    /// position, and [`Machine::position`] report it.
+    pub fn set_positions(&mut self, positions: Clock) {
+        self.positions = positions;
+    }
+
+    /// The current position as the trace counts it: the icount or the landmark count.
+    pub fn position(&self) -> u64 {
+        match self.positions {
+            Clock::Step => self.icount,
+            Clock::Landmark => self.landmarks,
+        }
+    }
+
+    /// Landmarks so far: exits the guest caused.
+    pub fn landmarks(&self) -> u64 {
+        self.landmarks
+    }
+
+    /// Sets the instruction count (a replay that knows it from an index, after restoring a checkpoint of a
+    /// landmark trace, whose state holds the landmark count instead).
+    pub fn set_icount(&mut self, icount: u64) {
+        self.icount = icount;
+    }
+
+    fn set_debug(&mut self, control: u32, dr0: u64) -> Result<(), MachineError> {
+        let mut debug = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        if control & KVM_GUESTDBG_USE_HW_BP != 0 {
+            debug.arch.debugreg[0] = dr0;
+            debug.arch.debugreg[7] = DR7_EXEC_DR0;
+        }
+        self.vcpu
+            .set_guest_debug(&debug)
+            .map_err(|source| MachineError::Kvm {
+                what: "KVM_SET_GUEST_DEBUG",
+                source,
+            })
+    }
+
+    /// The landmarks an exit makes (see the module documentation).
+    pub(crate) fn landmarks_in(&mut self, exit: &Exit) -> u64 {
+        match exit {
+            Exit::Io => {
+                let run = self.vcpu.get_kvm_run();
+                if run.exit_reason == KVM_EXIT_IO {
+                    // SAFETY: for KVM_EXIT_IO the `io` member of the exit union is the one KVM filled in.
+                    u64::from(unsafe { run.__bindgen_anon_1.io.count }).max(1)
+                } else {
+                    1
+                }
+            }
+            Exit::Hlt | Exit::EmulationFailed | Exit::Shutdown => 1,
+            Exit::Ran | Exit::Interrupted => 0,
+        }
+    }
+
+    /// Runs the guest to its next position: one instruction (step clock), or the next landmark or kick
+    /// (landmark clock).
+    pub fn advance(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
+        match self.clock {
+            Clock::Step => Ok(match self.step(host)? {
+                Step::Retired => Advance::Moved,
+                Step::Idle => Advance::Idle,
+                Step::Stopped(stop) => Advance::Stopped(stop),
+            }),
+            Clock::Landmark => self.run_to_landmark(host),
+        }
+    }
+
+    /// Runs free until the guest's next exit, or until a kick interrupts it.
+    fn run_to_landmark(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
+        if self.halted {
+            return Ok(Advance::Idle);
+        }
+        if self.stale_shadow {
+            self.clear_interrupt_shadow()?;
+        }
+        // PVM quirk (seen here, about once in a hundred disk-guest runs): when a signal interrupts the
+        // KVM_RUN that should deliver a freshly queued interrupt, the vector stays latched and is delivered
+        // again at every later entry, forever. So no kick may interrupt the delivering run; it ends at the
+        // guest's next exit, normally the handler's EOI a few instructions in. (Toggling single-step to
+        // bound it instead leaves a stray #DB in the guest on this host.)
+        let _held = std::mem::take(&mut self.delivering).then(KicksHeld::new);
+        let exit = self.enter(host)?;
+        if matches!(exit, Exit::Interrupted) {
+            self.after_exit(None);
+            return Ok(Advance::Kicked);
+        }
+        let stop = self.finish_exit(exit, host)?;
+        Ok(match stop {
+            Some(stop) => Advance::Stopped(stop),
+            None if self.halted && self.regs.rflags & (1 << 9) == 0 => {
+                Advance::Stopped(Stop::Halted)
+            }
+            None => Advance::Moved,
+        })
+    }
+
+    /// Completes what an exit left pending (the I/O, or an instruction KVM could not emulate) and does the
+    /// bookkeeping; returns the stop if the guest ended.
+    fn finish_exit(
+        &mut self,
+        exit: Exit,
+        host: &mut dyn Host,
+    ) -> Result<Option<Stop>, MachineError> {
+        let stop = match exit {
+            // Completed at once, as the step clock does, so that inputs delivered at this landmark find
+            // the instruction finished.
+            Exit::Io => {
+                self.complete_io(host)?;
+                None
+            }
+            Exit::Hlt => {
+                self.halted = true;
+                None
+            }
+            Exit::Shutdown => Some(Stop::TripleFault),
+            Exit::EmulationFailed => {
+                self.refresh_regs();
+                self.complete_failed_emulation(host)?;
+                None
+            }
+            Exit::Ran | Exit::Interrupted => None,
+        };
+        Ok(self.after_exit(stop))
+    }
+
+    /// The fingerprint of the current point (see [`Fingerprint`]).
+    pub fn fingerprint(&mut self) -> Result<Fingerprint, MachineError> {
+        let mut fp = self.register_fingerprint();
+        fp.memory = self.memory_digest()?;
+        Ok(fp)
+    }
+
+    /// The fingerprint without the memory digest (which costs a dirty-log read).
+    fn register_fingerprint(&self) -> Fingerprint {
+        let (r, s) = (&self.regs, &self.sregs);
+        let rflags = r.rflags & !RFLAGS_RF;
+        let words = [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.cs.base, s.ds.base, s.es.base, s.fs.base, s.gs.base, s.ss.base,
+        ];
+        let selectors = [
+            s.cs.selector,
+            s.ds.selector,
+            s.es.selector,
+            s.fs.selector,
+            s.gs.selector,
+            s.ss.selector,
+        ];
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for w in words {
+            h.update(&w.to_le_bytes());
+        }
+        for sel in selectors {
+            h.update(&sel.to_le_bytes());
+        }
+        Fingerprint {
+            rip: r.rip,
+            rsp: r.rsp,
+            rflags,
+            regs: h.digest(),
+            memory: 0,
+        }
+    }
+
+    /// xxh3-64 of the pages written since the last checkpoint mark, with their frame numbers.
+    fn memory_digest(&mut self) -> Result<u64, MachineError> {
+        self.collect_dirty()?;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (i, &word) in self.dirty_since_mark.iter().enumerate() {
+            for bit in (0..64).filter(|b| word & (1 << b) != 0) {
+                let pfn = i as u64 * 64 + bit;
+                h.update(&pfn.to_le_bytes());
+                h.update(self.mem.page(pfn as usize));
+            }
+        }
+        Ok(h.digest())
+    }
+
+    /// Whether the current point has fingerprint `fp` (registers first: the memory digest is dearer).
+    pub fn matches(&mut self, fp: &Fingerprint) -> Result<bool, MachineError> {
+        let here = self.register_fingerprint();
+        if (here.rip, here.rsp, here.rflags, here.regs) != (fp.rip, fp.rsp, fp.rflags, fp.regs) {
+            return Ok(false);
+        }
+        Ok(self.memory_digest()? == fp.memory)
+    }
+
+    /// Landmark clock: runs free from here to the first point with fingerprint `fp` before the next
+    /// landmark, with a hardware breakpoint on its rip. At each hit whose state differs the breakpoint is
+    /// stepped over with itself disabled (on PVM, resuming onto an armed breakpoint re-triggers it forever).
+    pub fn run_to_fingerprint(
+        &mut self,
+        fp: &Fingerprint,
+        host: &mut dyn Host,
+    ) -> Result<Search, MachineError> {
+        if self.matches(fp)? {
+            return Ok(Search::Found);
+        }
+        let linear = self.sregs.cs.base.wrapping_add(fp.rip);
+        let result = self.search_with_breakpoint(fp, linear, host);
+        // Back to plain free running, whatever happened.
+        self.set_clock(self.clock)?;
+        result
+    }
+
+    fn search_with_breakpoint(
+        &mut self,
+        fp: &Fingerprint,
+        linear: u64,
+        host: &mut dyn Host,
+    ) -> Result<Search, MachineError> {
+        let mut armed = false;
+        loop {
+            if !armed {
+                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, linear)?;
+                armed = true;
+            }
+            match self.enter(host)? {
+                Exit::Interrupted => continue,
+                Exit::Ran => {
+                    self.after_exit(None);
+                    if self.regs.rip == fp.rip && self.matches(fp)? {
+                        return Ok(Search::Found);
+                    }
+                    // Step over the breakpoint's instruction with the breakpoint off.
+                    self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+                    armed = false;
+                    let exit = loop {
+                        match self.enter(host)? {
+                            Exit::Interrupted => continue,
+                            exit => break exit,
+                        }
+                    };
+                    if !matches!(exit, Exit::Ran) {
+                        self.finish_exit(exit, host)?;
+                        return Ok(Search::Passed);
+                    }
+                    self.after_exit(None);
+                    if self.matches(fp)? {
+                        return Ok(Search::Found);
+                    }
+                }
+                exit => {
+                    self.finish_exit(exit, host)?;
+                    return Ok(Search::Passed);
+                }
+            }
+        }
+    }
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// The signal a [`Kicker`] sends.
+const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+/// Interrupts the creating thread's KVM_RUN with a signal every `interval` until dropped, so that the
+/// landmark clock gets control back from a guest that computes without exits.
+pub struct Kicker {
+    done: Arc<AtomicBool>,
+}
+
+impl Kicker {
+    /// Starts kicking the calling thread (the one that runs the vCPU).
+    pub fn start(interval: Duration) -> Kicker {
+        // SAFETY: a handler that does nothing is async-signal-safe; without SA_RESTART the signal makes
+        // KVM_RUN return EINTR, which is the point.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+            libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut());
+        }
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(interval);
+                // SAFETY: `target` is the thread that owns this Kicker; it outlives this loop because it
+                // sets `done` (in Drop) before going away, and a signal to a live thread is harmless.
+                unsafe { libc::pthread_kill(target, KICK_SIGNAL) };
+            }
+        });
+        Kicker { done }
+    }
+}
+
+impl Drop for Kicker {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The kick signal blocked in this thread while it lives, so no kick can interrupt the KVM_RUN it covers.
+struct KicksHeld {
+    old: libc::sigset_t,
+}
+
+impl KicksHeld {
+    fn new() -> KicksHeld {
+        // SAFETY: the sets are plain values we own, initialized by sigemptyset before use;
+        // pthread_sigmask only changes this thread's signal mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, KICK_SIGNAL);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            KicksHeld { old }
+        }
+    }
+}
+
+impl Drop for KicksHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`; a kick that arrived meanwhile is delivered now,
+        // harmlessly, outside KVM_RUN.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}

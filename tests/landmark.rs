@@ -1,0 +1,130 @@
+//! The landmark clock: recordings made at free-run speed replay exactly, with the landmark clock and with
+//! the step clock (which finds every recorded point by single-stepping: the two clocks must agree).
+
+mod common;
+use common::*;
+
+/// Records `guest_name` with the landmark clock and checks that both clocks replay it byte for byte,
+/// `times` times each. Returns the trace and the recording's output.
+fn record_and_replay(
+    dir: &std::path::Path,
+    guest_name: &str,
+    extra: &[&str],
+    times: usize,
+) -> (std::path::PathBuf, std::process::Output) {
+    let mut args = vec!["--clock", "landmark"];
+    args.extend_from_slice(extra);
+    let (trace, rec) = record(dir, guest_name, &args);
+    for _ in 0..times {
+        assert_replays(&trace, &rec);
+    }
+    assert_replays_with(&trace, &rec, &["--clock", "step"]);
+    (trace, rec)
+}
+
+/// How many events of `kind` the trace holds, from `retrovisor info`.
+fn events_of(trace: &std::path::Path, kind: &str) -> u64 {
+    let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(kind)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn timer_interrupts_in_a_compute_loop_replay_exactly() {
+    let dir = scratch("lm-timer");
+    // The loop makes no exits: ticks are delivered at kicks, in the middle of it, where the same rip
+    // comes back with different registers every pass.
+    let (trace, rec) = record_and_replay(&dir, "timer", &[], 3);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    assert!(
+        text(&rec.stdout).contains("tick 0:"),
+        "no tick arrived during the loop: {}",
+        text(&rec.stdout)
+    );
+    assert!(events_of(&trace, "kick") > 0, "no kick was recorded");
+}
+
+#[test]
+fn a_guest_spinning_on_a_flag_only_the_timer_sets_replays() {
+    let dir = scratch("lm-spinwait");
+    let (trace, rec) = record_and_replay(&dir, "spinwait", &[], 3);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    assert!(text(&rec.stdout).contains("spinwait: done"));
+    assert_eq!(events_of(&trace, "kick"), 12, "each tick needs a kick");
+}
+
+#[test]
+fn serial_input_interrupts_and_long_computation_replay() {
+    let dir = scratch("lm-ledger");
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let (_, rec) = record_and_replay(&dir, "ledger", &["--serial-input", input], 2);
+    assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
+    assert!(text(&rec.stdout).contains("BUG: guard clobbered: 0x00003039"));
+}
+
+#[test]
+fn rtc_disk_and_64_bit_guests_replay() {
+    let dir = scratch("lm-devices");
+    record_and_replay(&dir, "rtc", &[], 1);
+    record_and_replay(&dir, "long64", &[], 1);
+    let image = dir.join("disk.img");
+    std::fs::write(
+        &image,
+        (0..65536u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let (_, rec) = record_and_replay(&dir, "disk", &["--disk", image.to_str().unwrap()], 1);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+}
+
+#[test]
+fn a_guest_reading_the_tsc_is_reported_not_replayed_wrong() {
+    let dir = scratch("lm-rdtsc");
+    // rand.elf prints three RDTSC values; running free, the landmark clock cannot log them.
+    let (trace, rec) = record(&dir, "rand", &["--clock", "landmark"]);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let r = replay(&trace, &[]);
+    let err = text(&r.stderr);
+    assert_eq!(status(&r), 4, "{err}");
+    assert!(err.contains("--clock step"), "{err}");
+    // The step clock sees every instruction, so it names the culprit.
+    let r = replay(&trace, &["--clock", "step"]);
+    let err = text(&r.stderr);
+    assert_eq!(status(&r), 4, "{err}");
+    assert!(err.contains("Rdtsc"), "{err}");
+}
+
+#[test]
+fn landmark_options_that_need_instruction_counts_are_refused() {
+    let dir = scratch("lm-refused");
+    let trace = dir.join("t.rvt");
+    let hello = guest("hello");
+    for extra in [["--time", "virtual"], ["--max-instructions", "1000"]] {
+        let mut args = vec![
+            "record",
+            "--clock",
+            "landmark",
+            "--kernel",
+            hello.to_str().unwrap(),
+            "-o",
+            trace.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&extra);
+        let o = rv(&args);
+        assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("--clock step"),
+            "{}",
+            text(&o.stderr)
+        );
+        assert!(
+            !trace.exists(),
+            "nothing is written for a refused recording"
+        );
+    }
+    // A step trace cannot be replayed by the landmark clock.
+    let (step_trace, _) = record(&dir, "hello", &[]);
+    let o = replay(&step_trace, &["--clock", "landmark"]);
+    assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+}
