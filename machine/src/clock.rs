@@ -23,6 +23,7 @@
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
 use crate::vm::{Exit, Host, Machine, MachineError, Step, Stop};
+use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP,
@@ -66,6 +67,9 @@ pub enum Advance {
     Moved,
     /// Landmark clock: a kick stopped the guest between two landmarks (its position is unchanged).
     Kicked,
+    /// Landmark clock: the guest reached the breakpoint of [`Machine::arm_breakpoint`] (its position is
+    /// unchanged); the breakpoint is off again.
+    Breakpoint,
     /// The guest is halted waiting for an interrupt; nothing ran.
     Idle,
     /// The guest ended.
@@ -208,9 +212,19 @@ impl Machine {
         // bound it instead leaves a stray #DB in the guest on this host.)
         let _held = std::mem::take(&mut self.delivering).then(KicksHeld::new);
         let exit = self.enter(host)?;
-        if matches!(exit, Exit::Interrupted) {
-            self.after_exit(None);
-            return Ok(Advance::Kicked);
+        match exit {
+            Exit::Interrupted => {
+                self.after_exit(None);
+                return Ok(Advance::Kicked);
+            }
+            Exit::Ran => {
+                // Only an armed breakpoint makes a debug exit while running free. Disarm it: on PVM,
+                // resuming onto an armed breakpoint triggers it again forever.
+                self.after_exit(None);
+                self.disarm_breakpoint()?;
+                return Ok(Advance::Breakpoint);
+            }
+            _ => {}
         }
         let stop = self.finish_exit(exit, host)?;
         Ok(match stop {
@@ -249,6 +263,59 @@ impl Machine {
             Exit::Ran | Exit::Interrupted => None,
         };
         Ok(self.after_exit(stop))
+    }
+
+    /// Landmark clock: stops the guest with [`Advance::Breakpoint`] when it is about to execute the
+    /// instruction at CS:`rip` (a hardware breakpoint), until that happens or [`Machine::disarm_breakpoint`].
+    pub fn arm_breakpoint(&mut self, rip: u64) -> Result<(), MachineError> {
+        let linear = self.sregs.cs.base.wrapping_add(rip);
+        self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, linear)
+    }
+
+    /// Removes the breakpoint of [`Machine::arm_breakpoint`].
+    pub fn disarm_breakpoint(&mut self) -> Result<(), MachineError> {
+        self.set_clock(self.clock)
+    }
+
+    /// Where to deliver an interrupt that falls due while the guest computes in a loop, so that replay
+    /// finds the point cheaply: the instruction after the innermost loop around RIP, which runs once per
+    /// pass of the loop rather than once per iteration (replay's breakpoint search stops at every pass of
+    /// the point's rip). Found by decoding forward from RIP to the first backward branch whose target is
+    /// at or before RIP; None if there is none nearby (straight-line code, a loop left by a return or an
+    /// indirect jump). A repeated string instruction at RIP gives the instruction after it: the middle of
+    /// a `rep` is no point a breakpoint can find.
+    pub fn loop_exit(&self) -> Option<u64> {
+        /// How far to decode: loops whose latch lies farther away are not worth waiting for.
+        const MAX_INSNS: usize = 64;
+        let start = self.regs.rip;
+        let mut ip = start;
+        for _ in 0..MAX_INSNS {
+            let insn = self.decode_at(ip)?;
+            if ip == start && (insn.has_rep_prefix() || insn.has_repne_prefix()) {
+                return Some(insn.next_ip());
+            }
+            match insn.flow_control() {
+                FlowControl::ConditionalBranch if insn.near_branch_target() <= start => {
+                    return Some(insn.next_ip());
+                }
+                FlowControl::UnconditionalBranch => {
+                    let target = insn.near_branch_target();
+                    // A jump back closes a loop whose exit is elsewhere; one forward stays in the body.
+                    if target <= start {
+                        return None;
+                    }
+                    ip = target;
+                    continue;
+                }
+                FlowControl::Next
+                | FlowControl::Call
+                | FlowControl::IndirectCall
+                | FlowControl::ConditionalBranch => {}
+                _ => return None,
+            }
+            ip = insn.next_ip();
+        }
+        None
     }
 
     /// The fingerprint of the current point (see [`Fingerprint`]).

@@ -461,6 +461,12 @@ impl Machine {
 
     /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
     pub(crate) fn decode_at_rip(&self) -> Option<Instruction> {
+        self.decode_at(self.regs.rip)
+    }
+
+    /// Decodes the instruction at CS:`rip` in the current mode, or None if its bytes are not readable or
+    /// not an instruction.
+    pub fn decode_at(&self, rip: u64) -> Option<Instruction> {
         let bitness = if self.sregs.efer & (1 << 10) != 0 && self.sregs.cs.l == 1 {
             64
         } else if self.sregs.cs.db == 1 {
@@ -468,7 +474,7 @@ impl Machine {
         } else {
             16
         };
-        let linear = self.sregs.cs.base.wrapping_add(self.regs.rip);
+        let linear = self.sregs.cs.base.wrapping_add(rip);
         let paging = emulate::paging_mode(&self.sregs);
         let mut bytes = [0u8; 15];
         // The instruction may end on a page the guest has not mapped: then decode what is readable.
@@ -484,8 +490,7 @@ impl Machine {
         } else {
             first
         };
-        let mut decoder =
-            Decoder::with_ip(bitness, &bytes[..len], self.regs.rip, DecoderOptions::NONE);
+        let mut decoder = Decoder::with_ip(bitness, &bytes[..len], rip, DecoderOptions::NONE);
         let insn = decoder.decode();
         (!insn.is_invalid()).then_some(insn)
     }

@@ -184,8 +184,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     let mut schedule = CheckpointSchedule::new(opts.clock, opts.checkpoint_every);
     let mut last_flush = Instant::now();
     // Whether the machine stands at a position (where inputs may be delivered and checkpoints taken), as
-    // opposed to a point a kick stopped at.
+    // opposed to a point between landmarks that a kick or a breakpoint stopped at.
     let mut at_position = true;
+    let mut between = Between::default();
     let mut ticks = 0u64;
 
     let stop = loop {
@@ -225,7 +226,12 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             break StopReason::UserStop;
         }
         env.set_position(position, machine.rip());
-        if at_position || kick_delivers(&mut machine, &mut env, writer.is_some())? {
+        let deliver = if at_position {
+            between.reset(&mut machine)?
+        } else {
+            between.deliver_here(&mut machine, &mut env, writer.is_some())?
+        };
+        if deliver {
             env.deliver_inputs(&mut machine);
             if machine.interrupt_ready() {
                 if let Some(vector) = machine.inject_interrupt()? {
@@ -242,9 +248,10 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             output_hash.update(&output);
             output_bytes += output.len() as u64;
         }
-        at_position = advance != Advance::Kicked;
+        at_position = !matches!(advance, Advance::Kicked | Advance::Breakpoint);
+        between.at_breakpoint = advance == Advance::Breakpoint;
         let reason = match advance {
-            Advance::Moved | Advance::Kicked => None,
+            Advance::Moved | Advance::Kicked | Advance::Breakpoint => None,
             Advance::Idle => {
                 if env.wait_for_wakeup(&mut machine) {
                     None
@@ -300,31 +307,83 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     })
 }
 
-/// Landmark clock, at a point a kick stopped at: whether to deliver the inputs that are due here (and
-/// inject an interrupt that has been waiting). Only if the guest would be interrupted now; deliveries that
-/// can wait for the next landmark do (they cost replay nothing there). A recording names the point by its
-/// fingerprint first, in a `Kick` event.
-fn kick_delivers(
-    machine: &mut Machine,
-    env: &mut HostEnv,
-    recording: bool,
-) -> Result<bool, RecordError> {
-    if !machine.interrupts_enabled() || !(machine.interrupt_ready() || env.interrupt_due(machine)) {
-        return Ok(false);
+/// Landmark clock: what to do about inputs that fall due while the guest computes without exits.
+///
+/// At a kick, if the guest could be interrupted now, the recorder does not deliver at once: it arms a
+/// breakpoint on the exit of the loop the guest is in ([`Machine::loop_exit`]) and delivers there, a point
+/// the guest passes once per loop rather than once per iteration, which replay's breakpoint search finds in
+/// a few stops instead of thousands. A loop that does not end by itself soon (one waiting for this very
+/// interrupt) gets its input at a later kick.
+#[derive(Default)]
+struct Between {
+    /// Kicks since the loop-exit breakpoint was armed, while it is.
+    armed: Option<u32>,
+    /// The last advance stopped at the armed breakpoint.
+    at_breakpoint: bool,
+}
+
+/// Kicks (milliseconds) to wait for a loop to end before delivering where the guest is.
+const LOOP_EXIT_PATIENCE: u32 = 8;
+
+impl Between {
+    /// At a position: inputs are delivered there; a breakpoint still armed is not needed any more.
+    fn reset(&mut self, machine: &mut Machine) -> Result<bool, RecordError> {
+        if self.armed.take().is_some() {
+            machine.disarm_breakpoint()?;
+        }
+        Ok(true)
     }
-    if recording {
-        let fp = machine.fingerprint()?;
-        env.log(EventKind::Kick {
-            fingerprint: traces::Fingerprint {
-                rip: fp.rip,
-                rsp: fp.rsp,
-                rflags: fp.rflags,
-                regs: fp.regs,
-                memory: fp.memory,
-            },
-        });
+
+    /// At a point a kick or the breakpoint stopped at: whether to deliver here. A recording names the point
+    /// by its fingerprint first, in a `Kick` event.
+    fn deliver_here(
+        &mut self,
+        machine: &mut Machine,
+        env: &mut HostEnv,
+        recording: bool,
+    ) -> Result<bool, RecordError> {
+        if self.at_breakpoint {
+            // The breakpoint disarmed itself.
+            self.armed = None;
+        }
+        let wanted = machine.interrupts_enabled()
+            && (machine.interrupt_ready() || env.interrupt_due(machine));
+        if !wanted {
+            return Ok(false);
+        }
+        if recording && !self.at_breakpoint {
+            match self.armed {
+                None => {
+                    if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {
+                        machine.arm_breakpoint(exit)?;
+                        self.armed = Some(0);
+                        return Ok(false);
+                    }
+                }
+                Some(kicks) if kicks + 1 < LOOP_EXIT_PATIENCE => {
+                    self.armed = Some(kicks + 1);
+                    return Ok(false);
+                }
+                Some(_) => {
+                    machine.disarm_breakpoint()?;
+                    self.armed = None;
+                }
+            }
+        }
+        if recording {
+            let fp = machine.fingerprint()?;
+            env.log(EventKind::Kick {
+                fingerprint: traces::Fingerprint {
+                    rip: fp.rip,
+                    rsp: fp.rsp,
+                    rflags: fp.rflags,
+                    regs: fp.regs,
+                    memory: fp.memory,
+                },
+            });
+        }
+        Ok(true)
     }
-    Ok(true)
 }
 
 /// When checkpoints fall due: every `every` instructions with the step clock; with the landmark clock,

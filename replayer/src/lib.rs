@@ -427,8 +427,9 @@ impl Replayer {
             self.printed_upto = self.printed_upto.max(self.icount());
             match advance {
                 Advance::Moved => return Ok(()),
-                // Only the recorder kicks; a kick here is a signal meant for something else.
-                Advance::Kicked => continue,
+                // Only the recorder kicks and arms breakpoints while running free; a kick here is a signal
+                // meant for something else.
+                Advance::Kicked | Advance::Breakpoint => continue,
                 Advance::Idle => {
                     // Recorded inputs at this position must wake it; if none are left it diverged.
                     if !self.host.has_inputs_at(position) {
