@@ -11,7 +11,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
 use crate::format::{disk_file_name, sha256_hex, DISKS_DIR, HEADER_FILE, MAX_ZSTD_WINDOW_LOG};
-use crate::reader::{ReadError, TraceReader};
+use crate::reader::{open_file, ReadError, TraceReader};
 use crate::writer::{TraceWriter, WriteError};
 
 /// zstd level of disk copies: fast, with a window well under the reader's cap.
@@ -78,10 +78,9 @@ impl TraceReader {
             path: path.clone(),
             reason,
         };
-        let file = File::open(&path).map_err(|source| ReadError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // A FIFO or device in place of the copy is refused rather than read from.
+        let (file, _) =
+            open_file(&path)?.ok_or_else(|| ReadError::Missing { path: path.clone() })?;
         let mut bytes = Vec::new();
         // One byte more than the size, so a copy that is too long is noticed without regrowing.
         usize::try_from(info.size)

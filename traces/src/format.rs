@@ -48,6 +48,9 @@ pub const CHECKPOINT_MAGIC: [u8; 8] = *b"RVTCKP01";
 pub const CHECKPOINT_HEADER_LEN: usize = 77;
 /// Largest compressed or uncompressed checkpoint payload a reader accepts (4 GiB).
 pub const MAX_CHECKPOINT_PAYLOAD: u64 = 4 << 30;
+/// Largest guest image `record` and `replay` read (1 GiB): a larger file is refused rather than
+/// held in memory.
+pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
 /// Largest guest RAM a header may declare (1 TiB). Guest RAM bounds how many pages a checkpoint
 /// can hold, and so how much memory restoring one can take.
 pub const MAX_RAM_BYTES: u64 = 1 << 40;

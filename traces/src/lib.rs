@@ -11,11 +11,13 @@
 
 mod codec;
 mod disks;
+mod files;
 mod format;
 mod reader;
 mod writer;
 
 pub use codec::CodecError;
+pub use files::{open_regular, read_regular_file};
 pub use format::*;
 pub use reader::{CheckpointInfo, ReadError, TornTail, TraceReader};
 pub use writer::{TraceWriter, WriteError};

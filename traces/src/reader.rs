@@ -14,6 +14,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::codec::{self, CheckpointHeader, ChunkHeader, CodecError};
+use crate::files;
 use crate::format::{
     parse_checkpoint_file_name, Checkpoint, Event, FormatError, Header, Summary, CHECKPOINTS_DIR,
     CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE, EVENTS_FILE_HEADER_LEN,
@@ -27,12 +28,6 @@ pub enum ReadError {
     #[error("{path} is missing; is this a retrovisor trace directory?")]
     Missing {
         /// The missing file.
-        path: PathBuf,
-    },
-    /// Something other than a regular file stands where a trace file should be.
-    #[error("{path} is not a regular file")]
-    NotAFile {
-        /// The path.
         path: PathBuf,
     },
     /// A file system operation failed.
@@ -567,25 +562,17 @@ fn read_json_file(path: &Path) -> Result<Option<Vec<u8>>, ReadError> {
 }
 
 /// Opens a regular file and returns it with its size, or `None` if nothing has that name.
-/// Anything else under a trace file's name (a FIFO, a device, a directory) is refused before it
-/// is opened: opening a FIFO would block forever, and a device has no meaningful size.
-fn open_file(path: &Path) -> Result<Option<(File, u64)>, ReadError> {
-    let io_err = |source| ReadError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = match fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(io_err(source)),
-    };
-    if !meta.is_file() {
-        return Err(ReadError::NotAFile {
+/// Anything else under a trace file's name (a FIFO, a device, a directory) is refused without
+/// blocking or reading from it (see [`files::open_regular`]).
+pub(crate) fn open_file(path: &Path) -> Result<Option<(File, u64)>, ReadError> {
+    match files::open_regular(path) {
+        Ok(opened) => Ok(Some(opened)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ReadError::Io {
             path: path.to_owned(),
-        });
+            source,
+        }),
     }
-    let file = File::open(path).map_err(io_err)?;
-    Ok(Some((file, meta.len())))
 }
 
 /// Reads a whole checkpoint file whose size `open` already checked, refusing it if it changed.
@@ -703,7 +690,9 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
             Err(source) => {
                 // A system crash can leave the file extended with zeros where data never landed:
                 // that is a torn tail too, but only if nothing but zeros follows.
-                if raw_header.iter().all(|&b| b == 0) && rest_is_zero(&mut file).map_err(io_err)? {
+                if raw_header.iter().all(|&b| b == 0)
+                    && files::rest_is_zero(&mut file).map_err(io_err)?
+                {
                     stream.torn_tail = Some(TornTail {
                         offset,
                         bytes: left,
@@ -746,18 +735,6 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
         index += 1;
     }
     Ok(stream)
-}
-
-/// True if everything from the reader's position to the end of the file is zero bytes.
-fn rest_is_zero(file: &mut File) -> io::Result<bool> {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(true),
-            n if buf[..n].iter().any(|&b| b != 0) => return Ok(false),
-            _ => {}
-        }
-    }
 }
 
 /// Checks a decoded chunk against the stream so far: events never go backward, never precede an

@@ -806,7 +806,10 @@ fn missing_or_broken_files_are_named() {
     // Something other than a file under a trace file's name is refused without opening it.
     fs::create_dir(dir.join("events.bin")).unwrap();
     let text = err_text(TraceReader::open(&dir));
-    assert!(text.contains("events.bin is not a regular file"), "{text}");
+    assert!(
+        text.contains("events.bin: it is a directory, not a regular file"),
+        "{text}"
+    );
     fs::remove_dir(dir.join("events.bin")).unwrap();
 
     fs::write(dir.join("events.bin"), b"NOTATRACEFILE!!!").unwrap();
@@ -967,4 +970,75 @@ fn a_page_reference_to_content_stored_nowhere_is_an_error() {
     let r = TraceReader::open(&dir).unwrap();
     let e = err_text(r.restore_point(1));
     assert!(e.contains("refers to content no earlier page"), "{e}");
+}
+
+#[test]
+fn a_sparse_20_gib_event_file_is_judged_in_moments() {
+    let tmp = TempDir::new("sparse");
+    let dir = tmp.trace();
+    let events = three_chunks(&dir);
+    let path = dir.join("events.bin");
+    let len = fs::metadata(&path).unwrap().len();
+    // A crash can leave zeros where data never landed; a hostile file can leave 20 GiB of them.
+    let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(20 << 30).unwrap();
+    let started = std::time::Instant::now();
+    let r = TraceReader::open(&dir).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(r.truncated_tail());
+    assert_eq!(r.events(), &events[..]);
+    assert_eq!(r.torn_tail().unwrap().offset, len);
+
+    // A single non-zero byte near the end makes it corruption, found just as fast.
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[1], (20 << 30) - 2).unwrap();
+    let started = std::time::Instant::now();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(text.contains("chunk 3"), "{text}");
+}
+
+/// Runs `f` on another thread and fails the test if it does not return within 20 s (a FIFO that
+/// is opened or read blocks forever: failing beats hanging the suite).
+fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("blocked on a non-regular file")
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn a_fifo_in_place_of_a_disk_copy_is_refused_without_blocking() {
+    let tmp = TempDir::new("fifo-disk");
+    let dir = tmp.trace();
+    let image = vec![5u8; 4096];
+    let mut h = header();
+    h.disks = vec![traces::DiskInfo {
+        path: "d.img".into(),
+        size: image.len() as u64,
+        sha256: sha256_hex(&image),
+    }];
+    let mut w = TraceWriter::create(&dir, &h).unwrap();
+    w.write_disk(0, &image).unwrap();
+    drop(w);
+    let copy = dir.join("disks/0.img.zst");
+    fs::remove_file(&copy).unwrap();
+    mkfifo(&copy);
+    let text = within_20s(move || err_text(TraceReader::open(&dir).unwrap().read_disk(0)));
+    assert!(
+        text.contains("0.img.zst") && text.contains("a FIFO"),
+        "{text}"
+    );
 }
