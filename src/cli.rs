@@ -333,10 +333,14 @@ fn record(
     clock: machine::Clock,
     disk_writeback: bool,
 ) -> Result<i32, CliError> {
-    let image = std::fs::read(&g.kernel).map_err(|source| CliError::Kernel {
-        path: g.kernel.clone(),
-        source,
-    })?;
+    // Only a regular file: a FIFO would block and a device would read forever.
+    let image =
+        traces::read_regular_file(&g.kernel, traces::MAX_IMAGE_BYTES).map_err(|source| {
+            CliError::Kernel {
+                path: g.kernel.clone(),
+                source,
+            }
+        })?;
     let (disks, writeback) = open_disks(&g.disks, disk_writeback)?;
     let recording = trace.is_some();
     let (trace, checkpoint_every) = trace

@@ -279,3 +279,40 @@ fn kvm_without_permission_is_a_clear_error() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn fifos_and_devices_as_guest_images_are_refused_without_blocking() {
+    let dir = scratch("fifo-image");
+    let fifo = dir.join("guest.fifo");
+    mkfifo(&fifo);
+    let f = fifo.to_str().unwrap();
+    let trace = dir.join("t.rvt");
+    let o = rv_within(
+        60,
+        &["record", "--kernel", f, "-o", trace.to_str().unwrap()],
+    );
+    assert_error(&o, "cannot read kernel");
+    assert!(text(&o.stderr).contains("it is a FIFO, not a regular file"));
+
+    let (trace, _) = record(&dir, "hello", &[]);
+    let t = trace.to_str().unwrap();
+    assert_error(
+        &rv_within(60, &["replay", t, "--kernel", f]),
+        "it is a FIFO, not a regular file",
+    );
+    // The same through the image path a (hostile) header names.
+    let header = trace.join("header.json");
+    let good = std::fs::read_to_string(&header).unwrap();
+    let image_path = string_field(&good, "image_path");
+    for (path, what) in [(f, "a FIFO"), ("/dev/zero", "a character device")] {
+        std::fs::write(&header, good.replace(&image_path, path)).unwrap();
+        assert_error(&rv_within(60, &["replay", t]), what);
+    }
+}
+
+/// The value of the string field `name` of a pretty-printed JSON object.
+fn string_field(json: &str, name: &str) -> String {
+    let start = json.find(&format!("\"{name}\": \"")).unwrap() + name.len() + 5;
+    let len = json[start..].find('"').unwrap();
+    json[start..start + len].to_string()
+}

@@ -256,11 +256,19 @@ fn bad_disk_images_are_refused_before_the_guest_starts() {
     let empty = dir.join("empty.img");
     std::fs::write(&empty, b"").unwrap();
     let missing = dir.join("missing.img");
+    let fifo = dir.join("fifo.img");
+    mkfifo(&fifo);
     let kernel = guest("disk");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--disk", s(&missing)], "cannot read disk image"),
         (vec!["--disk", s(&empty)], "is empty"),
         (vec!["--disk", s(&dir)], "is a directory"),
+        // Neither may block or read without end.
+        (vec!["--disk", s(&fifo)], "is a FIFO, not an image file"),
+        (
+            vec!["--disk", "/dev/zero"],
+            "is a device, not an image file",
+        ),
         (
             vec![
                 "--disk",
@@ -285,7 +293,7 @@ fn bad_disk_images_are_refused_before_the_guest_starts() {
                 all.extend(["-o", s(&trace)]);
             }
             all.extend(&args);
-            let o = rv(&all);
+            let o = rv_within(60, &all);
             let err = text(&o.stderr);
             assert_eq!(status(&o), 2, "{cmd} {args:?}: {err}");
             assert!(

@@ -12,9 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -46,11 +46,13 @@ pub enum DiskError {
         /// Its size.
         size: u64,
     },
-    /// The path names a directory.
-    #[error("disk image {path} is a directory, not an image file")]
-    Directory {
+    /// The path names a directory, a FIFO, a device or a socket.
+    #[error("disk image {path} is {what}, not an image file")]
+    NotAFile {
         /// The image path.
         path: PathBuf,
+        /// What it is, e.g. "a FIFO".
+        what: &'static str,
     },
     /// The image does not fit in memory.
     #[error("disk image {path} is {size} bytes, more than this host can hold in memory")]
@@ -95,18 +97,36 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    /// Reads the image file at `path` into memory. A missing or unreadable file, a directory, or a
-    /// file shorter than one sector is an error.
+    /// Reads the image file at `path` into memory. A missing or unreadable file, anything but a
+    /// regular file (a directory, a FIFO, a device), or a file shorter than one sector is an error.
     pub fn open(path: &Path) -> Result<DiskImage, DiskError> {
         let read_err = |source| DiskError::Read {
             path: path.to_owned(),
             source,
         };
-        let mut file = File::open(path).map_err(read_err)?;
+        // O_NONBLOCK: opening a FIFO with no writer would otherwise block forever. It changes
+        // nothing for a regular file, and anything else is refused below before it is read (a
+        // device such as /dev/zero would read without end).
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
         let meta = file.metadata().map_err(read_err)?;
-        if meta.is_dir() {
-            return Err(DiskError::Directory {
+        let kind = meta.file_type();
+        if !kind.is_file() {
+            let what = if kind.is_dir() {
+                "a directory"
+            } else if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_char_device() || kind.is_block_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            return Err(DiskError::NotAFile {
                 path: path.to_owned(),
+                what,
             });
         }
         let hint = meta.len();
@@ -485,7 +505,26 @@ mod tests {
         ));
         assert!(matches!(
             DiskImage::open(&dir),
-            Err(DiskError::Directory { .. })
+            Err(DiskError::NotAFile {
+                what: "a directory",
+                ..
+            })
+        ));
+        // Neither blocks: a FIFO without a writer, a device that never ends.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            DiskImage::open(&fifo),
+            Err(DiskError::NotAFile { what: "a FIFO", .. })
+        ));
+        assert!(matches!(
+            DiskImage::open(Path::new("/dev/zero")),
+            Err(DiskError::NotAFile {
+                what: "a device",
+                ..
+            })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }

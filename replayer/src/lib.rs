@@ -112,9 +112,12 @@ fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, Repl
     let path = image
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(&trace.header().image_path));
-    let bytes = std::fs::read(&path).map_err(|source| ReplayError::Image {
-        path: path.clone(),
-        source,
+    // Only a regular file of a plausible size: a FIFO would block, a device would read forever.
+    let bytes = traces::read_regular_file(&path, traces::MAX_IMAGE_BYTES).map_err(|source| {
+        ReplayError::Image {
+            path: path.clone(),
+            source,
+        }
     })?;
     let found = traces::sha256_hex(&bytes);
     if found != trace.header().image_sha256 {

@@ -62,6 +62,31 @@ pub fn rv(args: &[&str]) -> Output {
     bin().args(args).output().expect("cannot start retrovisor")
 }
 
+/// Runs retrovisor with `args`, killed after `secs` seconds if it has not finished (its status is
+/// then 124, which retrovisor never returns): for inputs that could make it block forever.
+pub fn rv_within(secs: u64, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("--kill-after=5")
+        .arg(secs.to_string())
+        .arg(env!("CARGO_BIN_EXE_retrovisor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run timeout (coreutils)")
+}
+
+/// Makes a FIFO at `path`: a file name that blocks whoever opens it for reading until a writer
+/// comes, and none ever does here.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {path:?}"
+    );
+}
+
 /// The exit status of a finished process.
 pub fn status(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
