@@ -11,9 +11,9 @@ use std::io::{self, Read, Write};
 use thiserror::Error;
 
 use crate::format::{
-    Checkpoint, Event, CHECKPOINT_HEADER_LEN, CHECKPOINT_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC,
-    EVENTS_FILE_HEADER_LEN, EVENTS_MAGIC, FORMAT_VERSION, MAX_CHECKPOINT_PAYLOAD,
-    MAX_CHUNK_COMPRESSED, MAX_CHUNK_UNCOMPRESSED, MAX_EVENTS_PER_CHUNK, MAX_ZSTD_WINDOW_LOG,
+    Checkpoint, Event, Header, CHECKPOINT_HEADER_LEN, CHECKPOINT_MAGIC, CHUNK_HEADER_LEN,
+    CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, EVENTS_MAGIC, FORMAT_VERSION, MAX_CHUNK_COMPRESSED,
+    MAX_CHUNK_UNCOMPRESSED, MAX_EVENTS_PER_CHUNK, MAX_SERIAL_RX_BYTES, MAX_ZSTD_WINDOW_LOG,
     PAGE_SIZE,
 };
 
@@ -90,6 +90,14 @@ pub enum CodecError {
         what: &'static str,
         /// postcard's complaint.
         source: postcard::Error,
+    },
+    /// A `SerialRx` event carries more bytes than a UART takes at once.
+    #[error("event {index} is a SerialRx of {len} bytes, more than the {MAX_SERIAL_RX_BYTES} bytes one event may carry")]
+    SerialRxTooLong {
+        /// Index of the event in its chunk.
+        index: u64,
+        /// The byte count it declares.
+        len: u64,
     },
     /// The payload holds another number of events than the frame header declares.
     #[error("payload holds {actual} events, frame header declares {declared}")]
@@ -287,9 +295,11 @@ pub(crate) fn decode_chunk_payload(
             actual: count,
         });
     }
-    // `count` is capped by the header check, so this reservation is bounded.
-    let mut events = Vec::with_capacity(header.event_count as usize);
-    for _ in 0..count {
+    // Every event encodes to at least 4 bytes (icount, rip, kind, one byte of fields), so a count
+    // the bytes cannot hold reserves no more than the bytes justify.
+    let mut events = Vec::with_capacity(count.min(rest.len() as u64 / 4) as usize);
+    for index in 0..count {
+        check_serial_rx_len(rest, index)?;
         let (event, tail) =
             postcard::take_from_bytes::<Event>(rest).map_err(|source| CodecError::Decode {
                 what: "event",
@@ -302,6 +312,56 @@ pub(crate) fn decode_chunk_payload(
         return Err(CodecError::TrailingBytes { count: rest.len() });
     }
     Ok(events)
+}
+
+/// Refuses an encoded event (at the front of `bytes`) that is a `SerialRx` longer than
+/// [`MAX_SERIAL_RX_BYTES`], before postcard decodes it and allocates for its bytes. Anything else,
+/// including bytes that do not parse, is left for postcard to decode or reject.
+fn check_serial_rx_len(bytes: &[u8], index: u64) -> Result<(), CodecError> {
+    /// postcard's variant index of `EventKind::SerialRx` (FORMAT.md).
+    const SERIAL_RX: u64 = 0;
+    let len = take_varint(bytes, "icount")
+        .and_then(|(_, rest)| take_varint(rest, "rip"))
+        .and_then(|(_, rest)| take_varint(rest, "event kind"))
+        .and_then(|(kind, rest)| match kind {
+            SERIAL_RX => take_varint(rest, "byte count").map(|(len, _)| Some(len)),
+            _ => Ok(None),
+        });
+    match len {
+        Ok(Some(len)) if len > MAX_SERIAL_RX_BYTES as u64 => {
+            Err(CodecError::SerialRxTooLong { index, len })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a checkpoint of one trace may hold, from its header: see
+/// [`Header::max_checkpoint_payload`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckpointLimits {
+    /// Pages of guest RAM: page frame numbers are below this.
+    pub ram_pages: u64,
+    /// Largest uncompressed payload.
+    pub max_payload: u64,
+    /// Largest opaque state.
+    pub max_state: u64,
+}
+
+impl CheckpointLimits {
+    /// The limits a header justifies.
+    pub fn of(header: &Header) -> CheckpointLimits {
+        CheckpointLimits {
+            ram_pages: header.ram_pages(),
+            max_payload: header.max_checkpoint_payload(),
+            max_state: header.max_state_bytes(),
+        }
+    }
+
+    /// Largest compressed payload: zstd never grows its input by more than a fraction of a
+    /// percent plus a few bytes of framing, so this bound is generous.
+    pub fn max_compressed(&self) -> u64 {
+        self.max_payload + self.max_payload / 128 + 4096
+    }
 }
 
 /// The fixed header of a checkpoint file.
@@ -324,9 +384,12 @@ pub(crate) struct CheckpointHeader {
 }
 
 impl CheckpointHeader {
-    /// Parses and checks the fixed header: magic, flag, and lengths against their caps. The CRC can
-    /// only be checked with the whole file (see [`decode_checkpoint`]).
-    pub fn decode(h: &[u8; CHECKPOINT_HEADER_LEN]) -> Result<CheckpointHeader, CodecError> {
+    /// Parses and checks the fixed header: magic, flag, and lengths against the caps `limits`
+    /// sets. The CRC can only be checked with the whole file (see [`decode_checkpoint`]).
+    pub fn decode(
+        h: &[u8; CHECKPOINT_HEADER_LEN],
+        limits: &CheckpointLimits,
+    ) -> Result<CheckpointHeader, CodecError> {
         if h[..8] != CHECKPOINT_MAGIC {
             return Err(CodecError::BadMagic {
                 found: h[..8].to_vec(),
@@ -352,12 +415,12 @@ impl CheckpointHeader {
         cap(
             "compressed payload length",
             header.compressed_len,
-            MAX_CHECKPOINT_PAYLOAD,
+            limits.max_compressed(),
         )?;
         cap(
-            "uncompressed payload length",
+            "uncompressed payload length (the most this machine's RAM and state can need)",
             header.uncompressed_len,
-            MAX_CHECKPOINT_PAYLOAD,
+            limits.max_payload,
         )?;
         Ok(header)
     }
@@ -426,10 +489,14 @@ pub(crate) fn checkpoint_payload_len(state_len: usize, pages: &[PageRef<'_>]) ->
 }
 
 /// Decodes a whole checkpoint file: header, CRC, payload. Page frame numbers must be below
-/// `ram_pages` (guest RAM is one block at physical address 0). Zero-page markers come back as
-/// `PAGE_SIZE` zero bytes, so callers never see the marker; page references come back as their
+/// `limits.ram_pages` (guest RAM is one block at physical address 0). Zero-page markers come back
+/// as `PAGE_SIZE` zero bytes, so callers never see the marker; page references come back as their
 /// [`PAGE_REF_LEN`] bytes, for the reader to resolve against earlier pages.
-pub(crate) fn decode_checkpoint(file: &[u8], ram_pages: u64) -> Result<Checkpoint, CodecError> {
+pub(crate) fn decode_checkpoint(
+    file: &[u8],
+    limits: &CheckpointLimits,
+) -> Result<Checkpoint, CodecError> {
+    let ram_pages = limits.ram_pages;
     let fixed: &[u8; CHECKPOINT_HEADER_LEN] = file
         .get(..CHECKPOINT_HEADER_LEN)
         .and_then(|h| h.try_into().ok())
@@ -438,7 +505,7 @@ pub(crate) fn decode_checkpoint(file: &[u8], ram_pages: u64) -> Result<Checkpoin
             len: CHECKPOINT_HEADER_LEN as u64,
             left: file.len(),
         })?;
-    let header = CheckpointHeader::decode(fixed)?;
+    let header = CheckpointHeader::decode(fixed, limits)?;
     let computed = crc32fast::hash(&file[12..]);
     if computed != header.crc {
         return Err(CodecError::Crc {
@@ -457,6 +524,7 @@ pub(crate) fn decode_checkpoint(file: &[u8], ram_pages: u64) -> Result<Checkpoin
     let raw = decompress_exact(compressed, header.uncompressed_len)?;
 
     let (state_len, rest) = take_varint(&raw, "state length")?;
+    cap("machine state length", state_len, limits.max_state)?;
     let (state, rest) = take_bytes(rest, state_len, "state")?;
     let (page_count, mut rest) = take_varint(rest, "page count")?;
     // Zero-page markers take three bytes on disk but a whole page once decoded, so the count is
@@ -689,12 +757,80 @@ mod tests {
             (cp.state.clone(), vec![(4, page.clone()), (300, Vec::new())]);
         assert_eq!(raw, postcard::to_stdvec(&expected).unwrap());
         assert_eq!(raw.len() as u64, len);
-        let back = decode_checkpoint(&file, 301).unwrap();
+        let back = decode_checkpoint(&file, &limits(301)).unwrap();
         assert!(matches!(
-            decode_checkpoint(&file, 300),
+            decode_checkpoint(&file, &limits(300)),
             Err(CodecError::BadPfn { pfn: 300, .. })
         ));
         assert_eq!(back.pages, vec![(4, page), (300, vec![0; PAGE_SIZE])]);
+
+        // Lengths beyond what the machine justifies are refused from the fixed header alone.
+        let tight = CheckpointLimits {
+            max_payload: len - 1,
+            ..limits(301)
+        };
+        let fixed: &[u8; CHECKPOINT_HEADER_LEN] = file[..CHECKPOINT_HEADER_LEN].try_into().unwrap();
+        assert!(matches!(
+            CheckpointHeader::decode(fixed, &tight),
+            Err(CodecError::TooLarge { .. })
+        ));
+        let small_state = CheckpointLimits {
+            max_state: 2,
+            ..limits(301)
+        };
+        assert!(matches!(
+            decode_checkpoint(&file, &small_state),
+            Err(CodecError::TooLarge {
+                value: 3,
+                max: 2,
+                ..
+            })
+        ));
+    }
+
+    fn limits(ram_pages: u64) -> CheckpointLimits {
+        CheckpointLimits {
+            ram_pages,
+            max_payload: 1 << 30,
+            max_state: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_long_serial_rx_is_refused_before_it_is_decoded() {
+        let rx = |len: usize| Event {
+            icount: 300,
+            rip: 0x1234_5678,
+            kind: EventKind::SerialRx {
+                bytes: vec![b'x'; len],
+            },
+        };
+        for (len, ok) in [
+            (0, true),
+            (MAX_SERIAL_RX_BYTES, true),
+            (MAX_SERIAL_RX_BYTES + 1, false),
+        ] {
+            let encoded = postcard::to_stdvec(&rx(len)).unwrap();
+            assert_eq!(check_serial_rx_len(&encoded, 0).is_ok(), ok, "length {len}");
+        }
+        // Only the declared length matters: the bytes need not be there (they are never read).
+        let mut lying = postcard::to_stdvec(&rx(0)).unwrap();
+        lying.pop();
+        lying.extend([0x80, 0x80, 0x80, 0x80, 0x04]); // 2^30
+        assert!(matches!(
+            check_serial_rx_len(&lying, 7),
+            Err(CodecError::SerialRxTooLong {
+                index: 7,
+                len: 0x4000_0000
+            })
+        ));
+        // Other kinds pass through.
+        let irq = Event {
+            icount: 1,
+            rip: 2,
+            kind: EventKind::Irq { line: 0xff },
+        };
+        assert!(check_serial_rx_len(&postcard::to_stdvec(&irq).unwrap(), 0).is_ok());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
+use crate::files::host_memory;
 use crate::format::{disk_file_name, sha256_hex, DISKS_DIR, HEADER_FILE, MAX_ZSTD_WINDOW_LOG};
 use crate::reader::{open_file, ReadError, TraceReader};
 use crate::writer::{TraceWriter, WriteError};
@@ -81,6 +82,12 @@ impl TraceReader {
         // A FIFO or device in place of the copy is refused rather than read from.
         let (file, _) =
             open_file(&path)?.ok_or_else(|| ReadError::Missing { path: path.clone() })?;
+        if let Some(host) = host_memory().filter(|&host| info.size > host) {
+            return Err(inconsistent(format!(
+                "{HEADER_FILE} declares a {}-byte disk, more than this host's {host} bytes of memory",
+                info.size
+            )));
+        }
         let mut bytes = Vec::new();
         // One byte more than the size, so a copy that is too long is noticed without regrowing.
         usize::try_from(info.size)

@@ -1,5 +1,5 @@
 //! Reading files whose names come from users or from traces: regular files only, never more than
-//! a limit.
+//! a limit, and facts about the host that bound what a trace may ask for.
 //!
 //! A name can stand for anything. Opening a FIFO blocks until a writer appears, perhaps forever, and
 //! a device such as `/dev/zero` reads without end. Files are therefore opened with `O_NONBLOCK`
@@ -133,6 +133,21 @@ fn read_is_zero(file: &mut File, len: u64, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+/// This host's memory in bytes (`MemTotal` in `/proc/meminfo`), or `None` if it cannot be told.
+/// Nothing a trace asks the reader to hold at once (guest RAM, one checkpoint, a disk copy) can be
+/// larger and still be replayed here, so larger requests are refused before anything is
+/// allocated for them.
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +215,11 @@ mod tests {
         assert!(!rest_is_zero(&mut f).unwrap());
         drop(f);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn host_memory_is_known_on_linux() {
+        let bytes = host_memory().expect("/proc/meminfo has MemTotal");
+        assert!(bytes >= 64 << 20, "{bytes}");
     }
 }

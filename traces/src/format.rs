@@ -46,17 +46,34 @@ pub const MAX_EVENTS_PER_CHUNK: u32 = 1 << 20;
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"RVTCKP01";
 /// Length of the fixed checkpoint file header that precedes the compressed payload.
 pub const CHECKPOINT_HEADER_LEN: usize = 77;
-/// Largest compressed or uncompressed checkpoint payload a reader accepts (4 GiB).
+/// Largest compressed or uncompressed checkpoint payload a reader accepts (4 GiB). A reader also
+/// refuses one larger than its header justifies: see [`Header::max_checkpoint_payload`].
 pub const MAX_CHECKPOINT_PAYLOAD: u64 = 4 << 30;
-/// Largest guest image `record` and `replay` read (1 GiB): a larger file is refused rather than
-/// held in memory.
+/// Most bytes of opaque machine state (CPU and devices, without the disks' overlays) a checkpoint
+/// may hold: 1 MiB. A real one is about 2.4 KiB; this leaves room for more devices.
+pub const MAX_MACHINE_STATE: u64 = 1 << 20;
+/// Bytes a page or an overlay block may take in an encoding beyond its contents: at most 10 for
+/// its varint number and 3 for its varint length, rounded up.
+const ENCODED_BLOCK_OVERHEAD: u64 = 16;
+/// Largest guest RAM a header may declare (3 GiB). Guest RAM is one block at physical address 0,
+/// below the virtio MMIO window at 0xd0000000, and `record --ram` takes at most 3 GiB. Guest RAM
+/// bounds how many pages a checkpoint can hold, and so how much memory restoring one can take.
+pub const MAX_RAM_BYTES: u64 = 3 << 30;
+/// Largest guest image a header may declare, and that `record` and `replay` read (1 GiB).
 pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
-/// Largest guest RAM a header may declare (1 TiB). Guest RAM bounds how many pages a checkpoint
-/// can hold, and so how much memory restoring one can take.
-pub const MAX_RAM_BYTES: u64 = 1 << 40;
-/// Most events a whole trace may hold. Event chunks compress well, so this (about 3 GiB of decoded
-/// events) is what stops a small hostile file from decoding into unbounded memory.
-pub const MAX_TRACE_EVENTS: u64 = 1 << 26;
+/// Most bytes one `SerialRx` event may carry (256). The UART's receive FIFO holds 64 bytes and the
+/// recorder logs at most what the FIFO took at once, so real events are never longer than 64; the
+/// cap leaves room for a deeper FIFO and stops a hostile event from carrying megabytes.
+pub const MAX_SERIAL_RX_BYTES: usize = 256;
+/// Most memory a trace's decoded events may take (1 GiB), counting [`EVENT_MEMORY_COST`] per
+/// event and, for a `SerialRx` event, [`SERIAL_RX_MEMORY_COST`] plus its length. Event chunks
+/// compress well, so this is what stops a small hostile file from decoding into unbounded memory.
+/// It admits about 16 million events, hours of recording with a busy timer.
+pub const MAX_EVENT_MEMORY: u64 = 1 << 30;
+/// Memory one decoded event counts against [`MAX_EVENT_MEMORY`]: its in-memory size, rounded up.
+pub const EVENT_MEMORY_COST: u64 = 64;
+/// Memory the allocation of a `SerialRx` event's bytes counts beyond the bytes themselves.
+pub const SERIAL_RX_MEMORY_COST: u64 = 32;
 
 /// Largest `header.json` or `summary.json` a reader accepts; real ones are well under a kilobyte.
 pub const MAX_JSON_FILE: u64 = 1 << 20;
@@ -95,6 +112,12 @@ pub enum FormatError {
     /// `machine.ram_bytes` is zero or above [`MAX_RAM_BYTES`].
     #[error("machine.ram_bytes is {value}; it must be between 1 and {MAX_RAM_BYTES}")]
     BadRamSize {
+        /// What it held.
+        value: u64,
+    },
+    /// `image_size` is above [`MAX_IMAGE_BYTES`].
+    #[error("image_size is {value}; a guest image may be at most {MAX_IMAGE_BYTES} bytes")]
+    BadImageSize {
         /// What it held.
         value: u64,
     },
@@ -203,6 +226,11 @@ impl Header {
             return Err(FormatError::BadRamSize { value: ram });
         }
         check_sha256("image_sha256", &self.image_sha256)?;
+        if self.image_size > MAX_IMAGE_BYTES {
+            return Err(FormatError::BadImageSize {
+                value: self.image_size,
+            });
+        }
         if self.disks.len() > MAX_DISKS {
             return Err(FormatError::TooManyDisks {
                 count: self.disks.len(),
@@ -229,6 +257,29 @@ impl Header {
     /// pages); every checkpoint page frame number is below this.
     pub fn ram_pages(&self) -> u64 {
         self.machine.ram_bytes.div_ceil(PAGE_SIZE as u64)
+    }
+
+    /// Most bytes of opaque state a checkpoint of this machine can hold: [`MAX_MACHINE_STATE`] for
+    /// the CPU and devices, plus each disk's copy-on-write overlay at its largest (every 4 KiB block
+    /// of the disk written, with its encoding overhead).
+    pub fn max_state_bytes(&self) -> u64 {
+        let overlays: u64 = self
+            .disks
+            .iter()
+            .map(|d| {
+                d.size.div_ceil(PAGE_SIZE as u64) * (PAGE_SIZE as u64 + ENCODED_BLOCK_OVERHEAD)
+            })
+            .sum();
+        MAX_MACHINE_STATE + overlays
+    }
+
+    /// Most bytes a checkpoint payload of this machine can decompress to: the largest state, and
+    /// every page of RAM stored in full, each with its encoding overhead (varint lengths and page
+    /// numbers), capped by [`MAX_CHECKPOINT_PAYLOAD`].
+    pub fn max_checkpoint_payload(&self) -> u64 {
+        let varints = 2 * 10;
+        let pages = self.ram_pages() * (PAGE_SIZE as u64 + ENCODED_BLOCK_OVERHEAD);
+        (varints + self.max_state_bytes() + pages).min(MAX_CHECKPOINT_PAYLOAD)
     }
 }
 

@@ -17,7 +17,7 @@ mod reader;
 mod writer;
 
 pub use codec::CodecError;
-pub use files::{open_regular, read_regular_file};
+pub use files::{host_memory, open_regular, read_regular_file};
 pub use format::*;
 pub use reader::{CheckpointInfo, ReadError, TornTail, TraceReader};
 pub use writer::{TraceWriter, WriteError};

@@ -13,12 +13,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::codec::{self, CheckpointHeader, ChunkHeader, CodecError};
+use crate::codec::{self, CheckpointHeader, CheckpointLimits, ChunkHeader, CodecError};
 use crate::files;
 use crate::format::{
-    parse_checkpoint_file_name, Checkpoint, Event, FormatError, Header, Summary, CHECKPOINTS_DIR,
-    CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE, EVENTS_FILE_HEADER_LEN,
-    FORMAT_VERSION, HEADER_FILE, MAX_JSON_FILE, MAX_TRACE_EVENTS, SUMMARY_FILE,
+    parse_checkpoint_file_name, Checkpoint, Event, EventKind, FormatError, Header, Summary,
+    CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE,
+    EVENTS_FILE_HEADER_LEN, EVENT_MEMORY_COST, FORMAT_VERSION, HEADER_FILE, MAX_EVENT_MEMORY,
+    MAX_JSON_FILE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
 
 /// Errors from reading a trace.
@@ -110,9 +111,11 @@ pub enum ReadError {
         /// What is out of order.
         reason: String,
     },
-    /// The trace holds more events than a reader accepts.
-    #[error("{path}: event chunk {index} at byte offset {offset} takes the trace past {MAX_TRACE_EVENTS} events, more than this reader accepts")]
+    /// The trace's events would take more memory than a reader spends on them.
+    #[error("{path}: event chunk {index} at byte offset {offset} takes the trace's decoded events past {limit} bytes of memory, more than this reader accepts")]
     TooManyEvents {
+        /// The limit ([`MAX_EVENT_MEMORY`]).
+        limit: u64,
         /// The events file.
         path: PathBuf,
         /// Index of the chunk.
@@ -170,6 +173,26 @@ pub enum ReadError {
         /// The checkpoint file asked for.
         path: PathBuf,
     },
+    /// Guest RAM larger than this host's memory: replay could never hold it.
+    #[error("{path}: the guest has {ram_bytes} bytes of RAM, more than this host's {host_bytes} bytes of memory (MemTotal in /proc/meminfo); replay it on a larger machine")]
+    RamExceedsHost {
+        /// The header file.
+        path: PathBuf,
+        /// RAM the header declares.
+        ram_bytes: u64,
+        /// This host's memory.
+        host_bytes: u64,
+    },
+    /// A checkpoint that decompresses to more than this host's memory.
+    #[error("{path}: the checkpoint decompresses to {bytes} bytes, more than this host's {host_bytes} bytes of memory (MemTotal in /proc/meminfo)")]
+    CheckpointExceedsHost {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Its declared uncompressed size.
+        bytes: u64,
+        /// This host's memory.
+        host_bytes: u64,
+    },
     /// A page reference names content stored nowhere before it.
     #[error("{path}: page {pfn:#x} refers to content no earlier page since the last full checkpoint has")]
     DanglingPageRef {
@@ -193,6 +216,8 @@ pub struct CheckpointInfo {
     pub digest: [u8; 32],
     /// Size of the file.
     pub bytes_on_disk: u64,
+    /// Bytes its payload decompresses to, as its header declares.
+    pub uncompressed_len: u64,
     /// Path of the file.
     pub path: PathBuf,
 }
@@ -216,6 +241,9 @@ pub struct TraceReader {
     complete_upto: u64,
     torn_tail: Option<TornTail>,
     checkpoints: Vec<CheckpointInfo>,
+    limits: CheckpointLimits,
+    /// This host's memory, if known: no checkpoint larger than it is read.
+    host_memory: Option<u64>,
     events_size: u64,
 }
 
@@ -223,9 +251,22 @@ impl TraceReader {
     /// Opens and validates the trace in `dir`: the header (including its format version), every
     /// event chunk, the fixed header of every checkpoint, and the summary if there is one.
     pub fn open(dir: &Path) -> Result<TraceReader, ReadError> {
-        let header = read_header(&dir.join(HEADER_FILE))?;
+        let header_path = dir.join(HEADER_FILE);
+        let header = read_header(&header_path)?;
+        let host_memory = files::host_memory();
+        if let Some(host_bytes) = host_memory {
+            let ram_bytes = header.machine.ram_bytes;
+            if ram_bytes > host_bytes {
+                return Err(ReadError::RamExceedsHost {
+                    path: header_path,
+                    ram_bytes,
+                    host_bytes,
+                });
+            }
+        }
+        let limits = CheckpointLimits::of(&header);
         let events_path = dir.join(EVENTS_FILE);
-        let stream = read_events(&events_path)?;
+        let stream = read_events(&events_path, MAX_EVENT_MEMORY)?;
         let summary_path = dir.join(SUMMARY_FILE);
         let summary = read_summary(&summary_path)?;
 
@@ -237,7 +278,7 @@ impl TraceReader {
             None => stream.complete_upto,
         };
 
-        let mut checkpoints = list_checkpoints(&dir.join(CHECKPOINTS_DIR))?;
+        let mut checkpoints = list_checkpoints(&dir.join(CHECKPOINTS_DIR), &limits)?;
         if let Some(summary) = &summary {
             if checkpoints.len() as u64 != summary.checkpoints {
                 return Err(ReadError::Inconsistent {
@@ -272,6 +313,8 @@ impl TraceReader {
             complete_upto,
             torn_tail: stream.torn_tail,
             checkpoints,
+            limits,
+            host_memory,
             events_size: stream.file_size,
         })
     }
@@ -398,8 +441,15 @@ impl TraceReader {
     fn read_raw(&self, index: usize) -> Result<Checkpoint, ReadError> {
         let info = self.checkpoint_info(index)?;
         let path = &info.path;
+        if let Some(host_bytes) = self.host_memory.filter(|&h| info.uncompressed_len > h) {
+            return Err(ReadError::CheckpointExceedsHost {
+                path: path.clone(),
+                bytes: info.uncompressed_len,
+                host_bytes,
+            });
+        }
         let bytes = read_checkpoint_file(path, info.bytes_on_disk)?;
-        let cp = codec::decode_checkpoint(&bytes, self.header.ram_pages()).map_err(|source| {
+        let cp = codec::decode_checkpoint(&bytes, &self.limits).map_err(|source| {
             ReadError::Checkpoint {
                 path: path.clone(),
                 source,
@@ -605,9 +655,23 @@ struct EventStream {
     complete_upto: u64,
     torn_tail: Option<TornTail>,
     file_size: u64,
+    /// Memory the decoded events take, as [`memory_cost`] counts it.
+    memory: u64,
 }
 
-fn read_events(path: &Path) -> Result<EventStream, ReadError> {
+/// Memory a decoded event counts against [`MAX_EVENT_MEMORY`] (FORMAT.md).
+fn memory_cost(event: &Event) -> u64 {
+    match &event.kind {
+        EventKind::SerialRx { bytes } => {
+            EVENT_MEMORY_COST + SERIAL_RX_MEMORY_COST + bytes.len() as u64
+        }
+        _ => EVENT_MEMORY_COST,
+    }
+}
+
+/// Reads and checks every chunk of `events.bin`, refusing a stream whose decoded events would
+/// take more than `memory_budget` bytes ([`memory_cost`]).
+fn read_events(path: &Path, memory_budget: u64) -> Result<EventStream, ReadError> {
     let io_err = |source| ReadError::Io {
         path: path.to_owned(),
         source,
@@ -621,6 +685,7 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
         complete_upto: 0,
         torn_tail: None,
         file_size,
+        memory: 0,
     };
 
     // A file shorter than its header was cut off while the writer created it: a torn, empty
@@ -702,6 +767,16 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
                 return Err(chunk_err(source));
             }
         };
+        // Every event costs at least EVENT_MEMORY_COST: a chunk that cannot fit is refused before
+        // it is decoded.
+        if stream.memory + u64::from(header.event_count) * EVENT_MEMORY_COST > memory_budget {
+            return Err(ReadError::TooManyEvents {
+                limit: memory_budget,
+                path: path.to_owned(),
+                index,
+                offset,
+            });
+        }
         let frame_len = CHUNK_HEADER_LEN as u64 + u64::from(header.compressed_len);
         if frame_len > left {
             // The header is intact (its CRC matched) but the payload was cut short.
@@ -721,8 +796,10 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
             offset,
             reason,
         })?;
-        if stream.events.len() as u64 + events.len() as u64 > MAX_TRACE_EVENTS {
+        stream.memory += events.iter().map(memory_cost).sum::<u64>();
+        if stream.memory > memory_budget {
             return Err(ReadError::TooManyEvents {
+                limit: memory_budget,
                 path: path.to_owned(),
                 index,
                 offset,
@@ -734,6 +811,8 @@ fn read_events(path: &Path) -> Result<EventStream, ReadError> {
         offset += frame_len;
         index += 1;
     }
+    // Growth by doubling may have reserved up to twice what the events need.
+    stream.events.shrink_to_fit();
     Ok(stream)
 }
 
@@ -772,7 +851,10 @@ fn check_chunk_order(
 /// Lists checkpoint files by their fixed headers, sorted by icount. Files whose names are not
 /// checkpoint names (such as the writer's temporary files) are ignored. A missing directory means
 /// no checkpoints (tools that drop empty directories must not break a trace).
-fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointInfo>, ReadError> {
+fn list_checkpoints(
+    dir: &Path,
+    limits: &CheckpointLimits,
+) -> Result<Vec<CheckpointInfo>, ReadError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -793,14 +875,18 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointInfo>, ReadError> {
         let Some(name_icount) = name.to_str().and_then(parse_checkpoint_file_name) else {
             continue;
         };
-        checkpoints.push(checkpoint_info(&entry.path(), name_icount)?);
+        checkpoints.push(checkpoint_info(&entry.path(), name_icount, limits)?);
     }
     checkpoints.sort_by_key(|c| c.icount);
     Ok(checkpoints)
 }
 
 /// Reads and checks a checkpoint file's fixed header (not its payload or CRC).
-fn checkpoint_info(path: &Path, name_icount: u64) -> Result<CheckpointInfo, ReadError> {
+fn checkpoint_info(
+    path: &Path,
+    name_icount: u64,
+    limits: &CheckpointLimits,
+) -> Result<CheckpointInfo, ReadError> {
     let io_err = |source| ReadError::Io {
         path: path.to_owned(),
         source,
@@ -820,10 +906,11 @@ fn checkpoint_info(path: &Path, name_icount: u64) -> Result<CheckpointInfo, Read
         });
     }
     file.read_exact(&mut raw).map_err(io_err)?;
-    let header = CheckpointHeader::decode(&raw).map_err(|source| ReadError::Checkpoint {
-        path: path.to_owned(),
-        source,
-    })?;
+    let header =
+        CheckpointHeader::decode(&raw, limits).map_err(|source| ReadError::Checkpoint {
+            path: path.to_owned(),
+            source,
+        })?;
     if header.icount != name_icount {
         return Err(ReadError::CheckpointName {
             path: path.to_owned(),
@@ -845,6 +932,60 @@ fn checkpoint_info(path: &Path, name_icount: u64) -> Result<CheckpointInfo, Read
         full: header.full,
         digest: header.digest,
         bytes_on_disk: size,
+        uncompressed_len: header.uncompressed_len,
         path: path.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::*;
+    use crate::TraceWriter;
+
+    #[test]
+    fn decoded_events_are_bounded_by_memory_not_by_luck() {
+        let dir = std::env::temp_dir().join(format!("rv-event-budget-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let header = Header {
+            format_version: FORMAT_VERSION,
+            tool_version: "test".into(),
+            image_path: "guest.elf".into(),
+            image_sha256: sha256_hex(b"guest"),
+            image_size: 5,
+            machine: MachineConfig {
+                ram_bytes: 1 << 20,
+                cmdline: String::new(),
+            },
+            clock: "step".into(),
+            time_mode: TimeMode::Virtual,
+            checkpoint_every: 1000,
+            created_unix_secs: 0,
+            disks: vec![],
+        };
+        let mut w = TraceWriter::create(&dir, &header).unwrap();
+        let rx = EventKind::SerialRx { bytes: vec![7; 10] };
+        for (icount, kind) in [(1, EventKind::Irq { line: 0 }), (2, rx)] {
+            w.push(Event {
+                icount,
+                rip: 0,
+                kind,
+            })
+            .unwrap();
+            w.flush(icount).unwrap();
+        }
+        drop(w);
+        let path = dir.join(EVENTS_FILE);
+        // An Irq costs EVENT_MEMORY_COST; a 10-byte SerialRx that plus SERIAL_RX_MEMORY_COST + 10.
+        let total = 2 * EVENT_MEMORY_COST + SERIAL_RX_MEMORY_COST + 10;
+        assert_eq!(read_events(&path, total).unwrap().memory, total);
+        match read_events(&path, total - 1) {
+            Err(ReadError::TooManyEvents {
+                index: 1, limit, ..
+            }) => assert_eq!(limit, total - 1),
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => panic!("the budget was not enforced"),
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -15,14 +15,15 @@ use thiserror::Error;
 
 use crate::codec::{self, PageRef};
 use crate::format::{
-    checkpoint_file_name, Checkpoint, Event, FormatError, Header, Summary, CHECKPOINTS_DIR,
-    CHECKPOINT_HEADER_LEN, EVENTS_FILE, HEADER_FILE, MAX_CHECKPOINT_PAYLOAD, MAX_EVENTS_PER_CHUNK,
-    PAGE_SIZE, SUMMARY_FILE,
+    checkpoint_file_name, Checkpoint, Event, EventKind, FormatError, Header, Summary,
+    CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, EVENTS_FILE, HEADER_FILE, MAX_CHECKPOINT_PAYLOAD,
+    MAX_EVENTS_PER_CHUNK, MAX_SERIAL_RX_BYTES, PAGE_SIZE, SUMMARY_FILE,
 };
 
 /// Uncompressed size at which the writer starts a new chunk on its own. Well under the reader's
 /// 64 MiB caps, so even incompressible events (whose zstd output is slightly larger) always fit.
 const CHUNK_TARGET_BYTES: usize = 16 << 20;
+const _: () = assert!(MAX_SERIAL_RX_BYTES < CHUNK_TARGET_BYTES / 2);
 
 /// Errors from writing a trace.
 #[derive(Debug, Error)]
@@ -77,13 +78,13 @@ pub enum WriteError {
         /// The flush point.
         upto: u64,
     },
-    /// An event is too large to fit in a chunk.
-    #[error("event at icount {icount} encodes to {bytes} bytes, more than a chunk may hold ({CHUNK_TARGET_BYTES})")]
-    EventTooLarge {
+    /// A `SerialRx` event carries more bytes than readers accept in one event.
+    #[error("SerialRx event at icount {icount} carries {len} bytes; one event may carry at most {MAX_SERIAL_RX_BYTES}")]
+    SerialRxTooLong {
         /// The event's icount.
         icount: u64,
-        /// Its encoded size.
-        bytes: usize,
+        /// How many bytes it carries.
+        len: usize,
     },
     /// An event could not be encoded.
     #[error("cannot encode event at icount {icount}: {source}")]
@@ -275,6 +276,14 @@ impl TraceWriter {
     pub fn push(&mut self, event: Event) -> Result<(), WriteError> {
         self.check_usable()?;
         let icount = event.icount;
+        if let EventKind::SerialRx { bytes } = &event.kind {
+            if bytes.len() > MAX_SERIAL_RX_BYTES {
+                return Err(WriteError::SerialRxTooLong {
+                    icount,
+                    len: bytes.len(),
+                });
+            }
+        }
         if icount < self.last_icount {
             return Err(WriteError::EventOutOfOrder {
                 icount,
@@ -287,14 +296,9 @@ impl TraceWriter {
                 upto: self.complete_upto,
             });
         }
+        // Every event fits in a chunk: the longest, a SerialRx, encodes to a few hundred bytes.
         let encoded =
             postcard::to_stdvec(&event).map_err(|source| WriteError::Encode { icount, source })?;
-        if encoded.len() > CHUNK_TARGET_BYTES {
-            return Err(WriteError::EventTooLarge {
-                icount,
-                bytes: encoded.len(),
-            });
-        }
         if self.pending.len() + encoded.len() > CHUNK_TARGET_BYTES
             || self.pending_count == MAX_EVENTS_PER_CHUNK
         {

@@ -539,7 +539,11 @@ fn hostile_lengths_are_rejected_without_allocating_them() {
         &compressed,
     ));
     fs::write(&events_path, &bytes).unwrap();
-    assert!(err_text(TraceReader::open(&dir)).contains("cannot decode event"));
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("SerialRx of 18446744073709551615 bytes"),
+        "{text}"
+    );
 
     // A checkpoint header declaring u64::MAX bytes is refused at open.
     fs::write(&events_path, &file_header).unwrap();
@@ -853,10 +857,12 @@ fn large_bursts_are_split_into_chunks_the_reader_accepts() {
     let tmp = TempDir::new("split");
     let dir = tmp.trace();
     let mut w = TraceWriter::create(&dir, &header()).unwrap();
-    let events: Vec<Event> = (0..20u64)
+    // 20 MiB of the longest serial events there are, hard to compress.
+    let len = traces::MAX_SERIAL_RX_BYTES as u64;
+    let events: Vec<Event> = (0..(20 << 20) / len)
         .map(|i| {
-            let bytes = (0..1 << 20)
-                .map(|j: u64| (j.wrapping_mul(i + 7) >> 3) as u8)
+            let bytes = (0..len)
+                .map(|j| ((i * len + j).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
                 .collect();
             ev(1000 + i / 4, EventKind::SerialRx { bytes })
         })
@@ -864,17 +870,7 @@ fn large_bursts_are_split_into_chunks_the_reader_accepts() {
     for e in &events {
         w.push(e.clone()).unwrap();
     }
-    let huge = ev(
-        2000,
-        EventKind::SerialRx {
-            bytes: vec![1; 17 << 20],
-        },
-    );
-    assert!(matches!(
-        w.push(huge),
-        Err(WriteError::EventTooLarge { icount: 2000, .. })
-    ));
-    w.flush(2000).unwrap();
+    w.flush(1_000_000).unwrap();
     drop(w);
 
     let bin = fs::read(dir.join("events.bin")).unwrap();
@@ -884,7 +880,7 @@ fn large_bursts_are_split_into_chunks_the_reader_accepts() {
     );
     let r = TraceReader::open(&dir).unwrap();
     assert_eq!(r.events(), &events[..]);
-    assert_eq!(r.complete_upto(), 2000);
+    assert_eq!(r.complete_upto(), 1_000_000);
 }
 
 /// The payload size a checkpoint file declares (its uncompressed_len header field).
@@ -970,6 +966,98 @@ fn a_page_reference_to_content_stored_nowhere_is_an_error() {
     let r = TraceReader::open(&dir).unwrap();
     let e = err_text(r.restore_point(1));
     assert!(e.contains("refers to content no earlier page"), "{e}");
+}
+
+#[test]
+fn a_64_mib_serial_rx_is_refused_before_it_is_decoded() {
+    let tmp = TempDir::new("huge-rx");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    let long = ev(
+        5,
+        EventKind::SerialRx {
+            bytes: vec![b'a'; traces::MAX_SERIAL_RX_BYTES + 1],
+        },
+    );
+    assert!(matches!(
+        w.push(long),
+        Err(WriteError::SerialRxTooLong { len: 257, .. })
+    ));
+    drop(w);
+
+    // What a hostile trace holds: one event of 60 MiB per chunk, a few hundred bytes compressed.
+    let huge = ev(
+        5,
+        EventKind::SerialRx {
+            bytes: vec![0; 60 << 20],
+        },
+    );
+    let mut bytes = fs::read(dir.join("events.bin")).unwrap();
+    let frame = frame(10, &[huge]);
+    assert!(frame.len() < 64 << 10, "{}", frame.len());
+    bytes.extend(&frame);
+    fs::write(dir.join("events.bin"), &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("chunk 0") && text.contains("SerialRx of 62914560 bytes"),
+        "{text}"
+    );
+}
+
+#[test]
+fn checkpoint_sizes_are_bounded_by_the_machine_they_describe() {
+    let tmp = TempDir::new("ckpt-bound");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(0, true, vec![(1, page(1))]))
+        .unwrap();
+    drop(w);
+    let path = dir.join("checkpoints").join(checkpoint_file_name(0));
+    let good = fs::read(&path).unwrap();
+    // 4 GiB uncompressed is within the format's absolute cap, but 64 MiB of RAM and a machine
+    // state of at most MAX_MACHINE_STATE cannot need it. The CRC is fixed up: only the bound stops it.
+    let mut bad = good.clone();
+    bad[69..77].copy_from_slice(&(4u64 << 30).to_le_bytes());
+    let crc = crc32fast::hash(&bad[12..]);
+    bad[8..12].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&path, &bad).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    let limit = header().max_checkpoint_payload();
+    assert!(
+        text.contains("00000000000000000000.ckpt")
+            && text.contains(&format!("4294967296 exceeds the limit of {limit}")),
+        "{text}"
+    );
+    assert!(limit < (64 << 20) + (2 << 20), "{limit}");
+}
+
+#[test]
+fn headers_beyond_what_a_machine_can_be_are_refused() {
+    let tmp = TempDir::new("header-bounds");
+    let dir = tmp.trace();
+    drop(TraceWriter::create(&dir, &header()).unwrap());
+    let path = dir.join("header.json");
+    let good = fs::read_to_string(&path).unwrap();
+    for (from, to, expected) in [
+        (
+            "\"ram_bytes\": 67108864",
+            "\"ram_bytes\": 1099511627776",
+            "machine.ram_bytes is 1099511627776; it must be between 1 and 3221225472",
+        ),
+        (
+            "\"image_size\": 5",
+            "\"image_size\": 68719476736",
+            "image_size is 68719476736",
+        ),
+    ] {
+        assert!(good.contains(from), "{good}");
+        fs::write(&path, good.replace(from, to)).unwrap();
+        let text = err_text(TraceReader::open(&dir));
+        assert!(
+            text.contains("header.json") && text.contains(expected),
+            "{text}"
+        );
+    }
 }
 
 #[test]
