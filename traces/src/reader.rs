@@ -31,6 +31,19 @@ pub enum ReadError {
         /// The missing file.
         path: PathBuf,
     },
+    /// The directory holds the start of a recording that was cut off before it wrote its
+    /// header: nothing was recorded.
+    #[error("{path} is missing: the recording was cut off before it wrote its header, so nothing was recorded")]
+    NothingRecorded {
+        /// The missing header file.
+        path: PathBuf,
+    },
+    /// The trace holds no checkpoint, so replay has nowhere to start.
+    #[error("{dir} holds nothing replayable: it has no checkpoint (the recording was cut off before its first checkpoint was written)")]
+    NoCheckpoints {
+        /// The trace directory.
+        dir: PathBuf,
+    },
     /// A file system operation failed.
     #[error("cannot read {path}: {source}")]
     Io {
@@ -241,6 +254,8 @@ pub struct TraceReader {
     complete_upto: u64,
     torn_tail: Option<TornTail>,
     checkpoints: Vec<CheckpointInfo>,
+    /// Checkpoints of a cut-off recording past the end of its complete event stream.
+    ignored_checkpoints: usize,
     limits: CheckpointLimits,
     /// This host's memory, if known: no checkpoint larger than it is read.
     host_memory: Option<u64>,
@@ -252,7 +267,14 @@ impl TraceReader {
     /// event chunk, the fixed header of every checkpoint, and the summary if there is one.
     pub fn open(dir: &Path) -> Result<TraceReader, ReadError> {
         let header_path = dir.join(HEADER_FILE);
-        let header = read_header(&header_path)?;
+        let header = match read_header(&header_path) {
+            // The writer creates events.bin before it writes the header: a directory with one but
+            // not the other is a recording killed in its first moments, not some other directory.
+            Err(ReadError::Missing { path }) if dir.join(EVENTS_FILE).exists() => {
+                return Err(ReadError::NothingRecorded { path })
+            }
+            other => other?,
+        };
         let host_memory = files::host_memory();
         if let Some(host_bytes) = host_memory {
             let ram_bytes = header.machine.ram_bytes;
@@ -279,6 +301,7 @@ impl TraceReader {
         };
 
         let mut checkpoints = list_checkpoints(&dir.join(CHECKPOINTS_DIR), &limits)?;
+        let listed = checkpoints.len();
         if let Some(summary) = &summary {
             if checkpoints.len() as u64 != summary.checkpoints {
                 return Err(ReadError::Inconsistent {
@@ -300,10 +323,12 @@ impl TraceReader {
             }
         } else {
             // The writer flushes events up to a checkpoint before writing it, so this only happens
-            // if the system crashed before buffered event writes reached the disk. Such a
-            // checkpoint cannot be reached by replaying the surviving events, so it is left out.
+            // if the system crashed before buffered event writes reached the disk, or the trace was
+            // tampered with. Such a checkpoint cannot be reached by replaying the surviving events
+            // (and its state may depend on events that are lost), so it is left out.
             checkpoints.retain(|c| c.icount <= complete_upto);
         }
+        let ignored_checkpoints = listed - checkpoints.len();
 
         Ok(TraceReader {
             dir: dir.to_owned(),
@@ -313,6 +338,7 @@ impl TraceReader {
             complete_upto,
             torn_tail: stream.torn_tail,
             checkpoints,
+            ignored_checkpoints,
             limits,
             host_memory,
             events_size: stream.file_size,
@@ -379,9 +405,23 @@ impl TraceReader {
         Some(text)
     }
 
-    /// The checkpoints, sorted by icount.
+    /// The checkpoints, sorted by icount: those replay can reach (see
+    /// [`TraceReader::ignored_checkpoints`]).
     pub fn checkpoints(&self) -> &[CheckpointInfo] {
         &self.checkpoints
+    }
+
+    /// How many checkpoint files of a cut-off recording lie past the end of its complete event
+    /// stream ([`TraceReader::complete_upto`]) and are left out of
+    /// [`TraceReader::checkpoints`]: replaying the surviving events cannot reach them.
+    pub fn ignored_checkpoints(&self) -> usize {
+        self.ignored_checkpoints
+    }
+
+    /// The icount up to which the trace can be replayed: [`TraceReader::complete_upto`], or `None`
+    /// if the trace holds no checkpoint to start from (a recording cut off in its first moments).
+    pub fn replayable_upto(&self) -> Option<u64> {
+        (!self.checkpoints.is_empty()).then_some(self.complete_upto)
     }
 
     /// Reads and fully verifies (CRC, sizes, every page) checkpoint `index`. Zero pages of an
@@ -430,6 +470,11 @@ impl TraceReader {
     }
 
     fn checkpoint_info(&self, index: usize) -> Result<&CheckpointInfo, ReadError> {
+        if self.checkpoints.is_empty() {
+            return Err(ReadError::NoCheckpoints {
+                dir: self.dir.clone(),
+            });
+        }
         self.checkpoints
             .get(index)
             .ok_or(ReadError::NoSuchCheckpoint {

@@ -162,12 +162,29 @@ pub enum WriteError {
         /// What disagrees.
         reason: String,
     },
-    /// An earlier write to `events.bin` failed, so the writer stopped appending to it.
-    #[error("{path}: an earlier write failed; nothing more is appended so the trace stays a readable prefix")]
+    /// An earlier write failed, so the writer stopped writing.
+    #[error("{path}: an earlier write to the trace failed; nothing more is written so the trace stays a readable prefix")]
     Failed {
-        /// The events file.
+        /// The trace directory.
         path: PathBuf,
     },
+}
+
+impl WriteError {
+    /// If the write failed for want of space, why, in a few words: the file system is full
+    /// (`ENOSPC`), the disk quota is used up (`EDQUOT`), or a file reached the process's file size
+    /// limit (`EFBIG`). A recording has to stop then, and the user has to make room.
+    pub fn out_of_space(&self) -> Option<&'static str> {
+        let WriteError::Io { source, .. } = self else {
+            return None;
+        };
+        match source.raw_os_error()? {
+            libc::ENOSPC => Some("the file system is full"),
+            libc::EDQUOT => Some("the disk quota is used up"),
+            libc::EFBIG => Some("a file reached this process's file size limit"),
+            _ => None,
+        }
+    }
 }
 
 /// Writes one trace directory: see the module docs for what survives a crash.
@@ -184,6 +201,8 @@ pub struct TraceWriter {
     last_icount: u64,
     /// upto_icount of the last chunk written.
     complete_upto: u64,
+    /// Chunks written.
+    chunks: u64,
     /// icount of the last checkpoint written.
     last_checkpoint: Option<u64>,
     /// Content hashes of the pages stored since the last full checkpoint: a page with one of these
@@ -192,8 +211,9 @@ pub struct TraceWriter {
     checkpoints: u64,
     event_bytes: u64,
     checkpoint_bytes: u64,
-    /// Set when a write to `events.bin` failed part-way: appending after a partial frame would turn
-    /// a torn tail (which readers drop) into corruption in the middle of the file.
+    /// Set when a write failed. Appending after a partial frame would turn a torn tail (which
+    /// readers drop) into corruption in the middle of `events.bin`; and once a checkpoint is
+    /// missing, an incremental one written after it would leave out the pages it held.
     failed: bool,
 }
 
@@ -262,6 +282,7 @@ impl TraceWriter {
             pending_count: 0,
             last_icount: 0,
             complete_upto: 0,
+            chunks: 0,
             last_checkpoint: None,
             stored_pages: std::collections::HashSet::new(),
             checkpoints: 0,
@@ -383,7 +404,10 @@ impl TraceWriter {
                 bytes: compressed,
             });
         }
-        write_atomic(&path, &bytes)?;
+        if let Err(e) = write_atomic(&path, &bytes) {
+            self.failed = true;
+            return Err(e);
+        }
         self.stored_pages = known;
         self.last_checkpoint = Some(icount);
         self.checkpoints += 1;
@@ -391,10 +415,11 @@ impl TraceWriter {
         Ok(bytes.len() as u64)
     }
 
-    /// Ends the recording: flushes up to `summary.end_icount`, fsyncs `events.bin`, writes
-    /// `summary.json` atomically and fsyncs the directories. Only a trace that went through here
-    /// reads as complete.
+    /// Ends the recording: flushes up to `summary.end_icount` (unless the stream was just flushed
+    /// there), fsyncs `events.bin`, writes `summary.json` atomically and fsyncs the directories.
+    /// Only a trace that went through here reads as complete.
     pub fn finish(mut self, summary: &Summary) -> Result<(), WriteError> {
+        self.check_usable()?;
         summary
             .validate()
             .map_err(|source| WriteError::InvalidSummary { source })?;
@@ -414,7 +439,10 @@ impl TraceWriter {
                 ),
             });
         }
-        self.flush(summary.end_icount)?;
+        // Unless the caller just flushed up to the end, the last events still have to go out.
+        if self.pending_count > 0 || self.chunks == 0 || self.complete_upto != summary.end_icount {
+            self.flush(summary.end_icount)?;
+        }
         self.events_file
             .sync_all()
             .map_err(io_err("fsync", &self.events_path))?;
@@ -440,10 +468,17 @@ impl TraceWriter {
         (self.event_bytes, self.checkpoint_bytes)
     }
 
+    /// What a reader could replay of the trace as written so far, were the recording cut off
+    /// now: up to the flush point of the last chunk written in full, or `None` if no checkpoint
+    /// was written (there is nowhere to start).
+    pub fn replayable_upto(&self) -> Option<u64> {
+        (self.checkpoints > 0).then_some(self.complete_upto)
+    }
+
     fn check_usable(&self) -> Result<(), WriteError> {
         if self.failed {
             return Err(WriteError::Failed {
-                path: self.events_path.clone(),
+                path: self.dir.clone(),
             });
         }
         Ok(())
@@ -466,6 +501,7 @@ impl TraceWriter {
         self.pending.clear();
         self.pending_count = 0;
         self.complete_upto = upto_icount;
+        self.chunks += 1;
         Ok(())
     }
 
@@ -509,7 +545,8 @@ impl TraceWriter {
 }
 
 /// Writes `bytes` to `path` so that `path` is either absent or complete: temporary file in the
-/// same directory, fsync, rename.
+/// same directory, fsync, rename. On failure the temporary file is removed, so a full disk gets
+/// back the space it took.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let name = path
         .file_name()
@@ -518,9 +555,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     // The leading dot and .tmp suffix keep readers from mistaking it for a real file.
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    file.write_all(bytes).map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename into place", path))
+    let written = file
+        .write_all(bytes)
+        .map_err(io_err("write", &tmp))
+        .and_then(|()| file.sync_all().map_err(io_err("fsync", &tmp)))
+        .and_then(|()| fs::rename(&tmp, path).map_err(io_err("rename into place", path)));
+    if written.is_err() {
+        // Best effort: the error that matters is the one being returned.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// fsyncs a directory so renames and creations in it survive a crash.

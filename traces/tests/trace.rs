@@ -969,6 +969,86 @@ fn a_page_reference_to_content_stored_nowhere_is_an_error() {
 }
 
 #[test]
+fn a_checkpoint_past_the_complete_event_stream_is_ignored() {
+    let tmp = TempDir::new("ckpt-past-end");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(1))]))
+        .unwrap();
+    w.push(irq(150)).unwrap();
+    w.write_checkpoint(&checkpoint(200, false, vec![(2, page(2))]))
+        .unwrap();
+    drop(w);
+    // The frame written for the checkpoint at 200 is lost (as when a system crash loses event data
+    // that the checkpoint's own fsync outran): nothing proves the events complete up to 200.
+    let path = dir.join("events.bin");
+    let bytes = fs::read(&path).unwrap();
+    let offsets = frame_offsets(&bytes);
+    fs::write(&path, &bytes[..offsets[1]]).unwrap();
+
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.complete_upto(), 100);
+    assert_eq!(r.replayable_upto(), Some(100));
+    assert_eq!(r.checkpoints().len(), 1);
+    assert_eq!(r.ignored_checkpoints(), 1);
+}
+
+#[test]
+fn a_failed_checkpoint_write_stops_the_writer_and_leaves_no_temporary_file() {
+    let tmp = TempDir::new("ckpt-write-fails");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(1))]))
+        .unwrap();
+    // A file where the temporary checkpoint goes makes its creation fail (root ignores modes).
+    let blocker = dir
+        .join("checkpoints")
+        .join(".00000000000000000200.ckpt.tmp");
+    fs::create_dir(&blocker).unwrap();
+    let err = w
+        .write_checkpoint(&checkpoint(200, false, vec![(2, page(2))]))
+        .unwrap_err();
+    assert!(matches!(err, WriteError::Io { .. }), "{err}");
+    assert_eq!(err.out_of_space(), None);
+    fs::remove_dir(&blocker).unwrap();
+    // Page 2 changed before the lost checkpoint: an incremental one after it would leave that out.
+    assert!(matches!(
+        w.write_checkpoint(&checkpoint(300, false, vec![(3, page(3))])),
+        Err(WriteError::Failed { .. })
+    ));
+    assert!(matches!(w.push(irq(300)), Err(WriteError::Failed { .. })));
+    assert!(matches!(w.flush(300), Err(WriteError::Failed { .. })));
+    assert_eq!(w.replayable_upto(), Some(200));
+    drop(w);
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.replayable_upto(), Some(200));
+    assert_eq!(r.checkpoints().len(), 1);
+    assert_eq!(fs::read_dir(dir.join("checkpoints")).unwrap().count(), 1);
+}
+
+#[test]
+fn a_trace_without_checkpoints_says_nothing_is_replayable() {
+    let tmp = TempDir::new("no-checkpoints");
+    let dir = tmp.trace();
+    // A recording killed before its first checkpoint: a header and an empty event stream.
+    drop(TraceWriter::create(&dir, &header()).unwrap());
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.replayable_upto(), None);
+    let text = err_text(r.restore_point(0));
+    assert!(
+        text.contains("holds nothing replayable") && text.contains("no checkpoint"),
+        "{text}"
+    );
+    // Killed even earlier: events.bin exists, the header does not yet.
+    fs::remove_file(dir.join("header.json")).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("header.json is missing") && text.contains("nothing was recorded"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_64_mib_serial_rx_is_refused_before_it_is_decoded() {
     let tmp = TempDir::new("huge-rx");
     let dir = tmp.trace();
