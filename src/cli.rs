@@ -270,7 +270,7 @@ pub fn main() -> i32 {
     match result {
         Ok(status) => status,
         Err(e) => {
-            eprintln!("retrovisor: error: {e}");
+            say(format_args!("retrovisor: error: {e}"));
             match e {
                 CliError::Replay(ReplayError::Divergence(_)) => EXIT_DIVERGENCE,
                 CliError::Gdb(gdb::GdbError::Replay(replayer::search::SearchError::Replay(
@@ -280,6 +280,12 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
+/// cannot be written (say it is a file on a full disk): the exit status still tells what happened.
+fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Reads the disk images (before the guest starts, so a bad one is a clean error) and, for
@@ -380,7 +386,7 @@ fn record(
     let outcome = outcome?;
     if recording {
         let secs = outcome.wall.as_secs_f64();
-        eprintln!(
+        say(format_args!(
             "retrovisor: recorded {} instructions in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
             outcome.icount,
             secs,
@@ -389,7 +395,7 @@ fn record(
             outcome.checkpoints,
             trace.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
             describe_stop(&outcome.stop),
-        );
+        ));
     }
     for ((overlay, file), disk) in outcome.disk_writes.iter().zip(&writeback).zip(&disks) {
         overlay.write_back(file, disk.len(), disk.path())?;
@@ -436,10 +442,10 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     }
     r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
     if r.trace().cut_off() {
-        eprintln!(
+        say(format_args!(
             "retrovisor: warning: the recording was cut off (no clean end); replaying its first {} instructions",
             r.end_icount()
-        );
+        ));
     }
     if let Some(from) = a.from {
         let index = r.checkpoint_before(from);
@@ -521,7 +527,14 @@ fn info(dir: &Path) -> Result<i32, CliError> {
             s.wall_secs,
             s.output_bytes
         ),
-        None => println!("ended:         cut off (no clean end); replayable up to icount {end}"),
+        None => match t.replayable_upto() {
+            Some(upto) => {
+                println!("ended:         cut off (no clean end); replayable up to icount {upto}")
+            }
+            None => println!(
+                "ended:         cut off (no clean end) before its first checkpoint: nothing replayable"
+            ),
+        },
     }
     let mut counts = std::collections::BTreeMap::<&str, u64>::new();
     for e in t.events() {
@@ -540,6 +553,12 @@ fn info(dir: &Path) -> Result<i32, CliError> {
         checkpoint_bytes,
         100.0 * checkpoint_bytes as f64 / (t.checkpoints().len().max(1) as f64 * h.machine.ram_bytes as f64),
     );
+    if t.ignored_checkpoints() > 0 {
+        println!(
+            "               {} more past icount {end} ignored: the event stream is not complete up to them",
+            t.ignored_checkpoints()
+        );
+    }
     let per_m = |b: u64| b as f64 * 1e6 / end.max(1) as f64;
     println!(
         "event stream:  {event_bytes} bytes ({:.1} bytes per million instructions)",

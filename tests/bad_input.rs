@@ -280,6 +280,155 @@ fn kvm_without_permission_is_a_clear_error() {
     );
 }
 
+/// Records timer.elf into `trace` (a checkpoint every 2,000 instructions) with every file it writes
+/// limited to `limit` bytes: a disk with that little room. Past the limit, writes fail with EFBIG;
+/// SIGXFSZ, which would kill the process instead, is ignored as a shell's `trap '' XFSZ` would.
+fn record_with_file_limit(trace: &std::path::Path, limit: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = bin();
+    c.args(["record", "--kernel"])
+        .arg(guest("timer"))
+        .arg("-o")
+        .arg(trace)
+        .args(["--checkpoint-every", "2000"]);
+    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls.
+    unsafe {
+        c.pre_exec(move || {
+            let rlim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rlim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}
+
+/// The number after `prefix` in `text`.
+fn number_after(text: &str, prefix: &str) -> u64 {
+    let rest = text
+        .split(prefix)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{prefix:?} not in {text:?}"));
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_recording_that_runs_out_of_space_keeps_a_replayable_prefix() {
+    let dir = scratch("full-disk");
+    let trace = dir.join("timer.rvt");
+    // Room for the checkpoints (under 3 KB each) but not for the whole event stream: the recording
+    // stops in the middle of appending an event chunk.
+    let rec = record_with_file_limit(&trace, 3000);
+    assert_error(
+        &rec,
+        "because a file reached this process's file size limit",
+    );
+    let err = text(&rec.stderr);
+    assert!(
+        err.contains("the recording stopped at icount") && err.contains("events.bin"),
+        "{err}"
+    );
+    let upto = number_after(&err, "keeps a cut-off recording, replayable up to icount ");
+    assert!(upto > 0, "{err}");
+    // Nothing half-written is left behind, and no checkpoint lies past what replays.
+    for entry in std::fs::read_dir(trace.join("checkpoints")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(!name.starts_with('.'), "temporary file {name} left behind");
+        let icount: u64 = name.trim_end_matches(".ckpt").parse().unwrap();
+        assert!(icount <= upto, "checkpoint {name} past icount {upto}");
+    }
+    let info = rv(&["info", trace.to_str().unwrap()]);
+    assert_eq!(status(&info), 0, "{}", text(&info.stderr));
+    assert!(
+        text(&info.stdout).contains(&format!("replayable up to icount {upto}")),
+        "{}",
+        text(&info.stdout)
+    );
+    let o = replay(&trace, &[]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!("replaying its first {upto} instructions")),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        rec.stdout.starts_with(&o.stdout),
+        "the replayed prefix is not a prefix of what was recorded"
+    );
+}
+
+#[test]
+fn a_recording_with_no_room_for_its_first_checkpoint_says_so() {
+    let dir = scratch("no-room");
+    let trace = dir.join("timer.rvt");
+    // The first checkpoint (a full one, about 2.6 KB) does not fit.
+    let rec = record_with_file_limit(&trace, 2000);
+    assert_error(&rec, "holds nothing replayable (no checkpoint was written)");
+    assert_eq!(
+        std::fs::read_dir(trace.join("checkpoints"))
+            .unwrap()
+            .count(),
+        0,
+        "a temporary checkpoint file was left behind"
+    );
+    assert_error(
+        &replay(&trace, &[]),
+        "holds nothing replayable: it has no checkpoint",
+    );
+    let info = rv(&["info", trace.to_str().unwrap()]);
+    assert_eq!(status(&info), 0, "{}", text(&info.stderr));
+    assert!(
+        text(&info.stdout).contains("before its first checkpoint: nothing replayable"),
+        "{}",
+        text(&info.stdout)
+    );
+}
+
+#[test]
+fn a_recording_killed_at_once_says_nothing_was_recorded() {
+    let dir = scratch("kill-at-once");
+    let trace = dir.join("spin.rvt");
+    let mut child = record_spin(&trace);
+    // Kill it as soon as the trace exists: before its first checkpoint, normally.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !trace.join("events.bin").exists() {
+        assert!(std::time::Instant::now() < deadline, "no trace appeared");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let checkpoints = std::fs::read_dir(trace.join("checkpoints"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if checkpoints > 0 {
+        eprintln!(
+            "note: the first checkpoint was written before the kill landed; nothing to check"
+        );
+        return;
+    }
+    // Killed before or after it wrote its header: either way, one clear line.
+    assert_error(&replay(&trace, &[]), "nothing");
+    let info = rv(&["info", trace.to_str().unwrap()]);
+    if status(&info) == 0 {
+        assert!(
+            text(&info.stdout).contains("nothing replayable"),
+            "{}",
+            text(&info.stdout)
+        );
+    } else {
+        assert_error(&info, "nothing was recorded");
+    }
+}
+
 #[test]
 fn fifos_and_devices_as_guest_images_are_refused_without_blocking() {
     let dir = scratch("fifo-image");
@@ -315,4 +464,19 @@ fn string_field(json: &str, name: &str) -> String {
     let start = json.find(&format!("\"{name}\": \"")).unwrap() + name.len() + 5;
     let len = json[start..].find('"').unwrap();
     json[start..start + len].to_string()
+}
+
+#[test]
+fn an_error_is_not_a_panic_when_standard_error_cannot_be_written() {
+    // Say stderr is a file on the disk that just filled up.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = bin()
+        .args(["replay", "/nonexistent/t.rvt"])
+        .stderr(full)
+        .output()
+        .unwrap();
+    assert_eq!(status(&o), 2);
 }

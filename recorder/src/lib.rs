@@ -11,7 +11,7 @@ use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError, Stop
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -23,9 +23,22 @@ pub enum RecordError {
     /// The machine failed.
     #[error(transparent)]
     Machine(#[from] MachineError),
-    /// The trace could not be written.
+    /// The trace could not be created.
     #[error("cannot write the trace: {0}")]
     Trace(#[from] traces::WriteError),
+    /// Writing the trace failed part-way, so the recording stopped. What was written before stays
+    /// a cut-off recording (`kept` says how much of it replays).
+    #[error("the recording stopped at position {icount}{why}: {source}; {kept}")]
+    TraceStopped {
+        /// Where the recording stopped.
+        icount: u64,
+        /// " because the file system is full" and the like when it ran out of space, else empty.
+        why: String,
+        /// The write that failed.
+        source: traces::WriteError,
+        /// What the trace keeps.
+        kept: String,
+    },
     /// The landmark clock counts no instructions, so it cannot keep time by them.
     #[error("--time virtual needs --clock step: virtual time follows the instruction count, which only the step clock counts")]
     LandmarkNeedsHostTime,
@@ -120,6 +133,32 @@ const KICK_INTERVAL: Duration = Duration::from_millis(1);
 /// Longest stretch of wall time whose events a crash may lose.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The error for a write to the trace in `dir` that failed at position `icount`: it ends the
+/// recording. `replayable` is what the trace keeps ([`TraceWriter::replayable_upto`]); the writer
+/// stops writing after a failure, so that is final.
+fn trace_stopped(
+    dir: &Path,
+    replayable: Option<u64>,
+    icount: u64,
+    source: traces::WriteError,
+) -> RecordError {
+    let dir = dir.display();
+    let why = source
+        .out_of_space()
+        .map(|why| format!(" because {why}"))
+        .unwrap_or_default();
+    let kept = match replayable {
+        Some(upto) => format!("{dir} keeps a cut-off recording, replayable up to position {upto}"),
+        None => format!("{dir} holds nothing replayable (no checkpoint was written)"),
+    };
+    RecordError::TraceStopped {
+        icount,
+        why,
+        source,
+        kept,
+    }
+}
+
 /// Records (or, without a trace path, just runs) the guest until it stops. Guest serial output goes to `out`.
 pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
     let started = Instant::now();
@@ -167,7 +206,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
             for (i, d) in opts.machine.disks.iter().enumerate() {
-                w.write_disk(i, d.bytes())?;
+                w.write_disk(i, d.bytes())
+                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), 0, e))?;
             }
             Some(w)
         }
@@ -202,7 +242,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                         digest: snap.digest,
                         state: snap.state,
                         pages: snap.pages,
-                    })?;
+                    })
+                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
                     checkpoints += 1;
                     schedule.taken(position);
                 }
@@ -212,7 +253,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         if ticks.is_multiple_of(FLUSH_CHECK_EVERY) {
             if let Some(w) = writer.as_mut() {
                 if last_flush.elapsed() >= FLUSH_INTERVAL {
-                    w.flush(position)?;
+                    w.flush(position)
+                        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
                     last_flush = Instant::now();
                 }
             }
@@ -266,7 +308,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         for event in env.take_events() {
             *counts.entry(event.kind.name().to_string()).or_default() += 1;
             if let Some(w) = writer.as_mut() {
-                w.push(event)?;
+                w.push(event).map_err(|e| {
+                    trace_stopped(w.dir(), w.replayable_upto(), machine.position(), e)
+                })?;
             }
         }
         if let Some(reason) = reason {
@@ -283,9 +327,15 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             kind: EventKind::Stop {
                 reason: stop.clone(),
             },
-        })?;
+        })
+        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
         *counts.entry("stop".to_string()).or_default() += 1;
+        // Flushed here rather than inside finish(), which consumes the writer, so that a failure
+        // past this point can still say how much the trace keeps.
+        w.flush(position)
+            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
         trace_bytes = w.bytes_written();
+        let (dir, replayable) = (w.dir().to_owned(), w.replayable_upto());
         w.finish(&Summary {
             end_icount: position,
             stop: stop.clone(),
@@ -294,7 +344,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             output_bytes,
             output_sha256: traces::hex(&output_hash.finalize()),
             wall_secs: started.elapsed().as_secs_f64(),
-        })?;
+        })
+        .map_err(|e| trace_stopped(&dir, replayable, position, e))?;
     }
     Ok(Outcome {
         stop,
