@@ -201,6 +201,12 @@ enum GdbArchArg {
 struct InfoArgs {
     /// Trace directory written by `record`.
     trace: PathBuf,
+    /// Also read and check everything replay may need: every checkpoint in full (CRC,
+    /// decompression, pages, the chain's page references) and every disk copy (SHA-256). Lists each
+    /// problem and exits with status 2 if there is any. Without it, info reads only the event stream
+    /// and the checkpoints' headers.
+    #[arg(long)]
+    verify: bool,
 }
 
 /// What can go wrong in a command, for the one-line error message.
@@ -237,6 +243,8 @@ enum CliError {
     Gdb(#[from] gdb::GdbError),
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
+    #[error("{dir} failed verification: {count} problem{s} (listed above)", s = if *count == 1 { "" } else { "s" })]
+    Verify { dir: PathBuf, count: usize },
 }
 
 /// Parses arguments, runs the command and returns the process exit status.
@@ -264,7 +272,7 @@ pub fn main() -> i32 {
             record(a.guest, Some((a.output, every)), clock, false)
         }
         Command::Replay(a) => replay(&a),
-        Command::Info(a) => info(&a.trace),
+        Command::Info(a) => info(&a),
         Command::Events(a) => events(&a),
     };
     match result {
@@ -483,7 +491,8 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     })
 }
 
-fn info(dir: &Path) -> Result<i32, CliError> {
+fn info(a: &InfoArgs) -> Result<i32, CliError> {
+    let dir = a.trace.as_path();
     let t = traces::TraceReader::open(dir)?;
     let h = t.header();
     let (event_bytes, checkpoint_bytes) = t.sizes();
@@ -569,6 +578,25 @@ fn info(dir: &Path) -> Result<i32, CliError> {
         event_bytes + checkpoint_bytes,
         per_m(event_bytes + checkpoint_bytes)
     );
+    if a.verify {
+        let problems = t.verify();
+        if !problems.is_empty() {
+            let s = if problems.len() == 1 { "" } else { "s" };
+            println!("verify:        {} problem{s}:", problems.len());
+            for p in &problems {
+                println!("  {p}");
+            }
+            return Err(CliError::Verify {
+                dir: dir.to_owned(),
+                count: problems.len(),
+            });
+        }
+        println!(
+            "verify:        ok: every event chunk, checkpoint and disk copy read and checked ({} checkpoints, {} disk copies)",
+            t.checkpoints().len(),
+            h.disks.len()
+        );
+    }
     Ok(0)
 }
 

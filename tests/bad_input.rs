@@ -430,6 +430,44 @@ fn a_recording_killed_at_once_says_nothing_was_recorded() {
 }
 
 #[test]
+fn info_verify_finds_a_flipped_byte_in_a_later_checkpoint() {
+    let dir = scratch("verify");
+    let (trace, _) = record(&dir, "timer", &["--checkpoint-every", "2000"]);
+    let t = trace.to_str().unwrap();
+    let o = rv(&["info", "--verify", t]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("verify:        ok"),
+        "{}",
+        text(&o.stdout)
+    );
+
+    let mut checkpoints: Vec<_> = std::fs::read_dir(trace.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    checkpoints.sort();
+    assert!(checkpoints.len() > 50, "{}", checkpoints.len());
+    let victim = &checkpoints[checkpoints.len() / 2];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let at = bytes.len() - 4;
+    bytes[at] ^= 0x10;
+    std::fs::write(victim, &bytes).unwrap();
+
+    // Plain info stays fast: it reads checkpoint headers only.
+    assert_eq!(status(&rv(&["info", t])), 0);
+    let o = rv(&["info", "--verify", t]);
+    assert_error(&o, "failed verification: 2 problems (listed above)");
+    let out = text(&o.stdout);
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        out.contains(name) && out.contains("crc32 mismatch"),
+        "{out}"
+    );
+    assert!(out.contains("cannot be restored"), "{out}");
+}
+
+#[test]
 fn fifos_and_devices_as_guest_images_are_refused_without_blocking() {
     let dir = scratch("fifo-image");
     let fifo = dir.join("guest.fifo");

@@ -19,5 +19,5 @@ mod writer;
 pub use codec::CodecError;
 pub use files::{host_memory, open_regular, read_regular_file};
 pub use format::*;
-pub use reader::{CheckpointInfo, ReadError, TornTail, TraceReader};
+pub use reader::{ChainError, CheckpointInfo, ReadError, TornTail, TraceReader};
 pub use writer::{TraceWriter, WriteError};

@@ -206,6 +206,16 @@ pub enum ReadError {
         /// This host's memory.
         host_bytes: u64,
     },
+    /// Checkpoints that cannot be restored because an earlier one of their chain is broken.
+    #[error("{path}: this checkpoint and the {later} after it cannot be restored: they build on {broken}, which cannot be read")]
+    BrokenChain {
+        /// The first checkpoint file that depends on the broken one.
+        path: PathBuf,
+        /// How many more checkpoints after it depend on the broken one too.
+        later: usize,
+        /// The broken checkpoint file.
+        broken: PathBuf,
+    },
     /// A page reference names content stored nowhere before it.
     #[error("{path}: page {pfn:#x} refers to content no earlier page since the last full checkpoint has")]
     DanglingPageRef {
@@ -242,6 +252,18 @@ pub struct TornTail {
     pub offset: u64,
     /// Bytes of the torn frame present in the file.
     pub bytes: u64,
+}
+
+/// Which checkpoint of a chain could not be read, and why: what a caller needs to fall back to
+/// the checkpoint before it (every checkpoint from `failed` up to the next full one builds on it).
+#[derive(Debug, Error)]
+#[error("{source}")]
+pub struct ChainError {
+    /// Index of the checkpoint that failed (for an index out of range or a chain without a full
+    /// checkpoint, the index asked for).
+    pub failed: usize,
+    /// What is wrong with it.
+    pub source: ReadError,
 }
 
 /// A validated trace, open for reading.
@@ -428,7 +450,8 @@ impl TraceReader {
     /// incremental checkpoint come back as `PAGE_SIZE` zero bytes.
     pub fn read_checkpoint(&self, index: usize) -> Result<Checkpoint, ReadError> {
         let mut last = None;
-        self.read_chain(index, |cp| last = Some(cp))?;
+        self.read_chain(index, |cp| last = Some(cp))
+            .map_err(|e| e.source)?;
         last.ok_or(ReadError::NoSuchCheckpoint {
             index,
             count: self.checkpoints.len(),
@@ -436,34 +459,29 @@ impl TraceReader {
     }
 
     /// Reads the checkpoints from the last full one up to `index` in order, resolving page
-    /// references (content stored earlier in the chain), and hands each to `each`.
-    fn read_chain(&self, index: usize, mut each: impl FnMut(Checkpoint)) -> Result<(), ReadError> {
-        let info = self.checkpoint_info(index)?;
+    /// references (content stored earlier in the chain), and hands each to `each`. An error says
+    /// which checkpoint of the chain failed.
+    fn read_chain(&self, index: usize, mut each: impl FnMut(Checkpoint)) -> Result<(), ChainError> {
+        let at_index = |source| ChainError {
+            failed: index,
+            source,
+        };
+        let info = self.checkpoint_info(index).map_err(at_index)?;
         let base = self.checkpoints[..=index]
             .iter()
             .rposition(|c| c.full)
-            .ok_or_else(|| ReadError::NoFullCheckpoint {
-                path: info.path.clone(),
+            .ok_or_else(|| {
+                at_index(ReadError::NoFullCheckpoint {
+                    path: info.path.clone(),
+                })
             })?;
-        let mut content: std::collections::HashMap<u128, Vec<u8>> =
-            std::collections::HashMap::new();
+        let mut content = PageContent::default();
         for i in base..=index {
-            let mut cp = self.read_raw(i)?;
-            for (pfn, page) in cp.pages.iter_mut() {
-                if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
-                    let hash = u128::from_le_bytes(hash);
-                    *page =
-                        content
-                            .get(&hash)
-                            .cloned()
-                            .ok_or_else(|| ReadError::DanglingPageRef {
-                                path: self.checkpoints[i].path.clone(),
-                                pfn: *pfn,
-                            })?;
-                } else if page.iter().any(|&b| b != 0) {
-                    content.insert(xxhash_rust::xxh3::xxh3_128(page), page.clone());
-                }
-            }
+            let at = |source| ChainError { failed: i, source };
+            let mut cp = self.read_raw(i).map_err(at)?;
+            content
+                .resolve(&mut cp, &self.checkpoints[i].path)
+                .map_err(at)?;
             each(cp);
         }
         Ok(())
@@ -526,17 +544,91 @@ impl TraceReader {
         &self,
         index: usize,
     ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ReadError> {
+        self.try_restore_point(index).map_err(|e| e.source)
+    }
+
+    /// [`TraceReader::restore_point`], with an error that says which checkpoint of the chain
+    /// failed: a caller can fall back to the one before it ([`ChainError::failed`] - 1), the
+    /// latest that does not build on the broken one.
+    pub fn try_restore_point(
+        &self,
+        index: usize,
+    ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ChainError> {
         let mut memory = BTreeMap::new();
         let mut last = None;
         self.read_chain(index, |mut cp| {
             memory.extend(std::mem::take(&mut cp.pages));
             last = Some(cp);
         })?;
-        let target = last.ok_or(ReadError::NoSuchCheckpoint {
-            index,
-            count: self.checkpoints.len(),
+        let target = last.ok_or(ChainError {
+            failed: index,
+            source: ReadError::NoSuchCheckpoint {
+                index,
+                count: self.checkpoints.len(),
+            },
         })?;
         Ok((target, memory))
+    }
+
+    /// Reads and checks everything [`TraceReader::open`] does not: every checkpoint in full (CRC,
+    /// decompression, page rules, and the whole chain's page references) and every disk copy
+    /// (size and SHA-256). The event stream was read and checked in full by `open` already.
+    /// Returns every problem found, each naming its file; none means the trace is intact.
+    ///
+    /// A broken checkpoint also breaks every later one up to the next full checkpoint, since
+    /// restoring builds on it: that is reported once, as [`ReadError::BrokenChain`], and
+    /// references those later checkpoints make to content only it stored are not reported again.
+    pub fn verify(&self) -> Vec<ReadError> {
+        let mut problems = Vec::new();
+        let mut content = PageContent::default();
+        // The broken checkpoint of the current chain, and the indexes that depend on it.
+        let mut broken: Option<(PathBuf, Vec<usize>)> = None;
+        let end_chain = |broken: &mut Option<(PathBuf, Vec<usize>)>, problems: &mut Vec<_>| {
+            if let Some((path, dependents)) = broken.take() {
+                if let Some(&first) = dependents.first() {
+                    problems.push(ReadError::BrokenChain {
+                        path: self.checkpoints[first].path.clone(),
+                        later: dependents.len() - 1,
+                        broken: path,
+                    });
+                }
+            }
+        };
+        for (i, info) in self.checkpoints.iter().enumerate() {
+            if info.full {
+                end_chain(&mut broken, &mut problems);
+                content = PageContent::default();
+            } else if i == 0 {
+                problems.push(ReadError::NoFullCheckpoint {
+                    path: info.path.clone(),
+                });
+                broken = Some((info.path.clone(), Vec::new()));
+                continue;
+            }
+            let result = self
+                .read_raw(i)
+                .and_then(|mut cp| content.resolve(&mut cp, &info.path));
+            match (result, &mut broken) {
+                (Ok(()), None) => {}
+                (Ok(()), Some((_, dependents))) => dependents.push(i),
+                // Content the broken checkpoint stored is unknown: a reference to it is expected.
+                (Err(ReadError::DanglingPageRef { .. }), Some((_, dependents))) => {
+                    dependents.push(i)
+                }
+                (Err(e), Some(_)) => problems.push(e),
+                (Err(e), None) => {
+                    problems.push(e);
+                    broken = Some((info.path.clone(), Vec::new()));
+                }
+            }
+        }
+        end_chain(&mut broken, &mut problems);
+        for disk in 0..self.header.disks.len() {
+            if let Err(e) = self.read_disk(disk) {
+                problems.push(e);
+            }
+        }
+        problems
     }
     /// Sizes on disk of `events.bin` and of all checkpoint files together.
     pub fn sizes(&self) -> (u64, u64) {
@@ -544,6 +636,35 @@ impl TraceReader {
             self.events_size,
             self.checkpoints.iter().map(|c| c.bytes_on_disk).sum(),
         )
+    }
+}
+
+/// The contents of the pages stored so far in a chain of checkpoints, by xxh3-128, to resolve the
+/// page references of later ones.
+#[derive(Default)]
+struct PageContent(std::collections::HashMap<u128, Vec<u8>>);
+
+impl PageContent {
+    /// Replaces each page reference of `cp` (read from `path`) by the content it names, and
+    /// remembers the content of each page stored in full.
+    fn resolve(&mut self, cp: &mut Checkpoint, path: &Path) -> Result<(), ReadError> {
+        for (pfn, page) in cp.pages.iter_mut() {
+            if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
+                let hash = u128::from_le_bytes(hash);
+                *page = self
+                    .0
+                    .get(&hash)
+                    .cloned()
+                    .ok_or_else(|| ReadError::DanglingPageRef {
+                        path: path.to_owned(),
+                        pfn: *pfn,
+                    })?;
+            } else if page.iter().any(|&b| b != 0) {
+                self.0
+                    .insert(xxhash_rust::xxh3::xxh3_128(page), page.clone());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -991,6 +991,7 @@ fn a_checkpoint_past_the_complete_event_stream_is_ignored() {
     assert_eq!(r.replayable_upto(), Some(100));
     assert_eq!(r.checkpoints().len(), 1);
     assert_eq!(r.ignored_checkpoints(), 1);
+    assert!(r.verify().is_empty());
 }
 
 #[test]
@@ -1044,6 +1045,85 @@ fn a_trace_without_checkpoints_says_nothing_is_replayable() {
     let text = err_text(TraceReader::open(&dir));
     assert!(
         text.contains("header.json is missing") && text.contains("nothing was recorded"),
+        "{text}"
+    );
+}
+
+/// A trace with a full checkpoint and `n - 1` incremental ones after it, each changing two pages
+/// and repeating content stored earlier (so the chain has page references), and a summary.
+fn checkpoint_chain(dir: &Path, n: u64) {
+    let mut w = TraceWriter::create(dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(0, true, vec![(1, page(1)), (2, page(2))]))
+        .unwrap();
+    for i in 1..n {
+        let pages = vec![(3, page(i as u8 + 10)), (4, page(1))];
+        w.write_checkpoint(&checkpoint(i * 100, false, pages))
+            .unwrap();
+    }
+    w.finish(&summary(n * 100, n)).unwrap();
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_in_a_later_checkpoint_and_names_the_broken_link() {
+    let tmp = TempDir::new("verify");
+    let dir = tmp.trace();
+    checkpoint_chain(&dir, 8);
+    let r = TraceReader::open(&dir).unwrap();
+    assert!(r.verify().is_empty(), "{:?}", r.verify());
+
+    let path = r.checkpoints()[4].path.clone();
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+
+    // Opening reads only checkpoint headers: it still succeeds, and so do checkpoints before it.
+    let r = TraceReader::open(&dir).unwrap();
+    assert!(r.restore_point(3).is_ok());
+    let problems: Vec<String> = r.verify().iter().map(|e| e.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].contains(&path.display().to_string()) && problems[0].contains("crc32"),
+        "{problems:#?}"
+    );
+    // The three after it build on it.
+    assert!(
+        problems[1].contains("and the 2 after it cannot be restored")
+            && problems[1].contains(&r.checkpoints()[5].path.display().to_string()),
+        "{problems:#?}"
+    );
+    // Restoring any of them says which link of the chain failed, for a caller to fall back.
+    for index in 4..8 {
+        let err = r.try_restore_point(index).unwrap_err();
+        assert_eq!(err.failed, 4, "{err}");
+        assert!(err.to_string().contains("crc32"), "{err}");
+    }
+}
+
+#[test]
+fn verify_checks_disk_copies() {
+    let tmp = TempDir::new("verify-disks");
+    let dir = tmp.trace();
+    let image = vec![5u8; 4096];
+    let mut h = header();
+    h.disks = vec![traces::DiskInfo {
+        path: "d.img".into(),
+        size: image.len() as u64,
+        sha256: sha256_hex(&image),
+    }];
+    let mut w = TraceWriter::create(&dir, &h).unwrap();
+    w.write_disk(0, &image).unwrap();
+    w.write_checkpoint(&checkpoint(0, true, vec![])).unwrap();
+    w.finish(&summary(100, 1)).unwrap();
+    assert!(TraceReader::open(&dir).unwrap().verify().is_empty());
+
+    let copy = dir.join("disks/0.img.zst");
+    fs::write(&copy, zstd::bulk::compress(&[6u8; 4096], 3).unwrap()).unwrap();
+    let problems = TraceReader::open(&dir).unwrap().verify();
+    assert_eq!(problems.len(), 1);
+    let text = problems[0].to_string();
+    assert!(
+        text.contains("0.img.zst") && text.contains("sha256"),
         "{text}"
     );
 }
