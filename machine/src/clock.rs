@@ -50,6 +50,14 @@ impl Clock {
         }
     }
 
+    /// What its positions are called in messages: "icount" or "landmark".
+    pub fn unit(self) -> &'static str {
+        match self {
+            Clock::Step => "icount",
+            Clock::Landmark => "landmark",
+        }
+    }
+
     /// The clock a trace header names, if it is one this machine knows.
     pub fn from_name(name: &str) -> Option<Clock> {
         match name {

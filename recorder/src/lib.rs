@@ -28,8 +28,10 @@ pub enum RecordError {
     Trace(#[from] traces::WriteError),
     /// Writing the trace failed part-way, so the recording stopped. What was written before stays
     /// a cut-off recording (`kept` says how much of it replays).
-    #[error("the recording stopped at position {icount}{why}: {source}; {kept}")]
+    #[error("the recording stopped at {unit} {icount}{why}: {source}; {kept}")]
     TraceStopped {
+        /// What positions count: "icount" or "landmark".
+        unit: &'static str,
         /// Where the recording stopped.
         icount: u64,
         /// " because the file system is full" and the like when it ran out of space, else empty.
@@ -139,7 +141,7 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 fn trace_stopped(
     dir: &Path,
     replayable: Option<u64>,
-    icount: u64,
+    (unit, icount): (&'static str, u64),
     source: traces::WriteError,
 ) -> RecordError {
     let dir = dir.display();
@@ -148,10 +150,11 @@ fn trace_stopped(
         .map(|why| format!(" because {why}"))
         .unwrap_or_default();
     let kept = match replayable {
-        Some(upto) => format!("{dir} keeps a cut-off recording, replayable up to position {upto}"),
+        Some(upto) => format!("{dir} keeps a cut-off recording, replayable up to {unit} {upto}"),
         None => format!("{dir} holds nothing replayable (no checkpoint was written)"),
     };
     RecordError::TraceStopped {
+        unit,
         icount,
         why,
         source,
@@ -170,6 +173,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             return Err(RecordError::LandmarkCountsNoInstructions);
         }
     }
+    let unit = opts.clock.unit();
     let mut machine = Machine::new(&opts.machine, &opts.image)?;
     machine.set_clock(opts.clock)?;
     machine.set_positions(opts.clock);
@@ -207,7 +211,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
             for (i, d) in opts.machine.disks.iter().enumerate() {
                 w.write_disk(i, d.bytes())
-                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), 0, e))?;
+                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
             }
             Some(w)
         }
@@ -243,7 +247,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                         state: snap.state,
                         pages: snap.pages,
                     })
-                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
+                    .map_err(|e| {
+                        trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e)
+                    })?;
                     checkpoints += 1;
                     schedule.taken(position);
                 }
@@ -253,8 +259,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         if ticks.is_multiple_of(FLUSH_CHECK_EVERY) {
             if let Some(w) = writer.as_mut() {
                 if last_flush.elapsed() >= FLUSH_INTERVAL {
-                    w.flush(position)
-                        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
+                    w.flush(position).map_err(|e| {
+                        trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e)
+                    })?;
                     last_flush = Instant::now();
                 }
             }
@@ -309,7 +316,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             *counts.entry(event.kind.name().to_string()).or_default() += 1;
             if let Some(w) = writer.as_mut() {
                 w.push(event).map_err(|e| {
-                    trace_stopped(w.dir(), w.replayable_upto(), machine.position(), e)
+                    trace_stopped(w.dir(), w.replayable_upto(), (unit, machine.position()), e)
                 })?;
             }
         }
@@ -328,12 +335,12 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 reason: stop.clone(),
             },
         })
-        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
+        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e))?;
         *counts.entry("stop".to_string()).or_default() += 1;
         // Flushed here rather than inside finish(), which consumes the writer, so that a failure
         // past this point can still say how much the trace keeps.
         w.flush(position)
-            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), position, e))?;
+            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e))?;
         trace_bytes = w.bytes_written();
         let (dir, replayable) = (w.dir().to_owned(), w.replayable_upto());
         w.finish(&Summary {
@@ -345,7 +352,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             output_sha256: traces::hex(&output_hash.finalize()),
             wall_secs: started.elapsed().as_secs_f64(),
         })
-        .map_err(|e| trace_stopped(&dir, replayable, position, e))?;
+        .map_err(|e| trace_stopped(&dir, replayable, (unit, position), e))?;
     }
     Ok(Outcome {
         stop,
