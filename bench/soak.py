@@ -58,8 +58,14 @@ def main():
     ap.add_argument("--hogs", type=int, default=2 * os.cpu_count())
     ap.add_argument("--guests", default="timer,echo,disk,ledger")
     ap.add_argument("--checkpoint-every", type=int, default=2000)
+    ap.add_argument("--clocks", default="step,landmark", help="clocks to record with")
+    ap.add_argument("--bin", default=None, help="retrovisor binary (default: build target/release/retrovisor)")
     a = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    global BIN
+    if a.bin:
+        BIN = a.bin
+    else:
+        subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="retrovisor-soak-")
     guests = os.path.join(work, "guests")
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "guests"), f"OUT={guests}"], check=True)
@@ -72,11 +78,11 @@ def main():
     started = time.time()
     try:
         for rnd in range(a.rounds):
-            for name in a.guests.split(","):
+            for name, clock in [(g, c) for g in a.guests.split(",") for c in a.clocks.split(",")]:
                 trace = os.path.join(work, f"{name}.rvt")
                 shutil.rmtree(trace, ignore_errors=True)
                 rec = subprocess.run(
-                    [BIN, "record", "--kernel", os.path.join(guests, f"{name}.elf"), "-o", trace,
+                    [BIN, "record", "--clock", clock, "--kernel", os.path.join(guests, f"{name}.elf"), "-o", trace,
                      "--checkpoint-every", str(a.checkpoint_every)] + guest_args(name, guests, work),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
                 if rec.returncode in (2, 4):
@@ -90,12 +96,12 @@ def main():
                     err = rep.stderr.decode(errors="replace").strip()
                     if rep.returncode == 4:
                         divergences += 1
-                        print(f"DIVERGENCE {name} round {rnd}: {err}", flush=True)
+                        print(f"DIVERGENCE {name} ({clock}) round {rnd}: {err}", flush=True)
                         shutil.copytree(trace, os.path.join(ROOT, "target", f"soak-diverged-{name}-{rnd}.rvt"),
                                         dirs_exist_ok=True)
                     elif rep.returncode != rec.returncode or rep.stdout != rec.stdout:
                         failures += 1
-                        print(f"MISMATCH {name} round {rnd}: status {rep.returncode} vs {rec.returncode}: {err}",
+                        print(f"MISMATCH {name} ({clock}) round {rnd}: status {rep.returncode} vs {rec.returncode}: {err}",
                               flush=True)
             print(f"round {rnd + 1}/{a.rounds}: {replays} replays, {divergences} divergences, {failures} failures, "
                   f"load {os.getloadavg()[0]:.1f}, {time.time() - started:.0f}s", flush=True)

@@ -458,6 +458,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     if let Some(from) = a.from {
         let index = r.checkpoint_before(from);
         r.restore_checkpoint(index)?;
+        warn_notices(&mut r);
     }
     if let Some(addr) = &a.gdb {
         let opts = gdb::GdbOptions {
@@ -483,12 +484,20 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     let mut stdout = std::io::stdout().lock();
     let halt = r.run_to(a.to.unwrap_or(u64::MAX), &mut stdout);
     bar.finish_and_clear();
+    warn_notices(&mut r);
     let halt = halt?;
     stdout.flush().ok();
     Ok(match halt {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
         Halt::End(None) | Halt::Target => 0,
     })
+}
+
+/// Prints what the replay worked around (a corrupt checkpoint) as warnings.
+fn warn_notices(r: &mut Replayer) {
+    for notice in r.take_notices() {
+        eprintln!("retrovisor: warning: {notice}");
+    }
 }
 
 fn info(a: &InfoArgs) -> Result<i32, CliError> {

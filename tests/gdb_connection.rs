@@ -239,3 +239,53 @@ fn a_second_gdb_is_refused_while_one_is_attached_and_served_after() {
     assert_eq!(when_answers(&third)[0].0, 3, "{third}");
     assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
 }
+
+#[test]
+fn seeking_past_a_corrupt_checkpoint_falls_back_to_the_one_before() {
+    let trace = demo_trace("gdb-corrupt-checkpoint");
+    // Flip a byte in the payload of a later checkpoint: its header still reads, its contents do not.
+    let mut files: Vec<_> = std::fs::read_dir(trace.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    let victim = &files[3];
+    let icount: u64 = victim
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(victim, bytes).unwrap();
+
+    let mut server = GdbServer::start(&trace, &[]);
+    let target = icount + 500;
+    let out = gdb_batch(
+        server.port,
+        &guest("demo"),
+        &[&format!("monitor seek {target}"), "monitor when", "detach"],
+    );
+    assert!(
+        out.contains("warning: checkpoint 3 cannot be used")
+            && out.contains("starting from checkpoint 2"),
+        "{out}"
+    );
+    assert_eq!(when_answers(&out)[0].0, target, "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+    // A replay from boot passes the damaged checkpoint's position and still matches the recording.
+    let r = replay(&trace, &[]);
+    assert_eq!(status(&r), 3, "{}", text(&r.stderr));
+    // And `info --verify` names it.
+    let v = rv(&["info", "--verify", trace.to_str().unwrap()]);
+    assert_eq!(status(&v), 2);
+    assert!(
+        text(&v.stdout).contains(victim.file_name().unwrap().to_str().unwrap()),
+        "{}",
+        text(&v.stdout)
+    );
+}

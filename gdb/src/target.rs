@@ -174,6 +174,9 @@ impl<A: GuestArch> ReplayTarget<A> {
             ["seek", n] => match parse_icount(n) {
                 Some(n) => {
                     let outcome = search::seek(&mut self.replayer, n, &mut *self.out)?;
+                    for notice in self.replayer.take_notices() {
+                        outputln!(out, "warning: {notice}");
+                    }
                     outputln!(out, "now at icount {}", self.replayer.icount());
                     if outcome == Outcome::End {
                         outputln!(out, "(the end of the recording)");

@@ -95,6 +95,8 @@ pub struct Replayer {
     /// The current position and the rip where the machine stood when it got there (or at the kick taken
     /// since): what the recorder tagged the values asked for until the next position with.
     anchor: (u64, u64),
+    /// Problems worked around, for the user (see [`Replayer::take_notices`]).
+    notices: Vec<String>,
     progress: Option<Progress>,
 }
 
@@ -173,6 +175,7 @@ impl Replayer {
             base_pages: Rc::new(PageMap::new()),
             focus: 0,
             anchor: (u64::MAX, 0),
+            notices: Vec::new(),
             progress: None,
         };
         replayer.restore_checkpoint(0)?;
@@ -214,9 +217,26 @@ impl Replayer {
         self.end
     }
 
-    /// Restores checkpoint `index` (0 is boot); subsequent runs verify later checkpoints' digests.
-    pub fn restore_checkpoint(&mut self, index: usize) -> Result<(), ReplayError> {
-        let (cp, pages) = self.trace.restore_point(index)?;
+    /// Restores checkpoint `index` (0 is boot); subsequent runs verify later checkpoints' digests. A
+    /// checkpoint that cannot be read (corrupt on disk, or building on one that is) is not fatal while an
+    /// earlier one can stand in: the latest good one is restored instead, and the replay runs on from
+    /// there. Returns the index restored; the reason for any fallback is in [`Replayer::take_notices`].
+    pub fn restore_checkpoint(&mut self, index: usize) -> Result<usize, ReplayError> {
+        let mut index = index;
+        let (cp, pages) =
+            loop {
+                match self.trace.try_restore_point(index) {
+                    Ok(read) => break read,
+                    Err(e) if e.failed > 0 && e.failed <= index => {
+                        self.notices.push(format!(
+                        "checkpoint {} cannot be used ({}); starting from checkpoint {} instead",
+                        index, e.source, e.failed - 1
+                    ));
+                        index = e.failed - 1;
+                    }
+                    Err(e) => return Err(e.source.into()),
+                }
+            };
         self.machine.restore(
             &cp.state,
             pages.iter().map(|(&pfn, data)| (pfn, data.as_slice())),
@@ -228,7 +248,13 @@ impl Replayer {
                 .collect(),
         );
         self.after_restore(cp.icount);
-        Ok(())
+        Ok(index)
+    }
+
+    /// Messages about problems the replay worked around (a corrupt checkpoint it could not use), oldest
+    /// first; each is returned once.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
     }
 
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
@@ -547,6 +573,16 @@ impl Replayer {
             let recorded = info.digest;
             let digest = self.machine.digest()?;
             if digest != recorded && !self.equivalent_to_checkpoint(self.next_verify, &recorded) {
+                if let Err(e) = self.trace.checkpoint_state(self.next_verify) {
+                    // Its recorded digest is part of what is damaged: nothing to compare against.
+                    self.notices.push(format!(
+                        "checkpoint {} is corrupt and cannot be checked: {e}",
+                        self.next_verify
+                    ));
+                    self.machine.mark_checkpoint()?;
+                    self.next_verify += 1;
+                    return Ok(());
+                }
                 let what = self.describe_mismatch(self.next_verify, digest);
                 return Err(Divergence::new(
                     icount,
