@@ -81,9 +81,10 @@ def main():
             for name, clock in [(g, c) for g in a.guests.split(",") for c in a.clocks.split(",")]:
                 trace = os.path.join(work, f"{name}.rvt")
                 shutil.rmtree(trace, ignore_errors=True)
+                every = ["--checkpoint-every", str(a.checkpoint_every)] if clock == "step" else ["--checkpoint-ms", "5"]
                 rec = subprocess.run(
-                    [BIN, "record", "--clock", clock, "--kernel", os.path.join(guests, f"{name}.elf"), "-o", trace,
-                     "--checkpoint-every", str(a.checkpoint_every)] + guest_args(name, guests, work),
+                    [BIN, "record", "--clock", clock, "--kernel", os.path.join(guests, f"{name}.elf"), "-o", trace]
+                    + every + guest_args(name, guests, work),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
                 if rec.returncode in (2, 4):
                     failures += 1

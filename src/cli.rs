@@ -42,6 +42,19 @@ enum Command {
     Info(InfoArgs),
     /// List a trace's events (and checkpoints) with their positions, rips, kinds and values.
     Events(EventsArgs),
+    /// Give every position of a landmark trace its instruction count: one replay with the step clock
+    /// (about 10x slower than the recording), kept in the trace as index.zst. gdb needs it for reverse
+    /// execution, and `replay --gdb` builds it when it is missing.
+    Index(IndexArgs),
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Trace directory written by `record --clock landmark`.
+    trace: PathBuf,
+    /// Guest image to use instead of the path stored in the trace (its hash must match).
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -134,16 +147,18 @@ struct RecordArgs {
     /// Trace directory to create (must not exist).
     #[arg(short, long, value_name = "TRACE")]
     output: PathBuf,
-    /// Instructions between checkpoints (step clock).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1000..))]
-    checkpoint_every: u64,
-    /// Milliseconds of wall time between checkpoints (landmark clock: taken at the first landmark after).
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_CHECKPOINT_MS, value_parser = clap::value_parser!(u64).range(1..))]
-    checkpoint_ms: u64,
-    /// How the guest is driven while recording: `step` single-steps every instruction (exact positions
-    /// by instruction count, on any KVM); `landmark` runs free at the host's speed and names positions by
-    /// the guest's own exits (no PMU needed; RDTSC/RDRAND cannot be recorded).
-    #[arg(long, value_enum, default_value = "step")]
+    /// Instructions between checkpoints (step clock; default 100000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..))]
+    checkpoint_every: Option<u64>,
+    /// Milliseconds of wall time between checkpoints (landmark clock, which counts no instructions:
+    /// taken at the first landmark after; default 250).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_ms: Option<u64>,
+    /// How the guest is driven while recording. `landmark` (the default) runs free at the host's speed
+    /// and names positions by the guest's own exits: no PMU needed, but RDTSC results cannot be
+    /// recorded (replay then reports a divergence). `step` single-steps every instruction: exact
+    /// instruction counts and every RDTSC/RDRAND logged, about 10x slower here.
+    #[arg(long, value_enum, default_value = "landmark")]
     clock: ClockArg,
 }
 
@@ -243,6 +258,14 @@ enum CliError {
     Gdb(#[from] gdb::GdbError),
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
+    #[error("cannot keep the index in the trace: {0}")]
+    IndexWrite(#[from] traces::WriteError),
+    #[error("{given} does not apply to the {clock} clock: use {instead}")]
+    CheckpointUnit {
+        given: &'static str,
+        clock: &'static str,
+        instead: &'static str,
+    },
     #[error("{dir} failed verification: {count} problem{s} (listed above)", s = if *count == 1 { "" } else { "s" })]
     Verify { dir: PathBuf, count: usize },
 }
@@ -265,15 +288,31 @@ pub fn main() -> i32 {
         }
         Command::Record(a) => {
             let clock = a.clock.clock();
-            let every = match clock {
-                machine::Clock::Step => a.checkpoint_every,
-                machine::Clock::Landmark => a.checkpoint_ms,
-            };
-            record(a.guest, Some((a.output, every)), clock, false)
+            match (clock, a.checkpoint_every, a.checkpoint_ms) {
+                (machine::Clock::Landmark, Some(_), _) => Err(CliError::CheckpointUnit {
+                    given: "--checkpoint-every",
+                    clock: "landmark",
+                    instead: "--checkpoint-ms",
+                }),
+                (machine::Clock::Step, _, Some(_)) => Err(CliError::CheckpointUnit {
+                    given: "--checkpoint-ms",
+                    clock: "step",
+                    instead: "--checkpoint-every",
+                }),
+                (machine::Clock::Step, every, None) => {
+                    let every = every.unwrap_or(DEFAULT_CHECKPOINT_EVERY);
+                    record(a.guest, Some((a.output, every)), clock, false)
+                }
+                (machine::Clock::Landmark, None, ms) => {
+                    let ms = ms.unwrap_or(DEFAULT_CHECKPOINT_MS);
+                    record(a.guest, Some((a.output, ms)), clock, false)
+                }
+            }
         }
         Command::Replay(a) => replay(&a),
         Command::Info(a) => info(&a),
         Command::Events(a) => events(&a),
+        Command::Index(a) => index(&a).map(|_| 0),
     };
     match result {
         Ok(status) => status,
@@ -451,9 +490,24 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
     if r.trace().cut_off() {
         say(format_args!(
-            "retrovisor: warning: the recording was cut off (no clean end); replaying its first {} instructions",
+            "retrovisor: warning: the recording was cut off (no clean end); replaying up to {} {}",
+            r.unit(),
             r.end_icount()
         ));
+    }
+    if a.gdb.is_some() && r.positions() == machine::Clock::Landmark {
+        // gdb moves by single instructions, backwards too: it needs instruction counts.
+        let index = match traces::Index::read(r.trace())? {
+            Some(index) => index,
+            None => {
+                say(format_args!(
+                    "retrovisor: indexing this landmark trace for gdb (one replay with the step clock; \
+                     `retrovisor index` does it ahead of time)"
+                ));
+                build_index(&mut r)?
+            }
+        };
+        r.use_index(&index)?;
     }
     if let Some(from) = a.from {
         let index = r.checkpoint_before(from);
@@ -491,6 +545,35 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
         Halt::End(None) | Halt::Target => 0,
     })
+}
+
+/// `retrovisor index`: builds the index and keeps it in the trace.
+fn index(a: &IndexArgs) -> Result<traces::Index, CliError> {
+    let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
+    let index = build_index(&mut r)?;
+    say(format_args!(
+        "retrovisor: indexed {}: {} landmarks are {} instructions; kept in {}",
+        a.trace.display(),
+        r.trace()
+            .summary()
+            .map_or(r.trace().complete_upto(), |s| s.end_icount),
+        index.end,
+        a.trace.join(traces::INDEX_FILE).display()
+    ));
+    Ok(index)
+}
+
+/// Builds a landmark trace's index with a progress bar and writes it into the trace.
+fn build_index(r: &mut Replayer) -> Result<traces::Index, CliError> {
+    let bar = progress_bar(None, "indexing");
+    let b = bar.clone();
+    r.set_progress(Some(Box::new(move |landmark, _| b.set_position(landmark))));
+    let index = r.build_index();
+    r.set_progress(None);
+    bar.finish_and_clear();
+    let index = index?;
+    index.write(r.trace().dir())?;
+    Ok(index)
 }
 
 /// Prints what the replay worked around (a corrupt checkpoint) as warnings.

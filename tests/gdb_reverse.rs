@@ -49,11 +49,28 @@ for i in range(n - 1, -1, -1):
 print("REVERSE-DEBUGGING-OK")
 "#;
 
-/// Records `guest`, serves it to gdb, runs `setup` then the method with `n` steps; returns gdb's output
-/// (asserting the method passed) and the functions of the PCs visited, in order.
+/// Records `guest` with the step clock, serves it to gdb, runs `setup` then the method with `n` steps;
+/// returns the functions of the PCs visited, in order (asserting the method passed).
 fn reverse_debugging(guest_name: &str, elf: &Path, setup: &[&str], n: usize) -> Vec<String> {
+    reverse_debugging_with(
+        guest_name,
+        elf,
+        setup,
+        n,
+        &["--clock", "step", "--checkpoint-every", "2000"],
+    )
+}
+
+/// [`reverse_debugging`] of a recording made with `record_args`.
+fn reverse_debugging_with(
+    guest_name: &str,
+    elf: &Path,
+    setup: &[&str],
+    n: usize,
+    record_args: &[&str],
+) -> Vec<String> {
     let dir = scratch(&format!("gdb-reverse-{guest_name}"));
-    let (trace, _) = record(&dir, guest_name, &["--checkpoint-every", "2000"]);
+    let (trace, _) = record(&dir, guest_name, record_args);
     let script = dir.join("reverse.py");
     std::fs::write(&script, SCRIPT).unwrap();
     let server = GdbServer::start(&trace, &[]);
@@ -142,6 +159,20 @@ fn reverse_steps_cross_interrupt_delivery_and_return_on_a_64_bit_guest() {
         &guests().join("long64.sym.elf"),
         ACROSS_A_TICK,
         80,
+    );
+    assert!(crosses(&funcs, "main", "timer_tick"), "{funcs:?}");
+}
+
+#[test]
+fn reverse_steps_cross_interrupt_delivery_on_a_landmark_trace() {
+    // The landmark clock delivered the ticks at kicks; gdb gets instruction positions through the index
+    // that `replay --gdb` builds.
+    let funcs = reverse_debugging_with(
+        "timer",
+        &guest("timer"),
+        ACROSS_A_TICK,
+        80,
+        &["--clock", "landmark", "--checkpoint-ms", "20"],
     );
     assert!(crosses(&funcs, "main", "timer_tick"), "{funcs:?}");
 }

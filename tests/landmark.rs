@@ -51,7 +51,7 @@ fn a_guest_spinning_on_a_flag_only_the_timer_sets_replays() {
     let (trace, rec) = record_and_replay(&dir, "spinwait", &[], 3);
     assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
     assert!(text(&rec.stdout).contains("spinwait: done"));
-    assert_eq!(events_of(&trace, "kick"), 12, "each tick needs a kick");
+    assert!(events_of(&trace, "kick") >= 12, "each tick needs a kick");
 }
 
 #[test]
@@ -127,4 +127,129 @@ fn landmark_options_that_need_instruction_counts_are_refused() {
     let (step_trace, _) = record(&dir, "hello", &[]);
     let o = replay(&step_trace, &["--clock", "landmark"]);
     assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+}
+
+#[test]
+fn the_index_counts_the_instructions_the_step_clock_counts() {
+    // hello.elf takes no interrupt: both clocks run it identically, so the landmark trace's index must
+    // give the recording the very length the step clock counted.
+    let dir = scratch("lm-index");
+    let (step, _) = record(&dir.join("step"), "hello", &["--clock", "step"]);
+    let (landmark, _) = record(&dir, "hello", &["--clock", "landmark"]);
+    let o = rv(&["index", landmark.to_str().unwrap()]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    let info = |t: &std::path::Path| text(&rv(&["info", t.to_str().unwrap()]).stdout);
+    let step_length: u64 = info(&step)
+        .lines()
+        .find_map(|l| l.strip_prefix("instructions:")?.trim().parse().ok())
+        .expect("info gives a step trace's length");
+    let said = text(&o.stderr);
+    assert!(
+        said.contains(&format!("are {step_length} instructions")),
+        "step clock: {step_length} instructions; index: {said}"
+    );
+    assert!(landmark.join("index.zst").exists());
+    // A step trace has nothing to index.
+    let o = rv(&["index", step.to_str().unwrap()]);
+    assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+}
+
+#[test]
+fn a_killed_landmark_recording_replays_its_prefix_and_from_a_checkpoint() {
+    let dir = scratch("lm-kill");
+    let trace = dir.join("spin.rvt");
+    let child = bin()
+        .args([
+            "record",
+            "--clock",
+            "landmark",
+            "--checkpoint-ms",
+            "50",
+            "--kernel",
+        ])
+        .arg(guest("spin"))
+        .arg("-o")
+        .arg(&trace)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut child = child;
+    child.kill().unwrap(); // SIGKILL: no chance to finish the trace
+    let rec = child.wait_with_output().unwrap();
+    let o = replay(&trace, &[]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cut off"), "{}", text(&o.stderr));
+    assert!(
+        rec.stdout.starts_with(&o.stdout),
+        "the replayed prefix is not a prefix of the recording"
+    );
+    assert!(o.stdout.len() > 20, "{}", text(&o.stdout));
+    // From the last checkpoint: the rest of the output, exactly.
+    let events = text(&rv(&["events", trace.to_str().unwrap(), "--kind", "checkpoint"]).stdout);
+    let last: u64 = events
+        .lines()
+        .rev()
+        .find_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(last > 0, "{events}");
+    let tail = replay(&trace, &["--from", &last.to_string()]);
+    assert_eq!(status(&tail), 0, "{}", text(&tail.stderr));
+    assert!(
+        o.stdout.ends_with(&tail.stdout),
+        "replay --from printed what the full replay did not end with"
+    );
+}
+
+#[test]
+fn a_tampered_landmark_trace_diverges_at_a_landmark() {
+    let dir = scratch("lm-tamper");
+    let input = dir.join("input.txt");
+    std::fs::write(&input, "first\nsecond\nquit\n").unwrap();
+    let (trace, _) = record(
+        &dir,
+        "echo",
+        &[
+            "--clock",
+            "landmark",
+            "--serial-input",
+            input.to_str().unwrap(),
+        ],
+    );
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let mut events = reader.events().to_vec();
+    let rx = events
+        .iter_mut()
+        .find_map(|e| match &mut e.kind {
+            traces::EventKind::SerialRx { bytes } => Some(bytes),
+            _ => None,
+        })
+        .unwrap();
+    rx[0] ^= 0x20; // another letter: the guest echoes something else
+    let tampered = dir.join("tampered.rvt");
+    let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
+    let mut checkpoints = (0..reader.checkpoints().len()).peekable();
+    for e in events
+        .into_iter()
+        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
+    {
+        while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
+            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
+                .unwrap();
+        }
+        w.push(e).unwrap();
+    }
+    for cp in checkpoints {
+        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
+            .unwrap();
+    }
+    w.finish(reader.summary().unwrap()).unwrap();
+    let o = replay(&tampered, &[]);
+    let err = text(&o.stderr);
+    assert_eq!(status(&o), 4, "{err}");
+    assert!(
+        err.contains("diverged from the recording at landmark"),
+        "{err}"
+    );
 }

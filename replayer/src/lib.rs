@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use thiserror::Error;
-use traces::{Event, StopReason, TraceReader};
+use traces::{Event, Index, StopReason, TraceReader};
 
 /// Errors from replay.
 #[derive(Debug, Error)]
@@ -57,6 +57,9 @@ pub enum ReplayError {
     /// A step trace names its positions by instruction counts, which only the step clock finds.
     #[error("a trace recorded with the step clock replays only with the step clock")]
     StepTraceNeedsStepClock,
+    /// Only a landmark trace has positions an index maps to instruction counts.
+    #[error("only a trace recorded with the landmark clock has an index: a step trace's positions are instruction counts already")]
+    NothingToIndex,
     /// Guest output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
@@ -97,6 +100,12 @@ pub struct Replayer {
     anchor: (u64, u64),
     /// Problems worked around, for the user (see [`Replayer::take_notices`]).
     notices: Vec<String>,
+    /// The position of each checkpoint, in this replay's unit (see [`Replayer::icount`]).
+    checkpoint_positions: Vec<u64>,
+    /// A landmark trace replayed through its index: positions are instruction counts.
+    indexed: bool,
+    /// What an index being built has learned so far.
+    index_build: Option<Index>,
     progress: Option<Progress>,
 }
 
@@ -162,8 +171,12 @@ impl Replayer {
             .map(|s| s.end_icount)
             .unwrap_or_else(|| trace.complete_upto());
         let events: Rc<[Event]> = trace.events().into();
+        let checkpoint_positions = trace.checkpoints().iter().map(|c| c.icount).collect();
         let mut replayer = Replayer {
             host: LogHost::new(events),
+            checkpoint_positions,
+            indexed: false,
+            index_build: None,
             trace,
             machine,
             end,
@@ -192,9 +205,23 @@ impl Replayer {
         &self.machine
     }
 
-    /// Current position: instructions retired (step traces) or landmarks passed (landmark traces).
+    /// Current position: instructions retired (step traces, and landmark traces replayed through their
+    /// index) or landmarks passed (landmark traces).
     pub fn icount(&self) -> u64 {
-        self.machine.position()
+        if self.indexed {
+            self.machine.icount()
+        } else {
+            self.machine.position()
+        }
+    }
+
+    /// What positions count in this replay: "icount" or "landmark".
+    pub fn unit(&self) -> &'static str {
+        if self.indexed {
+            Clock::Step.unit()
+        } else {
+            self.positions().unit()
+        }
     }
 
     /// The clock the trace was recorded with: what its positions count.
@@ -210,6 +237,61 @@ impl Replayer {
             return Err(ReplayError::StepTraceNeedsStepClock);
         }
         Ok(self.machine.set_clock(clock)?)
+    }
+
+    /// Replays a landmark trace once with the step clock from boot to its end, counting instructions,
+    /// and returns the icount of every event, checkpoint and the end: the trace's [`Index`]. The replay is
+    /// checked as any other (a divergence is an error). It runs at the step clock's speed.
+    pub fn build_index(&mut self) -> Result<Index, ReplayError> {
+        if self.positions() != Clock::Landmark || self.indexed {
+            return Err(ReplayError::NothingToIndex);
+        }
+        self.set_clock(Clock::Step)?;
+        self.restore_checkpoint(0)?;
+        self.machine.set_icount(0);
+        self.index_build = Some(Index {
+            events: vec![u64::MAX; self.trace.events().len()],
+            checkpoints: vec![u64::MAX; self.trace.checkpoints().len()],
+            end: 0,
+        });
+        let ran = self.run_to(u64::MAX, &mut std::io::sink());
+        let mut index = self.index_build.take().expect("set above");
+        ran?;
+        index.end = self.machine.icount();
+        // The closing stop event (and any checkpoint a cut-off recording could not reach) lies at the end.
+        for slot in index.events.iter_mut().chain(&mut index.checkpoints) {
+            if *slot == u64::MAX {
+                *slot = index.end;
+            }
+        }
+        Ok(index)
+    }
+
+    /// Replays a landmark trace through its index from now on: with the step clock, and with positions
+    /// that are instruction counts, as in a step trace (what reverse execution works in). Restarts at the
+    /// first checkpoint.
+    pub fn use_index(&mut self, index: &Index) -> Result<(), ReplayError> {
+        if self.positions() != Clock::Landmark {
+            return Err(ReplayError::NothingToIndex);
+        }
+        let events: Rc<[Event]> = self
+            .trace
+            .events()
+            .iter()
+            .zip(&index.events)
+            .map(|(e, &icount)| Event {
+                icount,
+                ..e.clone()
+            })
+            .collect();
+        self.host = LogHost::new(events);
+        self.checkpoint_positions = index.checkpoints.clone();
+        self.end = index.end;
+        self.indexed = true;
+        self.cache = SnapshotCache::new(self.cache.cap_bytes());
+        self.set_clock(Clock::Step)?;
+        self.restore_checkpoint(0)?;
+        Ok(())
     }
 
     /// The last instruction boundary of the recording.
@@ -247,7 +329,13 @@ impl Replayer {
                 .map(|(pfn, data)| (pfn, Rc::from(data)))
                 .collect(),
         );
-        self.after_restore(cp.icount);
+        let position = self.checkpoint_positions[index];
+        if self.indexed {
+            // The checkpoint's state holds its landmark; the index knows its instruction count.
+            self.machine.set_icount(position);
+        }
+        debug_assert!(self.indexed || cp.icount == position);
+        self.after_restore(position);
         Ok(index)
     }
 
@@ -260,12 +348,8 @@ impl Replayer {
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
     fn after_restore(&mut self, icount: u64) {
         self.anchor = (u64::MAX, 0);
-        self.host
-            .seek(self.trace.events().partition_point(|e| e.icount < icount));
-        self.next_verify = self
-            .trace
-            .checkpoints()
-            .partition_point(|c| c.icount < icount);
+        self.host.seek_to(icount);
+        self.next_verify = self.checkpoint_positions.partition_point(|&c| c < icount);
         if icount > self.printed_upto {
             // Jumping ahead: the output in between is never printed, so the whole-output check is off.
             self.output_hash = None;
@@ -291,6 +375,9 @@ impl Replayer {
                 .restore_page(pfn, pages.get(&pfn).map(|p| &p[..]))?;
         }
         self.machine.restore_state(&state)?;
+        if self.indexed {
+            self.machine.set_icount(at);
+        }
         self.machine.set_dirty_since_checkpoint(&fingerprint_pages);
         self.base_pages = pages;
         self.after_restore(at);
@@ -338,9 +425,8 @@ impl Replayer {
 
     /// Index of the last checkpoint at or before `icount`.
     pub fn checkpoint_before(&self, icount: u64) -> usize {
-        self.trace
-            .checkpoints()
-            .partition_point(|c| c.icount <= icount)
+        self.checkpoint_positions
+            .partition_point(|&c| c <= icount)
             .saturating_sub(1)
     }
 
@@ -419,17 +505,20 @@ impl Replayer {
             if position >= self.end {
                 return self.finish_at_end(position);
             }
-            if self.anchor.0 != position {
-                self.anchor = (position, self.machine.rip());
+            // The anchor follows the trace's own positions (landmarks, even when replaying by index).
+            if self.anchor.0 != self.machine.position() {
+                self.anchor = (self.machine.position(), self.machine.rip());
             }
-            self.host.apply_inputs(&mut self.machine)?;
+            let consumed = self.host.cursor();
+            self.host.apply_inputs(&mut self.machine, position)?;
             if let Some(fingerprint) = self.host.kick_here(position) {
                 if self.reach_kick(position, &fingerprint)? {
                     self.host.take_kick();
                     self.anchor.1 = self.machine.rip();
-                    self.host.apply_inputs(&mut self.machine)?;
+                    self.host.apply_inputs(&mut self.machine, position)?;
                 }
             }
+            self.note_consumed(consumed, self.machine.icount());
             if let Some(reason) = self.host.stop_here(position) {
                 // Only a user stop ends a recording without the guest doing something; anything else the
                 // guest must reproduce itself (checked below when its step stops).
@@ -441,8 +530,10 @@ impl Replayer {
             // Values the machine asks for on the way are logged with the rip where the recorder last stood
             // at a position or kick: with the landmark clock, the start of the run that made the exit.
             self.host.begin_step(position, self.anchor.1);
+            let (consumed, start) = (self.host.cursor(), self.machine.icount());
             let advance = self.machine.advance(&mut self.host)?;
             self.host.end_step(self.icount())?;
+            self.note_consumed(consumed, start);
             let output = self.machine.take_output();
             // Output of positions before `printed_upto` has been printed already (after a jump back).
             if !output.is_empty() && position >= self.printed_upto {
@@ -546,6 +637,14 @@ impl Replayer {
         }
     }
 
+    /// Index building: the events consumed since cursor `from` applied at instruction count `icount`
+    /// (boundary inputs there, or values asked for in the step that starts there).
+    fn note_consumed(&mut self, from: usize, icount: u64) {
+        if let Some(build) = self.index_build.as_mut() {
+            build.events[from..self.host.cursor()].fill(icount);
+        }
+    }
+
     fn finish_at_end(&mut self, icount: u64) -> Result<(), ReplayError> {
         let reason = self.trace.summary().map(|s| s.stop.clone());
         match &reason {
@@ -565,11 +664,15 @@ impl Replayer {
     }
 
     fn verify_checkpoint(&mut self, icount: u64) -> Result<(), ReplayError> {
-        let cps = self.trace.checkpoints();
-        while self.next_verify < cps.len() && cps[self.next_verify].icount < icount {
+        let cps = &self.checkpoint_positions;
+        while self.next_verify < cps.len() && cps[self.next_verify] < icount {
             self.next_verify += 1;
         }
-        if let Some(info) = cps.get(self.next_verify).filter(|c| c.icount == icount) {
+        if cps.get(self.next_verify) == Some(&icount) {
+            let info = &self.trace.checkpoints()[self.next_verify];
+            if let Some(build) = self.index_build.as_mut() {
+                build.checkpoints[self.next_verify] = self.machine.icount();
+            }
             let recorded = info.digest;
             let digest = self.machine.digest()?;
             if digest != recorded && !self.equivalent_to_checkpoint(self.next_verify, &recorded) {
@@ -739,10 +842,9 @@ impl Replayer {
     fn restore_source_before(&self, icount: u64) -> (u64, bool) {
         let snapshot = self.cache.before(icount).map(|s| s.icount);
         let checkpoint = self
-            .trace
-            .checkpoints()
+            .checkpoint_positions
             .get(self.checkpoint_before(icount))
-            .map(|c| c.icount)
+            .copied()
             .filter(|&i| i <= icount)
             .unwrap_or(0);
         match snapshot {

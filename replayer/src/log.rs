@@ -63,16 +63,20 @@ impl LogHost {
         }
     }
 
-    /// Moves to event index `cursor` (after restoring a checkpoint).
-    pub fn seek(&mut self, cursor: usize) {
-        self.cursor = cursor;
+    /// Moves to the first event at or after `position` (after restoring a checkpoint there).
+    pub fn seek_to(&mut self, position: u64) {
+        self.cursor = self.events.partition_point(|e| e.icount < position);
         self.error = None;
     }
 
-    /// Applies the boundary inputs logged at the machine's position, in order, checking rip and that the
-    /// guest can take each interrupt. Stops at a kick (see [`LogHost::kick_here`]).
-    pub fn apply_inputs(&mut self, machine: &mut Machine) -> Result<(), Divergence> {
-        let icount = machine.position();
+    /// How many events have been consumed.
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    /// Applies the boundary inputs logged at `icount` (the machine's position), in order, checking rip
+    /// and that the guest can take each interrupt. Stops at a kick (see [`LogHost::kick_here`]).
+    pub fn apply_inputs(&mut self, machine: &mut Machine, icount: u64) -> Result<(), Divergence> {
         if let Some(e) = self.events.get(self.cursor).filter(|e| e.icount < icount) {
             return Err(Divergence::new(
                 icount,

@@ -77,6 +77,11 @@ impl SnapshotCache {
         self.bytes
     }
 
+    /// The memory cap it was made with.
+    pub fn cap_bytes(&self) -> usize {
+        self.cap_bytes
+    }
+
     /// Keeps at most one snapshot per spacing-sized bucket (spacing growing with distance from `focus`),
     /// then drops the farthest ones while over the memory cap.
     fn thin(&mut self, focus: u64) {

@@ -97,7 +97,8 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Records `guest` with extra args into `dir/name.rvt`; asserts retrovisor itself did not fail.
+/// Records `guest` with extra args into `dir/name.rvt`; asserts retrovisor itself did not fail. Without a
+/// `--clock` among them, it records with the step clock: most tests are about what a step trace holds.
 pub fn record(dir: &Path, guest_name: &str, extra: &[&str]) -> (PathBuf, Output) {
     let trace = dir.join(format!("{guest_name}.rvt"));
     let kernel = guest(guest_name);
@@ -108,6 +109,9 @@ pub fn record(dir: &Path, guest_name: &str, extra: &[&str]) -> (PathBuf, Output)
         "-o",
         trace.to_str().unwrap(),
     ];
+    if !extra.contains(&"--clock") {
+        args.extend(["--clock", "step"]);
+    }
     args.extend_from_slice(extra);
     let out = rv(&args);
     assert_ne!(status(&out), 2, "record failed: {}", text(&out.stderr));

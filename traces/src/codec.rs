@@ -11,8 +11,8 @@ use std::io::{self, Read, Write};
 use thiserror::Error;
 
 use crate::format::{
-    Checkpoint, Event, Header, CHECKPOINT_HEADER_LEN, CHECKPOINT_MAGIC, CHUNK_HEADER_LEN,
-    CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, EVENTS_MAGIC, FORMAT_VERSION, MAX_CHUNK_COMPRESSED,
+    checkpoint_magic, events_magic, Checkpoint, Event, Header, CHECKPOINT_HEADER_LEN,
+    CHECKPOINT_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, MAX_CHUNK_COMPRESSED,
     MAX_CHUNK_UNCOMPRESSED, MAX_EVENTS_PER_CHUNK, MAX_SERIAL_RX_BYTES, MAX_ZSTD_WINDOW_LOG,
     PAGE_SIZE,
 };
@@ -31,8 +31,8 @@ pub enum CodecError {
         /// The bytes expected.
         expected: Vec<u8>,
     },
-    /// A version field names a format this crate does not read.
-    #[error("format version {found}, expected {FORMAT_VERSION}")]
+    /// A version field names another format than the trace's header.
+    #[error("format version {found}, not the header's")]
     BadVersion {
         /// The version found.
         found: u32,
@@ -146,25 +146,28 @@ pub enum CodecError {
     },
 }
 
-/// The 16-byte header at the start of `events.bin`.
-pub(crate) fn events_file_header() -> [u8; EVENTS_FILE_HEADER_LEN] {
+/// The 16-byte header at the start of `events.bin` in format `version`.
+pub(crate) fn events_file_header(version: u32) -> [u8; EVENTS_FILE_HEADER_LEN] {
     let mut h = [0u8; EVENTS_FILE_HEADER_LEN];
-    h[..8].copy_from_slice(&EVENTS_MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[..8].copy_from_slice(&events_magic(version));
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     // h[12..16] is the reserved u32, zero.
     h
 }
 
-/// Checks the 16-byte header at the start of `events.bin`.
-pub(crate) fn check_events_file_header(h: &[u8; EVENTS_FILE_HEADER_LEN]) -> Result<(), CodecError> {
-    if h[..8] != EVENTS_MAGIC {
+/// Checks the 16-byte header at the start of `events.bin` of a trace in format `expected`.
+pub(crate) fn check_events_file_header(
+    h: &[u8; EVENTS_FILE_HEADER_LEN],
+    expected: u32,
+) -> Result<(), CodecError> {
+    if h[..8] != events_magic(expected) {
         return Err(CodecError::BadMagic {
             found: h[..8].to_vec(),
-            expected: EVENTS_MAGIC.to_vec(),
+            expected: events_magic(expected).to_vec(),
         });
     }
     let version = le_u32(h, 8);
-    if version != FORMAT_VERSION {
+    if version != expected {
         return Err(CodecError::BadVersion { found: version });
     }
     let reserved = le_u32(h, 12);
@@ -345,6 +348,8 @@ pub(crate) struct CheckpointLimits {
     pub max_payload: u64,
     /// Largest opaque state.
     pub max_state: u64,
+    /// The trace's format version (checkpoint magics carry it).
+    pub version: u32,
 }
 
 impl CheckpointLimits {
@@ -354,6 +359,7 @@ impl CheckpointLimits {
             ram_pages: header.ram_pages(),
             max_payload: header.max_checkpoint_payload(),
             max_state: header.max_state_bytes(),
+            version: header.format_version,
         }
     }
 
@@ -390,10 +396,11 @@ impl CheckpointHeader {
         h: &[u8; CHECKPOINT_HEADER_LEN],
         limits: &CheckpointLimits,
     ) -> Result<CheckpointHeader, CodecError> {
-        if h[..8] != CHECKPOINT_MAGIC {
+        let magic = checkpoint_magic(limits.version);
+        if h[..8] != magic {
             return Err(CodecError::BadMagic {
                 found: h[..8].to_vec(),
-                expected: CHECKPOINT_MAGIC.to_vec(),
+                expected: magic.to_vec(),
             });
         }
         let full = match h[28] {
@@ -793,6 +800,7 @@ mod tests {
             ram_pages,
             max_payload: 1 << 30,
             max_state: 1 << 20,
+            version: crate::format::FORMAT_VERSION,
         }
     }
 

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-/// Version of the on-disk format this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk format this crate writes. Version 2 added the landmark clock (its positions,
+/// and `Kick` events).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this crate still reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Size of a guest page; checkpoint pages are exactly this long.
 pub const PAGE_SIZE: usize = 4096;
@@ -26,8 +29,8 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// Extension of checkpoint files (`NNNNNNNNNNNNNNNNNNNN.ckpt`, the icount zero-padded to 20 digits).
 pub const CHECKPOINT_EXT: &str = "ckpt";
 
-/// Magic at the start of `events.bin`.
-pub const EVENTS_MAGIC: [u8; 8] = *b"RVTEVT01";
+/// Magic at the start of `events.bin` (its last digit is the format version: see [`events_magic`]).
+pub const EVENTS_MAGIC: [u8; 8] = *b"RVTEVT02";
 /// Length of the `events.bin` file header: magic, u32 version, u32 reserved.
 pub const EVENTS_FILE_HEADER_LEN: usize = 16;
 /// Magic at the start of every event chunk frame ("CHNK" read as a little-endian u32).
@@ -42,8 +45,25 @@ pub const MAX_CHUNK_UNCOMPRESSED: u32 = 64 << 20;
 /// spend on `Event` values (each is several times larger in memory than its smallest encoding).
 pub const MAX_EVENTS_PER_CHUNK: u32 = 1 << 20;
 
-/// Magic at the start of every checkpoint file.
-pub const CHECKPOINT_MAGIC: [u8; 8] = *b"RVTCKP01";
+/// Magic at the start of every checkpoint file (its last digit is the format version: see
+/// [`checkpoint_magic`]).
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"RVTCKP02";
+
+/// The magic of `events.bin` in format `version` (the magics' digits move with the version).
+pub fn events_magic(version: u32) -> [u8; 8] {
+    with_version_digit(EVENTS_MAGIC, version)
+}
+
+/// The magic of checkpoint files in format `version`.
+pub fn checkpoint_magic(version: u32) -> [u8; 8] {
+    with_version_digit(CHECKPOINT_MAGIC, version)
+}
+
+fn with_version_digit(mut magic: [u8; 8], version: u32) -> [u8; 8] {
+    magic[7] = b'0' + (version % 10) as u8;
+    magic[6] = b'0' + (version / 10 % 10) as u8;
+    magic
+}
 /// Length of the fixed checkpoint file header that precedes the compressed payload.
 pub const CHECKPOINT_HEADER_LEN: usize = 77;
 /// Largest compressed or uncompressed checkpoint payload a reader accepts (4 GiB). A reader also
@@ -146,10 +166,18 @@ pub enum FormatError {
         value: String,
     },
     /// The header names another format version than the one being written or read.
-    #[error("header format_version is {found}, expected {FORMAT_VERSION}")]
+    #[error(
+        "header format_version is {found}, expected {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     WrongVersion {
         /// The version in the header.
         found: u32,
+    },
+    /// A version-1 header names a clock other than `step` (the landmark clock came with version 2).
+    #[error("a version-1 trace cannot be recorded with clock {clock:?}")]
+    ClockNeedsNewerVersion {
+        /// The clock the header names.
+        clock: String,
     },
 }
 
@@ -216,9 +244,14 @@ impl Header {
     /// Checks the values a reader relies on: the format version, the RAM size and the shape of the
     /// image hash.
     pub fn validate(&self) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(FormatError::WrongVersion {
                 found: self.format_version,
+            });
+        }
+        if self.format_version == 1 && self.clock != "step" {
+            return Err(FormatError::ClockNeedsNewerVersion {
+                clock: self.clock.clone(),
             });
         }
         let ram = self.machine.ram_bytes;

@@ -13,11 +13,13 @@ mod codec;
 mod disks;
 mod files;
 mod format;
+mod index;
 mod reader;
 mod writer;
 
 pub use codec::CodecError;
 pub use files::{host_memory, open_regular, read_regular_file};
 pub use format::*;
+pub use index::{Index, INDEX_FILE};
 pub use reader::{ChainError, CheckpointInfo, ReadError, TornTail, TraceReader};
 pub use writer::{TraceWriter, WriteError};

@@ -77,7 +77,7 @@ pub enum ReadError {
         version: u32,
     },
     /// The trace declares a format version that never existed or is no longer read.
-    #[error("{path}: trace format version {version} is not supported (this retrovisor reads version {FORMAT_VERSION})")]
+    #[error("{path}: trace format version {version} is not supported (this retrovisor reads versions {} to {FORMAT_VERSION})", crate::format::OLDEST_FORMAT_VERSION)]
     UnsupportedVersion {
         /// The header file.
         path: PathBuf,
@@ -310,7 +310,7 @@ impl TraceReader {
         }
         let limits = CheckpointLimits::of(&header);
         let events_path = dir.join(EVENTS_FILE);
-        let stream = read_events(&events_path, MAX_EVENT_MEMORY)?;
+        let stream = read_events(&events_path, header.format_version, MAX_EVENT_MEMORY)?;
         let summary_path = dir.join(SUMMARY_FILE);
         let summary = read_summary(&summary_path)?;
 
@@ -689,7 +689,7 @@ fn read_header(path: &Path) -> Result<Header, ReadError> {
             version: probe.format_version,
         });
     }
-    if probe.format_version != FORMAT_VERSION {
+    if probe.format_version < crate::format::OLDEST_FORMAT_VERSION {
         return Err(ReadError::UnsupportedVersion {
             path: path.to_owned(),
             version: probe.format_version,
@@ -837,7 +837,7 @@ fn memory_cost(event: &Event) -> u64 {
 
 /// Reads and checks every chunk of `events.bin`, refusing a stream whose decoded events would
 /// take more than `memory_budget` bytes ([`memory_cost`]).
-fn read_events(path: &Path, memory_budget: u64) -> Result<EventStream, ReadError> {
+fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStream, ReadError> {
     let io_err = |source| ReadError::Io {
         path: path.to_owned(),
         source,
@@ -861,7 +861,7 @@ fn read_events(path: &Path, memory_budget: u64) -> Result<EventStream, ReadError
     file.read_exact(&mut file_header[..present])
         .map_err(io_err)?;
     if present < EVENTS_FILE_HEADER_LEN {
-        if codec::events_file_header().starts_with(&file_header[..present]) {
+        if codec::events_file_header(version).starts_with(&file_header[..present]) {
             stream.torn_tail = Some(TornTail {
                 offset: 0,
                 bytes: file_size,
@@ -878,7 +878,7 @@ fn read_events(path: &Path, memory_budget: u64) -> Result<EventStream, ReadError
             source,
         });
     }
-    codec::check_events_file_header(&file_header).map_err(|source| {
+    codec::check_events_file_header(&file_header, version).map_err(|source| {
         ReadError::EventsFileHeader {
             path: path.to_owned(),
             source,
@@ -1144,8 +1144,11 @@ mod tests {
         let path = dir.join(EVENTS_FILE);
         // An Irq costs EVENT_MEMORY_COST; a 10-byte SerialRx that plus SERIAL_RX_MEMORY_COST + 10.
         let total = 2 * EVENT_MEMORY_COST + SERIAL_RX_MEMORY_COST + 10;
-        assert_eq!(read_events(&path, total).unwrap().memory, total);
-        match read_events(&path, total - 1) {
+        assert_eq!(
+            read_events(&path, FORMAT_VERSION, total).unwrap().memory,
+            total
+        );
+        match read_events(&path, FORMAT_VERSION, total - 1) {
             Err(ReadError::TooManyEvents {
                 index: 1, limit, ..
             }) => assert_eq!(limit, total - 1),

@@ -260,7 +260,7 @@ impl TraceWriter {
             .create_new(true)
             .open(&events_path)
             .map_err(io_err("create", &events_path))?;
-        let file_header = codec::events_file_header();
+        let file_header = codec::events_file_header(crate::format::FORMAT_VERSION);
         events_file
             .write_all(&file_header)
             .map_err(io_err("write", &events_path))?;
@@ -547,7 +547,7 @@ impl TraceWriter {
 /// Writes `bytes` to `path` so that `path` is either absent or complete: temporary file in the
 /// same directory, fsync, rename. On failure the temporary file is removed, so a full disk gets
 /// back the space it took.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())

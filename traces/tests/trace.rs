@@ -548,7 +548,7 @@ fn hostile_lengths_are_rejected_without_allocating_them() {
     // A checkpoint header declaring u64::MAX bytes is refused at open.
     fs::write(&events_path, &file_header).unwrap();
     let mut ckpt = Vec::new();
-    ckpt.extend_from_slice(b"RVTCKP01");
+    ckpt.extend_from_slice(&traces::CHECKPOINT_MAGIC);
     ckpt.extend_from_slice(&0u32.to_le_bytes());
     ckpt.extend_from_slice(&0u64.to_le_bytes());
     ckpt.extend_from_slice(&0u64.to_le_bytes());
@@ -611,13 +611,13 @@ fn future_format_version_asks_for_an_upgrade() {
     // A future header may look nothing like ours apart from the version.
     fs::write(
         dir.join("header.json"),
-        r#"{"format_version": 2, "something_new": [1, 2]}"#,
+        r#"{"format_version": 3, "something_new": [1, 2]}"#,
     )
     .unwrap();
     let text = err_text(TraceReader::open(&dir));
     assert!(
         text.contains(
-            "trace format version 2 is newer than this retrovisor supports (1); upgrade retrovisor"
+            "trace format version 3 is newer than this retrovisor supports (2); upgrade retrovisor"
         ),
         "{text}"
     );
