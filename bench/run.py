@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Retrovisor benchmarks: prints ratios measured in one run on this machine.
 
-For each bundled guest: plain free run, plain single-stepped run, record and replay wall time (median of
-several runs), the record and replay instruction rates, trace bytes per million instructions (event stream
-and checkpoints separately) and checkpoint bytes against guest RAM.
+For each bundled guest, with both clocks: plain free run, record and replay wall time (median of several
+runs), record against the free run, replay against record, and trace bytes per million instructions (event
+stream and checkpoints separately). A landmark trace counts no instructions: its `index` (one stepped
+replay) gives them.
 
-Then, on a recording of at least 5 million instructions: the raw KVM single-step rate of this machine (the
-ceiling of the step clock), replay's share of it, and reverse-stepi and seek-back latency.
+--long adds the long guest: ledger.elf fed bench/ledger-long.txt (about 68 million instructions of serial
+commands, hashing, table updates and a 100 Hz timer), recorded and replayed with the landmark clock; its
+instruction count comes from its index unless --long-no-index (the index takes about ten minutes here, as
+recording it with the step clock would).
 
-Usage: python3 bench/run.py [--runs N] [--guests timer,demo,long64] [--long-instructions N]
+Then, on a step recording of at least 5 million instructions: the raw KVM single-step rate of this machine
+(the ceiling of the step clock), replay's share of it, and reverse-stepi and seek-back latency.
+
+Usage: python3 bench/run.py [--runs N] [--guests timer,demo,long64,ledger,disk] [--long] [--long-instructions N]
 """
 import argparse
 import os
@@ -37,21 +43,77 @@ def median_time(args, runs):
     return statistics.median(timed(args)[0] for _ in range(runs))
 
 
-def info_fields(trace):
-    out = subprocess.run([BIN, "info", trace], stdout=subprocess.PIPE, check=True).stdout.decode()
-    icount = int(re.search(r"^instructions:\s+(\d+)", out, re.M).group(1))
+def info(trace):
+    return subprocess.run([BIN, "info", trace], stdout=subprocess.PIPE, check=True).stdout.decode()
+
+
+def trace_sizes(trace):
+    out = info(trace)
     event_bytes = int(re.search(r"^event stream:\s+(\d+) bytes", out, re.M).group(1))
     m = re.search(r"^checkpoints:\s+(\d+) .*?, (\d+) bytes", out, re.M)
-    return icount, event_bytes, int(m.group(1)), int(m.group(2)), out
+    kicks = re.search(r"^\s+kick\s+(\d+)", out, re.M)
+    return event_bytes, int(m.group(1)), int(m.group(2)), int(kicks.group(1)) if kicks else 0
+
+
+def step_instructions(trace):
+    return int(re.search(r"^instructions:\s+(\d+)", info(trace), re.M).group(1))
+
+
+def indexed_instructions(trace):
+    out = subprocess.run([BIN, "index", trace], stderr=subprocess.PIPE, check=True).stderr.decode()
+    return int(re.search(r"are (\d+) instructions", out).group(1))
+
+
+def guest_args(name, work):
+    if name == "ledger":
+        return ["--serial-input", os.path.join(ROOT, "tests", "guests", "ledger-short.txt")]
+    if name == "ledger-long":
+        return ["--serial-input", os.path.join(ROOT, "bench", "ledger-long.txt")]
+    if name == "disk":
+        path = os.path.join(work, "disk.img")
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(bytes(range(256)) * 1024)
+        return ["--disk", path]
+    return []
+
+
+def measure(name, kernel, work, runs, clocks, index=True):
+    """Free run, then record and replay with each clock; prints the figures."""
+    extra = guest_args(name, work)
+    free = median_time([BIN, "run", "--kernel", kernel] + extra, runs)
+    print(f"== {name}: free run {free:.3f}s")
+    for clock in clocks:
+        rec_times, rep_times = [], []
+        for i in range(runs):
+            trace = os.path.join(work, f"{name}-{clock}-{i}.rvt")
+            rec_times.append(timed([BIN, "record", "--clock", clock, "--kernel", kernel, "-o", trace] + extra)[0])
+            rep_times.append(timed([BIN, "replay", trace])[0])
+        rec, rep = statistics.median(rec_times), statistics.median(rep_times)
+        ev, ncp, cpb, kicks = trace_sizes(trace)
+        if clock == "step":
+            icount = step_instructions(trace)
+        elif index:
+            icount = indexed_instructions(trace)
+        else:
+            icount = None
+        print(f"  {clock:<8} record {rec:8.3f}s = {rec / free:5.2f}x free run   replay {rep:8.3f}s = {rep / rec:5.2f}x record"
+              + (f"   {kicks} kicks" if clock == "landmark" else ""))
+        if icount:
+            print(f"           {icount} instructions: events {ev * 1e6 / icount:9.1f} bytes/M instructions, "
+                  f"checkpoints {cpb * 1e6 / icount:10.1f} bytes/M instructions ({ncp} checkpoints)")
+        else:
+            print(f"           events {ev} bytes, checkpoints {cpb} bytes ({ncp} checkpoints)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (median is reported)")
-    ap.add_argument("--guests", default="timer,demo,long64", help="comma-separated guest names")
-    ap.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval passed to record")
+    ap.add_argument("--guests", default="timer,demo,long64,ledger,disk", help="comma-separated guest names")
+    ap.add_argument("--long", action="store_true", help="also the ~68M-instruction ledger guest (landmark clock)")
+    ap.add_argument("--long-no-index", action="store_true", help="skip indexing the long guest's trace")
     ap.add_argument("--long-instructions", type=int, default=5_000_000,
-                    help="length of the long recording for the reverse-execution figures (0 skips them)")
+                    help="length of the step recording for the reverse-execution figures (0 skips them)")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "--examples", "--workspace"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="retrovisor-bench-")
@@ -59,28 +121,10 @@ def main():
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "guests"), f"OUT={guests}"], check=True)
     try:
         for name in a.guests.split(","):
-            kernel = os.path.join(guests, f"{name}.elf")
-            free = median_time([BIN, "run", "--kernel", kernel], a.runs)
-            step = median_time([BIN, "run", "--clock", "step", "--kernel", kernel], a.runs)
-            rec_times, rep_times = [], []
-            for i in range(a.runs):
-                trace = os.path.join(work, f"{name}-{i}.rvt")
-                extra = ["--checkpoint-every", str(a.checkpoint_every)] if a.checkpoint_every else []
-                rec_times.append(timed([BIN, "record", "--kernel", kernel, "-o", trace] + extra)[0])
-                rep_times.append(timed([BIN, "replay", trace])[0])
-            rec, rep = statistics.median(rec_times), statistics.median(rep_times)
-            icount, ev, ncp, cpb, _ = info_fields(trace)
-            ram = 32 << 20
-            print(f"== {name}: {icount} instructions, {ncp} checkpoints")
-            print(f"  wall: free run {free:.3f}s, stepped run {step:.3f}s, record {rec:.3f}s, replay {rep:.3f}s")
-            print(f"  record / free run      {rec / free:6.2f}x")
-            print(f"  record / stepped run   {rec / step:6.2f}x   (recorder's own cost: {100 * (rec / step - 1):+.1f}%)")
-            print(f"  replay / record        {rep / rec:6.2f}x")
-            print(f"  record rate            {icount / rec / 1e3:8.1f} k instructions/s")
-            print(f"  replay rate            {icount / rep / 1e3:8.1f} k instructions/s")
-            print(f"  event stream           {ev * 1e6 / icount:8.1f} bytes per million instructions ({ev} bytes)")
-            print(f"  checkpoints            {cpb * 1e6 / icount:8.1f} bytes per million instructions ({cpb} bytes)")
-            print(f"  checkpoint vs RAM      {100 * cpb / max(ncp, 1) / ram:8.3f}% of guest RAM per checkpoint on average")
+            measure(name, os.path.join(guests, f"{name}.elf"), work, a.runs, ["landmark", "step"])
+        if a.long:
+            measure("ledger-long", os.path.join(guests, "ledger.elf"), work, 1, ["landmark"],
+                    index=not a.long_no_index)
         if a.long_instructions:
             long_run(work, guests, a.long_instructions)
     finally:
@@ -88,17 +132,18 @@ def main():
 
 
 def long_run(work, guests, n):
-    """Reverse-execution figures on a long recording of the spin guest."""
+    """Reverse-execution figures on a long step recording of the spin guest."""
     raw = subprocess.run([os.path.join(ROOT, "target", "release", "examples", "raw_step_rate"), "3"],
                          stdout=subprocess.PIPE, check=True).stdout.decode()
     raw_rate = float(re.search(r"(\d+) steps/s", raw).group(1))
     trace = os.path.join(work, "long.rvt")
     kernel = os.path.join(guests, "spin.elf")
-    rec, _ = timed([BIN, "record", "--kernel", kernel, "-o", trace, "--max-instructions", str(n)])
+    rec, _ = timed([BIN, "record", "--clock", "step", "--kernel", kernel, "-o", trace, "--max-instructions", str(n)])
     step, _ = timed([BIN, "run", "--clock", "step", "--max-instructions", str(n), "--kernel", kernel])
     rep, _ = timed([BIN, "replay", trace])
-    icount, ev, ncp, cpb, _ = info_fields(trace)
-    print(f"== long recording: {icount} instructions of spin.elf, {ncp} checkpoints")
+    icount = step_instructions(trace)
+    _, ncp, cpb, _ = trace_sizes(trace)
+    print(f"== long step recording: {icount} instructions of spin.elf, {ncp} checkpoints")
     print(f"  raw KVM single-step rate   {raw_rate / 1e3:8.1f} k steps/s (examples/raw_step_rate.rs: the ceiling)")
     print(f"  record / stepped run       {rec / step:6.2f}x   (recorder's own cost: {100 * (rec / step - 1):+.1f}%)")
     print(f"  replay rate                {icount / rep / 1e3:8.1f} k instructions/s = {100 * icount / rep / raw_rate:.0f}% of raw")
