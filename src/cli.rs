@@ -496,18 +496,8 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         ));
     }
     if a.gdb.is_some() && r.positions() == machine::Clock::Landmark {
-        // gdb moves by single instructions, backwards too: it needs instruction counts.
-        let index = match traces::Index::read(r.trace())? {
-            Some(index) => index,
-            None => {
-                say(format_args!(
-                    "retrovisor: indexing this landmark trace for gdb (one replay with the step clock; \
-                     `retrovisor index` does it ahead of time)"
-                ));
-                build_index(&mut r)?
-            }
-        };
-        r.use_index(&index)?;
+        // gdb moves by single instructions, backwards too: positions within landmarks.
+        r.step_within_landmarks()?;
     }
     if let Some(from) = a.from {
         let index = r.checkpoint_before(from);

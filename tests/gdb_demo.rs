@@ -313,7 +313,7 @@ fn monitor_commands_tell_and_move_the_position() {
         &out,
         &[
             "monitor when",
-            "monitor seek N",
+            "monitor seek P",
             "monitor help",
             "now at icount 1000",
             "now at icount 16",

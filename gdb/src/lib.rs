@@ -233,19 +233,19 @@ fn serve_as<A: GuestArch>(
             });
         };
         eprintln!(
-            "retrovisor: gdb connected from {peer} at icount {}",
-            target.icount()
+            "retrovisor: gdb connected from {peer} at {}",
+            target.position()
         );
         target.new_session();
         let ended = GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target);
         *lock(&attached) = None;
         match ended {
             Ok(DisconnectReason::Disconnect) => {
-                eprintln!("retrovisor: gdb detached at icount {}", target.icount());
+                eprintln!("retrovisor: gdb detached at {}", target.position());
                 return Ok(());
             }
             Ok(DisconnectReason::Kill) => {
-                eprintln!("retrovisor: gdb killed the replay at icount {}", target.icount());
+                eprintln!("retrovisor: gdb killed the replay at {}", target.position());
                 return Ok(());
             }
             // Only stop reasons this target never reports (exit, termination) end a session this way.
@@ -258,9 +258,9 @@ fn serve_as<A: GuestArch>(
                 }
             }
             Err(e) => eprintln!(
-                "retrovisor: gdb session ended ({e}); the replay stays at icount {}; waiting for the next \
+                "retrovisor: gdb session ended ({e}); the replay stays at {}; waiting for the next \
                  connection on {local}",
-                target.icount()
+                target.position()
             ),
         }
     }

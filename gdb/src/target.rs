@@ -33,9 +33,12 @@ const MAX_WATCH_LEN: u64 = 4096;
 
 const MONITOR_HELP: &str = "\
 retrovisor monitor commands:
-  monitor when      print the current position (instructions retired since boot) and the end of the recording
-  monitor seek N    move to icount N (clamped to the recording); then `maint flush register-cache` (or any
-                    step) so gdb re-reads the registers, which it does not know have changed
+  monitor when      print the current position and the end of the recording: an icount (instructions
+                    retired since boot), or in a landmark trace a landmark (an exit the guest made) and
+                    the instructions since it, as `landmark 1234 + 56`
+  monitor seek P    move to position P (an icount; in a landmark trace 1234 or 1234+56), clamped to the
+                    recording; then `maint flush register-cache` (or any step) so gdb re-reads the
+                    registers, which it does not know have changed
   monitor help      this list";
 
 /// gdbstub's `support_*` methods: each says that the target implements an extension by returning itself.
@@ -91,9 +94,9 @@ impl<A: GuestArch> ReplayTarget<A> {
         }
     }
 
-    /// Current position.
-    pub(crate) fn icount(&self) -> u64 {
-        self.replayer.icount()
+    /// The current position, as the user reads it ("icount 12345", "landmark 44 + 102").
+    pub(crate) fn position(&self) -> String {
+        self.replayer.describe(self.replayer.icount())
     }
 
     /// Forgets what a previous gdb session set up: a new session inserts its own breakpoints, and a run that
@@ -167,17 +170,17 @@ impl<A: GuestArch> ReplayTarget<A> {
         match words.as_slice() {
             ["when"] => outputln!(
                 out,
-                "icount {} (the recording ends at icount {})",
-                self.replayer.icount(),
-                self.replayer.end_icount()
+                "{} (the recording ends at {})",
+                self.replayer.describe(self.replayer.icount()),
+                self.replayer.describe(self.replayer.end_icount())
             ),
-            ["seek", n] => match parse_icount(n) {
+            ["seek", rest @ ..] => match parse_position(&rest.join(" "), &self.replayer) {
                 Some(n) => {
                     let outcome = search::seek(&mut self.replayer, n, &mut *self.out)?;
                     for notice in self.replayer.take_notices() {
                         outputln!(out, "warning: {notice}");
                     }
-                    outputln!(out, "now at icount {}", self.replayer.icount());
+                    outputln!(out, "now at {}", self.replayer.describe(self.replayer.icount()));
                     if outcome == Outcome::End {
                         outputln!(out, "(the end of the recording)");
                     }
@@ -186,9 +189,16 @@ impl<A: GuestArch> ReplayTarget<A> {
                         "run `maint flush register-cache` (or step) so gdb re-reads the registers"
                     );
                 }
+                None if self.replayer.steps_within_landmarks() => outputln!(
+                    out,
+                    "monitor seek: {:?} is not a position of this landmark trace (a landmark such as 1234, \
+                     or a landmark and instructions after it such as 1234+56)",
+                    rest.join(" ")
+                ),
                 None => outputln!(
                     out,
-                    "monitor seek: {n:?} is not an icount (a number such as 12345 or 0x3039)"
+                    "monitor seek: {:?} is not an icount (a number such as 12345 or 0x3039)",
+                    rest.join(" ")
                 ),
             },
             [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
@@ -204,6 +214,20 @@ fn parse_icount(s: &str) -> Option<u64> {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),
     }
+}
+
+/// A position as `monitor seek` takes it: an icount, or for a landmark trace a landmark with an optional
+/// `+ instructions` (as `monitor when` prints it, with or without the word "landmark").
+fn parse_position(s: &str, replayer: &Replayer) -> Option<u64> {
+    if !replayer.steps_within_landmarks() {
+        return parse_icount(s.trim());
+    }
+    let s = s.trim().trim_start_matches("landmark").trim();
+    let (landmark, offset) = match s.split_once('+') {
+        Some((l, o)) => (parse_icount(l.trim())?, parse_icount(o.trim())?),
+        None => (parse_icount(s)?, 0),
+    };
+    (offset < 1 << 32).then(|| replayer::position::encode(landmark, offset))
 }
 
 impl<A: GuestArch> Target for ReplayTarget<A> {

@@ -222,6 +222,8 @@ pub struct Machine {
     pub(crate) irq_window: bool,
     /// Whether KVM holds an interrupt shadow we made stale by completing an instruction ourselves.
     pub(crate) stale_shadow: bool,
+    /// See [`Machine::keep_stale_registers`].
+    legacy_stale_regs: bool,
     output: Vec<u8>,
 }
 
@@ -341,6 +343,7 @@ impl Machine {
             sregs,
             irq_window: false,
             stale_shadow: false,
+            legacy_stale_regs: false,
             output: Vec::new(),
         };
         // The loader's writes are in the VMM-dirty map; the first (full) checkpoint covers them.
@@ -577,6 +580,7 @@ impl Machine {
     fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         self.regs = regs;
+        self.publish_regs();
         // We completed an instruction ourselves: any STI/MOV SS shadow KVM still holds is over.
         self.stale_shadow |= !self.irq_window;
         self.irq_window = regs.rflags & (1 << 9) != 0;
@@ -754,7 +758,27 @@ impl Machine {
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         self.regs = regs;
         self.sregs = sregs;
+        self.publish_regs();
         Ok(())
+    }
+
+    /// After the VMM set registers itself (completing an instruction), makes the copy in `kvm_run` that
+    /// [`Machine::refresh_regs`] reads agree: KVM fills it only at its next exit, so until then it still
+    /// shows the instruction before. (Version-1 traces were recorded with that stale copy: for them it
+    /// is kept, so that they replay as recorded.)
+    fn publish_regs(&mut self) {
+        if self.legacy_stale_regs {
+            return;
+        }
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs = self.regs;
+        sync.sregs = self.sregs;
+    }
+
+    /// Replays a trace recorded before [`Machine::publish_regs`] existed: after an instruction the VMM
+    /// completed, the cached registers show the instruction before until the next exit, as they did.
+    pub fn keep_stale_registers(&mut self) {
+        self.legacy_stale_regs = true;
     }
 
     fn state(&self) -> Result<MachineState, MachineError> {

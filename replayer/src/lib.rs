@@ -3,6 +3,7 @@
 //! between the replay and the log is a divergence, reported with its icount and what differed.
 
 mod log;
+pub mod position;
 pub mod search;
 mod snapshots;
 
@@ -104,6 +105,11 @@ pub struct Replayer {
     checkpoint_positions: Vec<u64>,
     /// A landmark trace replayed through its index: positions are instruction counts.
     indexed: bool,
+    /// A landmark trace replayed with instruction positions relative to landmarks (see
+    /// [`position::encode`]): free running to a landmark, single-stepping from there.
+    stepping_within: bool,
+    /// With `stepping_within`: instructions stepped since the current landmark.
+    offset: u64,
     /// What an index being built has learned so far.
     index_build: Option<Index>,
     progress: Option<Progress>,
@@ -164,6 +170,9 @@ impl Replayer {
             hide_host_values: clock == Clock::Landmark,
         };
         let mut machine = Machine::new(&config, &image)?;
+        if h.format_version == 1 {
+            machine.keep_stale_registers();
+        }
         machine.set_positions(clock);
         machine.set_clock(clock)?;
         let end = trace
@@ -176,6 +185,8 @@ impl Replayer {
             host: LogHost::new(events),
             checkpoint_positions,
             indexed: false,
+            stepping_within: false,
+            offset: 0,
             index_build: None,
             trace,
             machine,
@@ -210,6 +221,8 @@ impl Replayer {
     pub fn icount(&self) -> u64 {
         if self.indexed {
             self.machine.icount()
+        } else if self.stepping_within {
+            position::encode(self.machine.landmarks(), self.offset)
         } else {
             self.machine.position()
         }
@@ -222,6 +235,65 @@ impl Replayer {
         } else {
             self.positions().unit()
         }
+    }
+
+    /// Whether positions are (landmark, instructions since it), encoded by [`position::encode`].
+    pub fn steps_within_landmarks(&self) -> bool {
+        self.stepping_within
+    }
+
+    /// A position as the user reads it: "icount N", "landmark N" or "landmark N + K".
+    pub fn describe(&self, position: u64) -> String {
+        if self.stepping_within {
+            let (landmark, offset) = position::decode(position);
+            match offset {
+                0 => format!("landmark {landmark}"),
+                _ => format!("landmark {landmark} + {offset}"),
+            }
+        } else {
+            format!("{} {position}", self.unit())
+        }
+    }
+
+    /// Replays a landmark trace with instruction positions from now on, without an index: a position is
+    /// a landmark and the instructions since it ([`position::encode`]). Runs free (landmark clock) to the
+    /// landmark of a target, then single-steps to it; so moving by single instructions, backwards too,
+    /// costs no more than the instructions since the landmark before. Restarts at the first checkpoint.
+    pub fn step_within_landmarks(&mut self) -> Result<(), ReplayError> {
+        if self.positions() != Clock::Landmark || self.indexed {
+            return Err(ReplayError::NothingToIndex);
+        }
+        self.checkpoint_positions = self
+            .trace
+            .checkpoints()
+            .iter()
+            .map(|c| position::encode(c.icount, 0))
+            .collect();
+        self.end = position::encode(self.end, 0);
+        self.stepping_within = true;
+        self.cache = SnapshotCache::new(self.cache.cap_bytes());
+        self.restore_checkpoint(0)?;
+        Ok(())
+    }
+
+    /// The position just before `position` (> 0): one instruction earlier. At the start of a landmark
+    /// that is the last position of the landmark before, found by stepping through it.
+    pub fn previous(&mut self, position: u64, out: &mut dyn Write) -> Result<u64, ReplayError> {
+        if !self.stepping_within {
+            return Ok(position - 1);
+        }
+        let (landmark, offset) = position::decode(position);
+        if offset > 0 {
+            return Ok(position - 1);
+        }
+        // Step through landmark - 1 from its start until the step that makes `landmark`.
+        self.seek(position::encode(landmark - 1, 0), out)?;
+        let mut last = self.icount();
+        while self.machine.landmarks() < landmark && self.finished.is_none() {
+            last = self.icount();
+            self.step(out)?;
+        }
+        Ok(last)
     }
 
     /// The clock the trace was recorded with: what its positions count.
@@ -334,7 +406,7 @@ impl Replayer {
             // The checkpoint's state holds its landmark; the index knows its instruction count.
             self.machine.set_icount(position);
         }
-        debug_assert!(self.indexed || cp.icount == position);
+        self.offset = 0;
         self.after_restore(position);
         Ok(index)
     }
@@ -348,7 +420,12 @@ impl Replayer {
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
     fn after_restore(&mut self, icount: u64) {
         self.anchor = (u64::MAX, 0);
-        self.host.seek_to(icount);
+        let trace_position = if self.stepping_within {
+            position::decode(icount).0
+        } else {
+            icount
+        };
+        self.host.seek_to(trace_position);
         self.next_verify = self.checkpoint_positions.partition_point(|&c| c < icount);
         if icount > self.printed_upto {
             // Jumping ahead: the output in between is never printed, so the whole-output check is off.
@@ -367,6 +444,7 @@ impl Replayer {
             .expect("caller checked a snapshot exists");
         let (pages, state, at) = (snap.pages.clone(), snap.state.clone(), snap.icount);
         let fingerprint_pages = snap.dirty_since_checkpoint.clone();
+        let (cursor, anchor) = (snap.cursor, snap.anchor);
         let mut pfns: std::collections::BTreeSet<u64> =
             self.machine.take_dirty_pages()?.into_iter().collect();
         pfns.extend(map_difference(&self.base_pages, &pages));
@@ -381,6 +459,11 @@ impl Replayer {
         self.machine.set_dirty_since_checkpoint(&fingerprint_pages);
         self.base_pages = pages;
         self.after_restore(at);
+        // Within a landmark, the events consumed so far and the anchor are the snapshot's, not what the
+        // position alone implies.
+        self.host.set_cursor(cursor);
+        self.anchor = anchor;
+        self.offset = position::decode(at).1;
         Ok(())
     }
 
@@ -408,6 +491,8 @@ impl Replayer {
             pages: self.base_pages.clone(),
             own_bytes: dirty.len() * machine::memory::PAGE_SIZE,
             dirty_since_checkpoint: self.machine.dirty_since_checkpoint()?,
+            cursor: self.host.cursor(),
+            anchor: self.anchor,
         };
         self.cache.insert(snap, self.focus);
         Ok(())
@@ -457,13 +542,25 @@ impl Replayer {
             if icount >= target {
                 return Ok(Halt::Target);
             }
+            if self.stepping_within {
+                // Free to the target's landmark, then one instruction at a time.
+                let before = self.machine.landmarks() < position::decode(target).0;
+                self.use_clock(if before { Clock::Landmark } else { Clock::Step })?;
+            }
             if icount.is_multiple_of(PROGRESS_EVERY) {
                 if let Some(p) = self.progress.as_mut() {
                     p(icount, target.min(self.end));
                 }
             }
-            self.step(out)?;
+            self.advance_explained(out)?;
         }
+    }
+
+    fn use_clock(&mut self, clock: Clock) -> Result<(), ReplayError> {
+        if self.machine.clock() != clock {
+            self.machine.set_clock(clock)?;
+        }
+        Ok(())
     }
 
     /// Installs a callback that long runs call now and then with (current icount, target icount).
@@ -473,7 +570,16 @@ impl Replayer {
 
     /// Advances the machine to its next position (applying the events logged before it), or finds the end
     /// of the recording: one instruction with the step clock, to the next landmark with the landmark clock.
+    /// Stepping within landmarks, it is always one instruction.
     pub fn step(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
+        if self.stepping_within {
+            self.use_clock(Clock::Step)?;
+        }
+        self.advance_explained(out)
+    }
+
+    /// [`Replayer::advance`] with divergences explained.
+    fn advance_explained(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
         self.advance(out).map_err(|e| match e {
             ReplayError::Divergence(d) => ReplayError::Divergence(self.explain(d)),
             other => other,
@@ -509,17 +615,19 @@ impl Replayer {
             if self.anchor.0 != self.machine.position() {
                 self.anchor = (self.machine.position(), self.machine.rip());
             }
+            // Where the log is: the replay's position, or its landmark when stepping within landmarks.
+            let at = self.event_position(position);
             let consumed = self.host.cursor();
-            self.host.apply_inputs(&mut self.machine, position)?;
-            if let Some(fingerprint) = self.host.kick_here(position) {
-                if self.reach_kick(position, &fingerprint)? {
+            self.host.apply_inputs(&mut self.machine, at)?;
+            if let Some(fingerprint) = self.host.kick_here(at) {
+                if self.reach_kick(at, &fingerprint)? {
                     self.host.take_kick();
                     self.anchor.1 = self.machine.rip();
-                    self.host.apply_inputs(&mut self.machine, position)?;
+                    self.host.apply_inputs(&mut self.machine, at)?;
                 }
             }
             self.note_consumed(consumed, self.machine.icount());
-            if let Some(reason) = self.host.stop_here(position) {
+            if let Some(reason) = self.host.stop_here(at) {
                 // Only a user stop ends a recording without the guest doing something; anything else the
                 // guest must reproduce itself (checked below when its step stops).
                 if reason == StopReason::UserStop {
@@ -529,10 +637,17 @@ impl Replayer {
             }
             // Values the machine asks for on the way are logged with the rip where the recorder last stood
             // at a position or kick: with the landmark clock, the start of the run that made the exit.
-            self.host.begin_step(position, self.anchor.1);
+            self.host.begin_step(at, self.anchor.1);
             let (consumed, start) = (self.host.cursor(), self.machine.icount());
+            let landmarks = self.machine.landmarks();
             let advance = self.machine.advance(&mut self.host)?;
-            self.host.end_step(self.icount())?;
+            if self.machine.landmarks() != landmarks {
+                self.offset = 0;
+            } else if advance == Advance::Moved {
+                self.offset += 1;
+            }
+            let now = self.event_position(self.icount());
+            self.host.end_step(now)?;
             self.note_consumed(consumed, start);
             let output = self.machine.take_output();
             // Output of positions before `printed_upto` has been printed already (after a jump back).
@@ -552,9 +667,9 @@ impl Replayer {
                 Advance::Kicked | Advance::Breakpoint => continue,
                 Advance::Idle => {
                     // Recorded inputs at this position must wake it; if none are left it diverged.
-                    if !self.host.has_inputs_at(position) {
+                    if !self.host.has_inputs_at(at) {
                         return Err(Divergence::new(
-                            position,
+                            at,
                             "the guest is halted here but the recording has no input that wakes it",
                         )
                         .into());
@@ -569,8 +684,8 @@ impl Replayer {
                     let now = self.icount();
                     match self
                         .host
-                        .stop_here(now)
-                        .or_else(|| self.host.stop_here(position))
+                        .stop_here(self.event_position(now))
+                        .or_else(|| self.host.stop_here(at))
                     {
                         Some(expected) if expected == got => {
                             self.finished = Some(Halt::End(Some(got)));
@@ -579,7 +694,7 @@ impl Replayer {
                         }
                         other => {
                             return Err(Divergence::new(
-                                now,
+                                self.event_position(now),
                                 format!(
                                     "the guest stopped ({got:?}) but the recording {}",
                                     match other {
@@ -593,6 +708,16 @@ impl Replayer {
                     }
                 }
             }
+        }
+    }
+
+    /// The position the event log names for replay position `position`: the same, or its landmark when
+    /// stepping within landmarks.
+    fn event_position(&self, position: u64) -> u64 {
+        if self.stepping_within {
+            position::decode(position).0
+        } else {
+            position
         }
     }
 
@@ -617,7 +742,7 @@ impl Replayer {
             Clock::Landmark => {
                 self.host.begin_step(position, self.machine.rip());
                 let search = self.machine.run_to_fingerprint(&fp, &mut self.host)?;
-                self.host.end_step(self.icount())?;
+                self.host.end_step(self.machine.position())?;
                 match search {
                     Search::Found => Ok(true),
                     Search::Passed => Err(Divergence::new(
@@ -651,7 +776,7 @@ impl Replayer {
             // The guest stops by itself in the step that reaches `end`; reaching it without stopping is a divergence.
             Some(StopReason::GuestExit { .. } | StopReason::TripleFault) => {
                 return Err(Divergence::new(
-                    icount,
+                    self.event_position(icount),
                     format!("the recording ended here ({reason:?}) but the replayed guest did not"),
                 )
                 .into());
@@ -688,7 +813,7 @@ impl Replayer {
                 }
                 let what = self.describe_mismatch(self.next_verify, digest);
                 return Err(Divergence::new(
-                    icount,
+                    self.event_position(icount),
                     format!("at checkpoint {}: {what}", self.next_verify),
                 )
                 .into());
@@ -784,7 +909,7 @@ impl Replayer {
             let got = traces::hex(&h.finalize());
             if got != summary.output_sha256 {
                 return Err(Divergence::new(
-                    self.icount(),
+                    self.event_position(self.icount()),
                     "the guest's serial output differs from the recording's",
                 )
                 .into());

@@ -74,6 +74,12 @@ impl LogHost {
         self.cursor
     }
 
+    /// Sets how many events have been consumed (restoring a snapshot taken between two positions).
+    pub fn set_cursor(&mut self, cursor: usize) {
+        self.cursor = cursor;
+        self.error = None;
+    }
+
     /// Applies the boundary inputs logged at `icount` (the machine's position), in order, checking rip
     /// and that the guest can take each interrupt. Stops at a kick (see [`LogHost::kick_here`]).
     pub fn apply_inputs(&mut self, machine: &mut Machine, icount: u64) -> Result<(), Divergence> {

@@ -358,7 +358,8 @@ pub fn step_backward(
         return Ok(Outcome::Begin);
     }
     let after = watched_bytes(r.machine(), stops);
-    seek_exact(r, now - 1, out)?;
+    let previous = r.previous(now, out)?;
+    seek_exact(r, previous, out)?;
     let before = watched_bytes(r.machine(), stops);
     let mut info = InstructionInfoFactory::new();
     let watch = read_hit(r.machine(), stops, &mut info).or_else(|| changed(stops, &before, &after));

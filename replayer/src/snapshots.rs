@@ -23,10 +23,16 @@ pub struct Snap {
     pub own_bytes: usize,
     /// The pages written since the last checkpoint (what fingerprints digest), to put back on restore.
     pub dirty_since_checkpoint: Vec<u64>,
+    /// Events consumed from the log.
+    pub cursor: usize,
+    /// The replay's anchor (trace position and rip) at the snapshot.
+    pub anchor: (u64, u64),
 }
 
 /// Instructions between snapshots near the focus: about 10 ms of replay at this machine's single-step rate.
-pub const BASE_INTERVAL: u64 = 2_000;
+/// A power of two, so that the spacings (its multiples by powers of two) also fit positions that count
+/// landmarks in their upper bits (see [`crate::position`]): landmark starts fall on every spacing.
+pub const BASE_INTERVAL: u64 = 2_048;
 /// How many base intervals around the focus keep full density before spacing starts doubling.
 const DENSE_SPAN: u64 = 16;
 
@@ -133,6 +139,8 @@ mod tests {
             pages: Rc::new(PageMap::new()),
             own_bytes: 100,
             dirty_since_checkpoint: Vec::new(),
+            cursor: 0,
+            anchor: (0, 0),
         }
     }
 

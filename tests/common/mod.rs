@@ -318,11 +318,22 @@ pub fn when_answers(gdb_output: &str) -> Vec<(u64, u64)> {
     gdb_output
         .lines()
         .filter_map(|line| {
-            let (now, rest) = line.strip_prefix("icount ")?.split_once(' ')?;
-            let end = rest
-                .strip_prefix("(the recording ends at icount ")?
-                .strip_suffix(')')?;
-            Some((now.parse().ok()?, end.parse().ok()?))
+            let (now, end) = line.split_once(" (the recording ends at ")?;
+            Some((position(now)?, position(end.strip_suffix(')')?)?))
         })
         .collect()
+}
+
+/// A position as `monitor when` prints it: "icount N", or in a landmark trace "landmark L" or
+/// "landmark L + K", the latter as the replayer encodes it (L in the upper 32 bits, K in the lower).
+pub fn position(text: &str) -> Option<u64> {
+    if let Some(n) = text.strip_prefix("icount ") {
+        return n.parse().ok();
+    }
+    let rest = text.strip_prefix("landmark ")?;
+    let (landmark, offset) = match rest.split_once(" + ") {
+        Some((l, k)) => (l.parse::<u64>().ok()?, k.parse::<u64>().ok()?),
+        None => (rest.parse().ok()?, 0),
+    };
+    Some(landmark << 32 | offset)
 }
