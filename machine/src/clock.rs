@@ -75,8 +75,8 @@ pub enum Advance {
     Moved,
     /// Landmark clock: a kick stopped the guest between two landmarks (its position is unchanged).
     Kicked,
-    /// Landmark clock: the guest reached the breakpoint of [`Machine::arm_breakpoint`] (its position is
-    /// unchanged); the breakpoint is off again.
+    /// Landmark clock: one of the stops of [`Machine::arm`] fired (its position is unchanged; which one:
+    /// [`Machine::stop_hit`]); they are all off again.
     Breakpoint,
     /// The guest is halted waiting for an interrupt; nothing ran.
     Idle,
@@ -108,12 +108,42 @@ pub enum Search {
     Found,
     /// The guest reached its next landmark (or stopped) without passing the point.
     Passed,
+    /// One of the stops of [`Machine::arm`] fired first (see [`Machine::stop_hit`]).
+    Stopped,
 }
+
+/// What a debug register watches while the landmark clock runs free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HwStop {
+    /// Stop before the instruction at this rip (CS-relative) executes.
+    Execute(u64),
+    /// Stop after an instruction writes any of these bytes: a linear address aligned to a length of 1, 2,
+    /// 4 or 8.
+    Write {
+        /// First byte.
+        addr: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+}
+
+impl HwStop {
+    /// Whether a debug register can watch it (a write of 1, 2, 4 or 8 aligned bytes; any execution).
+    pub fn fits(&self) -> bool {
+        match *self {
+            HwStop::Execute(_) => true,
+            HwStop::Write { addr, len } => matches!(len, 1 | 2 | 4 | 8) && addr % len == 0,
+        }
+    }
+}
+
+/// Debug registers for breakpoints and watchpoints: DR0-DR3.
+pub const DEBUG_REGISTERS: usize = 4;
 
 /// RFLAGS.RF: set or not depending on how the instruction was reached (a breakpoint resumes with it).
 const RFLAGS_RF: u64 = 1 << 16;
-/// DR7: local enable of DR0 (an execution breakpoint, RW0 = LEN0 = 0), plus the bits KVM expects set.
-const DR7_EXEC_DR0: u64 = 0x1 | 0x600;
+/// DR7 bits KVM expects set whatever else is (GE and the reserved bit 10).
+const DR7_FIXED: u64 = 0x600;
 
 impl Machine {
     /// How the machine is driven.
@@ -124,13 +154,7 @@ impl Machine {
     /// Drives the machine with `clock` from now on.
     pub fn set_clock(&mut self, clock: Clock) -> Result<(), MachineError> {
         self.clock = clock;
-        self.set_debug(
-            match clock {
-                Clock::Step => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-                Clock::Landmark => 0,
-            },
-            0,
-        )
+        self.apply_debug(None)
     }
 
     /// Makes checkpoint state blobs record the landmark count (landmark traces) or the icount as the
@@ -158,14 +182,35 @@ impl Machine {
         self.icount = icount;
     }
 
-    fn set_debug(&mut self, control: u32, dr0: u64) -> Result<(), MachineError> {
-        let mut debug = kvm_guest_debug {
-            control,
-            ..Default::default()
-        };
-        if control & KVM_GUESTDBG_USE_HW_BP != 0 {
-            debug.arch.debugreg[0] = dr0;
-            debug.arch.debugreg[7] = DR7_EXEC_DR0;
+    /// Programs KVM's guest debugging for the clock and the armed stops, plus `extra`, one more
+    /// execution breakpoint at a linear address (a kick search's), in the last register.
+    fn apply_debug(&mut self, extra: Option<u64>) -> Result<(), MachineError> {
+        let mut debug = kvm_guest_debug::default();
+        match self.clock {
+            Clock::Step => debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            Clock::Landmark if self.hw_stops.is_empty() && extra.is_none() => {}
+            Clock::Landmark => {
+                debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+                let mut dr7 = DR7_FIXED;
+                let extra = extra.map(|linear| (DEBUG_REGISTERS - 1, linear, 0b00, 0b00));
+                let slots = self.hw_stops.iter().enumerate().map(|(i, stop)| match *stop {
+                    HwStop::Execute(rip) => (i, self.sregs.cs.base.wrapping_add(rip), 0b00, 0b00),
+                    HwStop::Write { addr, len } => {
+                        let len_bits = match len {
+                            1 => 0b00,
+                            2 => 0b01,
+                            8 => 0b10,
+                            _ => 0b11,
+                        };
+                        (i, addr, 0b01, len_bits)
+                    }
+                });
+                for (slot, linear, rw, len) in slots.chain(extra) {
+                    debug.arch.debugreg[slot] = linear;
+                    dr7 |= 1 << (2 * slot) | (rw | len << 2) << (16 + 4 * slot);
+                }
+                debug.arch.debugreg[7] = dr7;
+            }
         }
         self.vcpu
             .set_guest_debug(&debug)
@@ -173,6 +218,47 @@ impl Machine {
                 what: "KVM_SET_GUEST_DEBUG",
                 source,
             })
+    }
+
+    /// Single-steps with guest debugging, whatever the clock (a breakpoint search stepping over a hit).
+    fn single_step_debug(&mut self) -> Result<(), MachineError> {
+        let debug = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            ..Default::default()
+        };
+        self.vcpu
+            .set_guest_debug(&debug)
+            .map_err(|source| MachineError::Kvm {
+                what: "KVM_SET_GUEST_DEBUG",
+                source,
+            })
+    }
+
+    /// Landmark clock: runs free with these stops in the debug registers (at most
+    /// [`DEBUG_REGISTERS`], each [`HwStop::fits`]; one fewer while a kick search needs a register),
+    /// until one fires ([`Advance::Breakpoint`]) or [`Machine::disarm`].
+    pub fn arm(&mut self, stops: &[HwStop]) -> Result<(), MachineError> {
+        debug_assert!(stops.len() <= DEBUG_REGISTERS && stops.iter().all(HwStop::fits));
+        self.hw_stops = stops.to_vec();
+        self.stop_hit = None;
+        self.apply_debug(None)
+    }
+
+    /// Removes the stops of [`Machine::arm`].
+    pub fn disarm(&mut self) -> Result<(), MachineError> {
+        self.hw_stops.clear();
+        self.apply_debug(None)
+    }
+
+    /// Which of the stops armed last fired at the last [`Advance::Breakpoint`] or [`Search::Stopped`]
+    /// (its index in the list given to [`Machine::arm`]).
+    pub fn stop_hit(&self) -> Option<usize> {
+        self.stop_hit
+    }
+
+    /// The armed stop DR6 says fired, if any (bits 0-3 name the debug registers that matched).
+    fn fired_stop(&self) -> Option<usize> {
+        (0..self.hw_stops.len()).find(|&i| self.last_dr6 & (1 << i) != 0)
     }
 
     /// The landmarks an exit makes (see the module documentation).
@@ -226,10 +312,11 @@ impl Machine {
                 return Ok(Advance::Kicked);
             }
             Exit::Ran => {
-                // Only an armed breakpoint makes a debug exit while running free. Disarm it: on PVM,
-                // resuming onto an armed breakpoint triggers it again forever.
+                // Only an armed stop makes a debug exit while running free. Disarm them: on PVM, resuming
+                // onto an armed breakpoint triggers it again forever.
                 self.after_exit(None);
-                self.disarm_breakpoint()?;
+                self.stop_hit = self.fired_stop();
+                self.disarm()?;
                 return Ok(Advance::Breakpoint);
             }
             _ => {}
@@ -271,18 +358,6 @@ impl Machine {
             Exit::Ran | Exit::Interrupted => None,
         };
         Ok(self.after_exit(stop))
-    }
-
-    /// Landmark clock: stops the guest with [`Advance::Breakpoint`] when it is about to execute the
-    /// instruction at CS:`rip` (a hardware breakpoint), until that happens or [`Machine::disarm_breakpoint`].
-    pub fn arm_breakpoint(&mut self, rip: u64) -> Result<(), MachineError> {
-        let linear = self.sregs.cs.base.wrapping_add(rip);
-        self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, linear)
-    }
-
-    /// Removes the breakpoint of [`Machine::arm_breakpoint`].
-    pub fn disarm_breakpoint(&mut self) -> Result<(), MachineError> {
-        self.set_clock(self.clock)
     }
 
     /// Where to deliver an interrupt that falls due while the guest computes in a loop, so that replay
@@ -392,6 +467,8 @@ impl Machine {
     /// Landmark clock: runs free from here to the first point with fingerprint `fp` before the next
     /// landmark, with a hardware breakpoint on its rip. At each hit whose state differs the breakpoint is
     /// stepped over with itself disabled (on PVM, resuming onto an armed breakpoint re-triggers it forever).
+    /// The stops of [`Machine::arm`] stay armed (at most three then): if one fires first, the search ends
+    /// there with [`Search::Stopped`].
     pub fn run_to_fingerprint(
         &mut self,
         fp: &Fingerprint,
@@ -402,8 +479,11 @@ impl Machine {
         }
         let linear = self.sregs.cs.base.wrapping_add(fp.rip);
         let result = self.search_with_breakpoint(fp, linear, host);
-        // Back to plain free running, whatever happened.
-        self.set_clock(self.clock)?;
+        // Back to plain free running with the stops, whatever happened (a stop that fired is off).
+        if result.as_ref().is_ok_and(|&r| r == Search::Stopped) {
+            self.hw_stops.clear();
+        }
+        self.apply_debug(None)?;
         result
     }
 
@@ -416,7 +496,7 @@ impl Machine {
         let mut armed = false;
         loop {
             if !armed {
-                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, linear)?;
+                self.apply_debug(Some(linear))?;
                 armed = true;
             }
             match self.enter(host)? {
@@ -426,8 +506,12 @@ impl Machine {
                     if self.regs.rip == fp.rip && self.matches(fp)? {
                         return Ok(Search::Found);
                     }
+                    if let Some(stop) = self.fired_stop() {
+                        self.stop_hit = Some(stop);
+                        return Ok(Search::Stopped);
+                    }
                     // Step over the breakpoint's instruction with the breakpoint off.
-                    self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+                    self.single_step_debug()?;
                     armed = false;
                     let exit = loop {
                         match self.enter(host)? {

@@ -11,5 +11,5 @@ pub mod memory;
 pub mod paging;
 pub mod vm;
 
-pub use clock::{Advance, Clock, Fingerprint, Kicker, Search};
+pub use clock::{Advance, Clock, Fingerprint, HwStop, Kicker, Search, DEBUG_REGISTERS};
 pub use vm::{Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};

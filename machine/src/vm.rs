@@ -224,6 +224,12 @@ pub struct Machine {
     pub(crate) stale_shadow: bool,
     /// See [`Machine::keep_stale_registers`].
     legacy_stale_regs: bool,
+    /// What the debug registers watch while running free (see [`Machine::arm`]).
+    pub(crate) hw_stops: Vec<crate::clock::HwStop>,
+    /// Which of `hw_stops` fired last.
+    pub(crate) stop_hit: Option<usize>,
+    /// DR6 at the last debug exit: which debug registers matched.
+    pub(crate) last_dr6: u64,
     output: Vec<u8>,
 }
 
@@ -344,6 +350,9 @@ impl Machine {
             irq_window: false,
             stale_shadow: false,
             legacy_stale_regs: false,
+            hw_stops: Vec::new(),
+            stop_hit: None,
+            last_dr6: 0,
             output: Vec::new(),
         };
         // The loader's writes are in the VMM-dirty map; the first (full) checkpoint covers them.
@@ -603,7 +612,10 @@ impl Machine {
     /// Enters the guest once and hands any I/O to the devices.
     pub(crate) fn enter(&mut self, host: &mut dyn Host) -> Result<Exit, MachineError> {
         let exit = match self.vcpu.run() {
-            Ok(VcpuExit::Debug(_)) => Exit::Ran,
+            Ok(VcpuExit::Debug(debug)) => {
+                self.last_dr6 = debug.dr6;
+                Exit::Ran
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.devices.io_out(port, data, host);
                 Exit::Io

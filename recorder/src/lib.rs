@@ -387,7 +387,7 @@ impl Between {
     /// At a position: inputs are delivered there; a breakpoint still armed is not needed any more.
     fn reset(&mut self, machine: &mut Machine) -> Result<bool, RecordError> {
         if self.armed.take().is_some() {
-            machine.disarm_breakpoint()?;
+            machine.disarm()?;
         }
         Ok(true)
     }
@@ -413,7 +413,7 @@ impl Between {
             match self.armed {
                 None => {
                     if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {
-                        machine.arm_breakpoint(exit)?;
+                        machine.arm(&[machine::HwStop::Execute(exit)])?;
                         self.armed = Some(0);
                         return Ok(false);
                     }
@@ -423,7 +423,7 @@ impl Between {
                     return Ok(false);
                 }
                 Some(_) => {
-                    machine.disarm_breakpoint()?;
+                    machine.disarm()?;
                     self.armed = None;
                 }
             }

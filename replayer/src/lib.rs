@@ -10,7 +10,7 @@ mod snapshots;
 pub use log::Divergence;
 use log::LogHost;
 use machine::disk::DiskImage;
-use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search, Stop};
+use machine::{Advance, Clock, HwStop, Machine, MachineConfig, MachineError, Search, Stop};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
 use std::io::Write;
@@ -110,6 +110,8 @@ pub struct Replayer {
     stepping_within: bool,
     /// With `stepping_within`: instructions stepped since the current landmark.
     offset: u64,
+    /// Which hardware stop of a free run fired (see [`Replayer::run_free_with`]).
+    free_stop: Option<usize>,
     /// What an index being built has learned so far.
     index_build: Option<Index>,
     progress: Option<Progress>,
@@ -187,6 +189,7 @@ impl Replayer {
             indexed: false,
             stepping_within: false,
             offset: 0,
+            free_stop: None,
             index_build: None,
             trace,
             machine,
@@ -274,6 +277,49 @@ impl Replayer {
         self.cache = SnapshotCache::new(self.cache.cap_bytes());
         self.restore_checkpoint(0)?;
         Ok(())
+    }
+
+    /// Stepping within landmarks: runs free (landmark clock) to the next landmark with `stops` in the
+    /// debug registers. Returns which one fired first, if one did: the machine is then where it fired,
+    /// at a point whose position is unknown until [`Replayer::locate`]. Otherwise it is at the next
+    /// landmark (or the end of the recording).
+    pub fn run_free_with(
+        &mut self,
+        stops: &[HwStop],
+        out: &mut dyn Write,
+    ) -> Result<Option<usize>, ReplayError> {
+        self.use_clock(Clock::Landmark)?;
+        self.machine.arm(stops)?;
+        self.free_stop = None;
+        let ran = self.advance_explained(out);
+        self.machine.disarm()?;
+        ran?;
+        Ok(self.free_stop.take())
+    }
+
+    /// After a free run stopped between landmarks ([`Replayer::run_free_with`]): finds the position of
+    /// the point the machine is at, by stepping from its landmark to the first point with the same
+    /// fingerprint (which has the same future), and leaves the replay there.
+    pub fn locate(&mut self, out: &mut dyn Write) -> Result<u64, ReplayError> {
+        let fingerprint = self.machine.fingerprint()?;
+        let landmark = self.machine.landmarks();
+        self.seek(position::encode(landmark, 0), out)?;
+        self.use_clock(Clock::Step)?;
+        while !self.machine.matches(&fingerprint)? {
+            if self.finished.is_some() || self.machine.landmarks() != landmark {
+                return Err(Divergence::new(
+                    landmark,
+                    format!(
+                        "a free run stopped at rip {:#x} after landmark {landmark}, but stepping from the \
+                         landmark never reached that state",
+                        fingerprint.rip
+                    ),
+                )
+                .into());
+            }
+            self.step(out)?;
+        }
+        Ok(self.icount())
     }
 
     /// The position just before `position` (> 0): one instruction earlier. At the start of a landmark
@@ -624,6 +670,8 @@ impl Replayer {
                     self.host.take_kick();
                     self.anchor.1 = self.machine.rip();
                     self.host.apply_inputs(&mut self.machine, at)?;
+                } else if self.free_stop.is_some() {
+                    return Ok(());
                 }
             }
             self.note_consumed(consumed, self.machine.icount());
@@ -662,9 +710,14 @@ impl Replayer {
             self.printed_upto = self.printed_upto.max(self.icount());
             match advance {
                 Advance::Moved => return Ok(()),
-                // Only the recorder kicks and arms breakpoints while running free; a kick here is a signal
-                // meant for something else.
-                Advance::Kicked | Advance::Breakpoint => continue,
+                // Only the recorder kicks; a kick here is a signal meant for something else.
+                Advance::Kicked => continue,
+                // A stop of a free run (see `run_free_with`).
+                Advance::Breakpoint => {
+                    self.free_stop = self.machine.stop_hit();
+                    self.offset = position::UNKNOWN_OFFSET;
+                    return Ok(());
+                }
                 Advance::Idle => {
                     // Recorded inputs at this position must wake it; if none are left it diverged.
                     if !self.host.has_inputs_at(at) {
@@ -742,9 +795,16 @@ impl Replayer {
             Clock::Landmark => {
                 self.host.begin_step(position, self.machine.rip());
                 let search = self.machine.run_to_fingerprint(&fp, &mut self.host)?;
+                // Running free, the instructions since the landmark went uncounted.
+                self.offset = position::UNKNOWN_OFFSET;
                 self.host.end_step(self.machine.position())?;
                 match search {
                     Search::Found => Ok(true),
+                    // A stop of a free run fired before the kick point: the run ends there, the kick waits.
+                    Search::Stopped => {
+                        self.free_stop = self.machine.stop_hit();
+                        Ok(false)
+                    }
                     Search::Passed => Err(Divergence::new(
                         position,
                         format!(

@@ -5,6 +5,10 @@
 /// Bits of a position that count instructions since the landmark (the rest count landmarks).
 const OFFSET_BITS: u32 = 32;
 
+/// The offset of a point a free run stopped at, until it is located: past every position of its landmark,
+/// so that moving to one of them restores and replays rather than counting on where the machine is.
+pub const UNKNOWN_OFFSET: u64 = (1 << OFFSET_BITS) - 1;
+
 /// The position `offset` instructions after landmark `landmark`.
 pub fn encode(landmark: u64, offset: u64) -> u64 {
     (landmark << OFFSET_BITS) | (offset & ((1 << OFFSET_BITS) - 1))
