@@ -68,6 +68,19 @@ fn existing_trace_is_never_overwritten() {
     ]);
     assert_eq!(status(&o), 2, "{}", text(&o.stderr));
     assert_eq!(std::fs::read(trace.join("header.json")).unwrap(), before);
+
+    // An empty directory is refused as well, as `record --help` says (-o must not exist), and left empty.
+    let empty = dir.join("empty.rvt");
+    std::fs::create_dir(&empty).unwrap();
+    let o = rv(&[
+        "record",
+        "--kernel",
+        guest("hello").to_str().unwrap(),
+        "-o",
+        empty.to_str().unwrap(),
+    ]);
+    assert_error(&o, "already exists");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
 }
 
 #[test]

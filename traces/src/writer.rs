@@ -44,6 +44,13 @@ pub enum WriteError {
         /// The directory.
         path: PathBuf,
     },
+    /// The target directory exists, though empty. A trace gets a directory of its own, created by
+    /// [`TraceWriter::create`], so a name that is taken (say, by a mistyped `-o`) is never written into.
+    #[error("{path} already exists (an empty directory); a trace is written into a new directory of its own (choose a new name or remove it)")]
+    Exists {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The target path exists and is not a directory.
     #[error("{path} exists and is not a directory")]
     NotADirectory {
@@ -218,9 +225,9 @@ pub struct TraceWriter {
 }
 
 impl TraceWriter {
-    /// Creates the trace directory `dir` (which must not exist, or be an empty directory: an
-    /// existing trace is never overwritten), `events.bin` with its file header, the checkpoints
-    /// directory, and `header.json` (atomically).
+    /// Creates the trace directory `dir` (which must not exist: an existing trace is never
+    /// overwritten, and no other directory is written into), its parents if needed, `events.bin`
+    /// with its file header, the checkpoints directory, and `header.json` (atomically).
     pub fn create(dir: &Path, header: &Header) -> Result<TraceWriter, WriteError> {
         header
             .validate()
@@ -233,14 +240,23 @@ impl TraceWriter {
             }
             Ok(_) => {
                 let mut entries = fs::read_dir(dir).map_err(io_err("list", dir))?;
-                if entries.next().is_some() {
-                    return Err(WriteError::NotEmpty {
-                        path: dir.to_owned(),
-                    });
-                }
+                let path = dir.to_owned();
+                return Err(match entries.next() {
+                    Some(_) => WriteError::NotEmpty { path },
+                    None => WriteError::Exists { path },
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+                }
+                // create_dir, not create_dir_all: it fails if another process made `dir` meanwhile.
+                fs::create_dir(dir).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => WriteError::Exists {
+                        path: dir.to_owned(),
+                    },
+                    _ => io_err("create directory", dir)(e),
+                })?;
             }
             Err(e) => {
                 return Err(WriteError::Io {

@@ -696,10 +696,15 @@ fn create_refuses_to_overwrite() {
         Err(WriteError::NotEmpty { .. })
     ));
 
-    // An empty directory is fine, as is a file path's absence; a plain file is not.
+    // An empty directory is refused too (a trace gets a new directory of its own), and left alone;
+    // a missing path is created, parents included; a plain file is refused.
     let empty = tmp.0.join("empty");
     fs::create_dir(&empty).unwrap();
-    TraceWriter::create(&empty, &header()).unwrap();
+    let err = TraceWriter::create(&empty, &header()).unwrap_err();
+    assert!(matches!(err, WriteError::Exists { .. }), "{err}");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
+    TraceWriter::create(&tmp.0.join("new/parents/t.rvt"), &header()).unwrap();
     let file = tmp.0.join("file");
     fs::write(&file, "x").unwrap();
     assert!(matches!(
