@@ -55,6 +55,11 @@ fn hello_prints_the_same_as_under_qemu() {
 }
 
 #[test]
+fn minimal_prints_the_same_as_under_qemu() {
+    compare("minimal", b"");
+}
+
+#[test]
 fn demo_prints_the_same_as_under_qemu() {
     compare("demo", b"");
 }

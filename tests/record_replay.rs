@@ -187,3 +187,41 @@ fn a_version_1_trace_still_replays() {
     );
     assert_replays(&trace, &rec);
 }
+
+fn the_minimal_guest_records_and_replays() {
+    let dir = scratch("minimal");
+    let (trace, rec) = record(&dir, "minimal", &[]);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    assert_eq!(text(&rec.stdout), "hello from a minimal guest\n");
+    assert_replays(&trace, &rec);
+}
+
+#[test]
+fn the_readme_builds_a_guest_from_the_minimal_one() {
+    // The README's commands for starting one's own guest, as a user would type them.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut lines = readme.lines().skip_while(|l| !l.starts_with("gcc -m32"));
+    let mut build = String::new();
+    for line in lines.by_ref() {
+        build.push_str(line.trim_end_matches('\\'));
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    assert!(
+        build.contains("-o my-guest.elf my-guest.c"),
+        "the README has no build command for my-guest.c: {build:?}"
+    );
+    let dir = scratch("my-guest");
+    std::fs::copy(root.join("tests/guests/minimal.c"), dir.join("my-guest.c")).unwrap();
+    let built = std::process::Command::new("sh")
+        .args(["-c", &build])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{build}: {}", text(&built.stderr));
+    let run = rv(&["run", "--kernel", dir.join("my-guest.elf").to_str().unwrap()]);
+    assert_eq!(status(&run), 1, "{}", text(&run.stderr));
+    assert_eq!(text(&run.stdout), "hello from a minimal guest\n");
+}
