@@ -23,7 +23,8 @@ const EXIT_DIVERGENCE: i32 = 4;
         clock readings, interrupts, RDTSC/RDRAND results) with periodic checkpoints; `replay` re-executes \
         it instruction for instruction from the trace alone and reports any divergence with its icount.",
     after_help = "Exit status: the guest's isa-debug-exit status ((v<<1)|1) when it exits that way; 0 when it halts \
-        for good; 6 after a triple fault; 130 when stopped by Ctrl-C; 2 on an error; 4 when replay diverges."
+        for good; 6 after a triple fault; 8 at the --max-instructions limit; 130 when stopped by Ctrl-C; 2 on an \
+        error; 4 when replay diverges."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -98,7 +99,7 @@ struct GuestArgs {
     /// What the guest's timers follow.
     #[arg(long, value_enum, default_value = "host")]
     time: TimeArg,
-    /// Stop after this many instructions.
+    /// Stop after this many instructions (the run then exits with status 8; needs the step clock).
     #[arg(long, value_name = "N")]
     max_instructions: Option<u64>,
     /// Disk image for a virtio-mmio block device; repeat for up to 4 disks. Disk i is at MMIO
@@ -479,6 +480,9 @@ fn describe_stop(stop: &traces::StopReason) -> String {
         traces::StopReason::TripleFault => "triple-faulted".into(),
         traces::StopReason::Halted => "halted with nothing left to wake it".into(),
         traces::StopReason::UserStop => "was stopped by the user".into(),
+        traces::StopReason::InstructionLimit => {
+            "was stopped at the instruction limit (--max-instructions)".into()
+        }
     }
 }
 

@@ -309,7 +309,7 @@ fn bad_disk_images_are_refused_before_the_guest_starts() {
 
 #[test]
 fn a_tampered_disk_copy_is_refused() {
-    let (_, trace, _) = record_disk("disk-tamper", &["--max-instructions", "20000"], 130);
+    let (_, trace, _) = record_disk("disk-tamper", &["--max-instructions", "20000"], 8);
     let copy = trace.join("disks").join("0.img.zst");
     let mut other = image_bytes();
     other[1000] ^= 1;

@@ -225,3 +225,27 @@ fn the_readme_builds_a_guest_from_the_minimal_one() {
     assert_eq!(status(&run), 1, "{}", text(&run.stderr));
     assert_eq!(text(&run.stdout), "hello from a minimal guest\n");
 }
+
+#[test]
+fn the_instruction_limit_is_its_own_end_with_its_own_status() {
+    let dir = scratch("limit");
+    let (trace, rec) = record(&dir, "spin", &["--max-instructions", "20000"]);
+    assert_eq!(status(&rec), 8, "{}", text(&rec.stderr));
+    assert!(
+        text(&rec.stderr).contains("stopped at the instruction limit (--max-instructions)"),
+        "{}",
+        text(&rec.stderr)
+    );
+    let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
+    assert!(info.contains("instruction limit"), "{info}");
+    assert!(info.contains("instructions:  20000"), "{info}");
+    assert_replays(&trace, &rec);
+    let run = rv(&[
+        "run",
+        "--max-instructions",
+        "20000",
+        "--kernel",
+        guest("spin").to_str().unwrap(),
+    ]);
+    assert_eq!(status(&run), 8, "{}", text(&run.stderr));
+}

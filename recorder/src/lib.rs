@@ -68,7 +68,7 @@ pub struct Options {
     pub time: TimeSourceKind,
     /// Between checkpoints: instructions (step clock) or milliseconds of wall time (landmark clock).
     pub checkpoint_every: u64,
-    /// Stop after this many instructions (the recording ends as a user stop).
+    /// Stop after this many instructions (the recording ends with [`StopReason::InstructionLimit`]).
     pub max_instructions: Option<u64>,
     /// How the guest is driven: single-stepped, or free between landmarks.
     pub clock: Clock,
@@ -269,10 +269,11 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 p(position, counts.values().sum());
             }
         }
-        if STOP_REQUESTED.load(Ordering::SeqCst)
-            || opts.max_instructions.is_some_and(|m| position >= m)
-        {
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
             break StopReason::UserStop;
+        }
+        if opts.max_instructions.is_some_and(|m| position >= m) {
+            break StopReason::InstructionLimit;
         }
         env.set_position(position, machine.rip());
         let deliver = if at_position {
@@ -485,12 +486,14 @@ impl CheckpointSchedule {
 }
 
 /// Exit status of the retrovisor process for a guest that ended this way: the guest's own status for
-/// isa-debug-exit (odd numbers), 0 for a guest halted for good, and documented even numbers otherwise.
+/// isa-debug-exit (odd numbers), 0 for a guest halted for good, and documented even numbers otherwise
+/// (130 is the shell's status for a process ended by SIGINT).
 pub fn exit_status(stop: &StopReason) -> i32 {
     match stop {
         StopReason::GuestExit { status } => (*status & 0xff) as i32,
         StopReason::Halted => 0,
         StopReason::TripleFault => 6,
+        StopReason::InstructionLimit => 8,
         StopReason::UserStop => 130,
     }
 }

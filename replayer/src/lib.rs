@@ -676,9 +676,10 @@ impl Replayer {
             }
             self.note_consumed(consumed, self.machine.icount());
             if let Some(reason) = self.host.stop_here(at) {
-                // Only a user stop ends a recording without the guest doing something; anything else the
-                // guest must reproduce itself (checked below when its step stops).
-                if reason == StopReason::UserStop {
+                // Only the user or the instruction limit ends a recording without the guest doing
+                // something; anything else the guest must reproduce itself (checked below when its step
+                // stops).
+                if matches!(reason, StopReason::UserStop | StopReason::InstructionLimit) {
                     self.finished = Some(Halt::End(Some(reason)));
                     return Ok(());
                 }

@@ -350,8 +350,11 @@ pub enum StopReason {
     TripleFault,
     /// `hlt` with interrupts disabled: the guest can never run again.
     Halted,
-    /// The user stopped the recording (Ctrl-C, SIGTERM, or an instruction limit).
+    /// The user stopped the recording (Ctrl-C or SIGTERM).
     UserStop,
+    /// The recording reached the instruction limit it was given (`--max-instructions`). Last, so that
+    /// traces written before it existed read as they always did.
+    InstructionLimit,
 }
 
 /// What an event feeds into the guest.
