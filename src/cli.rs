@@ -8,6 +8,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+use crate::words;
+
 /// Exit status for a failure of retrovisor itself (bad input, KVM errors).
 const EXIT_ERROR: i32 = 2;
 /// Exit status when replay diverges from the recording.
@@ -435,8 +437,9 @@ fn record(
     if recording {
         let secs = outcome.wall.as_secs_f64();
         say(format_args!(
-            "retrovisor: recorded {} instructions in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
+            "retrovisor: recorded {} {} in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
             outcome.icount,
+            words::counted(Some(clock)),
             secs,
             outcome.icount as f64 / secs.max(1e-9),
             outcome.events_by_kind.values().sum::<u64>(),
@@ -535,6 +538,16 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     warn_notices(&mut r);
     let halt = halt?;
     stdout.flush().ok();
+    // From boot to the clean end, the replayer has checked the checkpoints it passed and the whole output.
+    if let (None, Halt::End(Some(_)), Some(s)) = (a.from, &halt, r.trace().summary()) {
+        say(format_args!(
+            "retrovisor: replay matched the recording: {} {}, output identical ({} bytes, sha256 {})",
+            r.end_icount(),
+            words::counted(Some(r.positions())),
+            s.output_bytes,
+            s.output_sha256
+        ));
+    }
     Ok(match halt {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
         Halt::End(None) | Halt::Target => 0,
@@ -600,7 +613,18 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         h.machine.ram_bytes >> 20,
         h.machine.cmdline
     );
-    println!("clock:         {}, time {:?}", h.clock, h.time_mode);
+    let clock = words::clock_of(h);
+    let (unit, counted) = (words::unit(clock), words::counted(clock));
+    println!(
+        "clock:         {} ({})",
+        h.clock,
+        words::clock_meaning(clock)
+    );
+    println!(
+        "time:          {} ({})",
+        words::time_mode(&h.time_mode),
+        words::time_meaning(&h.time_mode)
+    );
     for (i, d) in h.disks.iter().enumerate() {
         println!(
             "disk {i}:        {} ({} bytes, sha256 {}); the trace holds a copy",
@@ -614,7 +638,7 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
             traces::DISKS_DIR
         );
     }
-    println!("instructions:  {end}");
+    println!("{:<15}{end}", format!("{counted}:"));
     match t.summary() {
         Some(s) => println!(
             "ended:         guest {} ({:.2}s wall, {} bytes of serial output)",
@@ -624,7 +648,7 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         ),
         None => match t.replayable_upto() {
             Some(upto) => {
-                println!("ended:         cut off (no clean end); replayable up to icount {upto}")
+                println!("ended:         cut off (no clean end); replayable up to {unit} {upto}")
             }
             None => println!(
                 "ended:         cut off (no clean end) before its first checkpoint: nothing replayable"
@@ -637,30 +661,31 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
     }
     println!("events:        {}", t.events().len());
     for (kind, n) in counts {
-        println!("  {kind:<12} {n}");
+        println!("  {kind:<12} {n:<8} {}", words::event_meaning(kind));
     }
     let full = t.checkpoints().iter().filter(|c| c.full).count();
     println!(
-        "checkpoints:   {} ({} full), every {} instructions, {} bytes ({:.1}% of guest RAM each on average)",
+        "checkpoints:   {} ({} full), {}, {} bytes ({:.1}% of guest RAM each on average)",
         t.checkpoints().len(),
         full,
-        h.checkpoint_every,
+        words::checkpoint_interval(h),
         checkpoint_bytes,
-        100.0 * checkpoint_bytes as f64 / (t.checkpoints().len().max(1) as f64 * h.machine.ram_bytes as f64),
+        100.0 * checkpoint_bytes as f64
+            / (t.checkpoints().len().max(1) as f64 * h.machine.ram_bytes as f64),
     );
     if t.ignored_checkpoints() > 0 {
         println!(
-            "               {} more past icount {end} ignored: the event stream is not complete up to them",
+            "               {} more past {unit} {end} ignored: the event stream is not complete up to them",
             t.ignored_checkpoints()
         );
     }
     let per_m = |b: u64| b as f64 * 1e6 / end.max(1) as f64;
     println!(
-        "event stream:  {event_bytes} bytes ({:.1} bytes per million instructions)",
+        "event stream:  {event_bytes} bytes ({:.1} bytes per million {counted})",
         per_m(event_bytes)
     );
     println!(
-        "total:         {} bytes ({:.1} bytes per million instructions)",
+        "total:         {} bytes ({:.1} bytes per million {counted})",
         event_bytes + checkpoint_bytes,
         per_m(event_bytes + checkpoint_bytes)
     );

@@ -1,6 +1,7 @@
 //! `retrovisor`: record a KVM guest, replay it exactly, and inspect traces.
 
 mod cli;
+mod words;
 
 fn main() {
     // Rust ignores SIGPIPE, which turns `retrovisor info T | head` into a panic on the closed pipe; restore

@@ -26,7 +26,14 @@ fn record_and_replay(
 fn events_of(trace: &std::path::Path, kind: &str) -> u64 {
     let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
     info.lines()
-        .find_map(|l| l.trim().strip_prefix(kind)?.trim().parse().ok())
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(kind)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 

@@ -221,7 +221,11 @@ fn the_readme_builds_a_guest_from_the_minimal_one() {
         .output()
         .unwrap();
     assert!(built.status.success(), "{build}: {}", text(&built.stderr));
-    let run = rv(&["run", "--kernel", dir.join("my-guest.elf").to_str().unwrap()]);
+    let run = rv(&[
+        "run",
+        "--kernel",
+        dir.join("my-guest.elf").to_str().unwrap(),
+    ]);
     assert_eq!(status(&run), 1, "{}", text(&run.stderr));
     assert_eq!(text(&run.stdout), "hello from a minimal guest\n");
 }
@@ -248,4 +252,71 @@ fn the_instruction_limit_is_its_own_end_with_its_own_status() {
         guest("spin").to_str().unwrap(),
     ]);
     assert_eq!(status(&run), 8, "{}", text(&run.stderr));
+}
+
+#[test]
+fn info_explains_its_words_and_a_matching_replay_says_so() {
+    let dir = scratch("words");
+    let (trace, rec) = record(&dir, "timer", &[]);
+    let t = trace.to_str().unwrap();
+    let info = text(&rv(&["info", t]).stdout);
+    // The CLI's own spelling (`--time host`), not Rust's Debug formatting.
+    assert!(info.contains("\ntime:          host ("), "{info}");
+    assert!(!info.contains("Host"), "{info}");
+    assert!(
+        info.contains("interrupt") && info.contains("vectors injected into the vCPU"),
+        "{info}"
+    );
+    assert!(
+        info.contains("edges on a PIC line raised by a timer"),
+        "{info}"
+    );
+    assert!(info.contains("every 100000 instructions"), "{info}");
+
+    let r = replay(&trace, &[]);
+    assert_eq!(status(&r), status(&rec));
+    let err = text(&r.stderr);
+    let end = text(&rv(&["info", t]).stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("instructions:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap();
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with(&format!(
+                "retrovisor: replay matched the recording: {end} instructions, output identical ({} bytes, sha256 ",
+                rec.stdout.len()
+            )))
+            .count(),
+        1,
+        "{err}"
+    );
+    // Only a replay from boot to the end checked everything: one from a checkpoint or to a point says nothing.
+    for extra in [&["--from", "150000"][..], &["--to", "1000"][..]] {
+        let r = replay(&trace, extra);
+        assert!(
+            !text(&r.stderr).contains("matched"),
+            "{extra:?}: {}",
+            text(&r.stderr)
+        );
+    }
+}
+
+#[test]
+fn info_names_landmark_positions_and_checkpoint_time() {
+    let dir = scratch("words-landmark");
+    let (trace, _) = record(&dir, "hello", &["--clock", "landmark"]);
+    let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
+    assert!(info.contains("\nlandmarks:     "), "{info}");
+    assert!(!info.contains("instructions"), "{info}");
+    assert!(info.contains("every 250 ms"), "{info}");
+    let r = replay(&trace, &[]);
+    assert!(
+        text(&r.stderr).contains("replay matched the recording: ")
+            && text(&r.stderr).contains(" landmarks, output identical"),
+        "{}",
+        text(&r.stderr)
+    );
 }

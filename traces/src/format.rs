@@ -231,7 +231,7 @@ pub struct Header {
     pub clock: String,
     /// How guest time was driven.
     pub time_mode: TimeMode,
-    /// Instructions between checkpoints.
+    /// Between checkpoints: instructions (step clock) or milliseconds of wall time (landmark clock).
     pub checkpoint_every: u64,
     /// When the recording started, seconds since the Unix epoch.
     pub created_unix_secs: u64,

@@ -1,0 +1,78 @@
+//! The words retrovisor shows users for what a trace holds: what each kind of event means, what a
+//! trace's positions count, and how it kept time. `info` and `timeline` say the same thing the same way,
+//! in the command line's own spelling.
+
+use machine::Clock;
+use traces::TimeMode;
+
+/// What an event of `kind` (an [`traces::EventKind::name`], or `checkpoint`) stands for.
+pub fn event_meaning(kind: &str) -> &'static str {
+    match kind {
+        "serial_rx" => "bytes the UART received from outside (serial input)",
+        "clock" => "readings of a host clock by the PIT or the RTC",
+        "irq" => "edges on a PIC line raised by a timer (the PIT); the guest takes them later as interrupts",
+        "interrupt" => "vectors injected into the vCPU: the moments the guest took an interrupt",
+        "host_value" => "RDTSC, RDTSCP, RDRAND or RDSEED results the host gave",
+        "kick" => "points between landmarks where a guest computing without exits was stopped to get input",
+        "stop" => "the end of the recording",
+        "checkpoint" => "saved machine states that replay and reverse execution start from",
+        _ => "events of a kind this retrovisor does not know",
+    }
+}
+
+/// The clock a trace header names, if this retrovisor knows it.
+pub fn clock_of(header: &traces::Header) -> Option<Clock> {
+    Clock::from_name(&header.clock)
+}
+
+/// What positions count, in the plural: "instructions" (step clock) or "landmarks" (landmark clock).
+pub fn counted(clock: Option<Clock>) -> &'static str {
+    match clock {
+        Some(Clock::Landmark) => "landmarks",
+        Some(Clock::Step) | None => "instructions",
+    }
+}
+
+/// What a position is called: "icount" or "landmark" ([`Clock::unit`]).
+pub fn unit(clock: Option<Clock>) -> &'static str {
+    clock.unwrap_or(Clock::Step).unit()
+}
+
+/// How a clock names positions, for someone who has not read the README.
+pub fn clock_meaning(clock: Option<Clock>) -> &'static str {
+    match clock {
+        Some(Clock::Step) => "positions are instruction counts: every instruction single-stepped",
+        Some(Clock::Landmark) => {
+            "positions are landmarks: exits the guest itself caused, run free in between"
+        }
+        None => "a clock this retrovisor does not know",
+    }
+}
+
+/// `--time` as the command line spells it: "host" or "virtual".
+pub fn time_mode(mode: &TimeMode) -> &'static str {
+    match mode {
+        TimeMode::Host => "host",
+        TimeMode::Virtual => "virtual",
+    }
+}
+
+/// What a time mode meant for the guest.
+pub fn time_meaning(mode: &TimeMode) -> &'static str {
+    match mode {
+        TimeMode::Host => "the PIT, RTC and TSC followed the host's clocks",
+        TimeMode::Virtual => "the PIT, RTC and TSC followed the instruction count",
+    }
+}
+
+/// How often checkpoints were taken: `checkpoint_every` holds instructions for the step clock and
+/// milliseconds of wall time for the landmark clock.
+pub fn checkpoint_interval(header: &traces::Header) -> String {
+    match clock_of(header) {
+        Some(Clock::Landmark) => format!(
+            "every {} ms (at the first landmark after)",
+            header.checkpoint_every
+        ),
+        _ => format!("every {} instructions", header.checkpoint_every),
+    }
+}
