@@ -271,6 +271,8 @@ enum CliError {
     },
     #[error("{dir} failed verification: {count} problem{s} (listed above)", s = if *count == 1 { "" } else { "s" })]
     Verify { dir: PathBuf, count: usize },
+    #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
+    BackwardRange { from: u64, to: u64 },
 }
 
 /// Parses arguments, runs the command and returns the process exit status.
@@ -490,6 +492,11 @@ fn describe_stop(stop: &traces::StopReason) -> String {
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
+    if let (Some(from), Some(to)) = (a.from, a.to) {
+        if to < from {
+            return Err(CliError::BackwardRange { from, to });
+        }
+    }
     let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
     if let Some(clock) = a.clock {
         r.set_clock(clock.clock())?;

@@ -55,6 +55,16 @@ fn replay_refuses_another_guest_image() {
 }
 
 #[test]
+fn a_backward_replay_range_is_refused() {
+    let (trace, _) = record(&scratch("range"), "hello", &[]);
+    let o = replay(&trace, &["--from", "20", "--to", "10"]);
+    assert_error(&o, "--to 10 is before --from 20");
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    // Equal ends are a range of nothing, not an error.
+    assert_eq!(status(&replay(&trace, &["--from", "10", "--to", "10"])), 0);
+}
+
+#[test]
 fn existing_trace_is_never_overwritten() {
     let dir = scratch("overwrite");
     let (trace, _) = record(&dir, "hello", &[]);
