@@ -11,8 +11,12 @@ for tool in cargo make gcc ld gdb; do
 done
 [ -e /dev/kvm ] || { echo "demo: /dev/kvm is missing: retrovisor needs KVM" >&2; exit 1; }
 
-cargo build --release -q
+# The first build compiles about a hundred crates: say so, and let cargo show its progress, rather than
+# sit silent for minutes. Later runs find everything built and cargo says only that it finished.
+echo "demo: building retrovisor (cargo build --release; the first build takes a few minutes)" >&2
+cargo build --release
 work=$(mktemp -d /tmp/retrovisor-demo.XXXXXX)
+echo "demo: building the demo guest (tests/guests, gcc and ld) into $work/guests" >&2
 make -s -C tests/guests OUT="$work/guests"
 rv=target/release/retrovisor
 elf="$work/guests/demo.elf"
