@@ -46,9 +46,11 @@ enum Command {
     /// List a trace's events (and checkpoints) with their positions, rips, kinds and values.
     Events(EventsArgs),
     /// Give every position of a landmark trace its instruction count: one replay with the step clock
-    /// (about 10x slower than the recording), kept in the trace as index.zst. gdb needs it for reverse
-    /// execution, and `replay --gdb` builds it when it is missing.
+    /// (about 10x slower than the recording), kept in the trace as index.zst.
     Index(IndexArgs),
+    /// Draw a trace as an SVG timeline: a lane per kind of input, checkpoints, the guest's output lines
+    /// and any divergence (found by replaying it), over the trace's positions.
+    Timeline(crate::timeline::TimelineArgs),
 }
 
 #[derive(Args)]
@@ -271,6 +273,8 @@ enum CliError {
     },
     #[error("{dir} failed verification: {count} problem{s} (listed above)", s = if *count == 1 { "" } else { "s" })]
     Verify { dir: PathBuf, count: usize },
+    #[error(transparent)]
+    Timeline(#[from] crate::timeline::TimelineError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: u64, to: u64 },
 }
@@ -318,6 +322,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info(&a),
         Command::Events(a) => events(&a),
         Command::Index(a) => index(&a).map(|_| 0),
+        Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
     };
     match result {
         Ok(status) => status,
@@ -336,7 +341,7 @@ pub fn main() -> i32 {
 
 /// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
 /// cannot be written (say it is a file on a full disk): the exit status still tells what happened.
-fn say(line: std::fmt::Arguments) {
+pub(crate) fn say(line: std::fmt::Arguments) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
@@ -479,7 +484,7 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
-fn describe_stop(stop: &traces::StopReason) -> String {
+pub(crate) fn describe_stop(stop: &traces::StopReason) -> String {
     match stop {
         traces::StopReason::GuestExit { status } => format!("exited with status {status}"),
         traces::StopReason::TripleFault => "triple-faulted".into(),
