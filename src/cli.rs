@@ -51,6 +51,9 @@ enum Command {
     /// Draw a trace as an SVG timeline: a lane per kind of input, checkpoints, the guest's output lines
     /// and any divergence (found by replaying it), over the trace's positions.
     Timeline(crate::timeline::TimelineArgs),
+    /// Check this host: KVM usable and which kind, PMU, capabilities, measured step and free-run rates,
+    /// clocks, quirks. Exits 2 with one line when retrovisor cannot run here.
+    Doctor,
 }
 
 #[derive(Args)]
@@ -275,6 +278,8 @@ enum CliError {
     Verify { dir: PathBuf, count: usize },
     #[error(transparent)]
     Timeline(#[from] crate::timeline::TimelineError),
+    #[error(transparent)]
+    Doctor(#[from] crate::doctor::DoctorError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: u64, to: u64 },
 }
@@ -323,6 +328,7 @@ pub fn main() -> i32 {
         Command::Events(a) => events(&a),
         Command::Index(a) => index(&a).map(|_| 0),
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
+        Command::Doctor => crate::doctor::run().map_err(CliError::from),
     };
     match result {
         Ok(status) => status,

@@ -1,6 +1,7 @@
 //! `retrovisor`: record a KVM guest, replay it exactly, and inspect traces.
 
 mod cli;
+mod doctor;
 mod timeline;
 mod words;
 

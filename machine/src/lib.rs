@@ -1,5 +1,6 @@
 //! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the Multiboot loader,
-//! CPU-state capture and restore, guest-virtual address translation and the execution clock.
+//! CPU-state capture and restore, guest-virtual address translation and the execution clock; and probes of
+//! what the host's KVM can do.
 
 pub mod clock;
 pub mod cpu;
@@ -9,6 +10,7 @@ pub mod emulate;
 pub mod loader;
 pub mod memory;
 pub mod paging;
+pub mod probe;
 pub mod vm;
 
 pub use clock::{Advance, Clock, Fingerprint, HwStop, Kicker, Search, DEBUG_REGISTERS};
