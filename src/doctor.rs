@@ -116,6 +116,15 @@ pub fn run() -> Result<i32, DoctorError> {
             free / step.max(1.0)
         ),
     )?;
+    if let Some((load, cpus)) = host::load().filter(|&(load, cpus)| load > cpus as f64 / 2.0) {
+        // Other work shares the CPUs with the probe guests, so the figures understate this host.
+        continuation(
+            &mut out,
+            &format!(
+                "(measured while the host was busy, load average {load:.1} on {cpus} CPUs: expect more when it is idle)"
+            ),
+        )?;
+    }
 
     let cpuid = kvm.cpuid_honoured()?;
     let landmark_note = match cpuid {

@@ -72,6 +72,13 @@ fn flags_in(cpuinfo: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The one-minute load average and the CPUs there are to carry it, if /proc says.
+pub fn load() -> Option<(f64, usize)> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let load = text.split_whitespace().next()?.parse().ok()?;
+    Some((load, std::thread::available_parallelism().ok()?.get()))
+}
+
 /// Whether the host has a PMU that counts instructions.
 #[derive(Debug)]
 pub enum Pmu {
