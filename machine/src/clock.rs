@@ -193,18 +193,24 @@ impl Machine {
                 debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
                 let mut dr7 = DR7_FIXED;
                 let extra = extra.map(|linear| (DEBUG_REGISTERS - 1, linear, 0b00, 0b00));
-                let slots = self.hw_stops.iter().enumerate().map(|(i, stop)| match *stop {
-                    HwStop::Execute(rip) => (i, self.sregs.cs.base.wrapping_add(rip), 0b00, 0b00),
-                    HwStop::Write { addr, len } => {
-                        let len_bits = match len {
-                            1 => 0b00,
-                            2 => 0b01,
-                            8 => 0b10,
-                            _ => 0b11,
-                        };
-                        (i, addr, 0b01, len_bits)
-                    }
-                });
+                let slots = self
+                    .hw_stops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, stop)| match *stop {
+                        HwStop::Execute(rip) => {
+                            (i, self.sregs.cs.base.wrapping_add(rip), 0b00, 0b00)
+                        }
+                        HwStop::Write { addr, len } => {
+                            let len_bits = match len {
+                                1 => 0b00,
+                                2 => 0b01,
+                                8 => 0b10,
+                                _ => 0b11,
+                            };
+                            (i, addr, 0b01, len_bits)
+                        }
+                    });
                 for (slot, linear, rw, len) in slots.chain(extra) {
                     debug.arch.debugreg[slot] = linear;
                     dr7 |= 1 << (2 * slot) | (rw | len << 2) << (16 + 4 * slot);
