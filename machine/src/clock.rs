@@ -112,32 +112,8 @@ pub enum Search {
     Stopped,
 }
 
-/// What a debug register watches while the landmark clock runs free.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HwStop {
-    /// Stop before the instruction at this rip (CS-relative) executes.
-    Execute(u64),
-    /// Stop after an instruction writes any of these bytes: a linear address aligned to a length of 1, 2,
-    /// 4 or 8.
-    Write {
-        /// First byte.
-        addr: u64,
-        /// Number of bytes.
-        len: u64,
-    },
-}
-
-impl HwStop {
-    /// Whether a debug register can watch it (a write of 1, 2, 4 or 8 aligned bytes; any execution).
-    pub fn fits(&self) -> bool {
-        match *self {
-            HwStop::Execute(_) => true,
-            HwStop::Write { addr, len } => matches!(len, 1 | 2 | 4 | 8) && addr % len == 0,
-        }
-    }
-}
-
-/// Debug registers for breakpoints and watchpoints: DR0-DR3.
+/// Debug registers for breakpoints: DR0-DR3. Only execution breakpoints are used: PVM never reports a
+/// data breakpoint (a probe writing to a watched address ran on unstopped).
 pub const DEBUG_REGISTERS: usize = 4;
 
 /// RFLAGS.RF: set or not depending on how the instruction was reached (a breakpoint resumes with it).
@@ -188,32 +164,17 @@ impl Machine {
         let mut debug = kvm_guest_debug::default();
         match self.clock {
             Clock::Step => debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-            Clock::Landmark if self.hw_stops.is_empty() && extra.is_none() => {}
+            Clock::Landmark if self.breakpoints.is_empty() && extra.is_none() => {}
             Clock::Landmark => {
                 debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
                 let mut dr7 = DR7_FIXED;
-                let extra = extra.map(|linear| (DEBUG_REGISTERS - 1, linear, 0b00, 0b00));
-                let slots = self
-                    .hw_stops
-                    .iter()
-                    .enumerate()
-                    .map(|(i, stop)| match *stop {
-                        HwStop::Execute(rip) => {
-                            (i, self.sregs.cs.base.wrapping_add(rip), 0b00, 0b00)
-                        }
-                        HwStop::Write { addr, len } => {
-                            let len_bits = match len {
-                                1 => 0b00,
-                                2 => 0b01,
-                                8 => 0b10,
-                                _ => 0b11,
-                            };
-                            (i, addr, 0b01, len_bits)
-                        }
-                    });
-                for (slot, linear, rw, len) in slots.chain(extra) {
+                let extra = extra.map(|linear| (DEBUG_REGISTERS - 1, linear));
+                let armed = self.breakpoints.iter().enumerate();
+                let armed = armed.map(|(i, &rip)| (i, self.sregs.cs.base.wrapping_add(rip)));
+                // An execution breakpoint: enabled (L bit), RW = LEN = 0.
+                for (slot, linear) in armed.chain(extra) {
                     debug.arch.debugreg[slot] = linear;
-                    dr7 |= 1 << (2 * slot) | (rw | len << 2) << (16 + 4 * slot);
+                    dr7 |= 1 << (2 * slot);
                 }
                 debug.arch.debugreg[7] = dr7;
             }
@@ -240,19 +201,19 @@ impl Machine {
             })
     }
 
-    /// Landmark clock: runs free with these stops in the debug registers (at most
-    /// [`DEBUG_REGISTERS`], each [`HwStop::fits`]; one fewer while a kick search needs a register),
+    /// Landmark clock: runs free with breakpoints before the instructions at these rips (CS-relative) in
+    /// the debug registers (at most [`DEBUG_REGISTERS`]; one fewer while a kick search needs a register),
     /// until one fires ([`Advance::Breakpoint`]) or [`Machine::disarm`].
-    pub fn arm(&mut self, stops: &[HwStop]) -> Result<(), MachineError> {
-        debug_assert!(stops.len() <= DEBUG_REGISTERS && stops.iter().all(HwStop::fits));
-        self.hw_stops = stops.to_vec();
+    pub fn arm(&mut self, rips: &[u64]) -> Result<(), MachineError> {
+        debug_assert!(rips.len() <= DEBUG_REGISTERS);
+        self.breakpoints = rips.to_vec();
         self.stop_hit = None;
         self.apply_debug(None)
     }
 
-    /// Removes the stops of [`Machine::arm`].
+    /// Removes the breakpoints of [`Machine::arm`].
     pub fn disarm(&mut self) -> Result<(), MachineError> {
-        self.hw_stops.clear();
+        self.breakpoints.clear();
         self.apply_debug(None)
     }
 
@@ -264,7 +225,7 @@ impl Machine {
 
     /// The armed stop DR6 says fired, if any (bits 0-3 name the debug registers that matched).
     fn fired_stop(&self) -> Option<usize> {
-        (0..self.hw_stops.len()).find(|&i| self.last_dr6 & (1 << i) != 0)
+        (0..self.breakpoints.len()).find(|&i| self.last_dr6 & (1 << i) != 0)
     }
 
     /// The landmarks an exit makes (see the module documentation).
@@ -487,7 +448,7 @@ impl Machine {
         let result = self.search_with_breakpoint(fp, linear, host);
         // Back to plain free running with the stops, whatever happened (a stop that fired is off).
         if result.as_ref().is_ok_and(|&r| r == Search::Stopped) {
-            self.hw_stops.clear();
+            self.breakpoints.clear();
         }
         self.apply_debug(None)?;
         result

@@ -13,5 +13,5 @@ pub mod paging;
 pub mod probe;
 pub mod vm;
 
-pub use clock::{Advance, Clock, Fingerprint, HwStop, Kicker, Search, DEBUG_REGISTERS};
+pub use clock::{Advance, Clock, Fingerprint, Kicker, Search, DEBUG_REGISTERS};
 pub use vm::{Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};

@@ -224,9 +224,9 @@ pub struct Machine {
     pub(crate) stale_shadow: bool,
     /// See [`Machine::keep_stale_registers`].
     legacy_stale_regs: bool,
-    /// What the debug registers watch while running free (see [`Machine::arm`]).
-    pub(crate) hw_stops: Vec<crate::clock::HwStop>,
-    /// Which of `hw_stops` fired last.
+    /// The breakpoints in the debug registers while running free (see [`Machine::arm`]).
+    pub(crate) breakpoints: Vec<u64>,
+    /// Which of `breakpoints` fired last.
     pub(crate) stop_hit: Option<usize>,
     /// DR6 at the last debug exit: which debug registers matched.
     pub(crate) last_dr6: u64,
@@ -350,7 +350,7 @@ impl Machine {
             irq_window: false,
             stale_shadow: false,
             legacy_stale_regs: false,
-            hw_stops: Vec::new(),
+            breakpoints: Vec::new(),
             stop_hit: None,
             last_dr6: 0,
             output: Vec::new(),
@@ -392,6 +392,12 @@ impl Machine {
         buf: &mut [u8],
     ) -> Result<(), crate::paging::PagingError> {
         emulate::paging_mode(&self.sregs).read_linear(&self.mem, addr, buf)
+    }
+
+    /// The guest-physical address a guest-virtual (linear) address maps to now, through the guest's page
+    /// tables.
+    pub fn translate(&self, addr: u64) -> Result<u64, crate::paging::PagingError> {
+        emulate::paging_mode(&self.sregs).translate(&self.mem, addr)
     }
 
     /// Whether the guest is halted waiting for an interrupt.

@@ -414,7 +414,7 @@ impl Between {
             match self.armed {
                 None => {
                     if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {
-                        machine.arm(&[machine::HwStop::Execute(exit)])?;
+                        machine.arm(&[exit])?;
                         self.armed = Some(0);
                         return Ok(false);
                     }

@@ -10,9 +10,10 @@ mod snapshots;
 pub use log::Divergence;
 use log::LogHost;
 use machine::disk::DiskImage;
-use machine::{Advance, Clock, HwStop, Machine, MachineConfig, MachineError, Search, Stop};
+use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search, Stop};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -114,6 +115,11 @@ pub struct Replayer {
     free_stop: Option<usize>,
     /// What an index being built has learned so far.
     index_build: Option<Index>,
+    /// Ranges of positions a free run passed through with breakpoints armed that did not fire: (the
+    /// breakpoint rips, first position, end position exclusive).
+    clear_runs: Vec<(Vec<u64>, u64, u64)>,
+    /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them.
+    page_sets: std::collections::HashMap<usize, Rc<BTreeSet<u64>>>,
     progress: Option<Progress>,
 }
 
@@ -191,6 +197,8 @@ impl Replayer {
             offset: 0,
             free_stop: None,
             index_build: None,
+            page_sets: std::collections::HashMap::new(),
+            clear_runs: Vec::new(),
             trace,
             machine,
             end,
@@ -279,17 +287,17 @@ impl Replayer {
         Ok(())
     }
 
-    /// Stepping within landmarks: runs free (landmark clock) to the next landmark with `stops` in the
-    /// debug registers. Returns which one fired first, if one did: the machine is then where it fired,
+    /// Stepping within landmarks: runs free (landmark clock) to the next landmark with `breakpoints` (rips)
+    /// in the debug registers. Returns which one fired first, if one did: the machine is then where it fired,
     /// at a point whose position is unknown until [`Replayer::locate`]. Otherwise it is at the next
     /// landmark (or the end of the recording).
     pub fn run_free_with(
         &mut self,
-        stops: &[HwStop],
+        breakpoints: &[u64],
         out: &mut dyn Write,
     ) -> Result<Option<usize>, ReplayError> {
         self.use_clock(Clock::Landmark)?;
-        self.machine.arm(stops)?;
+        self.machine.arm(breakpoints)?;
         self.free_stop = None;
         let ran = self.advance_explained(out);
         self.machine.disarm()?;
@@ -320,6 +328,53 @@ impl Replayer {
             self.step(out)?;
         }
         Ok(self.icount())
+    }
+
+    /// The guest-physical pages written between positions `from` and `to` (by the guest or a device), as a
+    /// superset: the union of what the trace's checkpoints list for the checkpoint intervals that overlap
+    /// the range. None where the trace cannot tell (after its last checkpoint).
+    pub fn pages_written(
+        &mut self,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Rc<BTreeSet<u64>>>, ReplayError> {
+        let first = self.checkpoint_before(from);
+        let last = self.checkpoint_positions.partition_point(|&c| c < to);
+        if last >= self.checkpoint_positions.len() {
+            return Ok(None);
+        }
+        let mut union = BTreeSet::new();
+        for next in first + 1..=last {
+            let pages = match self.page_sets.get(&next) {
+                Some(pages) => pages.clone(),
+                None => {
+                    let pages: Rc<BTreeSet<u64>> =
+                        Rc::new(self.trace.checkpoint_pages(next)?.into_iter().collect());
+                    self.page_sets.insert(next, pages.clone());
+                    pages
+                }
+            };
+            if first + 1 == last {
+                return Ok(Some(pages));
+            }
+            union.extend(pages.iter().copied());
+        }
+        Ok(Some(Rc::new(union)))
+    }
+
+    /// Notes that positions `from..to` hold no hit of the breakpoints at `rips`: a free run passed through
+    /// them with those armed. (Positions are the recording's: this holds whatever the replay does later.)
+    pub fn note_clear(&mut self, rips: &[u64], from: u64, to: u64) {
+        if from < to {
+            self.clear_runs.push((rips.to_vec(), from, to));
+        }
+    }
+
+    /// Whether positions `from..to` are known to hold no hit of the breakpoint at `rip`.
+    pub fn known_clear(&self, rip: u64, from: u64, to: u64) -> bool {
+        self.clear_runs
+            .iter()
+            .any(|(rips, a, b)| rips.contains(&rip) && *a <= from && to <= *b)
     }
 
     /// The position just before `position` (> 0): one instruction earlier. At the start of a landmark

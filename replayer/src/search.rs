@@ -22,7 +22,7 @@
 
 use crate::{Halt, ReplayError, Replayer};
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
-use machine::Machine;
+use machine::{Machine, DEBUG_REGISTERS};
 use std::collections::BTreeSet;
 use std::io::Write;
 use thiserror::Error;
@@ -30,6 +30,8 @@ use thiserror::Error;
 /// How many steps run between two calls of the interrupt callback: rare enough to cost nothing next to a
 /// KVM single-step, frequent enough that Ctrl-C answers within a few tens of milliseconds.
 const POLL_EVERY: u64 = 2048;
+/// How often free runs call the interrupt callback.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Errors from breakpoint-aware execution.
 #[derive(Debug, Error)]
@@ -322,6 +324,11 @@ pub fn run_forward(
     out: &mut dyn Write,
     interrupted: &mut dyn FnMut() -> bool,
 ) -> Result<Outcome, SearchError> {
+    if range.is_none() {
+        if let Some(hw) = hardware_stops(r, stops) {
+            return run_forward_free(r, stops, &hw, out, interrupted);
+        }
+    }
     let mut info = InstructionInfoFactory::new();
     let mut steps = 0u64;
     loop {
@@ -342,6 +349,81 @@ pub fn run_forward(
         steps += 1;
         if steps.is_multiple_of(POLL_EVERY) && interrupted() {
             return Ok(Outcome::Interrupted);
+        }
+    }
+}
+
+/// The breakpoints as debug registers can watch them while the landmark clock runs free, if a free run can
+/// serve these stops: stepping within the landmarks of a landmark trace, no read watchpoints (a free run
+/// sees no reads), and no more breakpoints than the debug registers a kick search leaves. Write watchpoints
+/// are not given to debug registers: PVM never reports a data breakpoint (a probe writing to a watched
+/// address ran on unstopped), so a free run compares the watched bytes at every landmark instead.
+fn hardware_stops(r: &Replayer, stops: &StopSet) -> Option<Vec<u64>> {
+    let fits = r.steps_within_landmarks()
+        && !stops.has_read_watches()
+        && stops.breakpoints.len() < DEBUG_REGISTERS;
+    fits.then(|| stops.breakpoints.iter().copied().collect())
+}
+
+/// [`run_forward`] at free-run speed: the landmark clock runs with the breakpoints in the debug registers,
+/// comparing the watched bytes at every landmark; only the stretch from the last landmark to a stop is
+/// single-stepped, to find its exact position.
+fn run_forward_free(
+    r: &mut Replayer,
+    stops: &StopSet,
+    hw: &[u64],
+    out: &mut dyn Write,
+    interrupted: &mut dyn FnMut() -> bool,
+) -> Result<Outcome, SearchError> {
+    // The first instruction is stepped: the current position's own breakpoint does not stop the run, and
+    // on PVM a breakpoint armed where the guest stands would fire at once.
+    let mut info = InstructionInfoFactory::new();
+    let step = step_checked(r, stops, &mut info, out)?;
+    if !step.advanced {
+        return Ok(Outcome::End);
+    }
+    if let Some(w) = step.watch {
+        return Ok(Outcome::Hit(Hit::Watch(w)));
+    }
+    let rip = r.machine().rip();
+    if stops.breakpoints.contains(&rip) {
+        return Ok(Outcome::Hit(Hit::Breakpoint(rip)));
+    }
+    // Where the watched bytes were last seen, and what they were.
+    let (mut from, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
+    let free_from = from;
+    let mut last_poll = std::time::Instant::now();
+    loop {
+        if r.icount() >= r.end_icount() {
+            return Ok(Outcome::End);
+        }
+        let fired = r.run_free_with(hw, out)?;
+        let after = watched_bytes(r.machine(), stops);
+        if changed(stops, &before, &after).is_some() {
+            // Written since `from` (by an instruction, or by a device's DMA): step there to the write.
+            seek_exact(r, from, out)?;
+            loop {
+                let step = step_checked(r, stops, &mut info, out)?;
+                if let Some(w) = step.watch {
+                    return Ok(Outcome::Hit(Hit::Watch(w)));
+                }
+                if !step.advanced {
+                    return Ok(Outcome::End);
+                }
+            }
+        }
+        if let Some(i) = fired {
+            r.locate(out)?;
+            // No breakpoint fired from where the free run began to here: later searches need not look.
+            r.note_clear(hw, free_from, r.icount());
+            return Ok(Outcome::Hit(Hit::Breakpoint(hw[i])));
+        }
+        (from, before) = (r.icount(), after);
+        if last_poll.elapsed() >= POLL_INTERVAL {
+            last_poll = std::time::Instant::now();
+            if interrupted() {
+                return Ok(Outcome::Interrupted);
+            }
         }
     }
 }
@@ -413,6 +495,89 @@ fn scan(
     Ok(last.map_or(Scan::Nothing, |(p, hit)| Scan::Found(p, hit)))
 }
 
+/// [`scan`] at free-run speed: the landmark clock runs through the interval with the breakpoints in the
+/// debug registers, noting every breakpoint stop and every landmark stretch across which the watched bytes
+/// changed; then only the last such stretch is single-stepped (by [`scan`]) to find the last hit in it, and
+/// the stretch of the interval's final landmark up to `to`.
+fn scan_free(
+    r: &mut Replayer,
+    stops: &StopSet,
+    hw: &[u64],
+    (from, to): (u64, u64),
+    out: &mut dyn Write,
+    poll: &mut Poll<'_>,
+) -> Result<Scan, SearchError> {
+    let to_landmark = crate::position::encode(crate::position::decode(to).0, 0);
+    seek_exact(r, from, out)?;
+    // The last breakpoint stop seen, and the last stretch [start, end) that changed the watched bytes.
+    let mut breakpoint = None;
+    let mut changed_in: Option<(u64, u64)> = None;
+    let mut info = InstructionInfoFactory::new();
+    let (mut start, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
+    while r.icount() < to_landmark {
+        // A breakpoint at the very position the run resumes from would fire at once: step over it first.
+        if stops.breakpoints.contains(&r.machine().rip()) {
+            breakpoint = Some((r.icount(), r.machine().rip()));
+            let step = step_checked(r, stops, &mut info, out)?;
+            if !step.advanced {
+                break;
+            }
+        }
+        let fired = r.run_free_with(hw, out)?;
+        if let Some(i) = fired {
+            r.locate(out)?;
+            if r.icount() < to {
+                breakpoint = Some((r.icount(), hw[i]));
+            }
+        }
+        let after = watched_bytes(r.machine(), stops);
+        if changed(stops, &before, &after).is_some() {
+            changed_in = Some((start, r.icount().min(to)));
+        }
+        (start, before) = (r.icount(), after);
+        if r.icount() >= r.end_icount() {
+            break;
+        }
+        if poll.due_now() {
+            return Ok(Scan::Interrupted);
+        }
+    }
+    // The interval's last landmark stretch, up to `to`, stepped.
+    if r.icount() < to {
+        if let found @ (Scan::Found(..) | Scan::Interrupted) =
+            scan(r, stops, (r.icount(), to), out, poll)?
+        {
+            return Ok(found);
+        }
+    }
+    // A watched change after the last breakpoint stop: find the last hit of its stretch, stepped.
+    if let Some((start, end)) = changed_in {
+        if breakpoint.is_none_or(|(at, _)| at < end) {
+            if let found @ (Scan::Found(..) | Scan::Interrupted) =
+                scan(r, stops, (start, end), out, poll)?
+            {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(breakpoint.map_or(Scan::Nothing, |(at, rip)| {
+        Scan::Found(at, Hit::Breakpoint(rip))
+    }))
+}
+
+/// The guest-physical pages of the watched bytes, as the guest maps them now (None if one is unmapped).
+fn watched_pages(m: &Machine, stops: &StopSet) -> Option<BTreeSet<u64>> {
+    let mut pages = BTreeSet::new();
+    for w in &stops.watches {
+        let last = w.addr.checked_add(w.len.max(1) - 1)?;
+        for page in (w.addr >> 12)..=(last >> 12) {
+            let linear = (page << 12).max(w.addr);
+            pages.insert(m.translate(linear).ok()? >> 12);
+        }
+    }
+    Some(pages)
+}
+
 /// Counts steps and asks the interrupt callback every [`POLL_EVERY`] of them.
 struct Poll<'a> {
     steps: u64,
@@ -423,6 +588,11 @@ impl Poll<'_> {
     fn due(&mut self) -> bool {
         self.steps += 1;
         self.steps.is_multiple_of(POLL_EVERY) && (self.interrupted)()
+    }
+
+    /// For free runs, where a call covers many instructions: asks every time.
+    fn due_now(&mut self) -> bool {
+        (self.interrupted)()
     }
 }
 
@@ -437,6 +607,11 @@ pub fn run_backward(
     interrupted: &mut dyn FnMut() -> bool,
 ) -> Result<Outcome, SearchError> {
     let start = r.icount();
+    let hw = hardware_stops(r, stops);
+    // Pages the watchpoints watch: an interval that wrote none of them cannot change them.
+    let watched_pages = (!stops.has_read_watches())
+        .then(|| watched_pages(r.machine(), stops))
+        .flatten();
     let mut poll = Poll {
         steps: 0,
         interrupted,
@@ -446,7 +621,26 @@ pub fn run_backward(
     if !stops.is_empty() {
         while clear > 0 {
             let from = interval_start(r, clear);
-            match scan(r, stops, (from, clear), out, &mut poll)? {
+            // Skipped without replaying: no watched page written in it, and every breakpoint known
+            // not to be hit there (a free run forward passed through it with them armed).
+            if let Some(pages) = &watched_pages {
+                let breakpoints_clear = stops
+                    .breakpoints
+                    .iter()
+                    .all(|&rip| r.known_clear(rip, from, clear));
+                if breakpoints_clear
+                    && r.pages_written(from, clear)?
+                        .is_some_and(|written| pages.is_disjoint(&written))
+                {
+                    clear = from;
+                    continue;
+                }
+            }
+            let scanned = match &hw {
+                Some(hw) => scan_free(r, stops, hw, (from, clear), out, &mut poll)?,
+                None => scan(r, stops, (from, clear), out, &mut poll)?,
+            };
+            match scanned {
                 Scan::Found(position, hit) => {
                     seek_exact(r, position, out)?;
                     return Ok(Outcome::Hit(hit));

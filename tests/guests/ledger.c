@@ -7,8 +7,8 @@
  *
  *   put K V    table[K] = V, and count the update in `updates`
  *   get K      print table[K]
- *   hash N     N rounds of mixing the table into a 1 KiB work buffer and back (about 3,300
- *              instructions a round), then print the buffer's digest
+ *   hash N     N rounds of mixing the table into a 1 KiB work buffer (about 3,300 instructions a
+ *              round), then print the buffer's digest
  *   sum        print the sum of the table
  *   ticks      print how many timer ticks the guest has seen (varies from run to run)
  *   check      call check_guard(): if `guard` is not GUARD_VALUE, print "BUG: guard clobbered: V"
@@ -16,8 +16,8 @@
  *   quit       print "ledger: N commands, U updates" and exit with value 0 (status 1)
  *
  * The planted bug: table_put() checks `key > TABLE_SIZE` instead of `>=`, so `put 64 V` writes
- * table[64], which is `guard` (the linker script places .data.ledger_guard right after
- * .data.ledger_table). An input that does that early and `check`s late has its bug written long
+ * table[64], which is `guard` (the linker script places .ledger.guard right after
+ * .ledger.table). An input that does that early and `check`s late has its bug written long
  * before anything notices it: the case reverse debugging is for (`watch guard`, reverse-continue).
  *
  * tests/guests/ledger-short.txt runs a few hundred thousand instructions (tests);
@@ -30,8 +30,10 @@
 #define MAX_LINE    120
 #define WORK_WORDS  256
 
-static u32 table[TABLE_SIZE] __attribute__((section(".data.ledger_table")));
-volatile u32 guard __attribute__((section(".data.ledger_guard"))) = GUARD_VALUE;
+static u32 table[TABLE_SIZE] __attribute__((section(".ledger.table"), aligned(4096)));
+volatile u32 guard __attribute__((section(".ledger.guard"), aligned(4))) = GUARD_VALUE;
+/* The rest of their page: nothing else may share it (see hash_rounds). */
+static u8 ledger_pad[4096 - 4 * (TABLE_SIZE + 1)] __attribute__((section(".ledger.pad"), used));
 
 /* Every put counts here: a word written once per update over the whole run. */
 volatile u32 updates;
@@ -135,7 +137,9 @@ static u32 rotl(u32 v, int n)
     return (v << n) | (v >> (32 - n));
 }
 
-/* N rounds: mix the table into the work buffer, then fold the buffer back into the table. */
+/* N rounds: mix the table into the work buffer. The table itself only changes by `put`: the linker
+ * script gives it and `guard` a page of their own, so a watchpoint on `guard` can skip every stretch of
+ * the recording that made no `put` (see the README on reverse-continue). */
 static u32 hash_rounds(u32 rounds)
 {
     u32 r, i, h = 0x811C9DC5u;
@@ -144,7 +148,6 @@ static u32 hash_rounds(u32 rounds)
             h = (h ^ work[i] ^ table[i & (TABLE_SIZE - 1)]) * 0x01000193u;
             work[i] = rotl(h, (int)(i & 15) + 1) + r;
         }
-        table[r & (TABLE_SIZE - 1)] ^= h;
     }
     return h;
 }

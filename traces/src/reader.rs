@@ -529,6 +529,17 @@ impl TraceReader {
         Ok(cp)
     }
 
+    /// The page frames checkpoint `index` lists: for an incremental checkpoint, every page written (by the
+    /// guest or a device) since the checkpoint before it.
+    pub fn checkpoint_pages(&self, index: usize) -> Result<Vec<u64>, ReadError> {
+        Ok(self
+            .read_raw(index)?
+            .pages
+            .iter()
+            .map(|(pfn, _)| *pfn)
+            .collect())
+    }
+
     /// The CPU and device state blob of checkpoint `index` alone (its file is read and checked, but
     /// not the chain before it: the state does not depend on earlier checkpoints).
     pub fn checkpoint_state(&self, index: usize) -> Result<Vec<u8>, ReadError> {
