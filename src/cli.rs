@@ -159,7 +159,7 @@ struct RecordArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..))]
     checkpoint_every: Option<u64>,
     /// Milliseconds of wall time between checkpoints (landmark clock, which counts no instructions:
-    /// taken at the first landmark after; default 250).
+    /// taken at the first landmark after; default 100).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_ms: Option<u64>,
     /// How the guest is driven while recording. `landmark` (the default) runs free at the host's speed
@@ -173,8 +173,9 @@ struct RecordArgs {
 /// Default checkpoint interval, from measurement (README): a checkpoint costs ~4 ms, i.e. <2% at ~220k
 /// instructions/s, and bounds a replay from the nearest checkpoint to ~0.45 s.
 const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
-/// Default checkpoint interval of the landmark clock: the same ~2% cost and ~0.25 s bound at free-run speed.
-const DEFAULT_CHECKPOINT_MS: u64 = 250;
+/// Default checkpoint interval of the landmark clock: a restore replays at most ~0.1 s, and a watchpoint
+/// search skips what the checkpoints say cannot hold a change at that grain; a checkpoint costs ~4 ms.
+const DEFAULT_CHECKPOINT_MS: u64 = 100;
 
 #[derive(Args)]
 struct ReplayArgs {

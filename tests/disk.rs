@@ -415,7 +415,15 @@ fn the_guest_sees_the_same_data_as_with_qemus_virtio_blk() {
 
 #[test]
 fn a_watchpoint_on_a_dma_buffer_stops_where_the_device_filled_it() {
-    let (_, trace, _) = record_disk("disk-watch", &[], 1);
+    // With the step clock every step is checked; with the landmark clock gdb's continue runs free and
+    // compares the buffer at every landmark (the notify is one), then steps to the store.
+    for clock in ["step", "landmark"] {
+        watch_dma(clock);
+    }
+}
+
+fn watch_dma(clock: &str) {
+    let (_, trace, _) = record_disk(&format!("disk-watch-{clock}"), &["--clock", clock], 1);
     let mut server = GdbServer::start(&trace, &[]);
     // The guest zeroes buf first (no change: it is zero already); the first change is the device's GET_ID
     // reply, which DMA writes during the store to QueueNotify (register 0x50 = 80, in the inlined `wr`).

@@ -20,6 +20,7 @@ mod target;
 
 use arch::{GuestArch, I386, X86_64};
 use gdbstub::stub::{DisconnectReason, GdbStub};
+use machine::symbols::Symbols;
 use replayer::search::SearchError;
 use replayer::Replayer;
 use std::io::Write;
@@ -117,7 +118,7 @@ pub fn serve(replayer: Replayer, opts: &GdbOptions, out: Box<dyn Write>) -> Resu
         .image
         .clone()
         .unwrap_or_else(|| PathBuf::from(&replayer.trace().header().image_path));
-    let elf64 = is_elf64(&image)?;
+    let (elf64, symbols) = read_image(&image)?;
     let x86_64 = match opts.arch {
         ArchChoice::I386 => false,
         ArchChoice::X86_64 => true,
@@ -134,9 +135,19 @@ pub fn serve(replayer: Replayer, opts: &GdbOptions, out: Box<dyn Write>) -> Resu
         ""
     };
     if x86_64 {
-        serve_as::<X86_64>(ReplayTarget::new(replayer, out), &listener, &image, hint)
+        serve_as::<X86_64>(
+            ReplayTarget::new(replayer, out, symbols),
+            &listener,
+            &image,
+            hint,
+        )
     } else {
-        serve_as::<I386>(ReplayTarget::new(replayer, out), &listener, &image, hint)
+        serve_as::<I386>(
+            ReplayTarget::new(replayer, out, symbols),
+            &listener,
+            &image,
+            hint,
+        )
     }
 }
 
@@ -170,13 +181,14 @@ fn resolve(addr: &str, allow_remote: bool) -> Result<Vec<SocketAddr>, GdbError> 
     Ok(addrs)
 }
 
-/// Whether the image is an ELF64 (ELF class byte 2).
-fn is_elf64(image: &Path) -> Result<bool, GdbError> {
+/// Whether the image is an ELF64 (ELF class byte 2), and its symbols.
+fn read_image(image: &Path) -> Result<(bool, Symbols), GdbError> {
     let bytes = std::fs::read(image).map_err(|source| GdbError::Image {
         path: image.to_path_buf(),
         source,
     })?;
-    Ok(bytes.starts_with(b"\x7fELF") && bytes.get(4) == Some(&2))
+    let elf64 = bytes.starts_with(b"\x7fELF") && bytes.get(4) == Some(&2);
+    Ok((elf64, Symbols::from_elf(&bytes)))
 }
 
 /// Whether the guest is in long mode at the end of the recording: replays, on a separate machine with the
@@ -236,7 +248,7 @@ fn serve_as<A: GuestArch>(
             "retrovisor: gdb connected from {peer} at {}",
             target.position()
         );
-        target.new_session();
+        target.new_session(stream.try_clone().ok());
         let ended = GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target);
         *lock(&attached) = None;
         match ended {

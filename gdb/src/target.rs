@@ -19,8 +19,11 @@ use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
     SwBreakpoint, SwBreakpointOps, WatchKind,
 };
-use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::monitor_cmd::{
+    output, outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps,
+};
 use gdbstub::target::{Target, TargetError, TargetResult};
+use machine::symbols::Symbols;
 use replayer::search::{self, Access, Hit, Outcome, SearchError, StopSet, Watch};
 use replayer::Replayer;
 use std::collections::BTreeSet;
@@ -30,6 +33,10 @@ use std::net::TcpStream;
 
 /// Largest watched range: every watched byte is compared at every step, so keep that cheap.
 const MAX_WATCH_LEN: u64 = 4096;
+/// Most changes `monitor history` lists.
+const HISTORY_LIMIT: usize = 200;
+/// How often a long monitor command writes something, so that gdb does not time out on it.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(700);
 
 const MONITOR_HELP: &str = "\
 retrovisor monitor commands:
@@ -39,6 +46,11 @@ retrovisor monitor commands:
   monitor seek P    move to position P (an icount; in a landmark trace 1234 or 1234+56), clamped to the
                     recording; then `maint flush register-cache` (or any step) so gdb re-reads the
                     registers, which it does not know have changed
+  monitor history ADDR LEN
+                    every change of LEN bytes at ADDR (a number, or &name / name of a variable in the
+                    guest image) over the whole recording: position, rip, function, old -> new
+  monitor history-page ADDR
+                    the checkpoint intervals in which the page holding ADDR was written
   monitor help      this list";
 
 /// gdbstub's `support_*` methods: each says that the target implements an extension by returning itself.
@@ -77,12 +89,16 @@ pub(crate) struct ReplayTarget<A> {
     watches: Vec<Watch>,
     /// What the event loop is to do next, if gdb asked for anything.
     resume: Option<Resume>,
+    /// The guest image's symbols, to name addresses in `monitor history`.
+    symbols: Symbols,
+    /// The session's connection, to notice a Ctrl-C during a long monitor command.
+    peer: Option<TcpStream>,
     _arch: PhantomData<A>,
 }
 
 impl<A: GuestArch> ReplayTarget<A> {
     /// `replayer` at its current position, with guest serial output going to `out`.
-    pub(crate) fn new(replayer: Replayer, out: Box<dyn Write>) -> Self {
+    pub(crate) fn new(replayer: Replayer, out: Box<dyn Write>, symbols: Symbols) -> Self {
         ReplayTarget {
             replayer,
             out,
@@ -90,6 +106,8 @@ impl<A: GuestArch> ReplayTarget<A> {
             hw: BTreeSet::new(),
             watches: Vec::new(),
             resume: None,
+            symbols,
+            peer: None,
             _arch: PhantomData,
         }
     }
@@ -101,11 +119,140 @@ impl<A: GuestArch> ReplayTarget<A> {
 
     /// Forgets what a previous gdb session set up: a new session inserts its own breakpoints, and a run that
     /// was in progress when the connection dropped is abandoned where it stood.
-    pub(crate) fn new_session(&mut self) {
+    pub(crate) fn new_session(&mut self, peer: Option<TcpStream>) {
         self.sw.clear();
         self.hw.clear();
         self.watches.clear();
         self.resume = None;
+        self.peer = peer;
+    }
+
+    /// `monitor history`: every change of the watched bytes over the recording.
+    fn history(
+        &mut self,
+        what: &str,
+        len: &str,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<(), SearchError> {
+        let Some((addr, len)) = self.resolve(what, len) else {
+            outputln!(
+                out,
+                "monitor history: {what:?} {len:?} is not an address (0x102100, or &name / name of a \
+                 variable in the guest image) and a length in bytes (1 to {MAX_WATCH_LEN})"
+            );
+            return Ok(());
+        };
+        // gdb gives up on a command that stays silent for its remote timeout (2 s by default): a dot now
+        // and then tells it the search goes on. A Ctrl-C from gdb stops it.
+        let peer = self.peer.as_ref().and_then(|p| p.try_clone().ok());
+        let mut last_word = std::time::Instant::now();
+        let mut dots = false;
+        let mut still_searching = || {
+            if last_word.elapsed() >= KEEPALIVE {
+                output!(out, ".");
+                out.flush();
+                last_word = std::time::Instant::now();
+                dots = true;
+            }
+            peer.as_ref().is_some_and(peeked)
+        };
+        let (changes, end) = search::history(
+            &mut self.replayer,
+            (addr, len),
+            HISTORY_LIMIT,
+            &mut *self.out,
+            &mut still_searching,
+        )?;
+        if dots {
+            outputln!(out);
+        }
+        outputln!(
+            out,
+            "{} change(s) of {len} byte(s) at {addr:#x}:",
+            changes.len()
+        );
+        for c in &changes {
+            let function = self
+                .symbols
+                .lookup(c.rip)
+                .map(|(name, off)| format!(" {name}+{off}"))
+                .unwrap_or_default();
+            outputln!(
+                out,
+                "  {:<24} rip {:#x}{function}: {} -> {}",
+                self.replayer.describe(c.position),
+                c.rip,
+                hex_value(&c.old),
+                hex_value(&c.new)
+            );
+        }
+        match end {
+            search::HistoryEnd::Complete => {}
+            search::HistoryEnd::Limit => {
+                outputln!(
+                    out,
+                    "(stopped after {HISTORY_LIMIT} changes; there may be more)"
+                )
+            }
+            search::HistoryEnd::Interrupted => outputln!(out, "(interrupted)"),
+        }
+        Ok(())
+    }
+
+    /// An address and length from `monitor history`'s words: a number, or a name from the image's symbols
+    /// with or without `&`.
+    fn resolve(&self, what: &str, len: &str) -> Option<(u64, u64)> {
+        let len = parse_icount(len).filter(|&l| (1..=MAX_WATCH_LEN).contains(&l))?;
+        let name = what.strip_prefix('&').unwrap_or(what);
+        let addr = parse_icount(what).or_else(|| self.symbols.find(name).map(|(a, _)| a))?;
+        Some((addr, len))
+    }
+
+    /// `monitor history-page`: the checkpoint intervals whose checkpoints list the page as written.
+    fn history_page(&mut self, page: &str, out: &mut ConsoleOutput<'_>) -> Result<(), SearchError> {
+        let Some((addr, _)) = self.resolve(page, "1") else {
+            outputln!(
+                out,
+                "monitor history-page: {page:?} is not an address (0x102000, or &name / name of a variable)"
+            );
+            return Ok(());
+        };
+        let Ok(physical) = self.replayer.machine().translate(addr) else {
+            outputln!(out, "monitor history-page: {addr:#x} is not mapped here");
+            return Ok(());
+        };
+        let pfn = physical >> 12;
+        let bounds = self.replayer.checkpoint_positions().to_vec();
+        outputln!(
+            out,
+            "page {:#x} (physical {:#x}) is written between these checkpoints:",
+            addr & !0xfff,
+            pfn << 12
+        );
+        let mut listed = 0;
+        for pair in bounds.windows(2) {
+            let written = self
+                .replayer
+                .pages_written(pair[0], pair[1])
+                .map_err(SearchError::Replay)?;
+            if written.is_some_and(|w| w.contains(&pfn)) {
+                outputln!(
+                    out,
+                    "  {} .. {}",
+                    self.replayer.describe(pair[0]),
+                    self.replayer.describe(pair[1])
+                );
+                listed += 1;
+            }
+        }
+        if let Some(&last) = bounds.last() {
+            outputln!(
+                out,
+                "  ({listed} interval(s); after {} the trace does not say)",
+                self.replayer.describe(last)
+            );
+        }
+        Ok(())
     }
 
     /// Everything a run stops at.
@@ -201,6 +348,8 @@ impl<A: GuestArch> ReplayTarget<A> {
                     rest.join(" ")
                 ),
             },
+            ["history", what, len] => self.history(what, len, out)?,
+            ["history-page", page] => self.history_page(page, out)?,
             [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
             _ => outputln!(out, "unknown monitor command {cmd:?}\n{MONITOR_HELP}"),
         }
@@ -209,6 +358,29 @@ impl<A: GuestArch> ReplayTarget<A> {
 }
 
 /// A decimal or 0x-prefixed hexadecimal icount.
+/// Whether gdb sent something (a Ctrl-C) while a monitor command runs: peeks without blocking and
+/// without changing the socket's mode, which gdbstub relies on.
+fn peeked(peer: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv into one byte we own; MSG_PEEK leaves it for gdbstub, MSG_DONTWAIT returns at once.
+    let n = unsafe {
+        libc::recv(
+            peer.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// Bytes as a little-endian hex number (what a variable of that size holds).
+fn hex_value(bytes: &[u8]) -> String {
+    let digits: String = bytes.iter().rev().map(|b| format!("{b:02x}")).collect();
+    format!("0x{digits}")
+}
+
 fn parse_icount(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),

@@ -213,6 +213,8 @@ pub struct Machine {
     pub(crate) dirty_since_mark: Vec<u64>,
     /// Pages written since the last [`Machine::take_dirty_pages`].
     dirty_since_take: Vec<u64>,
+    /// Pages written since the last [`Machine::wrote_since_probe`].
+    dirty_since_probe: Vec<u64>,
     /// Set after `hlt` with interrupts enabled, until an interrupt is injected.
     pub(crate) halted: bool,
     /// Registers as of the last exit or the last change we made.
@@ -344,6 +346,7 @@ impl Machine {
             delivering: false,
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
+            dirty_since_probe: vec![0; bitmap_words],
             halted: false,
             regs,
             sregs,
@@ -473,8 +476,67 @@ impl Machine {
                 return Ok(step);
             }
         }
+        let flags_slot = std::mem::take(&mut self.delivering)
+            .then(|| self.pushed_flags_slot())
+            .flatten()
+            .filter(|_| !self.legacy_stale_regs);
         let stop = self.run_one(host)?;
+        if let Some(slot) = flags_slot {
+            self.clear_pushed_trap_flag(slot);
+        }
         Ok(stop.map(Step::Stopped).unwrap_or(Step::Retired))
+    }
+
+    /// Where the interrupt about to be delivered will push the flags (a linear address and their width),
+    /// for a ring-0 guest or a 64-bit one entering ring 0 from ring 3: the cases the guests we run meet.
+    fn pushed_flags_slot(&self) -> Option<(u64, usize)> {
+        let (r, s) = (&self.regs, &self.sregs);
+        let long = s.efer & (1 << 10) != 0;
+        if long {
+            // 64-bit delivery aligns the stack to 16 and pushes SS, RSP, RFLAGS, CS, RIP; from ring 3 it
+            // switches to the TSS's RSP0 first.
+            let rsp = if s.cs.selector & 3 == 0 {
+                r.rsp
+            } else {
+                let mut rsp0 = [0u8; 8];
+                self.read_virtual(s.tr.base + 4, &mut rsp0).ok()?;
+                u64::from_le_bytes(rsp0)
+            };
+            return Some(((rsp & !0xf).wrapping_sub(24), 8));
+        }
+        if s.cs.selector & 3 != 0 {
+            return None;
+        }
+        if s.cr0 & 1 != 0 && s.cs.db == 1 {
+            // 32-bit, same privilege: EFLAGS, CS, EIP.
+            let esp = (r.rsp as u32).wrapping_sub(4);
+            return Some((s.ss.base.wrapping_add(u64::from(esp)), 4));
+        }
+        // 16-bit: FLAGS, CS, IP.
+        let sp = (r.rsp as u16).wrapping_sub(2);
+        Some((s.ss.base.wrapping_add(u64::from(sp)), 2))
+    }
+
+    /// PVM quirk: an interrupt delivered while single-stepping pushes the flags with TF set, the trap flag
+    /// the step clock runs with, where running free pushes them without it; the `iret` then gives the guest
+    /// TF, and a free run after it would take a debug trap the recording never did. So the step clock
+    /// clears TF in the pushed image (at `slot`, if it is there and has it set).
+    fn clear_pushed_trap_flag(&mut self, (linear, width): (u64, usize)) {
+        const TF: u64 = 1 << 8;
+        let paging = emulate::paging_mode(&self.sregs);
+        let mut image = [0u8; 8];
+        if paging
+            .read_linear(&self.mem, linear, &mut image[..width])
+            .is_err()
+        {
+            return;
+        }
+        let flags = u64::from_le_bytes(image);
+        if flags & TF != 0 {
+            let cleared = (flags & !TF).to_le_bytes();
+            // Cannot fail: the same bytes were just read.
+            let _ = paging.write_linear(&mut self.mem, linear, &cleared[..width]);
+        }
     }
 
     /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
@@ -829,15 +891,17 @@ impl Machine {
             .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
         let vmm_dirty = self.mem.take_vmm_dirty();
-        for (i, (mark, take)) in self
+        for (i, ((mark, take), probe)) in self
             .dirty_since_mark
             .iter_mut()
             .zip(self.dirty_since_take.iter_mut())
+            .zip(self.dirty_since_probe.iter_mut())
             .enumerate()
         {
             let fresh = kvm_dirty.get(i).copied().unwrap_or(0) | vmm_dirty[i];
             *mark |= fresh;
             *take |= fresh;
+            *probe |= fresh;
         }
         Ok(())
     }
@@ -851,6 +915,20 @@ impl Machine {
             vec![0; self.dirty_since_mark.len()],
         );
         Ok(bitmap_pages(&taken))
+    }
+
+    /// Whether any of the page frames `pfns` was written (by the guest or a device) since the last call;
+    /// starts a new period for the next one. What a watchpoint search asks at every landmark: a page
+    /// written between two landmarks may have changed and changed back, which comparing values misses.
+    pub fn wrote_since_probe(&mut self, pfns: &[u64]) -> Result<bool, MachineError> {
+        self.collect_dirty()?;
+        let wrote = pfns.iter().any(|&pfn| {
+            self.dirty_since_probe
+                .get((pfn / 64) as usize)
+                .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+        });
+        self.dirty_since_probe.fill(0);
+        Ok(wrote)
     }
 
     /// Starts a new checkpoint interval for fingerprints: they digest the pages written since here. Record

@@ -129,6 +129,8 @@ pub fn image_sha256(image: &[u8]) -> String {
 
 /// How often (in positions or kicks) the loop looks at the wall clock to flush the event stream.
 const FLUSH_CHECK_EVERY: u64 = 4096;
+/// Every this many checkpoints, one holds all of RAM rather than the pages written since the one before.
+const FULL_CHECKPOINT_EVERY: u64 = 16;
 /// How often the landmark clock kicks a guest that runs without exits: the resolution of timer and input
 /// delivery while it computes.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
@@ -238,11 +240,14 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         if at_position {
             if let Some(w) = writer.as_mut() {
                 if schedule.due(position) {
-                    let snap = machine.snapshot(checkpoints == 0)?;
+                    // A full checkpoint now and then bounds the chain a restore reads: restoring
+                    // checkpoint k reads the checkpoints from the last full one up to k.
+                    let full = checkpoints.is_multiple_of(FULL_CHECKPOINT_EVERY);
+                    let snap = machine.snapshot(full)?;
                     w.write_checkpoint(&Checkpoint {
                         icount: position,
                         rip: snap.rip,
-                        full: checkpoints == 0,
+                        full,
                         digest: snap.digest,
                         state: snap.state,
                         pages: snap.pages,

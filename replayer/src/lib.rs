@@ -362,6 +362,17 @@ impl Replayer {
         Ok(Some(Rc::new(union)))
     }
 
+    /// The positions of the trace's checkpoints, in this replay's unit.
+    pub fn checkpoint_positions(&self) -> &[u64] {
+        &self.checkpoint_positions
+    }
+
+    /// Whether any of the page frames `pfns` was written since the last call (see
+    /// [`Machine::wrote_since_probe`]).
+    pub fn wrote_since_probe(&mut self, pfns: &[u64]) -> Result<bool, ReplayError> {
+        Ok(self.machine.wrote_since_probe(pfns)?)
+    }
+
     /// Notes that positions `from..to` hold no hit of the breakpoints at `rips`: a free run passed through
     /// them with those armed. (Positions are the recording's: this holds whatever the replay does later.)
     pub fn note_clear(&mut self, rips: &[u64], from: u64, to: u64) {

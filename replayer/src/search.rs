@@ -496,9 +496,10 @@ fn scan(
 }
 
 /// [`scan`] at free-run speed: the landmark clock runs through the interval with the breakpoints in the
-/// debug registers, noting every breakpoint stop and every landmark stretch across which the watched bytes
-/// changed; then only the last such stretch is single-stepped (by [`scan`]) to find the last hit in it, and
-/// the stretch of the interval's final landmark up to `to`.
+/// debug registers, noting every breakpoint stop and every stretch between two landmarks that wrote a
+/// watched page (by KVM's dirty log, so a value changed and changed back is not missed) or changed the
+/// watched bytes; then only those stretches, latest first, and the interval's last stretch up to `to`,
+/// are single-stepped (by [`scan`]) to find the last hit.
 fn scan_free(
     r: &mut Replayer,
     stops: &StopSet,
@@ -509,9 +510,11 @@ fn scan_free(
 ) -> Result<Scan, SearchError> {
     let to_landmark = crate::position::encode(crate::position::decode(to).0, 0);
     seek_exact(r, from, out)?;
-    // The last breakpoint stop seen, and the last stretch [start, end) that changed the watched bytes.
+    let pages = watched_page_list(r.machine(), stops);
+    r.wrote_since_probe(&pages)?;
+    // The last breakpoint stop seen, and the stretches [start, end) that may hold a watch hit.
     let mut breakpoint = None;
-    let mut changed_in: Option<(u64, u64)> = None;
+    let mut candidates = Vec::new();
     let mut info = InstructionInfoFactory::new();
     let (mut start, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
     while r.icount() < to_landmark {
@@ -531,8 +534,8 @@ fn scan_free(
             }
         }
         let after = watched_bytes(r.machine(), stops);
-        if changed(stops, &before, &after).is_some() {
-            changed_in = Some((start, r.icount().min(to)));
+        if r.wrote_since_probe(&pages)? || changed(stops, &before, &after).is_some() {
+            candidates.push((start, r.icount().min(to)));
         }
         (start, before) = (r.icount(), after);
         if r.icount() >= r.end_icount() {
@@ -550,19 +553,154 @@ fn scan_free(
             return Ok(found);
         }
     }
-    // A watched change after the last breakpoint stop: find the last hit of its stretch, stepped.
-    if let Some((start, end)) = changed_in {
-        if breakpoint.is_none_or(|(at, _)| at < end) {
-            if let found @ (Scan::Found(..) | Scan::Interrupted) =
-                scan(r, stops, (start, end), out, poll)?
-            {
-                return Ok(found);
-            }
+    // Stretches that may hold a watch hit, latest first, down to the last breakpoint stop.
+    for &(start, end) in candidates.iter().rev() {
+        if breakpoint.is_some_and(|(at, _)| at >= end) {
+            break;
+        }
+        if let found @ (Scan::Found(..) | Scan::Interrupted) =
+            scan(r, stops, (start, end), out, poll)?
+        {
+            return Ok(found);
         }
     }
     Ok(breakpoint.map_or(Scan::Nothing, |(at, rip)| {
         Scan::Found(at, Hit::Breakpoint(rip))
     }))
+}
+
+/// [`watched_pages`] as a list (empty when a page is unmapped: then values are compared alone).
+fn watched_page_list(m: &Machine, stops: &StopSet) -> Vec<u64> {
+    watched_pages(m, stops).map_or_else(Vec::new, |p| p.into_iter().collect())
+}
+
+/// One change of watched bytes (see [`history`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The position just before the instruction that made it.
+    pub position: u64,
+    /// That instruction's address.
+    pub rip: u64,
+    /// The bytes before.
+    pub old: Vec<u8>,
+    /// The bytes after.
+    pub new: Vec<u8>,
+}
+
+/// How a [`history`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryEnd {
+    /// The whole recording was searched.
+    Complete,
+    /// `limit` changes were found; there may be more.
+    Limit,
+    /// The interrupt callback asked to stop.
+    Interrupted,
+}
+
+/// Every change of the `len` bytes at guest-virtual `addr` over the whole recording, oldest first, at most
+/// `limit`; the replay is left where it was. Checkpoint intervals whose checkpoints list none of the
+/// watched pages as written are skipped without replaying; the others run free (landmark traces) with
+/// the dirty log read at every landmark, and only the stretches between landmarks that wrote a watched
+/// page are single-stepped. Writes that leave the value as it was are not changes.
+pub fn history(
+    r: &mut Replayer,
+    (addr, len): (u64, u64),
+    limit: usize,
+    out: &mut dyn Write,
+    interrupted: &mut dyn FnMut() -> bool,
+) -> Result<(Vec<Change>, HistoryEnd), SearchError> {
+    let here = r.icount();
+    let stops = StopSet {
+        breakpoints: BTreeSet::new(),
+        watches: vec![Watch {
+            addr,
+            len,
+            access: Access::Write,
+        }],
+    };
+    let pages = watched_page_list(r.machine(), &stops);
+    let mut changes = Vec::new();
+    let mut end = HistoryEnd::Complete;
+    let mut bounds = r.checkpoint_positions().to_vec();
+    bounds.push(r.end_icount());
+    'intervals: for pair in bounds.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        if !pages.is_empty()
+            && r.pages_written(from, to)?
+                .is_some_and(|written| pages.iter().all(|p| !written.contains(p)))
+        {
+            continue;
+        }
+        seek_exact(r, from, out)?;
+        r.wrote_since_probe(&pages)?;
+        let mut info = InstructionInfoFactory::new();
+        while r.icount() < to {
+            // The stretch to step: one instruction (step traces), or up to the next landmark if it
+            // wrote a watched page (landmark traces, run free first).
+            let start = r.icount();
+            let before = watched_bytes(r.machine(), &stops);
+            if r.steps_within_landmarks() {
+                r.run_free_with(&[], out)?;
+                if std::env::var_os("RV_DBG").is_some() {
+                    eprintln!(
+                        "free {} -> {} rip {:#x}",
+                        r.describe(start),
+                        r.describe(r.icount()),
+                        r.machine().rip()
+                    );
+                }
+                let after = watched_bytes(r.machine(), &stops);
+                if !r.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
+                    if interrupted() {
+                        end = HistoryEnd::Interrupted;
+                        break 'intervals;
+                    }
+                    continue;
+                }
+                seek_exact(r, start, out)?;
+                if std::env::var_os("RV_DBG").is_some() {
+                    eprintln!(
+                        "back at {} rip {:#x}",
+                        r.describe(r.icount()),
+                        r.machine().rip()
+                    );
+                }
+            }
+            let stop = if r.steps_within_landmarks() {
+                crate::position::encode(crate::position::decode(start).0 + 1, 0).min(to)
+            } else {
+                start + 1
+            };
+            while r.icount() < stop {
+                let (position, rip) = (r.icount(), r.machine().rip());
+                let old = watched_bytes(r.machine(), &stops);
+                let step = step_checked(r, &stops, &mut info, out)?;
+                if step.watch.is_some() {
+                    let new = watched_bytes(r.machine(), &stops);
+                    changes.push(Change {
+                        position,
+                        rip,
+                        old: old[0].clone().unwrap_or_default(),
+                        new: new[0].clone().unwrap_or_default(),
+                    });
+                    if changes.len() >= limit {
+                        end = HistoryEnd::Limit;
+                        break 'intervals;
+                    }
+                }
+                if !step.advanced {
+                    break 'intervals;
+                }
+            }
+            if interrupted() {
+                end = HistoryEnd::Interrupted;
+                break 'intervals;
+            }
+        }
+    }
+    seek_exact(r, here, out)?;
+    Ok((changes, end))
 }
 
 /// The guest-physical pages of the watched bytes, as the guest maps them now (None if one is unmapped).

@@ -1,0 +1,191 @@
+//! gdb's searches at free-run speed on landmark traces, and the same answers on step traces: a watchpoint
+//! far back found on the store's line, breakpoints beyond the debug registers, `monitor history` equal on
+//! both clocks, and a search interrupted with Ctrl-C.
+
+mod common;
+use common::*;
+
+/// ledger.elf fed the short input, recorded with `clock`: its `put 64` early clobbers `guard`, which
+/// `check` reports at the very end.
+fn ledger(name: &str, clock: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let (trace, rec) = record(&dir, "ledger", &["--clock", clock, "--serial-input", input]);
+    assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
+    trace
+}
+
+/// The line of ledger.c that stores into the table.
+fn store_line() -> usize {
+    guest_source_line("ledger.c", "table[key] = value;")
+}
+
+#[test]
+fn watch_and_reverse_continue_find_the_store_far_back_on_both_clocks() {
+    let line = store_line();
+    for clock in ["step", "landmark"] {
+        let trace = ledger(&format!("search-watch-{clock}"), clock);
+        let mut server = GdbServer::start(&trace, &[]);
+        let out = gdb_batch(
+            server.port,
+            &guest("ledger"),
+            &[
+                "break check_guard",
+                "continue",
+                "watch guard",
+                "reverse-continue",
+                "print key",
+                "detach",
+            ],
+        );
+        assert!(out.contains("Breakpoint 1, check_guard"), "{clock}: {out}");
+        assert!(
+            out.contains("Old value = 12345") && out.contains("New value = 1611526157"),
+            "{clock}: {out}"
+        );
+        assert!(
+            out.contains(&format!("ledger.c:{line}")),
+            "{clock}: not on the store's line: {out}"
+        );
+        assert!(out.contains("$1 = 64"), "{clock}: {out}");
+        assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+    }
+}
+
+#[test]
+fn breakpoints_beyond_the_debug_registers_are_still_hit() {
+    // Five breakpoints are more than a free run can arm, so that run is stepped; one breakpoint runs free.
+    // Both must stop at the same first hit.
+    let trace = ledger("search-five", "landmark");
+    let first_stop = |breaks: &[String]| {
+        let mut server = GdbServer::start(&trace, &[]);
+        let mut cmds: Vec<String> = breaks.iter().map(|b| format!("break {b}")).collect();
+        cmds.extend(
+            [
+                "continue",
+                "monitor when",
+                "printf \"PC=%#x\\n\", $pc",
+                "detach",
+            ]
+            .map(String::from),
+        );
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let out = gdb_batch(server.port, &guest("ledger"), &cmds);
+        assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+        let pc = out
+            .lines()
+            .find_map(|l| l.strip_prefix("PC="))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string();
+        (pc, when_answers(&out)[0].0)
+    };
+    let five = first_stop(
+        &[
+            "check_guard",
+            "table_put",
+            "on_tick",
+            "hash_rounds",
+            "parse_num",
+        ]
+        .map(String::from),
+    );
+    assert!(five.1 > 0, "the run stopped at once");
+    let one = first_stop(&[format!("*{}", five.0)]);
+    assert_eq!(
+        five, one,
+        "five breakpoints (stepped) and one (free) stop in different places"
+    );
+}
+
+/// `monitor history` of `updates` (written by every put): (rip, old, new) of each change.
+fn history(trace: &std::path::Path) -> Vec<String> {
+    let mut server = GdbServer::start(trace, &[]);
+    let out = gdb_batch(
+        server.port,
+        &guest("ledger"),
+        &[
+            "monitor history &updates 4",
+            "monitor history-page &updates",
+            "detach",
+        ],
+    );
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+    assert!(out.contains("change(s) of 4 byte(s) at 0x"), "{out}");
+    assert!(
+        out.contains("is written between these checkpoints"),
+        "{out}"
+    );
+    // Positions differ between recordings; the stores and values must not.
+    out.lines()
+        .filter_map(|l| l.split_once(" rip ").map(|(_, rest)| rest.to_string()))
+        .collect()
+}
+
+#[test]
+fn monitor_history_finds_the_same_changes_on_both_clocks() {
+    let step = history(&ledger("search-history-step", "step"));
+    let landmark = history(&ledger("search-history-landmark", "landmark"));
+    let puts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/guests/ledger-short.txt"
+    ))
+    .unwrap()
+    .lines()
+    .filter(|l| l.starts_with("put ") && !l.starts_with("put 65"))
+    .count();
+    assert_eq!(step.len(), puts, "one change per put: {step:#?}");
+    assert!(
+        step[0].contains("table_put") && step[0].ends_with("0x00000000 -> 0x00000001"),
+        "{step:#?}"
+    );
+    assert_eq!(step, landmark, "the stepped scan and the free one disagree");
+}
+
+#[test]
+fn ctrl_c_interrupts_a_reverse_search_at_a_known_position() {
+    let trace = ledger("search-ctrl-c", "step");
+    let mut server = GdbServer::start(&trace, &[]);
+    let dir = scratch("search-ctrl-c-log");
+    let log = dir.join("gdb.log");
+    let file = std::fs::File::create(&log).unwrap();
+    // A watchpoint on a byte nobody writes: the search would run back to the start, stepped.
+    let mut gdb = std::process::Command::new("gdb")
+        .args(gdb_args(
+            server.port,
+            &guest("ledger"),
+            &[
+                "break check_guard",
+                "continue",
+                "rwatch guard",
+                "echo SEARCHING\\n",
+                "reverse-continue",
+                "monitor when",
+                "stepi",
+                "monitor when",
+                "detach",
+            ],
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap().contains("SEARCHING") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gdb never got to the search"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(gdb.id() as i32, libc::SIGINT) };
+    gdb.wait().unwrap();
+    let out = std::fs::read_to_string(&log).unwrap();
+    let whens = when_answers(&out);
+    assert_eq!(whens.len(), 2, "{out}");
+    // Stopped somewhere before where it began, and the replay goes on from there.
+    assert_eq!(whens[1].0, whens[0].0 + 1, "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
