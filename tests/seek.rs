@@ -17,7 +17,7 @@ fn seeking_backward_and_forward_reaches_identical_states() {
     for &p in &points {
         r.run_to(p, &mut sink).unwrap();
         assert_eq!(r.icount(), p);
-        expected.push((p, r.machine().digest().unwrap(), r.machine().rip()));
+        expected.push((p, r.digest().unwrap(), r.machine().rip()));
     }
     let (snaps, _) = r.snapshot_stats();
     assert!(
@@ -35,7 +35,7 @@ fn seeking_backward_and_forward_reaches_identical_states() {
         assert_eq!(r.icount(), p);
         assert_eq!(r.machine().rip(), rip, "rip differs after seeking to {p}");
         assert_eq!(
-            r.machine().digest().unwrap(),
+            r.digest().unwrap(),
             digest,
             "state differs after seeking to {p}"
         );
@@ -43,7 +43,7 @@ fn seeking_backward_and_forward_reaches_identical_states() {
         r.seek(p - 1, &mut sink).unwrap();
         r.seek(p, &mut sink).unwrap();
         assert_eq!(
-            r.machine().digest().unwrap(),
+            r.digest().unwrap(),
             digest,
             "state differs after stepping back and forth at {p}"
         );

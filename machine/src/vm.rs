@@ -215,6 +215,12 @@ pub struct Machine {
     dirty_since_take: Vec<u64>,
     /// Pages written since the last [`Machine::wrote_since_probe`].
     dirty_since_probe: Vec<u64>,
+    /// xxh3-128 of every page of RAM as of the last digest (see [`Machine::digest_of`]).
+    page_hashes: Vec<u128>,
+    /// Pages whose hash is out of date.
+    stale_hashes: Vec<u64>,
+    /// Whether digests cover RAM by page hashes.
+    digest_pages: bool,
     /// Set after `hlt` with interrupts enabled, until an interrupt is injected.
     pub(crate) halted: bool,
     /// Registers as of the last exit or the last change we made.
@@ -332,7 +338,7 @@ impl Machine {
             });
         }
         let devices = Devices::with_disks(mem.size(), &config.disks);
-        let bitmap_words = mem.pages().div_ceil(64);
+        let (pages, bitmap_words) = (mem.pages(), mem.pages().div_ceil(64));
         let mut machine = Machine {
             _kvm: kvm,
             vm,
@@ -347,6 +353,9 @@ impl Machine {
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
             dirty_since_probe: vec![0; bitmap_words],
+            page_hashes: vec![0; pages],
+            stale_hashes: vec![u64::MAX; bitmap_words],
+            digest_pages: false,
             halted: false,
             regs,
             sregs,
@@ -870,17 +879,48 @@ impl Machine {
         })
     }
 
-    /// The machine digest: xxh3-128 of state and RAM, then xxh3-128 of the state alone, so a mismatch can
-    /// tell registers and devices from memory. A fast non-cryptographic hash is enough: it detects
-    /// divergence, it does not authenticate (and it hashes all of RAM at every checkpoint, so speed matters).
-    fn digest_of(state_blob: &[u8], mem: &GuestMemory) -> [u8; 32] {
+    /// The machine digest: xxh3-128 of the state and RAM, then xxh3-128 of the state alone, so a mismatch
+    /// can tell registers and devices from memory. A fast non-cryptographic hash is enough: it detects
+    /// divergence, it does not authenticate. RAM is covered as [`Machine::digest_pages`] says: byte for byte
+    /// (older traces), or by the cached hash of each page, rehashing only the pages written since the last
+    /// digest, so that a checkpoint costs in proportion to what the guest wrote, not to its RAM.
+    fn digest_of(&mut self, state_blob: &[u8]) -> Result<[u8; 32], MachineError> {
         let mut whole = xxhash_rust::xxh3::Xxh3::new();
         whole.update(state_blob);
-        whole.update(mem.as_slice());
+        if self.digest_pages {
+            self.refresh_page_hashes()?;
+            for h in &self.page_hashes {
+                whole.update(&h.to_le_bytes());
+            }
+        } else {
+            whole.update(self.mem.as_slice());
+        }
         let mut d = [0u8; 32];
         d[..16].copy_from_slice(&whole.digest128().to_le_bytes());
         d[16..].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(state_blob).to_le_bytes());
-        d
+        Ok(d)
+    }
+
+    /// Rehashes the pages written (by the guest, a device, or a restore) since the last digest.
+    fn refresh_page_hashes(&mut self) -> Result<(), MachineError> {
+        self.collect_dirty()?;
+        for (i, word) in self.stale_hashes.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let pfn = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(h) = self.page_hashes.get_mut(pfn) {
+                    *h = xxhash_rust::xxh3::xxh3_128(self.mem.page(pfn));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes checkpoint digests cover RAM through per-page hashes (traces that say `digest: pages`), or
+    /// byte for byte (older traces).
+    pub fn set_digest_pages(&mut self, pages: bool) {
+        self.digest_pages = pages;
     }
 
     /// Folds the pages written since the last look (KVM's dirty log, and the VMM's own writes) into both
@@ -902,6 +942,7 @@ impl Machine {
             *mark |= fresh;
             *take |= fresh;
             *probe |= fresh;
+            self.stale_hashes[i] |= fresh;
         }
         Ok(())
     }
@@ -978,7 +1019,7 @@ impl Machine {
             .into_iter()
             .map(|pfn| (pfn, self.mem.page(pfn as usize).to_vec()))
             .collect();
-        let digest = Self::digest_of(&state, &self.mem);
+        let digest = self.digest_of(&state)?;
         Ok(Snapshot {
             icount: self.position(),
             rip: self.regs.rip,
@@ -990,8 +1031,9 @@ impl Machine {
 
     /// The digest of the machine as it is now (as [`Snapshot::digest`] would be): bytes 0-15 cover CPU,
     /// device state and RAM, bytes 16-31 CPU and device state only.
-    pub fn digest(&self) -> Result<[u8; 32], MachineError> {
-        Ok(Self::digest_of(&self.state_blob()?, &self.mem))
+    pub fn digest(&mut self) -> Result<[u8; 32], MachineError> {
+        let state = self.state_blob()?;
+        self.digest_of(&state)
     }
 
     /// Decodes a state blob, with its XSAVE region in canonical form (traces recorded before capture
@@ -1007,8 +1049,12 @@ impl Machine {
     /// recorded state blob and this RAM matches) and the CPU and device state are equal once both are
     /// canonical. So a checkpoint whose XSAVE region was saved in another (equivalent) form, as
     /// traces from before canonicalization hold, is no divergence.
-    pub fn equivalent_to(&self, recorded: &[u8], digest: &[u8; 32]) -> Result<bool, MachineError> {
-        if Self::digest_of(recorded, &self.mem)[..16] != digest[..16] {
+    pub fn equivalent_to(
+        &mut self,
+        recorded: &[u8],
+        digest: &[u8; 32],
+    ) -> Result<bool, MachineError> {
+        if self.digest_of(recorded)?[..16] != digest[..16] {
             return Ok(false);
         }
         Ok(Self::canonical_state(recorded)? == self.state()?)
@@ -1061,6 +1107,7 @@ impl Machine {
             .ok()
             .filter(|&p| p < n)
             .ok_or(MachineError::BadPage { pfn, pages: n })?;
+        self.stale_hashes[idx / 64] |= 1 << (idx % 64);
         Ok(self.mem.set_page(idx, data.unwrap_or(&ZERO))?)
     }
 
@@ -1094,6 +1141,7 @@ impl Machine {
         pages: impl IntoIterator<Item = (u64, &'a [u8])>,
     ) -> Result<(), MachineError> {
         self.mem.clear();
+        self.stale_hashes.fill(u64::MAX);
         for (pfn, data) in pages {
             self.restore_page(pfn, Some(data))?;
         }

@@ -177,6 +177,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     }
     let unit = opts.clock.unit();
     let mut machine = Machine::new(&opts.machine, &opts.image)?;
+    machine.set_digest_pages(true);
     machine.set_clock(opts.clock)?;
     machine.set_positions(opts.clock);
     let mut writer = match &opts.trace {
@@ -208,6 +209,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                         sha256: traces::sha256_hex(d.bytes()),
                     })
                     .collect(),
+                digest: traces::DigestKind::Pages,
             };
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).

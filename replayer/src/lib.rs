@@ -181,6 +181,7 @@ impl Replayer {
         if h.format_version == 1 {
             machine.keep_stale_registers();
         }
+        machine.set_digest_pages(h.digest == traces::DigestKind::Pages);
         machine.set_positions(clock);
         machine.set_clock(clock)?;
         let end = trace
@@ -225,6 +226,11 @@ impl Replayer {
     /// The machine, at the current position.
     pub fn machine(&self) -> &Machine {
         &self.machine
+    }
+
+    /// The machine's digest at the current position (as a checkpoint there would record it).
+    pub fn digest(&mut self) -> Result<[u8; 32], ReplayError> {
+        Ok(self.machine.digest()?)
     }
 
     /// Current position: instructions retired (step traces, and landmark traces replayed through their
@@ -954,7 +960,7 @@ impl Replayer {
 
     /// Whether the machine is in checkpoint `index`'s state although its digest differs (see
     /// [`Machine::equivalent_to`]); false if the checkpoint cannot be read.
-    fn equivalent_to_checkpoint(&self, index: usize, digest: &[u8; 32]) -> bool {
+    fn equivalent_to_checkpoint(&mut self, index: usize, digest: &[u8; 32]) -> bool {
         self.trace
             .checkpoint_state(index)
             .ok()

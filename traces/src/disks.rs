@@ -160,6 +160,7 @@ mod tests {
             checkpoint_every: 1000,
             created_unix_secs: 0,
             disks,
+            digest: Default::default(),
         }
     }
 

@@ -238,6 +238,21 @@ pub struct Header {
     /// The guest's disks, disk 0 first (absent in traces of guests without disks).
     #[serde(default)]
     pub disks: Vec<DiskInfo>,
+    /// How checkpoint digests cover RAM (absent in traces recorded before there was a choice: `ram`).
+    #[serde(default)]
+    pub digest: DigestKind,
+}
+
+/// How a checkpoint's digest covers guest RAM (see FORMAT.md, "Checkpoints").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestKind {
+    /// xxh3-128 over the state blob and then all of RAM, byte for byte.
+    #[default]
+    Ram,
+    /// xxh3-128 over the state blob and then the xxh3-128 of every page, in frame order: a machine that
+    /// keeps its page hashes rehashes only the pages written since, so checkpoints cost little.
+    Pages,
 }
 
 impl Header {

@@ -1139,6 +1139,7 @@ mod tests {
             checkpoint_every: 1000,
             created_unix_secs: 0,
             disks: vec![],
+            digest: Default::default(),
         };
         let mut w = TraceWriter::create(&dir, &header).unwrap();
         let rx = EventKind::SerialRx { bytes: vec![7; 10] };

@@ -57,6 +57,7 @@ fn header() -> Header {
         checkpoint_every: 1_000_000,
         created_unix_secs: 1_700_000_000,
         disks: vec![],
+        digest: Default::default(),
     }
 }
 
