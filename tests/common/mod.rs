@@ -338,14 +338,12 @@ pub fn position(text: &str) -> Option<u64> {
     Some(landmark << 32 | offset)
 }
 
-/// Writes a copy of the trace `reader` holds to `dest`, with `events` instead of its events.
+/// Writes a copy of the trace `reader` holds to `dest`, with `events` instead of its events (the closing
+/// stop event among them, as the recorder writes it: without it, replay diverges at the end).
 pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &std::path::Path) {
     let mut w = traces::TraceWriter::create(dest, reader.header()).unwrap();
     let mut checkpoints = (0..reader.checkpoints().len()).peekable();
-    for e in events
-        .into_iter()
-        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
-    {
+    for e in events {
         // Checkpoints go in icount order between the events, as the recorder writes them.
         while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
             w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
