@@ -102,6 +102,12 @@ pub struct Replayer {
     anchor: (u64, u64),
     /// Problems worked around, for the user (see [`Replayer::take_notices`]).
     notices: Vec<String>,
+    /// Whether the machine is where the replay put it without error: false from a failed step or restore
+    /// until the next restore succeeds, since a failure can leave it anywhere (see [`Replayer::seek`]).
+    intact: bool,
+    /// The position the last step started from, or the last restore reached: the latest the replay
+    /// reached intact (see [`Replayer::last_intact`]).
+    last_intact: u64,
     /// The position of each checkpoint, in this replay's unit (see [`Replayer::icount`]).
     checkpoint_positions: Vec<u64>,
     /// A landmark trace replayed through its index: positions are instruction counts.
@@ -212,6 +218,8 @@ impl Replayer {
             focus: 0,
             anchor: (u64::MAX, 0),
             notices: Vec::new(),
+            intact: false,
+            last_intact: 0,
             progress: None,
         };
         replayer.restore_checkpoint(0)?;
@@ -509,6 +517,7 @@ impl Replayer {
                     Err(e) => return Err(e.source.into()),
                 }
             };
+        self.intact = false;
         self.machine.restore(
             &cp.state,
             pages.iter().map(|(&pfn, data)| (pfn, data.as_slice())),
@@ -537,6 +546,8 @@ impl Replayer {
 
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
     fn after_restore(&mut self, icount: u64) {
+        self.intact = true;
+        self.last_intact = icount;
         self.anchor = (u64::MAX, 0);
         let trace_position = if self.stepping_within {
             position::decode(icount).0
@@ -563,6 +574,7 @@ impl Replayer {
         let (pages, state, at) = (snap.pages.clone(), snap.state.clone(), snap.icount);
         let fingerprint_pages = snap.dirty_since_checkpoint.clone();
         let (cursor, anchor) = (snap.cursor, snap.anchor);
+        self.intact = false;
         let mut pfns: std::collections::BTreeSet<u64> =
             self.machine.take_dirty_pages()?.into_iter().collect();
         pfns.extend(map_difference(&self.base_pages, &pages));
@@ -634,12 +646,13 @@ impl Replayer {
     }
 
     /// Moves to `target` (clamped to the recording): restores the last checkpoint at or before it when it
-    /// lies behind, or when a checkpoint is nearer than the current position, then runs forward.
+    /// lies behind, or when a checkpoint is nearer than the current position, then runs forward. After a
+    /// failed step or restore it always restores: the machine may be anywhere.
     pub fn seek(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
         let target = target.min(self.end);
         self.focus = target;
         // Start from whichever is latest at or before the target: where we are, or a restore point.
-        let here = Some(self.icount()).filter(|&i| i <= target);
+        let here = Some(self.icount()).filter(|&i| self.intact && i <= target);
         let (start, from_snapshot) = self.restore_source_before(target);
         if here.is_none_or(|h| h < start) {
             if from_snapshot {
@@ -696,12 +709,30 @@ impl Replayer {
         self.advance_explained(out)
     }
 
-    /// [`Replayer::advance`] with divergences explained.
+    /// [`Replayer::advance`] with divergences explained, keeping track of where the replay stood intact.
     fn advance_explained(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
+        if self.intact {
+            self.last_intact = self.icount();
+        }
+        self.intact = false;
         self.advance(out).map_err(|e| match e {
             ReplayError::Divergence(d) => ReplayError::Divergence(self.explain(d)),
             other => other,
-        })
+        })?;
+        self.intact = true;
+        Ok(())
+    }
+
+    /// The latest position the replay reached without error: after a failed step (a divergence, a
+    /// checkpoint that cannot be read), the position that step started from, to [`Replayer::seek`] back
+    /// to. (Within a landmark whose instructions a free run did not count, the landmark's start.)
+    pub fn last_intact(&self) -> u64 {
+        let (landmark, offset) = position::decode(self.last_intact);
+        if self.stepping_within && offset == position::UNKNOWN_OFFSET {
+            position::encode(landmark, 0)
+        } else {
+            self.last_intact
+        }
     }
 
     /// Says what a divergence in a landmark trace most likely means, and names positions as landmarks.
