@@ -124,8 +124,9 @@ pub struct Replayer {
     /// Ranges of positions a free run passed through with breakpoints armed that did not fire: (the
     /// breakpoint rips, first position, end position exclusive).
     clear_runs: Vec<(Vec<u64>, u64, u64)>,
-    /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them.
-    page_sets: std::collections::HashMap<usize, Rc<BTreeSet<u64>>>,
+    /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them (None:
+    /// the checkpoint cannot be read).
+    page_sets: std::collections::HashMap<usize, Option<Rc<BTreeSet<u64>>>>,
     progress: Option<Progress>,
 }
 
@@ -346,34 +347,40 @@ impl Replayer {
 
     /// The guest-physical pages written between positions `from` and `to` (by the guest or a device), as a
     /// superset: the union of what the trace's checkpoints list for the checkpoint intervals that overlap
-    /// the range. None where the trace cannot tell (after its last checkpoint).
-    pub fn pages_written(
-        &mut self,
-        from: u64,
-        to: u64,
-    ) -> Result<Option<Rc<BTreeSet<u64>>>, ReplayError> {
+    /// the range. None where the trace cannot tell (after its last checkpoint, or where a checkpoint's list
+    /// cannot be read: that is in [`Replayer::take_notices`]).
+    pub fn pages_written(&mut self, from: u64, to: u64) -> Option<Rc<BTreeSet<u64>>> {
         let first = self.checkpoint_before(from);
         let last = self.checkpoint_positions.partition_point(|&c| c < to);
         if last >= self.checkpoint_positions.len() {
-            return Ok(None);
+            return None;
         }
         let mut union = BTreeSet::new();
         for next in first + 1..=last {
             let pages = match self.page_sets.get(&next) {
-                Some(pages) => pages.clone(),
+                Some(pages) => pages.clone()?,
                 None => {
-                    let pages: Rc<BTreeSet<u64>> =
-                        Rc::new(self.trace.checkpoint_pages(next)?.into_iter().collect());
+                    let pages = match self.trace.checkpoint_pages(next) {
+                        Ok(pages) => Some(Rc::new(pages.into_iter().collect())),
+                        // A damaged checkpoint only costs a search its shortcut: it replays the range.
+                        Err(e) => {
+                            self.notices.push(format!(
+                                "checkpoint {next} cannot be read ({e}); searches replay the \
+                                 instructions before it rather than skip them"
+                            ));
+                            None
+                        }
+                    };
                     self.page_sets.insert(next, pages.clone());
-                    pages
+                    pages?
                 }
             };
             if first + 1 == last {
-                return Ok(Some(pages));
+                return Some(pages);
             }
             union.extend(pages.iter().copied());
         }
-        Ok(Some(Rc::new(union)))
+        Some(Rc::new(union))
     }
 
     /// The positions of the trace's checkpoints, in this replay's unit.
@@ -503,20 +510,24 @@ impl Replayer {
     /// there. Returns the index restored; the reason for any fallback is in [`Replayer::take_notices`].
     pub fn restore_checkpoint(&mut self, index: usize) -> Result<usize, ReplayError> {
         let mut index = index;
-        let (cp, pages) =
-            loop {
-                match self.trace.try_restore_point(index) {
-                    Ok(read) => break read,
-                    Err(e) if e.failed > 0 && e.failed <= index => {
-                        self.notices.push(format!(
-                        "checkpoint {} cannot be used ({}); starting from checkpoint {} instead",
-                        index, e.source, e.failed - 1
+        let (cp, pages) = loop {
+            match self.trace.try_restore_point(index) {
+                Ok(read) => break read,
+                Err(e) if e.failed > 0 && e.failed <= index => {
+                    let why = if e.failed == index {
+                        e.source.to_string()
+                    } else {
+                        format!("it builds on checkpoint {}: {}", e.failed, e.source)
+                    };
+                    self.notices.push(format!(
+                        "checkpoint {index} cannot be used ({why}); starting from checkpoint {} instead",
+                        e.failed - 1
                     ));
-                        index = e.failed - 1;
-                    }
-                    Err(e) => return Err(e.source.into()),
+                    index = e.failed - 1;
                 }
-            };
+                Err(e) => return Err(e.source.into()),
+            }
+        };
         self.intact = false;
         self.machine.restore(
             &cp.state,

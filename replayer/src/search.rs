@@ -767,7 +767,7 @@ pub fn run_backward(
                     .iter()
                     .all(|&rip| r.known_clear(rip, from, clear));
                 if breakpoints_clear
-                    && r.pages_written(from, clear)?
+                    && r.pages_written(from, clear)
                         .is_some_and(|written| pages.is_disjoint(&written))
                 {
                     clear = from;
