@@ -14,8 +14,12 @@
 //! - One gdb at a time: a second one that connects while a session runs is refused with a message naming
 //!   the attached peer. A dropped connection or a malformed packet ends only that session: the replay keeps
 //!   its position and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
+//! - A replay that fails under gdb (a divergence from the recording, a checkpoint that cannot be read) ends
+//!   only the command: gdb's console says why, and the replay stops at a position it reached intact.
 
 mod arch;
+mod console;
+mod recover;
 mod target;
 
 use arch::{GuestArch, I386, X86_64};
@@ -75,7 +79,7 @@ pub enum GdbError {
         /// Why.
         source: std::io::Error,
     },
-    /// The replay failed while gdb drove it (a divergence, or a machine or trace error).
+    /// The replay failed while gdb drove it and could not be put back at a position it reached intact.
     #[error(transparent)]
     Replay(#[from] SearchError),
 }

@@ -3,6 +3,8 @@
 //! and `monitor` commands. Also the blocking event loop that runs it and watches the connection for Ctrl-C.
 
 use crate::arch::{in_long_mode, GuestArch};
+use crate::console;
+use crate::recover::{recover, Motion};
 use gdbstub::common::Signal;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
@@ -94,6 +96,28 @@ pub(crate) struct ReplayTarget<A> {
     /// The session's connection, to notice a Ctrl-C during a long monitor command.
     peer: Option<TcpStream>,
     _arch: PhantomData<A>,
+}
+
+impl Resume {
+    /// Which way it moves, for putting the replay back after a failure.
+    fn motion(self) -> Motion {
+        match self {
+            Resume::Continue | Resume::Step | Resume::Range(..) => Motion::Forward,
+            Resume::ReverseStep | Resume::ReverseContinue => Motion::Backward,
+        }
+    }
+
+    /// The stop gdb gets when the replay cannot go on this way: "No more reverse-execution history.",
+    /// after the reason on its console.
+    fn no_further<U>(self) -> SingleThreadStopReason<U> {
+        SingleThreadStopReason::ReplayLog {
+            tid: None,
+            pos: match self.motion() {
+                Motion::Backward => ReplayLogPosition::Begin,
+                Motion::Forward | Motion::Seek => ReplayLogPosition::End,
+            },
+        }
+    }
 }
 
 impl<A: GuestArch> ReplayTarget<A> {
@@ -255,6 +279,27 @@ impl<A: GuestArch> ReplayTarget<A> {
         Ok(())
     }
 
+    /// What gdb's console should show now that it can: problems the replay worked around, each once.
+    fn take_console(&mut self) -> String {
+        self.replayer
+            .take_notices()
+            .into_iter()
+            .map(|notice| format!("retrovisor: warning: {notice}\n"))
+            .collect()
+    }
+
+    /// Puts the replay back after `error` ended a command that started at position `started`, and says
+    /// what happened (see [`recover`]); Err if the replay cannot go on.
+    fn recover(
+        &mut self,
+        error: SearchError,
+        motion: Motion,
+        started: u64,
+    ) -> Result<String, SearchError> {
+        let told = recover(&mut self.replayer, error, motion, started, &mut *self.out)?;
+        Ok(self.take_console() + &told)
+    }
+
     /// Everything a run stops at.
     fn stops(&self) -> StopSet {
         StopSet {
@@ -313,6 +358,10 @@ impl<A: GuestArch> ReplayTarget<A> {
 
     /// Carries out `monitor cmd`, answering on `out`.
     fn monitor(&mut self, cmd: &str, out: &mut ConsoleOutput<'_>) -> Result<(), SearchError> {
+        let pending = self.take_console();
+        if !pending.is_empty() {
+            output!(out, "{pending}");
+        }
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
             ["when"] => outputln!(
@@ -321,38 +370,68 @@ impl<A: GuestArch> ReplayTarget<A> {
                 self.replayer.describe(self.replayer.icount()),
                 self.replayer.describe(self.replayer.end_icount())
             ),
-            ["seek", rest @ ..] => match parse_position(&rest.join(" "), &self.replayer) {
-                Some(n) => {
-                    let outcome = search::seek(&mut self.replayer, n, &mut *self.out)?;
-                    for notice in self.replayer.take_notices() {
-                        outputln!(out, "warning: {notice}");
-                    }
-                    outputln!(out, "now at {}", self.replayer.describe(self.replayer.icount()));
-                    if outcome == Outcome::End {
-                        outputln!(out, "(the end of the recording)");
-                    }
-                    outputln!(
-                        out,
-                        "run `maint flush register-cache` (or step) so gdb re-reads the registers"
-                    );
-                }
-                None if self.replayer.steps_within_landmarks() => outputln!(
-                    out,
-                    "monitor seek: {:?} is not a position of this landmark trace (a landmark such as 1234, \
-                     or a landmark and instructions after it such as 1234+56)",
-                    rest.join(" ")
-                ),
-                None => outputln!(
-                    out,
-                    "monitor seek: {:?} is not an icount (a number such as 12345 or 0x3039)",
-                    rest.join(" ")
-                ),
-            },
+            ["seek", rest @ ..] => self.monitor_seek(&rest.join(" "), out)?,
             ["history", what, len] => self.history(what, len, out)?,
             ["history-page", page] => self.history_page(page, out)?,
             [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
             _ => outputln!(out, "unknown monitor command {cmd:?}\n{MONITOR_HELP}"),
         }
+        Ok(())
+    }
+
+    /// `monitor seek POSITION`, answering on `out`. Err only if the replay cannot go on.
+    fn monitor_seek(
+        &mut self,
+        position: &str,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<(), SearchError> {
+        let Some(target) = parse_position(position, &self.replayer) else {
+            if self.replayer.steps_within_landmarks() {
+                outputln!(
+                    out,
+                    "monitor seek: {position:?} is not a position of this landmark trace (a landmark such \
+                     as 1234, or a landmark and instructions after it such as 1234+56)"
+                );
+            } else {
+                outputln!(
+                    out,
+                    "monitor seek: {position:?} is not an icount (a number such as 12345 or 0x3039)"
+                );
+            }
+            return Ok(());
+        };
+        let started = self.replayer.icount();
+        let outcome = match search::seek(&mut self.replayer, target, &mut *self.out) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                return match self.recover(error, Motion::Seek, started) {
+                    Ok(told) => {
+                        output!(out, "{told}");
+                        Ok(())
+                    }
+                    Err(error) => {
+                        outputln!(
+                            out,
+                            "retrovisor: {error}\nretrovisor: the replay cannot go on"
+                        );
+                        Err(error)
+                    }
+                }
+            }
+        };
+        output!(out, "{}", self.take_console());
+        outputln!(
+            out,
+            "now at {}",
+            self.replayer.describe(self.replayer.icount())
+        );
+        if outcome == Outcome::End {
+            outputln!(out, "(the end of the recording)");
+        }
+        outputln!(
+            out,
+            "run `maint flush register-cache` (or step) so gdb re-reads the registers"
+        );
         Ok(())
     }
 }
@@ -630,21 +709,40 @@ impl<A: GuestArch> BlockingEventLoop for EventLoop<A> {
                 SingleThreadStopReason::DoneStep,
             ));
         };
+        let started = target.replayer.icount();
         // Anything from gdb while running (normally the Ctrl-C byte) interrupts the run; a broken connection
         // counts as data too, so that the read below reports it.
-        let mut data_waiting = || conn.peek().map_or(true, |b| b.is_some());
-        let outcome = target
-            .run(resume, &mut data_waiting)
-            .map_err(WaitForStopReasonError::Target)?;
-        if outcome == Outcome::Interrupted {
-            // The run stays requested: unless the byte is Ctrl-C, the next call carries on with it.
-            let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
-            return Ok(run_blocking::Event::IncomingData(byte));
-        }
+        let ran = target.run(resume, &mut || conn.peek().map_or(true, |b| b.is_some()));
+        let stop = match ran {
+            Ok(Outcome::Interrupted) => {
+                // The run stays requested: unless the byte is Ctrl-C, the next call carries on with it.
+                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(run_blocking::Event::IncomingData(byte));
+            }
+            Ok(outcome) => target.stop_reason(outcome),
+            // A failure ends the command, not the session: gdb stops where the replay could be put back.
+            Err(error) => match target.recover(error, resume.motion(), started) {
+                Ok(told) => {
+                    target.resume = None;
+                    console::send(conn, &told).map_err(WaitForStopReasonError::Connection)?;
+                    return Ok(run_blocking::Event::TargetStopped(resume.no_further()));
+                }
+                Err(error) => {
+                    // The session ends; gdb shows why before "Remote connection closed".
+                    let _ = console::send(
+                        conn,
+                        &format!("retrovisor: {error}\nretrovisor: the replay cannot go on\n"),
+                    );
+                    return Err(WaitForStopReasonError::Target(error));
+                }
+            },
+        };
         target.resume = None;
-        Ok(run_blocking::Event::TargetStopped(
-            target.stop_reason(outcome),
-        ))
+        let told = target.take_console();
+        if !told.is_empty() {
+            console::send(conn, &told).map_err(WaitForStopReasonError::Connection)?;
+        }
+        Ok(run_blocking::Event::TargetStopped(stop))
     }
 
     fn on_interrupt(target: &mut ReplayTarget<A>) -> Result<Option<Self::StopReason>, SearchError> {
