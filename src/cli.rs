@@ -54,6 +54,10 @@ enum Command {
     /// Check this host: KVM usable and which kind, PMU, capabilities, measured step and free-run rates,
     /// clocks, quirks. Exits 2 with one line when retrovisor cannot run here.
     Doctor,
+    /// Print the gdb command file that `replay --gdb` installs and prints a `source` line for: rv-seek
+    /// POS (move the replay and make gdb re-read registers and memory), rv-when and rv-help. To keep it,
+    /// or to use it with a gdb on another machine: `retrovisor gdb-script > retrovisor.gdb`.
+    GdbScript,
 }
 
 #[derive(Args)]
@@ -192,6 +196,8 @@ struct ReplayArgs {
     to: Option<u64>,
     /// Instead of running to the end, wait for gdb on ADDR (HOST:PORT, :PORT or PORT; default
     /// 127.0.0.1:1234) and let it drive the replay forward and backward. Exits 0 when gdb detaches or kills.
+    /// The gdb command line it prints also sources retrovisor's gdb commands (rv-seek, rv-when, rv-help;
+    /// see `gdb-script`), installed in $XDG_RUNTIME_DIR/retrovisor/, or without it in retrovisor-UID/ in $TMPDIR or /tmp.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = gdb::DEFAULT_ADDR, conflicts_with = "to")]
     gdb: Option<String>,
     /// Let --gdb listen on an address other machines can reach (anyone who connects can read guest memory).
@@ -330,6 +336,10 @@ pub fn main() -> i32 {
         Command::Index(a) => index(&a).map(|_| 0),
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
         Command::Doctor => crate::doctor::run().map_err(CliError::from),
+        Command::GdbScript => std::io::stdout()
+            .write_all(gdb::script::SCRIPT.as_bytes())
+            .map(|()| 0)
+            .map_err(CliError::Output),
     };
     match result {
         Ok(status) => status,

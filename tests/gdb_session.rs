@@ -1,6 +1,6 @@
 //! gdb sessions that explain instead of ending: a divergence or a damaged checkpoint met while gdb drives
-//! the replay stops it at a position it reached intact and says why on gdb's console. Real gdb, real
-//! replays.
+//! the replay stops it at a position it reached intact and says why on gdb's console; and retrovisor's gdb
+//! commands move by position with gdb's view of registers and memory refreshed. Real gdb, real replays.
 
 mod common;
 use common::*;
@@ -271,5 +271,99 @@ fn a_checkpoint_damaged_during_the_session_ends_only_the_command() {
     );
     let now: Vec<u64> = when_answers(&out).iter().map(|w| w.0).collect();
     assert_eq!(now, [30000, 30001], "{out}");
+    assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+}
+
+#[test]
+fn rv_seek_moves_and_gdb_shows_the_new_position() {
+    let dir = scratch("gdb-rv-seek");
+    let (trace, rec) = record(&dir, "demo", &["--checkpoint-every", "2000"]);
+    assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
+    let mut server = GdbServer::start(&trace, &[]);
+    let script = server.script.clone().expect("no `source` line printed");
+    assert!(
+        script.starts_with(dir.parent().unwrap()) && script.ends_with("retrovisor/retrovisor.gdb"),
+        "installed in the runtime directory: {script:?}"
+    );
+    let shipped = rv(&["gdb-script"]);
+    assert_eq!(status(&shipped), 0);
+    assert_eq!(std::fs::read(&script).unwrap(), shipped.stdout);
+    let elf = guest("demo");
+
+    // Where sum_history starts: the first gdb leaves the replay there.
+    let out = gdb_batch(
+        server.port,
+        &elf,
+        &[
+            "break sum_history",
+            "continue",
+            "monitor when",
+            "disconnect",
+        ],
+    );
+    let there = when_answers(&out)[0].0;
+    let entry = out
+        .split("Breakpoint 1 at ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .unwrap()
+        .to_string();
+
+    // Two moves, each followed by what gdb shows: without the refresh, gdb would show sum_history's frame
+    // and registers after the first.
+    let out = gdb_batch(
+        server.port,
+        &elf,
+        &[
+            &format!("source {}", script.display()),
+            "bt",
+            "rv-seek 1000",
+            "bt",
+            "info registers eip",
+            &format!("rv-seek {there}"),
+            "bt",
+            "info registers eip",
+            "x/i $pc",
+            "rv-when",
+            "rv-seek",
+            "rv-help",
+            "disconnect",
+        ],
+    );
+    assert_in_order(
+        &out,
+        &[
+            "#0  sum_history () at demo.c:",
+            "#1  ",
+            "in main () at demo.c:",
+            "now at icount 1000",
+            "#0  ",
+            "puts (s=",
+            "main () at demo.c:",
+            "eip            0x",
+            &format!("now at icount {there}"),
+            "#0  sum_history () at demo.c:",
+            "#0  sum_history () at demo.c:",
+            "#1  ",
+            "in main () at demo.c:",
+            &format!("eip            {entry}"),
+            &format!("=> {entry} <sum_history+"),
+            "usage: rv-seek POSITION",
+            "rv-seek POSITION   move the replay there",
+            "monitor seek P",
+        ],
+    );
+    let eips: Vec<&str> = out.lines().filter(|l| l.starts_with("eip ")).collect();
+    assert!(
+        !eips[0].contains(&entry),
+        "stale registers after rv-seek: {out}"
+    );
+    let now: Vec<u64> = when_answers(&out).iter().map(|w| w.0).collect();
+    assert_eq!(now, [there], "{out}");
+    // rv-seek sends no advice on refreshing gdb; a plain `monitor seek` does.
+    let advice = "`maint flush register-cache` and `maint flush dcache`, or move with rv-seek";
+    assert!(!out.contains(advice), "{out}");
+    let out = gdb_batch(server.port, &elf, &["monitor seek 5", "detach"]);
+    assert!(out.contains(advice), "{out}");
     assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
 }

@@ -16,10 +16,13 @@
 //!   its position and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
 //! - A replay that fails under gdb (a divergence from the recording, a checkpoint that cannot be read) ends
 //!   only the command: gdb's console says why, and the replay stops at a position it reached intact.
+//! - `monitor seek` moves by position; [`script`] is the gdb command file whose `rv-seek` also makes gdb
+//!   re-read registers and memory, and whose `source` line the server prints when it starts.
 
 mod arch;
 mod console;
 mod recover;
+pub mod script;
 mod target;
 
 use arch::{GuestArch, I386, X86_64};
@@ -229,8 +232,20 @@ fn serve_as<A: GuestArch>(
     let local = listener
         .local_addr()
         .map_err(|source| GdbError::LocalAddr { source })?;
+    // gdb's commands for moving by position: one more `-ex` in the line the user copies.
+    let source = match script::install() {
+        Ok(path) => format!(" -ex 'source {}'", path.display()),
+        Err(e) => {
+            eprintln!(
+                "retrovisor: warning: {e}; `retrovisor gdb-script` prints the gdb commands (rv-seek, \
+                 rv-when, rv-help) to save and source by hand"
+            );
+            String::new()
+        }
+    };
     eprintln!(
-        "retrovisor: waiting for gdb on {local} ({} registers{hint}); attach with: gdb {} -ex 'target remote {local}'",
+        "retrovisor: waiting for gdb on {local} ({} registers{hint}); attach with: gdb {} -ex 'target remote \
+         {local}'{source}",
         A::NAME,
         image.display()
     );

@@ -42,18 +42,21 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(700);
 
 const MONITOR_HELP: &str = "\
 retrovisor monitor commands:
-  monitor when      print the current position and the end of the recording: an icount (instructions
-                    retired since boot), or in a landmark trace a landmark (an exit the guest made) and
-                    the instructions since it, as `landmark 1234 + 56`
-  monitor seek P    move to position P (an icount; in a landmark trace 1234 or 1234+56), clamped to the
-                    recording; then `maint flush register-cache` (or any step) so gdb re-reads the
-                    registers, which it does not know have changed
+  monitor when        print the current position and the end of the recording: an icount (instructions
+                      retired since boot), or in a landmark trace a landmark (an exit the guest made)
+                      and the instructions since it, as `landmark 1234 + 56`
+  monitor seek P      move to position P (an icount; in a landmark trace 1234 or 1234+56), clamped to
+                      the recording. gdb goes on showing the registers and memory it read before until
+                      `maint flush register-cache` and `maint flush dcache`: rv-seek does all of it
+  monitor rv-seek P   what rv-seek sends: monitor seek without that advice
   monitor history ADDR LEN
-                    every change of LEN bytes at ADDR (a number, or &name / name of a variable in the
-                    guest image) over the whole recording: position, rip, function, old -> new
+                      every change of LEN bytes at ADDR (a number, or &name / name of a variable in the
+                      guest image) over the whole recording: position, rip, function, old -> new
   monitor history-page ADDR
-                    the checkpoint intervals in which the page holding ADDR was written
-  monitor help      this list";
+                      the checkpoint intervals in which the page holding ADDR was written
+  monitor help        this list
+The gdb command file whose `source` line retrovisor printed when it started (`retrovisor gdb-script`
+prints it too) defines rv-seek P (move and refresh gdb), rv-when and rv-help.";
 
 /// gdbstub's `support_*` methods: each says that the target implements an extension by returning itself.
 macro_rules! supports {
@@ -370,7 +373,8 @@ impl<A: GuestArch> ReplayTarget<A> {
                 self.replayer.describe(self.replayer.icount()),
                 self.replayer.describe(self.replayer.end_icount())
             ),
-            ["seek", rest @ ..] => self.monitor_seek(&rest.join(" "), out)?,
+            ["seek", rest @ ..] => self.monitor_seek(&rest.join(" "), true, out)?,
+            ["rv-seek", rest @ ..] => self.monitor_seek(&rest.join(" "), false, out)?,
             ["history", what, len] => self.history(what, len, out)?,
             ["history-page", page] => self.history_page(page, out)?,
             [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
@@ -379,10 +383,12 @@ impl<A: GuestArch> ReplayTarget<A> {
         Ok(())
     }
 
-    /// `monitor seek POSITION`, answering on `out`. Err only if the replay cannot go on.
+    /// `monitor seek POSITION` (with `advice` on refreshing gdb) or `monitor rv-seek POSITION` (without:
+    /// rv-seek refreshes gdb itself), answering on `out`. Err only if the replay cannot go on.
     fn monitor_seek(
         &mut self,
         position: &str,
+        advice: bool,
         out: &mut ConsoleOutput<'_>,
     ) -> Result<(), SearchError> {
         let Some(target) = parse_position(position, &self.replayer) else {
@@ -428,10 +434,13 @@ impl<A: GuestArch> ReplayTarget<A> {
         if outcome == Outcome::End {
             outputln!(out, "(the end of the recording)");
         }
-        outputln!(
-            out,
-            "run `maint flush register-cache` (or step) so gdb re-reads the registers"
-        );
+        if advice {
+            outputln!(
+                out,
+                "gdb goes on showing the registers and memory it read before: run \
+                 `maint flush register-cache` and `maint flush dcache`, or move with rv-seek"
+            );
+        }
         Ok(())
     }
 }

@@ -148,11 +148,13 @@ pub fn assert_replays_with(trace: &Path, recorded: &Output, extra: &[&str]) {
 }
 
 /// A `retrovisor replay TRACE --gdb 127.0.0.1:0` child, serving gdb on the free port it picked and announced;
-/// killed when dropped.
+/// killed when dropped. Its runtime directory (where it installs its gdb commands) is its own.
 pub struct GdbServer {
     child: std::process::Child,
     /// The port it listens on.
     pub port: u16,
+    /// The gdb command file it installed, from the `source` line it printed.
+    pub script: Option<PathBuf>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
     stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -181,6 +183,7 @@ impl GdbServer {
             .arg(trace)
             .args(["--gdb", "127.0.0.1:0"])
             .args(extra)
+            .env("XDG_RUNTIME_DIR", scratch("gdb-runtime"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -216,9 +219,17 @@ impl GdbServer {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
+        let script = stderr
+            .lock()
+            .unwrap()
+            .split(" -ex 'source ")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .map(PathBuf::from);
         GdbServer {
             child,
             port,
+            script,
             stderr,
             stdout,
         }
