@@ -50,3 +50,7 @@ document rv-help
 List retrovisor's commands and what the replay can do.
 end
 
+# The replay is read-only: with this, gdb refuses a memory write itself and says "Writing to memory is not
+# allowed", instead of sending it and reporting the refusal as "Cannot access memory". (Its twin
+# may-write-registers cannot be changed once gdb is connected, which is when this file is sourced.)
+set may-write-memory off

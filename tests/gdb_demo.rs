@@ -236,6 +236,7 @@ fn both_ends_of_the_recording_say_there_is_no_more_history() {
 #[test]
 fn register_and_memory_writes_are_refused_and_the_replay_is_untouched() {
     let (server, elf, _) = demo("gdb-demo-writes");
+    let script = server.script.clone().expect("no `source` line printed");
     let out = gdb_batch(
         server.port,
         &elf,
@@ -249,9 +250,14 @@ fn register_and_memory_writes_are_refused_and_the_replay_is_untouched() {
             "print/x $eax",
             "print/x guard",
             "print/x $pc",
+            // gdb cannot show why in its error; the next chance to say it is the next command that talks.
             "monitor when",
+            "set var guard = 2",
             "stepi",
             "monitor when",
+            // With retrovisor's gdb commands, gdb refuses memory writes itself and says so.
+            &format!("source {}", script.display()),
+            "set var guard = 3",
             "kill",
         ],
     );
@@ -260,11 +266,21 @@ fn register_and_memory_writes_are_refused_and_the_replay_is_untouched() {
         &[
             "$1 = 0x",
             "$2 = 0x2badb002",
-            "Could not write register",
+            "Could not write registers; remote failure reply 'E1e'",
             "Cannot access memory at address 0x",
             "$3 = 0x2badb002",
             "$4 = 0xc0ffee",
+            "retrovisor: the replay is read-only: it shows what the recording did, so writes to its \
+             registers and memory are refused",
+            "`monitor help` lists what can be done",
+            "Cannot access memory at address 0x",
+            "Writing to memory is not allowed (addr 0x",
         ],
+    );
+    assert_eq!(
+        out.matches("retrovisor: the replay is read-only").count(),
+        1,
+        "explained once: {out}"
     );
     let pc_of = |n: usize| {
         out.lines()
@@ -312,6 +328,7 @@ fn monitor_commands_tell_and_move_the_position() {
     assert_in_order(
         &out,
         &[
+            "The replay is read-only",
             "monitor when",
             "monitor seek P",
             "monitor help",

@@ -4,7 +4,7 @@
 //! - Registers: i386 or x86-64 (see [`ArchChoice`] for how the layout is chosen), with a complete target
 //!   description, so gdb needs no `set architecture`.
 //! - Memory is read by guest-virtual address through the guest's page tables; writes to memory or registers
-//!   are refused (gdb reports an error and the replay is untouched).
+//!   are refused (gdb reports an error, the reason follows on its console, and the replay is untouched).
 //! - Breakpoints (`break` and `hbreak` alike) and watchpoints are checked by the replayer
 //!   ([`replayer::search`]); reverse step and continue stop with gdb's "no more history" at either end.
 //! - Positions are instruction counts, so `stepi` and `reverse-stepi` move exactly one recorded step. On this

@@ -40,7 +40,15 @@ const HISTORY_LIMIT: usize = 200;
 /// How often a long monitor command writes something, so that gdb does not time out on it.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(700);
 
+/// The error code a refused write gets: Linux's EROFS, "read-only file system", which is what it means.
+/// gdb shows it in "remote failure reply 'E1e'" for registers; for memory it says only "Cannot access
+/// memory", so the reason follows on gdb's console (see [`ReplayTarget::refuse_write`]).
+const EROFS: u8 = 30;
+
 const MONITOR_HELP: &str = "\
+The replay is read-only: it shows what the recording did. gdb runs and steps it both ways (continue,
+stepi, next, finish and their reverse- forms), stops it at breakpoints and watchpoints, and reads its
+registers and memory; writing to them is refused.
 retrovisor monitor commands:
   monitor when        print the current position and the end of the recording: an icount (instructions
                       retired since boot), or in a landmark trace a landmark (an exit the guest made)
@@ -98,6 +106,10 @@ pub(crate) struct ReplayTarget<A> {
     symbols: Symbols,
     /// The session's connection, to notice a Ctrl-C during a long monitor command.
     peer: Option<TcpStream>,
+    /// Why writes are refused, for gdb's console at the next chance (see [`ReplayTarget::refuse_write`]).
+    refusal: Option<&'static str>,
+    /// Whether this session was told why writes are refused: once is enough.
+    refusal_explained: bool,
     _arch: PhantomData<A>,
 }
 
@@ -135,6 +147,8 @@ impl<A: GuestArch> ReplayTarget<A> {
             resume: None,
             symbols,
             peer: None,
+            refusal: None,
+            refusal_explained: false,
             _arch: PhantomData,
         }
     }
@@ -152,6 +166,8 @@ impl<A: GuestArch> ReplayTarget<A> {
         self.watches.clear();
         self.resume = None;
         self.peer = peer;
+        self.refusal = None;
+        self.refusal_explained = false;
     }
 
     /// `monitor history`: every change of the watched bytes over the recording.
@@ -282,13 +298,33 @@ impl<A: GuestArch> ReplayTarget<A> {
         Ok(())
     }
 
-    /// What gdb's console should show now that it can: problems the replay worked around, each once.
+    /// Refuses a write gdb asked for, described by `what`. gdb reports it as "Cannot access memory" or
+    /// "Could not write registers" with no reason it could be given, so the reason goes to its console at
+    /// the next chance: the next stop or monitor command.
+    fn refuse_write<T>(&mut self, what: String) -> TargetResult<T, Self> {
+        eprintln!("retrovisor: gdb: refused {what}: a replay cannot be changed");
+        if !self.refusal_explained {
+            self.refusal_explained = true;
+            self.refusal = Some(
+                "retrovisor: the replay is read-only: it shows what the recording did, so writes to its \
+                 registers and memory are refused (gdb said \"Could not write registers\" or \"Cannot access \
+                 memory\"); `monitor help` lists what can be done\n",
+            );
+        }
+        Err(TargetError::Errno(EROFS))
+    }
+
+    /// What gdb's console should show now that it can: problems the replay worked around, and why a
+    /// write was refused. Each piece once.
     fn take_console(&mut self) -> String {
-        self.replayer
+        let mut text: String = self
+            .replayer
             .take_notices()
             .into_iter()
             .map(|notice| format!("retrovisor: warning: {notice}\n"))
-            .collect()
+            .collect();
+        text.extend(self.refusal.take());
+        text
     }
 
     /// Puts the replay back after `error` ended a command that started at position `started`, and says
@@ -517,8 +553,7 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
     }
 
     fn write_registers(&mut self, _regs: &A::Registers) -> TargetResult<(), Self> {
-        eprintln!("retrovisor: gdb: refused a register write: a replay cannot be changed");
-        Err(TargetError::NonFatal)
+        self.refuse_write("a register write".to_string())
     }
 
     fn read_addrs(&mut self, start: A::Usize, data: &mut [u8]) -> TargetResult<usize, Self> {
@@ -553,12 +588,11 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
         if data.is_empty() {
             return Ok(());
         }
-        eprintln!(
-            "retrovisor: gdb: refused a {}-byte memory write at {:#x}: a replay cannot be changed",
+        self.refuse_write(format!(
+            "a {}-byte memory write at {:#x}",
             data.len(),
             A::from_gdb(start)
-        );
-        Err(TargetError::NonFatal)
+        ))
     }
 
     supports! {
