@@ -56,3 +56,4 @@ echo "gdb stopped on the off-by-one store, line $(grep -n 'BUG: off-by-one' "$sr
 echo "To do it yourself:"
 echo "  $rv replay $work/demo.rvt --gdb 127.0.0.1:1234"
 echo "  gdb $elf -ex 'target remote :1234'     # then: break demo.c:$check, continue, watch guard, reverse-continue"
+echo "(the replay prints that gdb line with one more -ex 'source ...', which adds rv-seek, rv-when and rv-help)"
