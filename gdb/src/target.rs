@@ -274,10 +274,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         );
         let mut listed = 0;
         for pair in bounds.windows(2) {
-            let written = self
-                .replayer
-                .pages_written(pair[0], pair[1])
-                .map_err(SearchError::Replay)?;
+            let written = self.replayer.pages_written(pair[0], pair[1]);
             if written.is_some_and(|w| w.contains(&pfn)) {
                 outputln!(
                     out,

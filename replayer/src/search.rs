@@ -627,7 +627,7 @@ pub fn history(
     'intervals: for pair in bounds.windows(2) {
         let (from, to) = (pair[0], pair[1]);
         if !pages.is_empty()
-            && r.pages_written(from, to)?
+            && r.pages_written(from, to)
                 .is_some_and(|written| pages.iter().all(|p| !written.contains(p)))
         {
             continue;
