@@ -94,12 +94,17 @@ enum TimeArg {
 
 #[derive(Args)]
 struct GuestArgs {
-    /// Multiboot v1 kernel (ELF) to boot.
+    /// Kernel to boot: a Multiboot v1 ELF, or an ELF with a PVH entry note (Linux's vmlinux built with
+    /// CONFIG_PVH).
     #[arg(long, value_name = "ELF")]
     kernel: PathBuf,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
+    #[arg(long, visible_alias = "append", default_value = "")]
     cmdline: String,
+    /// Initial ramdisk for a PVH kernel (Linux: an initramfs cpio, compressed or not), loaded at the top
+    /// of guest RAM. A recording keeps a copy, so replay needs only the trace and the kernel.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..=3072))]
     ram: u64,
@@ -244,6 +249,11 @@ struct InfoArgs {
 enum CliError {
     #[error("cannot read kernel {path}: {source}")]
     Kernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -422,6 +432,18 @@ fn record(
             }
         })?;
     let (disks, writeback) = open_disks(&g.disks, disk_writeback)?;
+    let initrd = g
+        .initrd
+        .as_ref()
+        .map(|path| {
+            traces::read_regular_file(path, traces::MAX_IMAGE_BYTES).map_err(|source| {
+                CliError::Initrd {
+                    path: path.clone(),
+                    source,
+                }
+            })
+        })
+        .transpose()?;
     let recording = trace.is_some();
     let (trace, checkpoint_every) = trace
         .map(|(p, n)| (Some(p), n))
@@ -429,9 +451,14 @@ fn record(
     let mut opts = Options {
         image_path: std::fs::canonicalize(&g.kernel).unwrap_or(g.kernel.clone()),
         image,
+        initrd_path: g
+            .initrd
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or(p.clone())),
         machine: machine::MachineConfig {
             ram_bytes: g.ram << 20,
             cmdline: g.cmdline,
+            initrd,
             disks: disks.clone(),
             hide_host_values: clock == machine::Clock::Landmark,
         },
@@ -658,6 +685,12 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         println!(
             "disk {i}:        {} ({} bytes, sha256 {}); the trace holds a copy",
             d.path, d.size, d.sha256
+        );
+    }
+    if let Some(i) = &h.initrd {
+        println!(
+            "initrd:        {} ({} bytes, sha256 {}); the trace holds a copy",
+            i.path, i.size, i.sha256
         );
     }
     if !h.disks.is_empty() {

@@ -1,11 +1,14 @@
 //! Instructions our KVM cannot emulate, completed by the VMM itself.
 //!
 //! On PVM hosts a protected-mode `iret` with 32- or 16-bit operand size ends in an emulation failure
-//! (PLATFORM.md). We complete it here from the guest's own stack and descriptor tables, the same way in
-//! record and replay, so the result is deterministic. Anything we cannot complete is reported with its bytes.
+//! (PLATFORM.md), and so do some ring-0 instructions a Linux boot meets: `popcnt`, `clac`/`stac` and
+//! `int3`. We complete them here from the guest's own registers, memory, stack and descriptor tables,
+//! the same way in record and replay, so the result is deterministic and nothing new is logged. Anything
+//! we cannot complete is reported with its bytes.
 
 use crate::memory::GuestMemory;
 use crate::paging::{PagingError, PagingMode};
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
 
@@ -36,6 +39,169 @@ pub enum EmulateError {
         /// The failed access.
         source: PagingError,
     },
+    /// The memory operand of an instruction we complete could not be read (the guest would take a page
+    /// fault, which the VMM does not deliver).
+    #[error("cannot complete `{mnemonic}` at rip {rip:#x}: its memory operand: {source}")]
+    Operand {
+        /// Guest RIP.
+        rip: u64,
+        /// The instruction.
+        mnemonic: String,
+        /// The failed access.
+        source: PagingError,
+    },
+}
+
+/// What completing an instruction left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Nothing: the registers hold the instruction's result and RIP is past it.
+    Done,
+    /// RIP is past the instruction, and this exception (vector) must now be delivered to the guest, as
+    /// `int3` raises #BP with the address of the next instruction on the stack.
+    Exception(u8),
+}
+
+/// RFLAGS.AC, which `clac` and `stac` clear and set.
+const RFLAGS_AC: u64 = 1 << 18;
+/// The arithmetic flags (CF, PF, AF, ZF, SF, OF).
+const RFLAGS_ARITH: u64 = 0x8d5;
+/// RFLAGS.ZF.
+const RFLAGS_ZF: u64 = 1 << 6;
+/// The #BP vector.
+pub const VECTOR_BP: u8 = 3;
+
+/// Completes one of the ring-0 instructions PVM cannot emulate that act on registers and memory alone:
+/// `popcnt`, `clac`, `stac`, and `int3` (whose exception the caller delivers). None for any other.
+pub fn complete_simple(
+    insn: &Instruction,
+    mem: &GuestMemory,
+    regs: &mut kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<Option<Completion>, EmulateError> {
+    let completion = match insn.mnemonic() {
+        Mnemonic::Clac => {
+            regs.rflags &= !RFLAGS_AC;
+            Completion::Done
+        }
+        Mnemonic::Stac => {
+            regs.rflags |= RFLAGS_AC;
+            Completion::Done
+        }
+        Mnemonic::Popcnt => {
+            let source = read_operand(insn, 1, mem, regs, sregs)?;
+            let count = u64::from(source.count_ones());
+            set_gpr(regs, insn.op0_register(), count);
+            // ZF says whether the source was zero; the other arithmetic flags are cleared.
+            regs.rflags &= !RFLAGS_ARITH;
+            if source == 0 {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            Completion::Done
+        }
+        // Only the one-byte form: `int 3` (cd 03) differs in the checks a VM86 guest gets, and none does.
+        Mnemonic::Int3 => Completion::Exception(VECTOR_BP),
+        _ => return Ok(None),
+    };
+    regs.rip = insn.next_ip();
+    Ok(Some(completion))
+}
+
+/// The value of operand `op` of `insn` (a register or memory), zero-extended.
+fn read_operand(
+    insn: &Instruction,
+    op: u32,
+    mem: &GuestMemory,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<u64, EmulateError> {
+    let rip = regs.rip;
+    match insn.op_kind(op) {
+        OpKind::Register => Ok(gpr(regs, insn.op_register(op)).unwrap_or(0)),
+        OpKind::Memory => {
+            let addr = insn
+                .virtual_address(op, 0, |reg, _, _| register_or_base(regs, sregs, reg))
+                .unwrap_or(0);
+            let size = insn.memory_size().size().min(8);
+            let mut bytes = [0u8; 8];
+            paging_mode(sregs)
+                .read_linear(mem, addr, &mut bytes[..size])
+                .map_err(|source| EmulateError::Operand {
+                    rip,
+                    mnemonic: format!("{:?}", insn.mnemonic()).to_lowercase(),
+                    source,
+                })?;
+            Ok(u64::from_le_bytes(bytes))
+        }
+        _ => Ok(0),
+    }
+}
+
+/// A general register's value as `reg` names it (AL, AX, EAX, RAX, ...), or a segment's base.
+fn register_or_base(regs: &kvm_regs, sregs: &kvm_sregs, reg: Register) -> Option<u64> {
+    match reg {
+        Register::ES => Some(sregs.es.base),
+        Register::CS => Some(sregs.cs.base),
+        Register::SS => Some(sregs.ss.base),
+        Register::DS => Some(sregs.ds.base),
+        Register::FS => Some(sregs.fs.base),
+        Register::GS => Some(sregs.gs.base),
+        Register::RIP => Some(regs.rip),
+        Register::EIP => Some(regs.rip & 0xffff_ffff),
+        _ => gpr(regs, reg),
+    }
+}
+
+/// The slot of a full general-purpose register.
+fn gpr_slot(regs: &mut kvm_regs, full: Register) -> Option<&mut u64> {
+    Some(match full {
+        Register::RAX => &mut regs.rax,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RBX => &mut regs.rbx,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return None,
+    })
+}
+
+/// A general-purpose register's value as `reg` names it: the low 8, 16, 32 or all 64 bits (AH and the
+/// like: bits 8-15). None for anything else.
+pub fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
+    let mut copy = *regs;
+    let value = *gpr_slot(&mut copy, reg.full_register())?;
+    Some(match reg.size() {
+        1 if matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH) => {
+            (value >> 8) & 0xff
+        }
+        1 => value & 0xff,
+        2 => value & 0xffff,
+        4 => value & 0xffff_ffff,
+        _ => value,
+    })
+}
+
+/// Writes `value` to a general-purpose register with the CPU's partial-register rules: 16-bit writes merge,
+/// 32- and 64-bit writes replace the whole register.
+pub fn set_gpr(regs: &mut kvm_regs, reg: Register, value: u64) {
+    let Some(slot) = gpr_slot(regs, reg.full_register()) else {
+        return;
+    };
+    *slot = match reg.size() {
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        4 => value & 0xffff_ffff,
+        _ => value,
+    };
 }
 
 /// Formats instruction bytes for error messages.
@@ -285,6 +451,61 @@ mod tests {
         assert!(matches!(
             iret_protected(&mem, &mut regs, &mut flat_sregs(), false),
             Err(EmulateError::IretUnsupported { .. })
+        ));
+    }
+
+    /// Decodes one 64-bit instruction at `rip`.
+    fn decode64(bytes: &[u8], rip: u64) -> Instruction {
+        iced_x86::Decoder::with_ip(64, bytes, rip, iced_x86::DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn popcnt_clac_stac_and_int3_complete() {
+        let mut mem = GuestMemory::new(1 << 20).unwrap();
+        mem.write(0x8010, &0x0f0f_0000_0000_0001u64.to_le_bytes())
+            .unwrap();
+        let sregs = kvm_sregs {
+            cr0: 0x11,
+            ..Default::default()
+        };
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            rax: 0xffff_ffff_ffff_ffff,
+            rbx: 0x8000,
+            rcx: 0xff00_0000_0000_0000,
+            rflags: 0x2 | 0x8d5,
+            ..Default::default()
+        };
+        // popcnt rax, [rbx+0x10]: 9 bits; the flags cleared.
+        let insn = decode64(&[0xf3, 0x48, 0x0f, 0xb8, 0x43, 0x10], 0x1000);
+        let done = complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        assert_eq!(done, Some(Completion::Done));
+        assert_eq!((regs.rax, regs.rip, regs.rflags), (9, 0x1006, 0x2));
+        // popcnt edx, ecx: 32-bit, so the high half of rcx does not count and rdx is zero-extended.
+        regs.rdx = u64::MAX;
+        let insn = decode64(&[0xf3, 0x0f, 0xb8, 0xd1], regs.rip);
+        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        assert_eq!((regs.rdx, regs.rflags), (0, 0x2 | RFLAGS_ZF));
+        // stac then clac flip AC only.
+        let insn = decode64(&[0x0f, 0x01, 0xcb], regs.rip);
+        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        assert_eq!(regs.rflags, 0x2 | RFLAGS_ZF | RFLAGS_AC);
+        let insn = decode64(&[0x0f, 0x01, 0xca], regs.rip);
+        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        assert_eq!((regs.rflags, regs.rip), (0x2 | RFLAGS_ZF, 0x1010));
+        // int3: past it, and #BP to deliver.
+        let insn = decode64(&[0xcc], regs.rip);
+        let done = complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        assert_eq!(done, Some(Completion::Exception(VECTOR_BP)));
+        assert_eq!(regs.rip, 0x1011);
+        // Anything else is not ours; an unreadable operand is an error, not a guess.
+        let insn = decode64(&[0x90], regs.rip);
+        assert_eq!(complete_simple(&insn, &mem, &mut regs, &sregs).unwrap(), None);
+        regs.rbx = 0x20_0000;
+        let insn = decode64(&[0xf3, 0x48, 0x0f, 0xb8, 0x43, 0x10], regs.rip);
+        assert!(matches!(
+            complete_simple(&insn, &mem, &mut regs, &sregs),
+            Err(EmulateError::Operand { .. })
         ));
     }
 }

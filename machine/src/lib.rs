@@ -1,4 +1,4 @@
-//! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the Multiboot loader,
+//! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the boot loaders (Multiboot, PVH),
 //! CPU-state capture and restore, guest-virtual address translation and the execution clock; and probes of
 //! what the host's KVM can do.
 
@@ -12,6 +12,7 @@ pub mod memory;
 pub mod paging;
 pub mod probe;
 pub mod symbols;
+pub mod pvh;
 pub mod vm;
 
 pub use clock::{Advance, Clock, Fingerprint, Kicker, Search, DEBUG_REGISTERS};

@@ -1,7 +1,10 @@
-//! Multiboot v1 loader: loads an ELF image (or an a.out-kludge image) the way QEMU's `-kernel` and GRUB do,
-//! and builds the multiboot information block the kernel finds in EBX.
+//! Boot loaders. [`load`] boots what the image is: a Multiboot v1 kernel (an ELF image or an a.out-kludge
+//! image, loaded the way QEMU's `-kernel` and GRUB do, with the multiboot information block in EBX), or
+//! failing that an ELF kernel with a PVH entry note, such as Linux's vmlinux (see [`crate::pvh`]). QEMU
+//! tries them in the same order.
 
 use crate::memory::{GuestMemory, MemoryError};
+use crate::pvh::{self, PvhError};
 use thiserror::Error;
 
 /// Magic value the kernel finds in EAX at its entry.
@@ -49,6 +52,55 @@ pub enum LoaderError {
     /// Writing the boot information failed (guest RAM too small).
     #[error("cannot write multiboot information: {0}")]
     Info(#[from] MemoryError),
+    /// The image is neither kind of kernel this loader boots.
+    #[error("not a kernel retrovisor can boot: no Multiboot v1 header (magic 0x1BADB002 with a valid checksum in the first 8 KiB) and not an ELF with a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY, as Linux's vmlinux has with CONFIG_PVH)")]
+    UnknownKernel,
+    /// An initial ramdisk was given for a Multiboot kernel.
+    #[error("an initrd was given, but the kernel is a Multiboot kernel: retrovisor passes an initrd only to PVH kernels (Linux's vmlinux)")]
+    InitrdNeedsPvh,
+    /// The PVH boot failed.
+    #[error(transparent)]
+    Pvh(#[from] PvhError),
+}
+
+/// The boot protocol a kernel was loaded with, and what its entry expects in registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Multiboot v1: EAX = [`BOOTLOADER_MAGIC`], EBX = the multiboot information block.
+    Multiboot,
+    /// PVH: EBX = the `hvm_start_info` structure.
+    Pvh,
+}
+
+/// Loads `image` by the protocol it supports (Multiboot first, then PVH) and returns where and how to
+/// start it. `initrd`, if any, is passed as the first PVH module.
+pub fn load(
+    image: &[u8],
+    cmdline: &str,
+    initrd: Option<&[u8]>,
+    mem: &mut GuestMemory,
+) -> Result<(Protocol, BootInfo), LoaderError> {
+    match load_multiboot(image, cmdline, mem) {
+        Ok(_) if initrd.is_some() => Err(LoaderError::InitrdNeedsPvh),
+        Ok(boot) => Ok((Protocol::Multiboot, boot)),
+        Err(LoaderError::NoMultibootHeader) => {
+            let entry = pvh::find_entry(image)?.ok_or(LoaderError::UnknownKernel)?;
+            let (_, kernel_end) = load_elf(image, mem)?;
+            let info_addr = pvh::write_start_info(mem, cmdline, initrd, kernel_end)?;
+            Ok((Protocol::Pvh, BootInfo { entry, info_addr }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The PC memory map both protocols report, as QEMU does: conventional memory, the BIOS ROM hole, then
+/// RAM from 1 MiB to the end of guest RAM. (base, length, type): type 1 is RAM, 2 reserved.
+pub(crate) fn pc_memory_map(ram: u64) -> [(u64, u64, u32); 3] {
+    [
+        (0, 0x9fc00, 1),
+        (0xf0000, 0x10000, 2),
+        (0x10_0000, ram.saturating_sub(0x10_0000), 1),
+    ]
 }
 
 /// What the vCPU needs to start the loaded kernel.
@@ -56,7 +108,8 @@ pub enum LoaderError {
 pub struct BootInfo {
     /// 32-bit protected-mode entry point.
     pub entry: u32,
-    /// Address of the multiboot information block (EBX).
+    /// Address of the boot information the kernel finds in EBX: the multiboot information block, or
+    /// PVH's `hvm_start_info`.
     pub info_addr: u32,
 }
 
@@ -65,12 +118,12 @@ fn u16_at(b: &[u8], off: usize) -> Result<u16, LoaderError> {
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
         .ok_or(LoaderError::BadElf("truncated"))
 }
-fn u32_at(b: &[u8], off: usize) -> Result<u32, LoaderError> {
+pub(crate) fn u32_at(b: &[u8], off: usize) -> Result<u32, LoaderError> {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
         .ok_or(LoaderError::BadElf("truncated"))
 }
-fn u64_at(b: &[u8], off: usize) -> Result<u64, LoaderError> {
+pub(crate) fn u64_at(b: &[u8], off: usize) -> Result<u64, LoaderError> {
     Ok(u64::from(u32_at(b, off)?) | (u64::from(u32_at(b, off + 4)?) << 32))
 }
 
@@ -116,8 +169,39 @@ fn load_segment(
     Ok(())
 }
 
-/// Loads the ELF program headers (PT_LOAD, at their physical addresses as QEMU does). Returns the entry.
-fn load_elf(image: &[u8], mem: &mut GuestMemory) -> Result<u32, LoaderError> {
+/// One ELF program header: the fields the loaders use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProgramHeader {
+    /// Segment type (PT_LOAD, PT_NOTE, ...).
+    pub ptype: u32,
+    /// Offset of its bytes in the file.
+    pub offset: u64,
+    /// Physical load address.
+    pub paddr: u64,
+    /// Bytes in the file.
+    pub filesz: u64,
+    /// Bytes in memory (the rest is zeroed).
+    pub memsz: u64,
+}
+
+impl ProgramHeader {
+    /// The segment's bytes in the file.
+    pub fn data<'a>(&self, image: &'a [u8]) -> Result<&'a [u8], LoaderError> {
+        usize::try_from(self.offset)
+            .ok()
+            .zip(usize::try_from(self.filesz).ok())
+            .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
+            .ok_or(LoaderError::BadElf("segment data lies outside the file"))
+    }
+}
+
+/// Segment type of a loadable segment.
+pub(crate) const PT_LOAD: u32 = 1;
+/// Segment type of a segment of notes.
+pub(crate) const PT_NOTE: u32 = 4;
+
+/// The entry point and program headers of an ELF image (32- or 64-bit, little-endian).
+pub(crate) fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), LoaderError> {
     if image.get(0..4) != Some(b"\x7fELF") {
         return Err(LoaderError::BadElf(
             "no ELF magic and no a.out kludge in the multiboot header",
@@ -146,46 +230,55 @@ fn load_elf(image: &[u8], mem: &mut GuestMemory) -> Result<u32, LoaderError> {
             u16_at(image, 44)?,
         )
     };
-    let entry = u32::try_from(entry)
-        .map_err(|_| LoaderError::BadElf("entry point above 4 GiB (needs a 32-bit entry)"))?;
-    let mut loaded = 0;
+    let mut headers = Vec::new();
     for i in 0..usize::from(phnum) {
         let ph = usize::try_from(phoff)
             .map_err(|_| LoaderError::BadElf("bad program header offset"))?
             + i * usize::from(phentsize);
-        let (ptype, offset, paddr, filesz, memsz) = if class64 {
-            (
-                u32_at(image, ph)?,
-                u64_at(image, ph + 8)?,
-                u64_at(image, ph + 24)?,
-                u64_at(image, ph + 32)?,
-                u64_at(image, ph + 40)?,
-            )
+        headers.push(if class64 {
+            ProgramHeader {
+                ptype: u32_at(image, ph)?,
+                offset: u64_at(image, ph + 8)?,
+                paddr: u64_at(image, ph + 24)?,
+                filesz: u64_at(image, ph + 32)?,
+                memsz: u64_at(image, ph + 40)?,
+            }
         } else {
             let f = |o| u32_at(image, ph + o).map(u64::from);
-            (u32_at(image, ph)?, f(4)?, f(12)?, f(16)?, f(20)?)
-        };
-        const PT_LOAD: u32 = 1;
-        if ptype != PT_LOAD || memsz == 0 {
-            continue;
-        }
-        let data = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(filesz).ok())
-            .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
-            .ok_or(LoaderError::BadElf("segment data lies outside the file"))?;
-        if filesz > memsz {
+            ProgramHeader {
+                ptype: u32_at(image, ph)?,
+                offset: f(4)?,
+                paddr: f(12)?,
+                filesz: f(16)?,
+                memsz: f(20)?,
+            }
+        });
+    }
+    Ok((entry, headers))
+}
+
+/// Loads the ELF program headers (PT_LOAD, at their physical addresses as QEMU does). Returns the entry
+/// and the end of the highest segment in memory.
+fn load_elf(image: &[u8], mem: &mut GuestMemory) -> Result<(u32, u64), LoaderError> {
+    let (entry, headers) = program_headers(image)?;
+    let entry = u32::try_from(entry)
+        .map_err(|_| LoaderError::BadElf("entry point above 4 GiB (needs a 32-bit entry)"))?;
+    let mut end = None;
+    for ph in headers
+        .iter()
+        .filter(|ph| ph.ptype == PT_LOAD && ph.memsz != 0)
+    {
+        let data = ph.data(image)?;
+        if ph.filesz > ph.memsz {
             return Err(LoaderError::BadElf(
                 "segment file size exceeds its memory size",
             ));
         }
-        load_segment(mem, paddr, data, memsz)?;
-        loaded += 1;
+        load_segment(mem, ph.paddr, data, ph.memsz)?;
+        end = end.max(Some(ph.paddr.saturating_add(ph.memsz)));
     }
-    if loaded == 0 {
-        return Err(LoaderError::BadElf("no loadable segments"));
-    }
-    Ok(entry)
+    let end = end.ok_or(LoaderError::BadElf("no loadable segments"))?;
+    Ok((entry, end))
 }
 
 /// Loads using the addresses in the multiboot header (flag bit 16), for non-ELF images.
@@ -234,7 +327,7 @@ pub fn load_multiboot(
     let entry = if header.flags & AOUT_KLUDGE != 0 {
         load_aout_kludge(image, &header, mem)?
     } else {
-        load_elf(image, mem)?
+        load_elf(image, mem)?.0
     };
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoaderError::CmdlineTooLong(cmdline.len()));
@@ -248,14 +341,8 @@ pub fn load_multiboot(
 
 fn write_info(mem: &mut GuestMemory, cmdline: &str) -> Result<(), MemoryError> {
     let ram = mem.size();
-    // The PC memory map QEMU reports: conventional memory, the EBDA/ROM hole, then RAM from 1 MiB.
-    let map: [(u64, u64, u32); 3] = [
-        (0, 0x9fc00, 1),
-        (0xf0000, 0x10000, 2),
-        (0x10_0000, ram.saturating_sub(0x10_0000), 1),
-    ];
     let mut mmap = Vec::new();
-    for (base, len, kind) in map {
+    for (base, len, kind) in pc_memory_map(ram) {
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&base.to_le_bytes());
         mmap.extend_from_slice(&len.to_le_bytes());
@@ -354,6 +441,15 @@ mod tests {
         assert!(matches!(
             load_multiboot(&tiny_elf(2), "", &mut small),
             Err(LoaderError::DoesNotFit { .. })
+        ));
+        // An initrd goes only to PVH kernels.
+        assert!(matches!(
+            load(&tiny_elf(2), "", Some(b"initrd"), &mut mem),
+            Err(LoaderError::InitrdNeedsPvh)
+        ));
+        assert!(matches!(
+            load(&tiny_elf(2), "", None, &mut mem),
+            Ok((Protocol::Multiboot, _))
         ));
         let mut truncated = tiny_elf(2);
         truncated[28..32].copy_from_slice(&0xffff_fff0u32.to_le_bytes());

@@ -14,10 +14,10 @@ use crate::clock::Clock;
 use crate::cpu::{CpuError, CpuState};
 use crate::devices::{Devices, TimeSource, MAX_DISKS};
 use crate::disk::DiskImage;
-use crate::emulate::{self, hex_bytes, EmulateError};
+use crate::emulate::{self, hex_bytes, set_gpr, Completion, EmulateError};
 use crate::loader::{self, LoaderError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -99,8 +99,10 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError
 pub struct MachineConfig {
     /// Guest RAM in bytes.
     pub ram_bytes: u64,
-    /// Kernel command line passed through the multiboot information.
+    /// Kernel command line passed through the multiboot information or PVH's start information.
     pub cmdline: String,
+    /// Initial ramdisk, passed to a PVH kernel as its first module.
+    pub initrd: Option<Vec<u8>>,
     /// Disk images, one virtio block device each (at most [`MAX_DISKS`]); the guest's writes go to an
     /// overlay in the machine state, never to these bytes.
     pub disks: Vec<DiskImage>,
@@ -250,7 +252,8 @@ const BOOT_GDT_ADDR: u64 = 0x500;
 const BOOT_GDT: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 
 impl Machine {
-    /// Creates the VM, loads `image` (Multiboot v1) and sets the vCPU at the kernel's entry.
+    /// Creates the VM, loads `image` (Multiboot v1, or an ELF with a PVH entry) and sets the vCPU at the
+    /// kernel's entry.
     pub fn new(config: &MachineConfig, image: &[u8]) -> Result<Machine, MachineError> {
         let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -285,7 +288,8 @@ impl Machine {
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
 
-        let boot = loader::load_multiboot(image, &config.cmdline, &mut mem)?;
+        let (protocol, boot) =
+            loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
         for (i, d) in BOOT_GDT.iter().enumerate() {
             mem.write(BOOT_GDT_ADDR + 8 * i as u64, &d.to_le_bytes())?;
         }
@@ -314,13 +318,16 @@ impl Machine {
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
         sregs.gdt.base = BOOT_GDT_ADDR;
         sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-        sregs.cr0 = 0x11; // PE | ET: protected mode, paging off, as Multiboot specifies.
+        sregs.cr0 = 0x11; // PE | ET: protected mode, paging off, as Multiboot and PVH specify.
         sregs.cr4 = 0;
         sregs.efer = 0;
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         let regs = kvm_regs {
             rip: u64::from(boot.entry),
-            rax: u64::from(loader::BOOTLOADER_MAGIC),
+            rax: match protocol {
+                loader::Protocol::Multiboot => u64::from(loader::BOOTLOADER_MAGIC),
+                loader::Protocol::Pvh => 0,
+            },
             rbx: u64::from(boot.info_addr),
             rflags: 2,
             ..Default::default()
@@ -673,6 +680,25 @@ impl Machine {
         Ok(())
     }
 
+    /// Queues exception `vector` (one without an error code) for delivery at the next entry, with the
+    /// return address the current RIP.
+    fn inject_exception(&mut self, vector: u8) -> Result<(), MachineError> {
+        let mut events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        self.vcpu
+            .set_vcpu_events(&events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        // The delivering entry must not be interrupted by a kick (see run_to_landmark).
+        self.delivering = true;
+        Ok(())
+    }
+
     pub(crate) fn clear_interrupt_shadow(&mut self) -> Result<(), MachineError> {
         let mut events = self
             .vcpu
@@ -813,6 +839,21 @@ impl Machine {
         let protected = self.sregs.cr0 & 1 != 0 && self.sregs.efer & (1 << 10) == 0;
         let mut regs = self.regs;
         let mut sregs = self.sregs;
+        let simple = match &insn {
+            Some(insn) => emulate::complete_simple(insn, &self.mem, &mut regs, &sregs),
+            None => Ok(None),
+        };
+        let simple = simple.map_err(|source| MachineError::Emulation {
+            icount: self.icount,
+            source,
+        })?;
+        if let Some(completion) = simple {
+            self.set_regs(regs)?;
+            if let Completion::Exception(vector) = completion {
+                self.inject_exception(vector)?;
+            }
+            return Ok(());
+        }
         let result = match insn.map(|i| i.code()) {
             Some(iced_x86::Code::Iretd) if protected => {
                 emulate::iret_protected(&self.mem, &mut regs, &mut sregs, false)
@@ -1210,36 +1251,6 @@ fn json_differences(
         }
         _ => {}
     }
-}
-
-/// Writes `value` to a general-purpose register with the CPU's partial-register rules: 16-bit writes merge,
-/// 32- and 64-bit writes replace the whole register.
-fn set_gpr(regs: &mut kvm_regs, reg: Register, value: u64) {
-    let full = reg.full_register();
-    let slot = match full {
-        Register::RAX => &mut regs.rax,
-        Register::RCX => &mut regs.rcx,
-        Register::RDX => &mut regs.rdx,
-        Register::RBX => &mut regs.rbx,
-        Register::RSP => &mut regs.rsp,
-        Register::RBP => &mut regs.rbp,
-        Register::RSI => &mut regs.rsi,
-        Register::RDI => &mut regs.rdi,
-        Register::R8 => &mut regs.r8,
-        Register::R9 => &mut regs.r9,
-        Register::R10 => &mut regs.r10,
-        Register::R11 => &mut regs.r11,
-        Register::R12 => &mut regs.r12,
-        Register::R13 => &mut regs.r13,
-        Register::R14 => &mut regs.r14,
-        Register::R15 => &mut regs.r15,
-        _ => return,
-    };
-    *slot = match reg.size() {
-        2 => (*slot & !0xffff) | (value & 0xffff),
-        4 => value & 0xffff_ffff,
-        _ => value,
-    };
 }
 
 /// Debugger access to the x87/SSE registers, read from KVM on demand: stepping never needs them, so the

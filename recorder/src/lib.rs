@@ -60,6 +60,8 @@ pub struct Options {
     pub image: Vec<u8>,
     /// Machine shape.
     pub machine: MachineConfig,
+    /// Path of the initrd in `machine` (stored in the header), if there is one.
+    pub initrd_path: Option<PathBuf>,
     /// Where the trace goes; None for a plain run.
     pub trace: Option<PathBuf>,
     /// Where serial input comes from.
@@ -210,11 +212,22 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     })
                     .collect(),
                 digest: traces::DigestKind::Pages,
+                initrd: opts.initrd_path.as_ref().zip(opts.machine.initrd.as_ref()).map(
+                    |(path, bytes)| traces::DiskInfo {
+                        path: path.display().to_string(),
+                        size: bytes.len() as u64,
+                        sha256: traces::sha256_hex(bytes),
+                    },
+                ),
             };
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
             for (i, d) in opts.machine.disks.iter().enumerate() {
                 w.write_disk(i, d.bytes())
+                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
+            }
+            if let Some(initrd) = &opts.machine.initrd {
+                w.write_initrd(initrd)
                     .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
             }
             Some(w)

@@ -181,6 +181,8 @@ impl Replayer {
         let config = MachineConfig {
             ram_bytes: h.machine.ram_bytes,
             cmdline: h.machine.cmdline.clone(),
+            // Like the disks, from the trace's own hashed copy.
+            initrd: trace.read_initrd()?,
             disks,
             hide_host_values: clock == Clock::Landmark,
         };

@@ -1,17 +1,21 @@
-//! The copies of the guest's disk images that a trace holds (`disks/N.img.zst`).
+//! The copies of the guest's disk images (`disks/N.img.zst`) and initial ramdisk (`initrd.zst`) that a
+//! trace holds.
 //!
 //! A virtio disk is a deterministic function of its image and of what the guest does, so replay
-//! needs exactly the bytes the recording started from, and nothing else: no DMA is logged. The
-//! recorder stores each image zstd-compressed at the start of the recording; `header.json` lists
-//! its size and SHA-256, and the reader checks both, so the user's image may change or vanish after
-//! recording. zstd keeps runs of zeros (sparse or unused parts of an image) nearly free.
+//! needs exactly the bytes the recording started from, and nothing else: no DMA is logged. The same
+//! holds for the initrd, which the loader copies into guest RAM at boot. The recorder stores each
+//! file zstd-compressed at the start of the recording; `header.json` lists its size and SHA-256, and
+//! the reader checks both, so the user's files may change or vanish after recording. zstd keeps runs
+//! of zeros (sparse or unused parts of an image) nearly free.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
 use crate::files::host_memory;
-use crate::format::{disk_file_name, sha256_hex, DISKS_DIR, HEADER_FILE, MAX_ZSTD_WINDOW_LOG};
+use crate::format::{
+    disk_file_name, sha256_hex, DiskInfo, DISKS_DIR, HEADER_FILE, INITRD_FILE, MAX_ZSTD_WINDOW_LOG,
+};
 use crate::reader::{open_file, ReadError, TraceReader};
 use crate::writer::{TraceWriter, WriteError};
 
@@ -23,6 +27,28 @@ impl TraceWriter {
     /// temporary name, fsynced, then renamed into place. Returns its size on disk.
     pub fn write_disk(&mut self, index: usize, image: &[u8]) -> Result<u64, WriteError> {
         let dir = self.dir().join(DISKS_DIR);
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(WriteError::Io {
+                    action: "create directory",
+                    path: dir,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        self.write_copy(&dir, &disk_file_name(index), image)
+    }
+
+    /// Stores the copy of the initrd (whose size and SHA-256 the header lists), as
+    /// [`TraceWriter::write_disk`] stores a disk. Returns its size on disk.
+    pub fn write_initrd(&mut self, initrd: &[u8]) -> Result<u64, WriteError> {
+        let dir = self.dir().to_owned();
+        self.write_copy(&dir, INITRD_FILE, initrd)
+    }
+
+    /// Writes `image` zstd-compressed to `dir/name` atomically (temporary name, fsync, rename).
+    fn write_copy(&mut self, dir: &Path, name: &str, image: &[u8]) -> Result<u64, WriteError> {
         let io_err = |action: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source: io::Error| WriteError::Io {
@@ -31,14 +57,7 @@ impl TraceWriter {
                 source,
             }
         };
-        match fs::create_dir(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(io_err("create directory", &dir)(e))
-            }
-            _ => {}
-        }
-        let name = disk_file_name(index);
-        let path = dir.join(&name);
+        let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
         let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
         let compress = || -> io::Result<File> {
@@ -52,7 +71,7 @@ impl TraceWriter {
         file.sync_all().map_err(io_err("fsync", &tmp))?;
         let size = file.metadata().map_err(io_err("inspect", &tmp))?.len();
         fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
-        for d in [&dir, self.dir()] {
+        for d in [dir, self.dir()] {
             File::open(d)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("fsync directory", d))?;
@@ -75,59 +94,16 @@ impl TraceReader {
             });
         };
         let path = self.dir().join(DISKS_DIR).join(disk_file_name(index));
-        let inconsistent = |reason: String| ReadError::Inconsistent {
-            path: path.clone(),
-            reason,
-        };
-        // A FIFO or device in place of the copy is refused rather than read from.
-        let (file, _) =
-            open_file(&path)?.ok_or_else(|| ReadError::Missing { path: path.clone() })?;
-        if let Some(host) = host_memory().filter(|&host| info.size > host) {
-            return Err(inconsistent(format!(
-                "{HEADER_FILE} declares a {}-byte disk, more than this host's {host} bytes of memory",
-                info.size
-            )));
+        read_copy(&path, info, "disk")
+    }
+
+    /// Reads the copy of the initrd, if the recording had one, and checks it against the header as
+    /// [`TraceReader::read_disk`] checks a disk.
+    pub fn read_initrd(&self) -> Result<Option<Vec<u8>>, ReadError> {
+        match &self.header().initrd {
+            Some(info) => read_copy(&self.dir().join(INITRD_FILE), info, "initrd").map(Some),
+            None => Ok(None),
         }
-        let mut bytes = Vec::new();
-        // One byte more than the size, so a copy that is too long is noticed without regrowing.
-        usize::try_from(info.size)
-            .ok()
-            .and_then(|n| n.checked_add(1))
-            .and_then(|n| bytes.try_reserve_exact(n).ok())
-            .ok_or_else(|| {
-                inconsistent(format!(
-                    "{HEADER_FILE} declares a {}-byte disk, more than this host can hold in memory",
-                    info.size
-                ))
-            })?;
-        let decompress = |bytes: &mut Vec<u8>| -> io::Result<()> {
-            let mut dec = zstd::stream::read::Decoder::new(file)?;
-            dec.window_log_max(MAX_ZSTD_WINDOW_LOG)?;
-            dec.take(info.size + 1).read_to_end(bytes)?;
-            Ok(())
-        };
-        decompress(&mut bytes)
-            .map_err(|e| inconsistent(format!("the disk copy does not decompress: {e}")))?;
-        if bytes.len() as u64 != info.size {
-            return Err(inconsistent(format!(
-                "the disk copy holds {}{} bytes but {HEADER_FILE} records {}",
-                if bytes.len() as u64 > info.size {
-                    "more than "
-                } else {
-                    ""
-                },
-                bytes.len().min(info.size as usize),
-                info.size
-            )));
-        }
-        let found = sha256_hex(&bytes);
-        if found != info.sha256 {
-            return Err(inconsistent(format!(
-                "the disk copy has sha256 {found} but {HEADER_FILE} records {}",
-                info.sha256
-            )));
-        }
-        Ok(bytes)
     }
 
     /// Total size on disk of the disk copies that are present.
@@ -137,6 +113,67 @@ impl TraceReader {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// Reads the zstd copy at `path` of a file the header lists as `info` (`what`: "disk" or "initrd", for
+/// messages) and checks it: exactly the recorded size and SHA-256. Refuses a size this host cannot
+/// allocate before reading anything.
+fn read_copy(path: &Path, info: &DiskInfo, what: &str) -> Result<Vec<u8>, ReadError> {
+    let inconsistent = |reason: String| ReadError::Inconsistent {
+        path: path.to_owned(),
+        reason,
+    };
+    // A FIFO or device in place of the copy is refused rather than read from.
+    let (file, _) =
+        open_file(path)?.ok_or_else(|| ReadError::Missing {
+        path: path.to_owned(),
+    })?;
+    if let Some(host) = host_memory().filter(|&host| info.size > host) {
+        return Err(inconsistent(format!(
+            "{HEADER_FILE} declares a {}-byte {what}, more than this host's {host} bytes of memory",
+            info.size
+        )));
+    }
+    let mut bytes = Vec::new();
+    // One byte more than the size, so a copy that is too long is noticed without regrowing.
+    usize::try_from(info.size)
+        .ok()
+        .and_then(|n| n.checked_add(1))
+        .and_then(|n| bytes.try_reserve_exact(n).ok())
+        .ok_or_else(|| {
+            inconsistent(format!(
+                "{HEADER_FILE} declares a {}-byte {what}, more than this host can hold in memory",
+                info.size
+            ))
+        })?;
+    let decompress = |bytes: &mut Vec<u8>| -> io::Result<()> {
+        let mut dec = zstd::stream::read::Decoder::new(file)?;
+        dec.window_log_max(MAX_ZSTD_WINDOW_LOG)?;
+        dec.take(info.size + 1).read_to_end(bytes)?;
+        Ok(())
+    };
+    decompress(&mut bytes)
+        .map_err(|e| inconsistent(format!("the {what} copy does not decompress: {e}")))?;
+    if bytes.len() as u64 != info.size {
+        return Err(inconsistent(format!(
+            "the {what} copy holds {}{} bytes but {HEADER_FILE} records {}",
+            if bytes.len() as u64 > info.size {
+                "more than "
+            } else {
+                ""
+            },
+            bytes.len().min(info.size as usize),
+            info.size
+        )));
+    }
+    let found = sha256_hex(&bytes);
+    if found != info.sha256 {
+        return Err(inconsistent(format!(
+            "the {what} copy has sha256 {found} but {HEADER_FILE} records {}",
+            info.sha256
+        )));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -161,6 +198,7 @@ mod tests {
             created_unix_secs: 0,
             disks,
             digest: Default::default(),
+            initrd: None,
         }
     }
 

@@ -98,6 +98,8 @@ pub const SERIAL_RX_MEMORY_COST: u64 = 32;
 /// Largest `header.json` or `summary.json` a reader accepts; real ones are well under a kilobyte.
 pub const MAX_JSON_FILE: u64 = 1 << 20;
 
+/// Name of the copy of the guest's initial ramdisk inside a trace directory (zstd).
+pub const INITRD_FILE: &str = "initrd.zst";
 /// Name of the directory holding the copies of the guest's disk images inside a trace directory.
 pub const DISKS_DIR: &str = "disks";
 /// Most disks a header may list.
@@ -157,6 +159,12 @@ pub enum FormatError {
         /// What it held.
         value: u64,
     },
+    /// The initrd's size is 0 or above [`MAX_IMAGE_BYTES`].
+    #[error("initrd.size is {value}; it must be between 1 and {MAX_IMAGE_BYTES}")]
+    BadInitrdSize {
+        /// What it held.
+        value: u64,
+    },
     /// A disk's hash is not 64 lowercase hex digits.
     #[error("disks[{index}].sha256 must be 64 lowercase hex digits (a SHA-256), got {value:?}")]
     BadDiskSha256 {
@@ -200,8 +208,9 @@ pub struct MachineConfig {
     pub cmdline: String,
 }
 
-/// A disk the guest had, as `header.json` lists it. The trace holds a copy of the image
-/// ([`disk_file_name`] in [`DISKS_DIR`]), so replay needs nothing but the trace.
+/// A disk the guest had (or its initrd), as `header.json` lists it. The trace holds a copy of the
+/// image ([`disk_file_name`] in [`DISKS_DIR`], or [`INITRD_FILE`]), so replay needs nothing but the
+/// trace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DiskInfo {
     /// Path of the image as given on the command line (for information: replay uses the copy).
@@ -241,6 +250,9 @@ pub struct Header {
     /// How checkpoint digests cover RAM (absent in traces recorded before there was a choice: `ram`).
     #[serde(default)]
     pub digest: DigestKind,
+    /// The initial ramdisk the loader gave the kernel, if any (absent in traces without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<DiskInfo>,
 }
 
 /// How a checkpoint's digest covers guest RAM (see FORMAT.md, "Checkpoints").
@@ -283,6 +295,14 @@ impl Header {
             return Err(FormatError::TooManyDisks {
                 count: self.disks.len(),
             });
+        }
+        if let Some(initrd) = &self.initrd {
+            if !(1..=MAX_IMAGE_BYTES).contains(&initrd.size) {
+                return Err(FormatError::BadInitrdSize {
+                    value: initrd.size,
+                });
+            }
+            check_sha256("initrd.sha256", &initrd.sha256)?;
         }
         for (index, disk) in self.disks.iter().enumerate() {
             if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&disk.size) {

@@ -639,8 +639,12 @@ impl TraceReader {
                 problems.push(e);
             }
         }
+        if let Err(e) = self.read_initrd() {
+            problems.push(e);
+        }
         problems
     }
+
     /// Sizes on disk of `events.bin` and of all checkpoint files together.
     pub fn sizes(&self) -> (u64, u64) {
         (
@@ -1140,6 +1144,7 @@ mod tests {
             created_unix_secs: 0,
             disks: vec![],
             digest: Default::default(),
+            initrd: None,
         };
         let mut w = TraceWriter::create(&dir, &header).unwrap();
         let rx = EventKind::SerialRx { bytes: vec![7; 10] };
