@@ -181,7 +181,11 @@ pub fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
     let mut copy = *regs;
     let value = *gpr_slot(&mut copy, reg.full_register())?;
     Some(match reg.size() {
-        1 if matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH) => {
+        1 if matches!(
+            reg,
+            Register::AH | Register::CH | Register::DH | Register::BH
+        ) =>
+        {
             (value >> 8) & 0xff
         }
         1 => value & 0xff,
@@ -500,7 +504,10 @@ mod tests {
         assert_eq!(regs.rip, 0x1011);
         // Anything else is not ours; an unreadable operand is an error, not a guess.
         let insn = decode64(&[0x90], regs.rip);
-        assert_eq!(complete_simple(&insn, &mem, &mut regs, &sregs).unwrap(), None);
+        assert_eq!(
+            complete_simple(&insn, &mem, &mut regs, &sregs).unwrap(),
+            None
+        );
         regs.rbx = 0x20_0000;
         let insn = decode64(&[0xf3, 0x48, 0x0f, 0xb8, 0x43, 0x10], regs.rip);
         assert!(matches!(

@@ -11,8 +11,8 @@ pub mod loader;
 pub mod memory;
 pub mod paging;
 pub mod probe;
-pub mod symbols;
 pub mod pvh;
+pub mod symbols;
 pub mod vm;
 
 pub use clock::{Advance, Clock, Fingerprint, Kicker, Search, DEBUG_REGISTERS};

@@ -82,7 +82,11 @@ pub fn find_entry(image: &[u8]) -> Result<Option<u32>, PvhError> {
 
 /// The descriptor of the first note named `name` with type `kind` in a block of ELF notes (each: namesz,
 /// descsz, type, then the name and the descriptor, each padded to 4 bytes).
-fn find_note<'a>(mut notes: &'a [u8], name: &[u8], kind: u32) -> Result<Option<&'a [u8]>, PvhError> {
+fn find_note<'a>(
+    mut notes: &'a [u8],
+    name: &[u8],
+    kind: u32,
+) -> Result<Option<&'a [u8]>, PvhError> {
     let pad4 = |n: usize| n.checked_add(3).map(|n| n & !3);
     while notes.len() >= 12 {
         let field = |i: usize| u32_at(notes, 4 * i).map(|v| v as usize);
@@ -186,11 +190,11 @@ mod tests {
         out.extend_from_slice(&kind.to_le_bytes());
         out.extend_from_slice(name);
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(desc);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -202,7 +206,12 @@ mod tests {
         note(&mut notes, b"GNU", 3, &[0xaa; 20]);
         note(&mut notes, b"Xen", 6, b"linux\0"); // XEN_ELFNOTE_GUEST_OS, not the entry
         if let Some(entry) = entry_note {
-            note(&mut notes, b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, &entry.to_le_bytes());
+            note(
+                &mut notes,
+                b"Xen",
+                XEN_ELFNOTE_PHYS32_ENTRY,
+                &entry.to_le_bytes(),
+            );
         }
         let code: Vec<u8> = (0..0x100u32).map(|i| i as u8).collect();
         let (phoff, code_off) = (64usize, 0x200usize);
@@ -275,7 +284,11 @@ mod tests {
         let (map, entries) = (u64_in(&mem, info + 40), mem.read_u32(info + 48).unwrap());
         let entry = |i: u64| {
             let e = map + 24 * i;
-            (u64_in(&mem, e), u64_in(&mem, e + 8), mem.read_u32(e + 16).unwrap())
+            (
+                u64_in(&mem, e),
+                u64_in(&mem, e + 8),
+                mem.read_u32(e + 16).unwrap(),
+            )
         };
         let got: Vec<_> = (0..u64::from(entries)).map(entry).collect();
         assert_eq!(

@@ -212,13 +212,15 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     })
                     .collect(),
                 digest: traces::DigestKind::Pages,
-                initrd: opts.initrd_path.as_ref().zip(opts.machine.initrd.as_ref()).map(
-                    |(path, bytes)| traces::DiskInfo {
+                initrd: opts
+                    .initrd_path
+                    .as_ref()
+                    .zip(opts.machine.initrd.as_ref())
+                    .map(|(path, bytes)| traces::DiskInfo {
                         path: path.display().to_string(),
                         size: bytes.len() as u64,
                         sha256: traces::sha256_hex(bytes),
-                    },
-                ),
+                    }),
             };
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).

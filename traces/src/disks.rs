@@ -124,8 +124,7 @@ fn read_copy(path: &Path, info: &DiskInfo, what: &str) -> Result<Vec<u8>, ReadEr
         reason,
     };
     // A FIFO or device in place of the copy is refused rather than read from.
-    let (file, _) =
-        open_file(path)?.ok_or_else(|| ReadError::Missing {
+    let (file, _) = open_file(path)?.ok_or_else(|| ReadError::Missing {
         path: path.to_owned(),
     })?;
     if let Some(host) = host_memory().filter(|&host| info.size > host) {

@@ -298,9 +298,7 @@ impl Header {
         }
         if let Some(initrd) = &self.initrd {
             if !(1..=MAX_IMAGE_BYTES).contains(&initrd.size) {
-                return Err(FormatError::BadInitrdSize {
-                    value: initrd.size,
-                });
+                return Err(FormatError::BadInitrdSize { value: initrd.size });
             }
             check_sha256("initrd.sha256", &initrd.sha256)?;
         }
