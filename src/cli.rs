@@ -461,6 +461,7 @@ fn record(
             initrd,
             disks: disks.clone(),
             hide_host_values: clock == machine::Clock::Landmark,
+            trap_host_insns: clock == machine::Clock::Landmark,
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,

@@ -31,7 +31,7 @@ fn missing_and_non_multiboot_kernels_are_refused() {
     std::fs::write(&not_mb, b"just some bytes, not a kernel").unwrap();
     assert_error(
         &rv(&["run", "--kernel", not_mb.to_str().unwrap()]),
-        "not a Multiboot v1 kernel",
+        "not a kernel retrovisor can boot",
     );
     let trace = dir.join("t.rvt");
     let o = rv(&[
@@ -41,7 +41,7 @@ fn missing_and_non_multiboot_kernels_are_refused() {
         "-o",
         trace.to_str().unwrap(),
     ]);
-    assert_error(&o, "not a Multiboot v1 kernel");
+    assert_error(&o, "not a kernel retrovisor can boot");
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod devices;
 pub mod disk;
 pub mod emulate;
+pub mod host_traps;
 pub mod loader;
 pub mod memory;
 pub mod paging;

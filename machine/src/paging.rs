@@ -111,7 +111,7 @@ impl PagingMode {
 
     /// Splits `len` bytes at a linear address into (guest physical address, range of the bytes) pieces
     /// that do not cross a page, translating each; all are translated before any is used.
-    fn pieces(
+    pub(crate) fn pieces(
         &self,
         mem: &GuestMemory,
         linear: u64,

@@ -15,6 +15,7 @@ use crate::cpu::{CpuError, CpuState};
 use crate::devices::{Devices, TimeSource, MAX_DISKS};
 use crate::disk::DiskImage;
 use crate::emulate::{self, hex_bytes, set_gpr, Completion, EmulateError};
+use crate::host_traps::{self, HostTraps};
 use crate::loader::{self, LoaderError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
@@ -109,6 +110,9 @@ pub struct MachineConfig {
     /// Hide RDRAND, RDSEED and RDTSCP from the guest's CPUID: the landmark clock runs free, where their
     /// results never reach the VMM to be logged, so a guest must not be told it has them.
     pub hide_host_values: bool,
+    /// Trap the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions to the VMM (see
+    /// [`crate::host_traps`]), so that what a free-running guest reads from the host is logged and replayed.
+    pub trap_host_insns: bool,
 }
 
 /// Instructions whose result comes from the host.
@@ -211,6 +215,12 @@ pub struct Machine {
     pub(crate) positions: Clock,
     /// An interrupt was just queued: the next entry delivers it and must not be interrupted by a kick.
     pub(crate) delivering: bool,
+    /// The image's trapped host instructions (see [`crate::host_traps`]); empty unless the config asked
+    /// for them.
+    host_traps: HostTraps,
+    /// The last exit was a write to [`host_traps::TRAP_PORT`]: once the `out` completes, complete the
+    /// instruction it replaced.
+    host_trap_hit: bool,
     /// Pages written since the last [`Machine::mark_checkpoint`] (a bitmap): what a fingerprint digests.
     pub(crate) dirty_since_mark: Vec<u64>,
     /// Pages written since the last [`Machine::take_dirty_pages`].
@@ -290,6 +300,12 @@ impl Machine {
 
         let (protocol, boot) =
             loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
+        let host_traps = if config.trap_host_insns {
+            HostTraps::find(image)
+        } else {
+            HostTraps::default()
+        };
+        host_traps.patch(&mut mem)?;
         for (i, d) in BOOT_GDT.iter().enumerate() {
             mem.write(BOOT_GDT_ADDR + 8 * i as u64, &d.to_le_bytes())?;
         }
@@ -357,6 +373,8 @@ impl Machine {
             clock: Clock::Step,
             positions: Clock::Step,
             delivering: false,
+            host_traps,
+            host_trap_hit: false,
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
             dirty_since_probe: vec![0; bitmap_words],
@@ -405,12 +423,26 @@ impl Machine {
     }
 
     /// Reads guest memory at a guest-virtual (linear) address through the guest's page tables.
+    /// Where the VMM trapped the guest's host instructions (see [`crate::host_traps`]) it shows the
+    /// original instructions, as the guest's own code has them.
     pub fn read_virtual(
         &self,
         addr: u64,
         buf: &mut [u8],
     ) -> Result<(), crate::paging::PagingError> {
-        emulate::paging_mode(&self.sregs).read_linear(&self.mem, addr, buf)
+        let paging = emulate::paging_mode(&self.sregs);
+        paging.read_linear(&self.mem, addr, buf)?;
+        if !self.host_traps.is_empty() {
+            for (phys, range) in paging.pieces(&self.mem, addr, buf.len())? {
+                self.host_traps.unpatch(phys, &mut buf[range]);
+            }
+        }
+        Ok(())
+    }
+
+    /// How many host instructions of the image the VMM traps (see [`crate::host_traps`]).
+    pub fn host_traps(&self) -> usize {
+        self.host_traps.len()
     }
 
     /// The guest-physical address a guest-virtual (linear) address maps to now, through the guest's page
@@ -720,7 +752,11 @@ impl Machine {
                 Exit::Ran
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                self.devices.io_out(port, data, host);
+                if port == host_traps::TRAP_PORT && !self.host_traps.is_empty() {
+                    self.host_trap_hit = true;
+                } else {
+                    self.devices.io_out(port, data, host);
+                }
                 Exit::Io
             }
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -766,7 +802,34 @@ impl Machine {
             }
         };
         self.vcpu.set_kvm_immediate_exit(0);
-        result
+        result?;
+        if std::mem::take(&mut self.host_trap_hit) {
+            self.complete_host_trap(host)?;
+        }
+        Ok(())
+    }
+
+    /// A trap `out` has completed (RIP is past it): if it replaced a host instruction, complete that
+    /// instruction with the value `host` gives and move RIP past it. A write to the port from
+    /// anywhere else does nothing, as on a PC.
+    fn complete_host_trap(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+        self.refresh_regs();
+        let end = self.sregs.cs.base.wrapping_add(self.regs.rip);
+        let Ok(end) = emulate::paging_mode(&self.sregs).translate(&self.mem, end) else {
+            return Ok(());
+        };
+        let Some(original) = self.host_traps.original_ending_at(end) else {
+            return Ok(());
+        };
+        let bitness = if self.sregs.efer & (1 << 10) != 0 && self.sregs.cs.l == 1 {
+            64
+        } else {
+            32
+        };
+        let rip = self.regs.rip.wrapping_sub(2);
+        let insn = Decoder::with_ip(bitness, original, rip, DecoderOptions::NONE).decode();
+        self.execute_host_insn(&insn, host)?;
+        Ok(())
     }
 
     /// Bookkeeping after the guest ran: device interrupts, output, exit requests, registers.

@@ -95,10 +95,11 @@ impl HostEnv {
         }
     }
 
-    /// Where the guest is: events logged from now on are tagged with this position.
-    pub fn set_position(&mut self, icount: u64, rip: u64) {
+    /// Where the guest is: events logged from now on are tagged with this position. Returns the rip of
+    /// the position it replaces.
+    pub fn set_position(&mut self, icount: u64, rip: u64) -> u64 {
         self.icount = icount;
-        self.rip = rip;
+        std::mem::replace(&mut self.rip, rip)
     }
 
     /// Logs an event at the current position.

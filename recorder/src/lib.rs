@@ -212,6 +212,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     })
                     .collect(),
                 digest: traces::DigestKind::Pages,
+                host_traps: opts.machine.trap_host_insns,
                 initrd: opts
                     .initrd_path
                     .as_ref()
@@ -297,12 +298,18 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         if opts.max_instructions.is_some_and(|m| position >= m) {
             break StopReason::InstructionLimit;
         }
-        env.set_position(position, machine.rip());
+        let anchor = env.set_position(position, machine.rip());
         let deliver = if at_position {
             between.reset(&mut machine)?
         } else {
             between.deliver_here(&mut machine, &mut env, writer.is_some())?
         };
+        if !at_position && !deliver {
+            // A kick (or loop-exit stop) that delivered nothing leaves no event, so replay never stops
+            // there: values the guest asks for later are tagged, as replay will see them, with the rip of
+            // the last landmark or delivering kick.
+            env.set_position(position, anchor);
+        }
         if deliver {
             env.deliver_inputs(&mut machine);
             if machine.interrupt_ready() {
@@ -427,7 +434,12 @@ impl Between {
             // The breakpoint disarmed itself.
             self.armed = None;
         }
-        let wanted = machine.interrupts_enabled()
+        // Never in user mode: PVM runs ring 3 natively and honours neither single-step nor breakpoints
+        // there (PLATFORM.md), so replay could not find the point. A guest computing in user mode takes
+        // its interrupt at its next exit, system call or fault, which are landmarks.
+        let user_mode = machine.sregs().cs.selector & 3 != 0;
+        let wanted = !user_mode
+            && machine.interrupts_enabled()
             && (machine.interrupt_ready() || env.interrupt_due(machine));
         if !wanted {
             return Ok(false);

@@ -185,6 +185,7 @@ impl Replayer {
             initrd: trace.read_initrd()?,
             disks,
             hide_host_values: clock == Clock::Landmark,
+            trap_host_insns: h.host_traps,
         };
         let mut machine = Machine::new(&config, &image)?;
         if h.format_version == 1 {

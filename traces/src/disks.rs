@@ -197,6 +197,7 @@ mod tests {
             created_unix_secs: 0,
             disks,
             digest: Default::default(),
+            host_traps: false,
             initrd: None,
         }
     }

@@ -250,6 +250,11 @@ pub struct Header {
     /// How checkpoint digests cover RAM (absent in traces recorded before there was a choice: `ram`).
     #[serde(default)]
     pub digest: DigestKind,
+    /// Whether the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions were trapped to the VMM
+    /// (landmark-clock recordings made since the field exists; absent means no), so replay must trap them
+    /// the same way.
+    #[serde(default)]
+    pub host_traps: bool,
     /// The initial ramdisk the loader gave the kernel, if any (absent in traces without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<DiskInfo>,

@@ -1144,6 +1144,7 @@ mod tests {
             created_unix_secs: 0,
             disks: vec![],
             digest: Default::default(),
+            host_traps: false,
             initrd: None,
         };
         let mut w = TraceWriter::create(&dir, &header).unwrap();

@@ -58,6 +58,7 @@ fn header() -> Header {
         created_unix_secs: 1_700_000_000,
         disks: vec![],
         digest: Default::default(),
+        host_traps: false,
         initrd: None,
     }
 }

@@ -1,0 +1,132 @@
+//! Host-instruction traps: making a kernel's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` reach the VMM when
+//! the guest runs free.
+//!
+//! Running free, these never exit: the guest reads the host's counter or random generator and nothing is
+//! logged, so a kernel that mixes them into its state (Linux does, into its entropy pool, at boot and at
+//! every interrupt) cannot be replayed. Linux cannot be told not to use the TSC (on x86-64
+//! `random_get_entropy()` is `rdtsc` whatever CPUID says), this host's KVM does not hide RDRAND/RDSEED
+//! when the VMM's CPUID clears them, and KVM offers a VMM no way to intercept any of them. So the VMM
+//! finds the instructions in the kernel image itself: every one in the image's executable sections,
+//! alternatives' replacements included, is overwritten after loading with `out %al, $TRAP_PORT` (`e6 NN`,
+//! two bytes, as short as the shortest of them) padded with `nop`s. That `out` is an exit at the same
+//! point in record and replay (a landmark), where the VMM completes the original instruction with a
+//! logged value, exactly as the step clock does. A write to the port from anywhere else is ignored, like
+//! a write to any port nothing decodes.
+//!
+//! The scan decodes each executable section linearly, as objdump does; kernel text keeps no data between
+//! functions, and padding decodes as `int3` or `nop`, so it stays in step. What the scan cannot see is
+//! code the guest makes at run time (modules, BPF) or runs in user mode: the limits are in the README.
+
+use crate::memory::{GuestMemory, MemoryError};
+use crate::symbols::section_headers;
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use std::collections::BTreeMap;
+
+/// The port the patched instructions write: unused on a PC (0xe0-0xef is free in the AT map).
+pub const TRAP_PORT: u16 = 0xe5;
+/// Section flag of sections holding instructions.
+const SHF_EXECINSTR: u64 = 4;
+/// Section type of sections whose bytes are in the file.
+const SHT_PROGBITS: u32 = 1;
+
+/// The trapped instructions of one loaded image, by guest-physical address.
+#[derive(Debug, Default, Clone)]
+pub struct HostTraps {
+    /// Physical address of each trapped instruction, and its original bytes.
+    sites: BTreeMap<u64, Vec<u8>>,
+}
+
+impl HostTraps {
+    /// Finds every `rdtsc`, `rdtscp`, `rdrand` and `rdseed` in the executable sections of `image` (an ELF
+    /// loaded at the physical addresses of its program headers). None for an image without section
+    /// headers.
+    pub fn find(image: &[u8]) -> HostTraps {
+        let mut sites = BTreeMap::new();
+        let Ok((_, segments)) = crate::loader::program_headers(image) else {
+            return HostTraps::default();
+        };
+        let bitness = if image.get(4) == Some(&2) { 64 } else { 32 };
+        let sections = section_headers(image).unwrap_or_default();
+        for s in sections
+            .iter()
+            .filter(|s| s.kind == SHT_PROGBITS && s.flags & SHF_EXECINSTR != 0)
+        {
+            // Where the section's bytes are loaded: through the loadable segment that holds them.
+            let Some(base) = segments.iter().find_map(|ph| {
+                let inside = ph.ptype == crate::loader::PT_LOAD
+                    && s.offset >= ph.offset
+                    && s.offset + s.size <= ph.offset + ph.filesz;
+                inside.then(|| ph.paddr + (s.offset - ph.offset))
+            }) else {
+                continue;
+            };
+            let Some(bytes) = usize::try_from(s.offset)
+                .ok()
+                .zip(usize::try_from(s.size).ok())
+                .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
+            else {
+                continue;
+            };
+            let mut decoder = Decoder::with_ip(bitness, bytes, s.addr, DecoderOptions::NONE);
+            let mut insn = Instruction::default();
+            while decoder.can_decode() {
+                let at = decoder.position();
+                decoder.decode_out(&mut insn);
+                let trapped = match insn.mnemonic() {
+                    Mnemonic::Rdtsc | Mnemonic::Rdtscp => true,
+                    // Only the register forms exist; anything else is not an instruction we complete.
+                    Mnemonic::Rdrand | Mnemonic::Rdseed => insn.op0_kind() == OpKind::Register,
+                    _ => false,
+                };
+                if trapped {
+                    sites.insert(base + at as u64, bytes[at..at + insn.len()].to_vec());
+                }
+            }
+        }
+        HostTraps { sites }
+    }
+
+    /// How many instructions are trapped.
+    pub fn len(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
+    /// Overwrites every site in guest memory with its trap.
+    pub fn patch(&self, mem: &mut GuestMemory) -> Result<(), MemoryError> {
+        for (&at, original) in &self.sites {
+            let mut trap = vec![0x90u8; original.len()];
+            trap[0] = 0xe6;
+            trap[1] = TRAP_PORT as u8;
+            mem.write(at, &trap)?;
+        }
+        Ok(())
+    }
+
+    /// The original bytes of the trapped instruction whose trap ends at physical address `end` (where
+    /// the `out` leaves RIP), if there is one.
+    pub fn original_ending_at(&self, end: u64) -> Option<&[u8]> {
+        self.sites
+            .get(&end.checked_sub(2)?)
+            .map(|bytes| bytes.as_slice())
+    }
+
+    /// Puts the original instructions back into `bytes`, a copy of guest memory read from physical
+    /// address `at`: what a debugger shows is the guest's own code, not the traps.
+    pub fn unpatch(&self, at: u64, bytes: &mut [u8]) {
+        let end = at + bytes.len() as u64;
+        // A site starting up to two bytes before `at` may still overlap it.
+        for (&site, original) in self.sites.range(at.saturating_sub(2)..end) {
+            for (i, &b) in original.iter().enumerate() {
+                let addr = site + i as u64;
+                if (at..end).contains(&addr) {
+                    bytes[(addr - at) as usize] = b;
+                }
+            }
+        }
+    }
+}
