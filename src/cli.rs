@@ -112,6 +112,10 @@ struct GuestArgs {
     /// input. Without it, input comes from the terminal when standard input is one.
     #[arg(long, value_name = "FILE")]
     serial_input: Option<PathBuf>,
+    /// Hold the serial input until the guest has printed TEXT (for example a shell prompt, or Linux's
+    /// "Run /init"): a kernel's serial driver discards what arrives while it sets the port up.
+    #[arg(long, value_name = "TEXT", requires = "serial_input")]
+    serial_input_after: Option<String>,
     /// What the guest's timers follow.
     #[arg(long, value_enum, default_value = "host")]
     time: TimeArg,
@@ -462,9 +466,11 @@ fn record(
             disks: disks.clone(),
             hide_host_values: clock == machine::Clock::Landmark,
             trap_host_insns: clock == machine::Clock::Landmark,
+            cpuid: None,
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,
+        serial_input_after: g.serial_input_after.map(String::into_bytes),
         time: match g.time {
             TimeArg::Host => TimeSourceKind::Host,
             TimeArg::Virtual => TimeSourceKind::Virtual,

@@ -34,6 +34,9 @@ pub enum MachineError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (retrovisor needs KVM: check that /dev/kvm exists and that you may read and write it)")]
     NoKvm(kvm_ioctls::Error),
+    /// A recorded CPUID table has more entries than KVM takes.
+    #[error("the trace's CPUID table has {0} entries; KVM takes at most {KVM_MAX_CPUID_ENTRIES}")]
+    BadCpuid(usize),
     /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Kvm {
@@ -110,6 +113,9 @@ pub struct MachineConfig {
     /// Hide RDRAND, RDSEED and RDTSCP from the guest's CPUID: the landmark clock runs free, where their
     /// results never reach the VMM to be logged, so a guest must not be told it has them.
     pub hide_host_values: bool,
+    /// The guest's CPUID, as [`Machine::cpuid_table`] gives it: a replay builds the CPU its recording
+    /// had. None: what the host's KVM supports (less RDRAND, RDSEED and RDTSCP with `hide_host_values`).
+    pub cpuid: Option<Vec<[u32; 7]>>,
     /// Trap the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions to the VMM (see
     /// [`crate::host_traps`]), so that what a free-running guest reads from the host is logged and replayed.
     pub trap_host_insns: bool,
@@ -215,6 +221,8 @@ pub struct Machine {
     pub(crate) positions: Clock,
     /// An interrupt was just queued: the next entry delivers it and must not be interrupted by a kick.
     pub(crate) delivering: bool,
+    /// The CPUID given to KVM (see [`Machine::cpuid_table`]).
+    cpuid_table: Vec<[u32; 7]>,
     /// The image's trapped host instructions (see [`crate::host_traps`]); empty unless the config asked
     /// for them.
     host_traps: HostTraps,
@@ -281,20 +289,31 @@ impl Machine {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        if config.hide_host_values {
-            for e in cpuid.as_mut_slice() {
-                match (e.function, e.index) {
-                    (1, _) => e.ecx &= !(1 << 30),           // RDRAND
-                    (7, 0) => e.ebx &= !(1 << 18),           // RDSEED
-                    (0x8000_0001, _) => e.edx &= !(1 << 27), // RDTSCP
-                    _ => {}
+        let cpuid = match &config.cpuid {
+            Some(table) => cpuid_from_table(table)?,
+            None => {
+                let mut cpuid = kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+                if config.hide_host_values {
+                    for e in cpuid.as_mut_slice() {
+                        match (e.function, e.index) {
+                            (1, _) => e.ecx &= !(1 << 30),           // RDRAND
+                            (7, 0) => e.ebx &= !(1 << 18),           // RDSEED
+                            (0x8000_0001, _) => e.edx &= !(1 << 27), // RDTSCP
+                            _ => {}
+                        }
+                    }
                 }
+                cpuid
             }
-        }
+        };
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let cpuid_table = cpuid
+            .as_slice()
+            .iter()
+            .map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx])
+            .collect();
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
 
@@ -375,6 +394,7 @@ impl Machine {
             delivering: false,
             host_traps,
             host_trap_hit: false,
+            cpuid_table,
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
             dirty_since_probe: vec![0; bitmap_words],
@@ -438,6 +458,12 @@ impl Machine {
             }
         }
         Ok(())
+    }
+
+    /// The guest's CPUID as the VMM set it: one entry per leaf and subleaf, [function, index, flags, eax,
+    /// ebx, ecx, edx] as KVM_SET_CPUID2 takes them.
+    pub fn cpuid_table(&self) -> &[[u32; 7]] {
+        &self.cpuid_table
     }
 
     /// How many host instructions of the image the VMM traps (see [`crate::host_traps`]).
@@ -1314,6 +1340,26 @@ fn json_differences(
         }
         _ => {}
     }
+}
+
+/// The KVM form of a CPUID table from [`Machine::cpuid_table`].
+fn cpuid_from_table(table: &[[u32; 7]]) -> Result<kvm_bindings::CpuId, MachineError> {
+    let entries: Vec<_> = table
+        .iter()
+        .map(
+            |&[function, index, flags, eax, ebx, ecx, edx]| kvm_bindings::kvm_cpuid_entry2 {
+                function,
+                index,
+                flags,
+                eax,
+                ebx,
+                ecx,
+                edx,
+                ..Default::default()
+            },
+        )
+        .collect();
+    kvm_bindings::CpuId::from_entries(&entries).map_err(|_| MachineError::BadCpuid(table.len()))
 }
 
 /// Debugger access to the x87/SSE registers, read from KVM on demand: stepping never needs them, so the

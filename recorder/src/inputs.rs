@@ -59,12 +59,18 @@ pub struct HostEnv {
     rip: u64,
     pending_input: VecDeque<u8>,
     stream: Option<Receiver<Vec<u8>>>,
+    /// Serial input is held until the guest's output contains these bytes; None once it has.
+    input_after: Option<Vec<u8>>,
+    /// The end of the output seen so far, as long as `input_after` less one byte: a match may straddle
+    /// two pieces of output.
+    output_tail: Vec<u8>,
     events: Vec<Event>,
 }
 
 impl HostEnv {
-    /// A new environment; starts the input thread for a stream.
-    pub fn new(time: TimeSourceKind, input: SerialInput) -> HostEnv {
+    /// A new environment; starts the input thread for a stream. With `input_after`, serial input is held
+    /// until the guest's output contains those bytes.
+    pub fn new(time: TimeSourceKind, input: SerialInput, input_after: Option<Vec<u8>>) -> HostEnv {
         let (pending_input, stream) = match input {
             SerialInput::None => (VecDeque::new(), None),
             SerialInput::Bytes(b) => (b.into(), None),
@@ -91,7 +97,38 @@ impl HostEnv {
             rip: 0,
             pending_input,
             stream,
+            input_after: input_after.filter(|t| !t.is_empty()),
+            output_tail: Vec::new(),
             events: Vec::new(),
+        }
+    }
+
+    /// Notes what the guest printed, to release held serial input once the awaited text appears.
+    pub fn saw_output(&mut self, output: &[u8]) {
+        let Some(wanted) = &self.input_after else {
+            return;
+        };
+        self.output_tail.extend_from_slice(output);
+        if self
+            .output_tail
+            .windows(wanted.len())
+            .any(|w| w == wanted.as_slice())
+        {
+            self.input_after = None;
+            self.output_tail = Vec::new();
+            return;
+        }
+        let keep = wanted.len() - 1;
+        let cut = self.output_tail.len().saturating_sub(keep);
+        self.output_tail.drain(..cut);
+    }
+
+    /// Serial input bytes the guest may be given now: none while they are held.
+    fn input_ready(&self) -> usize {
+        if self.input_after.is_some() {
+            0
+        } else {
+            self.pending_input.len()
         }
     }
 
@@ -151,8 +188,8 @@ impl HostEnv {
         }
         self.drain_stream();
         let room = machine.serial_rx_room();
-        if room > 0 && !self.pending_input.is_empty() {
-            let n = room.min(self.pending_input.len());
+        if room > 0 && self.input_ready() > 0 {
+            let n = room.min(self.input_ready());
             let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
             let taken = machine.push_serial_rx(&bytes);
             self.pending_input.drain(..taken);
@@ -171,7 +208,7 @@ impl HostEnv {
         let edge =
             now > self.pit_polled_ns && machine.devices.pit.irq0_edges(self.pit_polled_ns, now) > 0;
         self.drain_stream();
-        let n = machine.serial_rx_room().min(self.pending_input.len());
+        let n = machine.serial_rx_room().min(self.input_ready());
         let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
         (edge || !bytes.is_empty()) && machine.devices.interrupt_after(edge, &bytes)
     }
@@ -187,14 +224,16 @@ impl HostEnv {
                 return true;
             }
             self.drain_stream();
-            let input_possible = !self.pending_input.is_empty() || self.stream.is_some();
+            // Input held for output the guest has not printed cannot wake it either.
+            let input_possible = self.input_after.is_none()
+                && (!self.pending_input.is_empty() || self.stream.is_some());
             let next_tick = machine.devices.pit.next_irq0_ns(self.pit_polled_ns);
             if next_tick.is_none() && !input_possible {
                 return false;
             }
             match self.time {
                 TimeSourceKind::Virtual => {
-                    if self.pending_input.is_empty() {
+                    if self.input_ready() == 0 {
                         match next_tick {
                             Some(t) => self.idle_ns += t.saturating_sub(self.now_ns()),
                             // Only a live stream can wake it: wait for it in real time.
@@ -205,7 +244,7 @@ impl HostEnv {
                 TimeSourceKind::Host => {
                     let now = self.now_ns();
                     let until = next_tick.map(|t| t.saturating_sub(now)).unwrap_or(u64::MAX);
-                    if until > 0 && self.pending_input.is_empty() {
+                    if until > 0 && self.input_ready() == 0 {
                         std::thread::sleep(IDLE_SLICE.min(Duration::from_nanos(until)));
                     }
                 }
@@ -278,5 +317,22 @@ impl Host for HostEnv {
         };
         self.log(EventKind::HostValue { insn, value, aux });
         (value, aux)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_input_is_released_by_text_split_across_outputs() {
+        let input = SerialInput::Bytes(b"ls\n".to_vec());
+        let mut env = HostEnv::new(TimeSourceKind::Virtual, input, Some(b"$ ".to_vec()));
+        assert_eq!(env.input_ready(), 0);
+        env.saw_output(b"booting... ");
+        env.saw_output(b"$");
+        assert_eq!(env.input_ready(), 0, "half the text releases nothing");
+        env.saw_output(b" ");
+        assert_eq!(env.input_ready(), 3);
     }
 }

@@ -66,6 +66,8 @@ pub struct Options {
     pub trace: Option<PathBuf>,
     /// Where serial input comes from.
     pub serial_input: SerialInput,
+    /// Hold the serial input until the guest's output contains these bytes.
+    pub serial_input_after: Option<Vec<u8>>,
     /// Host clock or instruction-count clock for the PIT and RTC.
     pub time: TimeSourceKind,
     /// Between checkpoints: instructions (step clock) or milliseconds of wall time (landmark clock).
@@ -213,6 +215,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     .collect(),
                 digest: traces::DigestKind::Pages,
                 host_traps: opts.machine.trap_host_insns,
+                cpuid: machine.cpuid_table().to_vec(),
                 initrd: opts
                     .initrd_path
                     .as_ref()
@@ -240,7 +243,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     install_stop_handlers();
     // The landmark clock gets control back from a guest that computes without exits by kicking it.
     let _kicker = (opts.clock == Clock::Landmark).then(|| Kicker::start(KICK_INTERVAL));
-    let mut env = HostEnv::new(opts.time, opts.serial_input);
+    let mut env = HostEnv::new(opts.time, opts.serial_input, opts.serial_input_after);
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut output_hash = Sha256::new();
     let mut output_bytes = 0u64;
@@ -321,6 +324,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         let advance = machine.advance(&mut env)?;
         let output = machine.take_output();
         if !output.is_empty() {
+            env.saw_output(&output);
             out.write_all(&output)
                 .and_then(|_| out.flush())
                 .map_err(RecordError::Output)?;

@@ -186,6 +186,7 @@ impl Replayer {
             disks,
             hide_host_values: clock == Clock::Landmark,
             trap_host_insns: h.host_traps,
+            cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
         };
         let mut machine = Machine::new(&config, &image)?;
         if h.format_version == 1 {
@@ -755,9 +756,10 @@ impl Replayer {
             d.unit = "landmark";
             if self.machine.clock() == Clock::Landmark {
                 d.what.push_str(
-                    "; running free, the landmark clock cannot record what RDTSC returns: if the guest reads \
-                     the TSC, record it with --clock step (`retrovisor replay --clock step` on this trace \
-                     stops at the instruction that differs)",
+                    "; running free, the landmark clock logs RDTSC, RDRAND and RDSEED only where the guest \
+                     image has them (the VMM traps them when it loads the image): if the guest reads them in \
+                     code it makes at run time or runs in user mode, record it with --clock step \
+                     (`retrovisor replay --clock step` on this trace stops at the instruction that differs)",
                 );
             }
         }
@@ -927,8 +929,7 @@ impl Replayer {
                         position,
                         format!(
                             "the recording delivered input at a point after landmark {position} (rip {:#x}, rsp {:#x}) \
-                             that the replay never reached before its next landmark (now at rip {:#x}); if the guest \
-                             reads the TSC or a random number, record it with --clock step",
+                             that the replay never reached before its next landmark (now at rip {:#x})",
                             fp.rip,
                             fp.rsp,
                             self.machine.rip()

@@ -198,6 +198,7 @@ mod tests {
             disks,
             digest: Default::default(),
             host_traps: false,
+            cpuid: Vec::new(),
             initrd: None,
         }
     }

@@ -250,6 +250,11 @@ pub struct Header {
     /// How checkpoint digests cover RAM (absent in traces recorded before there was a choice: `ram`).
     #[serde(default)]
     pub digest: DigestKind,
+    /// The guest's CPUID, one entry per leaf and subleaf: [function, index, flags, eax, ebx, ecx, edx] as
+    /// KVM_SET_CPUID2 takes them, so that replay builds the CPU the recording had (absent in traces
+    /// recorded before it was kept: replay then gives what its host supports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid: Vec<[u32; 7]>,
     /// Whether the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions were trapped to the VMM
     /// (landmark-clock recordings made since the field exists; absent means no), so replay must trap them
     /// the same way.

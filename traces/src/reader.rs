@@ -1145,6 +1145,7 @@ mod tests {
             disks: vec![],
             digest: Default::default(),
             host_traps: false,
+            cpuid: Vec::new(),
             initrd: None,
         };
         let mut w = TraceWriter::create(&dir, &header).unwrap();
