@@ -110,7 +110,7 @@ fn corrupt_chunk_and_future_format_are_reported() {
     let header = trace.join("header.json");
     let h = std::fs::read_to_string(&header)
         .unwrap()
-        .replace("\"format_version\": 2", "\"format_version\": 99");
+        .replace("\"format_version\":2", "\"format_version\":99");
     assert!(h.contains("99"), "{h}");
     std::fs::write(&header, h).unwrap();
     assert_error(&replay(&trace, &[]), "newer than this retrovisor supports");
@@ -498,9 +498,9 @@ fn fifos_and_devices_as_guest_images_are_refused_without_blocking() {
     }
 }
 
-/// The value of the string field `name` of a pretty-printed JSON object.
+/// The value of the string field `name` of a compact JSON object.
 fn string_field(json: &str, name: &str) -> String {
-    let start = json.find(&format!("\"{name}\": \"")).unwrap() + name.len() + 5;
+    let start = json.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
     let len = json[start..].find('"').unwrap();
     json[start..start + len].to_string()
 }

@@ -215,6 +215,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     .collect(),
                 digest: traces::DigestKind::Pages,
                 host_traps: opts.machine.trap_host_insns,
+                page_backing: true,
                 cpuid: machine.cpuid_table().to_vec(),
                 initrd: opts
                     .initrd_path

@@ -37,14 +37,18 @@ impl TraceWriter {
             }
             _ => {}
         }
-        self.write_copy(&dir, &disk_file_name(index), image)
+        let size = self.write_copy(&dir, &disk_file_name(index), image)?;
+        self.add_backing(image);
+        Ok(size)
     }
 
     /// Stores the copy of the initrd (whose size and SHA-256 the header lists), as
     /// [`TraceWriter::write_disk`] stores a disk. Returns its size on disk.
     pub fn write_initrd(&mut self, initrd: &[u8]) -> Result<u64, WriteError> {
         let dir = self.dir().to_owned();
-        self.write_copy(&dir, INITRD_FILE, initrd)
+        let size = self.write_copy(&dir, INITRD_FILE, initrd)?;
+        self.add_backing(initrd);
+        Ok(size)
     }
 
     /// Writes `image` zstd-compressed to `dir/name` atomically (temporary name, fsync, rename).
@@ -198,6 +202,7 @@ mod tests {
             disks,
             digest: Default::default(),
             host_traps: false,
+            page_backing: false,
             cpuid: Vec::new(),
             initrd: None,
         }

@@ -98,6 +98,8 @@ pub const SERIAL_RX_MEMORY_COST: u64 = 32;
 /// Largest `header.json` or `summary.json` a reader accepts; real ones are well under a kilobyte.
 pub const MAX_JSON_FILE: u64 = 1 << 20;
 
+/// Most CPUID entries a header may hold (KVM's own limit, KVM_MAX_CPUID_ENTRIES).
+pub const MAX_CPUID_ENTRIES: usize = 256;
 /// Name of the copy of the guest's initial ramdisk inside a trace directory (zstd).
 pub const INITRD_FILE: &str = "initrd.zst";
 /// Name of the directory holding the copies of the guest's disk images inside a trace directory.
@@ -158,6 +160,12 @@ pub enum FormatError {
         index: usize,
         /// What it held.
         value: u64,
+    },
+    /// The CPUID table has more entries than KVM takes.
+    #[error("cpuid has {count} entries; at most {MAX_CPUID_ENTRIES} are allowed")]
+    TooManyCpuidEntries {
+        /// How many it has.
+        count: usize,
     },
     /// The initrd's size is 0 or above [`MAX_IMAGE_BYTES`].
     #[error("initrd.size is {value}; it must be between 1 and {MAX_IMAGE_BYTES}")]
@@ -255,6 +263,10 @@ pub struct Header {
     /// recorded before it was kept: replay then gives what its host supports).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpuid: Vec<[u32; 7]>,
+    /// Whether checkpoint page references may also name a 4 KiB block of the trace's initrd or disk
+    /// copies (FORMAT.md, "Checkpoints"); absent in traces recorded before they could.
+    #[serde(default)]
+    pub page_backing: bool,
     /// Whether the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions were trapped to the VMM
     /// (landmark-clock recordings made since the field exists; absent means no), so replay must trap them
     /// the same way.
@@ -304,6 +316,11 @@ impl Header {
         if self.disks.len() > MAX_DISKS {
             return Err(FormatError::TooManyDisks {
                 count: self.disks.len(),
+            });
+        }
+        if self.cpuid.len() > MAX_CPUID_ENTRIES {
+            return Err(FormatError::TooManyCpuidEntries {
+                count: self.cpuid.len(),
             });
         }
         if let Some(initrd) = &self.initrd {

@@ -19,7 +19,7 @@ use crate::format::{
     parse_checkpoint_file_name, Checkpoint, Event, EventKind, FormatError, Header, Summary,
     CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE,
     EVENTS_FILE_HEADER_LEN, EVENT_MEMORY_COST, FORMAT_VERSION, HEADER_FILE, MAX_EVENT_MEMORY,
-    MAX_JSON_FILE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
+    MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
 
 /// Errors from reading a trace.
@@ -282,6 +282,46 @@ pub struct TraceReader {
     /// This host's memory, if known: no checkpoint larger than it is read.
     host_memory: Option<u64>,
     events_size: u64,
+    /// The initrd and disk copies, by the hash of each of their 4 KiB blocks, once a chain of
+    /// checkpoints needed them (only in traces whose header has `page_backing`).
+    backing: std::sync::OnceLock<Backing>,
+}
+
+/// The blocks checkpoint pages may refer to besides pages of their own chain: the 4 KiB blocks of the
+/// trace's initrd and disk copies.
+struct Backing {
+    /// The copies.
+    sources: Vec<Vec<u8>>,
+    /// Each non-zero block's xxh3-128, with the source and offset of its first occurrence.
+    blocks: std::collections::HashMap<u128, (usize, usize)>,
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Backing({} blocks)", self.blocks.len())
+    }
+}
+
+impl Backing {
+    fn new(sources: Vec<Vec<u8>>) -> Backing {
+        let mut blocks = std::collections::HashMap::new();
+        for (i, source) in sources.iter().enumerate() {
+            for (n, block) in source.chunks_exact(PAGE_SIZE).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    blocks
+                        .entry(xxhash_rust::xxh3::xxh3_128(block))
+                        .or_insert((i, n * PAGE_SIZE));
+                }
+            }
+        }
+        Backing { sources, blocks }
+    }
+
+    /// The block with content hash `hash`, if there is one.
+    fn block(&self, hash: u128) -> Option<&[u8]> {
+        let &(source, at) = self.blocks.get(&hash)?;
+        Some(&self.sources[source][at..at + PAGE_SIZE])
+    }
 }
 
 impl TraceReader {
@@ -364,6 +404,7 @@ impl TraceReader {
             limits,
             host_memory,
             events_size: stream.file_size,
+            backing: std::sync::OnceLock::new(),
         })
     }
 
@@ -476,15 +517,32 @@ impl TraceReader {
                 })
             })?;
         let mut content = PageContent::default();
+        let backing = self.backing().map_err(at_index)?;
         for i in base..=index {
             let at = |source| ChainError { failed: i, source };
             let mut cp = self.read_raw(i).map_err(at)?;
             content
-                .resolve(&mut cp, &self.checkpoints[i].path)
+                .resolve(&mut cp, &self.checkpoints[i].path, backing)
                 .map_err(at)?;
             each(cp);
         }
         Ok(())
+    }
+
+    /// The blocks checkpoint pages may refer to, read once; None in traces without `page_backing`.
+    fn backing(&self) -> Result<Option<&Backing>, ReadError> {
+        if !self.header.page_backing {
+            return Ok(None);
+        }
+        if let Some(b) = self.backing.get() {
+            return Ok(Some(b));
+        }
+        let mut sources = Vec::new();
+        sources.extend(self.read_initrd()?);
+        for i in 0..self.header.disks.len() {
+            sources.push(self.read_disk(i)?);
+        }
+        Ok(Some(self.backing.get_or_init(|| Backing::new(sources))))
     }
 
     fn checkpoint_info(&self, index: usize) -> Result<&CheckpointInfo, ReadError> {
@@ -605,6 +663,8 @@ impl TraceReader {
                 }
             }
         };
+        // A damaged initrd or disk copy is reported below; its blocks then resolve nothing.
+        let backing = self.backing().ok().flatten();
         for (i, info) in self.checkpoints.iter().enumerate() {
             if info.full {
                 end_chain(&mut broken, &mut problems);
@@ -618,7 +678,7 @@ impl TraceReader {
             }
             let result = self
                 .read_raw(i)
-                .and_then(|mut cp| content.resolve(&mut cp, &info.path));
+                .and_then(|mut cp| content.resolve(&mut cp, &info.path, backing));
             match (result, &mut broken) {
                 (Ok(()), None) => {}
                 (Ok(()), Some((_, dependents))) => dependents.push(i),
@@ -660,9 +720,15 @@ impl TraceReader {
 struct PageContent(std::collections::HashMap<u128, Vec<u8>>);
 
 impl PageContent {
-    /// Replaces each page reference of `cp` (read from `path`) by the content it names, and
-    /// remembers the content of each page stored in full.
-    fn resolve(&mut self, cp: &mut Checkpoint, path: &Path) -> Result<(), ReadError> {
+    /// Replaces each page reference of `cp` (read from `path`) by the content it names (a page stored
+    /// earlier in the chain, or a block of `backing`), and remembers the content of each page stored
+    /// in full.
+    fn resolve(
+        &mut self,
+        cp: &mut Checkpoint,
+        path: &Path,
+        backing: Option<&Backing>,
+    ) -> Result<(), ReadError> {
         for (pfn, page) in cp.pages.iter_mut() {
             if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
                 let hash = u128::from_le_bytes(hash);
@@ -670,6 +736,7 @@ impl PageContent {
                     .0
                     .get(&hash)
                     .cloned()
+                    .or_else(|| backing?.block(hash).map(<[u8]>::to_vec))
                     .ok_or_else(|| ReadError::DanglingPageRef {
                         path: path.to_owned(),
                         pfn: *pfn,
@@ -1145,6 +1212,7 @@ mod tests {
             disks: vec![],
             digest: Default::default(),
             host_traps: false,
+            page_backing: false,
             cpuid: Vec::new(),
             initrd: None,
         };

@@ -215,6 +215,12 @@ pub struct TraceWriter {
     /// Content hashes of the pages stored since the last full checkpoint: a page with one of these
     /// contents is stored as a reference instead of again.
     stored_pages: std::collections::HashSet<u128>,
+    /// Content hashes of the 4 KiB blocks of the initrd and disk copies this trace holds: with
+    /// `page_backing` in the header, a checkpoint page with one of these contents is stored as a
+    /// reference to that block (FORMAT.md, "Checkpoints").
+    backing_pages: std::collections::HashSet<u128>,
+    /// Whether the header allows references to `backing_pages`.
+    page_backing: bool,
     checkpoints: u64,
     event_bytes: u64,
     checkpoint_bytes: u64,
@@ -281,11 +287,14 @@ impl TraceWriter {
             .write_all(&file_header)
             .map_err(io_err("write", &events_path))?;
 
-        let json = serde_json::to_vec_pretty(header).map_err(|e| WriteError::Io {
+        // Compact: the CPUID table alone would take hundreds of lines pretty-printed, and a recording
+        // must start on a nearly full disk (`retrovisor info` shows the header readably).
+        let mut json = serde_json::to_vec(header).map_err(|e| WriteError::Io {
             action: "serialize",
             path: dir.join(HEADER_FILE),
             source: e.into(),
         })?;
+        json.push(b'\n');
         write_atomic(&dir.join(HEADER_FILE), &json)?;
         sync_dir(dir)?;
 
@@ -301,6 +310,8 @@ impl TraceWriter {
             chunks: 0,
             last_checkpoint: None,
             stored_pages: std::collections::HashSet::new(),
+            backing_pages: std::collections::HashSet::new(),
+            page_backing: header.page_backing,
             checkpoints: 0,
             event_bytes: file_header.len() as u64,
             checkpoint_bytes: 0,
@@ -380,7 +391,8 @@ impl TraceWriter {
         // Identical pages are stored once: later copies (in this checkpoint or any since the last full
         // one, which is where readers start merging) become references to the content hash.
         let mut known = if cp.full {
-            Default::default()
+            // Pages equal to a block of the initrd or a disk are stored as references to it.
+            self.backing_pages.clone()
         } else {
             self.stored_pages.clone()
         };
@@ -429,6 +441,21 @@ impl TraceWriter {
         self.checkpoints += 1;
         self.checkpoint_bytes += bytes.len() as u64;
         Ok(bytes.len() as u64)
+    }
+
+    /// Notes the 4 KiB blocks of `image` (an initrd or disk copy just written into the trace) as content
+    /// later checkpoint pages may refer to, if the header allows it. All-zero blocks are left out:
+    /// zero pages have their own marker.
+    pub(crate) fn add_backing(&mut self, image: &[u8]) {
+        if !self.page_backing {
+            return;
+        }
+        for block in image.chunks_exact(crate::format::PAGE_SIZE) {
+            if block.iter().any(|&b| b != 0) {
+                self.backing_pages
+                    .insert(xxhash_rust::xxh3::xxh3_128(block));
+            }
+        }
     }
 
     /// Ends the recording: flushes up to `summary.end_icount` (unless the stream was just flushed

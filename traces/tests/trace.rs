@@ -59,6 +59,7 @@ fn header() -> Header {
         disks: vec![],
         digest: Default::default(),
         host_traps: false,
+        page_backing: false,
         cpuid: Vec::new(),
         initrd: None,
     }
