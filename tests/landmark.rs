@@ -107,6 +107,25 @@ fn a_guest_reading_the_tsc_and_random_numbers_replays_exactly() {
 }
 
 #[test]
+fn instructions_the_vmm_completes_replay_exactly() {
+    let dir = scratch("lm-insns");
+    let (trace, rec) = record(&dir, "insns64", &["--clock", "landmark"]);
+    let out = text(&rec.stdout);
+    assert_eq!(status(&rec), 0x7e * 2 + 1, "{}", text(&rec.stderr));
+    for line in [
+        "popcnt: 28\n",
+        "cmpxchg16b: zf=1 rdx:rax=0x0000000000000002:0x0000000000000001 memory=0x0000000000000044:0x0000000000000033\n",
+        "cmpxchg16b: zf=0 rdx:rax=0x0000000000000044:0x0000000000000033 memory=0x0000000000000044:0x0000000000000033\n",
+        "x87: fnclex and fwait passed\n",
+        "EXCEPTION vector=3 ",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    assert_replays(&trace, &rec);
+    assert_replays_with(&trace, &rec, &["--clock", "step"]);
+}
+
+#[test]
 fn landmark_options_that_need_instruction_counts_are_refused() {
     let dir = scratch("lm-refused");
     let trace = dir.join("t.rvt");

@@ -1,8 +1,8 @@
 //! Instructions our KVM cannot emulate, completed by the VMM itself.
 //!
 //! On PVM hosts a protected-mode `iret` with 32- or 16-bit operand size ends in an emulation failure
-//! (PLATFORM.md), and so do some ring-0 instructions a Linux boot meets: `popcnt`, `clac`/`stac` and
-//! `int3`. We complete them here from the guest's own registers, memory, stack and descriptor tables,
+//! (PLATFORM.md), and so do some ring-0 instructions a Linux boot meets: `popcnt`, `clac`/`stac`,
+//! `cmpxchg16b`, `fnclex`, `fwait` and `int3`. We complete them here from the guest's own registers, memory, stack and descriptor tables,
 //! the same way in record and replay, so the result is deterministic and nothing new is logged. Anything
 //! we cannot complete is reported with its bytes.
 
@@ -60,6 +60,9 @@ pub enum Completion {
     /// RIP is past the instruction, and this exception (vector) must now be delivered to the guest, as
     /// `int3` raises #BP with the address of the next instruction on the stack.
     Exception(u8),
+    /// The instruction faults: RIP stays on it, and this exception (vector, one without an error code)
+    /// must be delivered, as `fwait` raises #MF while an unmasked x87 exception is pending.
+    Fault(u8),
 }
 
 /// RFLAGS.AC, which `clac` and `stac` clear and set.
@@ -70,12 +73,24 @@ const RFLAGS_ARITH: u64 = 0x8d5;
 const RFLAGS_ZF: u64 = 1 << 6;
 /// The #BP vector.
 pub const VECTOR_BP: u8 = 3;
+/// The #NM vector (device not available).
+pub const VECTOR_NM: u8 = 7;
+/// The #MF vector (x87 floating-point error).
+pub const VECTOR_MF: u8 = 16;
+/// CR0.MP and CR0.TS: with both set, `fwait` raises #NM.
+const CR0_MP_TS: u64 = (1 << 1) | (1 << 3);
+/// x87 status word: the exception flags (IE, DE, ZE, OE, UE, PE), the stack fault flag, the error
+/// summary and busy bits, which `fnclex` clears.
+const FSW_CLEARED_BY_FNCLEX: u16 = 0x80ff;
+/// x87 status word: error summary, set while an unmasked exception is pending.
+const FSW_ES: u16 = 1 << 7;
 
 /// Completes one of the ring-0 instructions PVM cannot emulate that act on registers and memory alone:
-/// `popcnt`, `clac`, `stac`, and `int3` (whose exception the caller delivers). None for any other.
+/// `popcnt`, `clac`, `stac`, `cmpxchg8b`/`cmpxchg16b` (the guest has one vCPU, so the lock is moot),
+/// and `int3` (whose exception the caller delivers). None for any other.
 pub fn complete_simple(
     insn: &Instruction,
-    mem: &GuestMemory,
+    mem: &mut GuestMemory,
     regs: &mut kvm_regs,
     sregs: &kvm_sregs,
 ) -> Result<Option<Completion>, EmulateError> {
@@ -99,12 +114,99 @@ pub fn complete_simple(
             }
             Completion::Done
         }
+        Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b => {
+            compare_exchange(insn, mem, regs, sregs)?;
+            Completion::Done
+        }
         // Only the one-byte form: `int 3` (cd 03) differs in the checks a VM86 guest gets, and none does.
         Mnemonic::Int3 => Completion::Exception(VECTOR_BP),
         _ => return Ok(None),
     };
     regs.rip = insn.next_ip();
     Ok(Some(completion))
+}
+
+/// Completes `fnclex`, `fwait` or `fclex` (the two together) with the x87 status word `fsw` and CR0;
+/// None for any other instruction. `fwait` checks for #NM (CR0.MP and CR0.TS) and then for a pending
+/// unmasked x87 exception (#MF), as the CPU does; on a fault RIP stays on the instruction.
+pub fn complete_x87(
+    insn: &Instruction,
+    fsw: &mut u16,
+    cr0: u64,
+    regs: &mut kvm_regs,
+) -> Option<Completion> {
+    let waits = matches!(insn.mnemonic(), Mnemonic::Wait | Mnemonic::Fclex);
+    let clears = matches!(insn.mnemonic(), Mnemonic::Fnclex | Mnemonic::Fclex);
+    if !waits && !clears {
+        return None;
+    }
+    if waits && cr0 & CR0_MP_TS == CR0_MP_TS {
+        return Some(Completion::Fault(VECTOR_NM));
+    }
+    if waits && *fsw & FSW_ES != 0 {
+        return Some(Completion::Fault(VECTOR_MF));
+    }
+    if clears {
+        *fsw &= !FSW_CLEARED_BY_FNCLEX;
+    }
+    regs.rip = insn.next_ip();
+    Some(Completion::Done)
+}
+
+/// `cmpxchg8b m64` / `cmpxchg16b m128`: compares EDX:EAX (RDX:RAX) with the operand; if equal, stores
+/// ECX:EBX (RCX:RBX) there and sets ZF, else loads the operand into EDX:EAX (RDX:RAX) and clears ZF.
+/// The operand is written either way, as the locked CPU instruction does. A `cmpxchg16b` operand that
+/// is not 16-byte aligned takes #GP(0) on the CPU, which the VMM cannot deliver: an error.
+fn compare_exchange(
+    insn: &Instruction,
+    mem: &mut GuestMemory,
+    regs: &mut kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<(), EmulateError> {
+    let wide = insn.mnemonic() == Mnemonic::Cmpxchg16b;
+    let half = if wide { 8 } else { 4 };
+    let addr = insn
+        .virtual_address(0, 0, |reg, _, _| register_or_base(regs, sregs, reg))
+        .unwrap_or(0);
+    let rip = regs.rip;
+    let mnemonic = format!("{:?}", insn.mnemonic()).to_lowercase();
+    let operand_err = |source| EmulateError::Operand {
+        rip,
+        mnemonic: mnemonic.clone(),
+        source,
+    };
+    if wide && !addr.is_multiple_of(16) {
+        return Err(EmulateError::Unsupported {
+            rip,
+            bytes: format!("cmpxchg16b of the unaligned address {addr:#x} (#GP)"),
+        });
+    }
+    let paging = paging_mode(sregs);
+    let mut bytes = [0u8; 16];
+    paging
+        .read_linear(mem, addr, &mut bytes[..2 * half])
+        .map_err(operand_err)?;
+    let word = |lo: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..half].copy_from_slice(&lo[..half]);
+        u64::from_le_bytes(w)
+    };
+    let mask = if wide { u64::MAX } else { 0xffff_ffff };
+    let (low, high) = (word(&bytes[..half]), word(&bytes[half..]));
+    let equal = low == regs.rax & mask && high == regs.rdx & mask;
+    if equal {
+        bytes[..half].copy_from_slice(&regs.rbx.to_le_bytes()[..half]);
+        bytes[half..2 * half].copy_from_slice(&regs.rcx.to_le_bytes()[..half]);
+        regs.rflags |= RFLAGS_ZF;
+    } else {
+        // 32-bit destinations zero-extend, as any 32-bit register write does.
+        regs.rax = low;
+        regs.rdx = high;
+        regs.rflags &= !RFLAGS_ZF;
+    }
+    paging
+        .write_linear(mem, addr, &bytes[..2 * half])
+        .map_err(operand_err)
 }
 
 /// The value of operand `op` of `insn` (a register or memory), zero-extended.
@@ -464,6 +566,97 @@ mod tests {
     }
 
     #[test]
+    fn cmpxchg16b_and_cmpxchg8b_complete_both_ways() {
+        let mut mem = GuestMemory::new(1 << 20).unwrap();
+        mem.write(0x8000, &[1u64.to_le_bytes(), 2u64.to_le_bytes()].concat())
+            .unwrap();
+        let sregs = kvm_sregs {
+            cr0: 0x11,
+            ..Default::default()
+        };
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            rsi: 0x8000,
+            rax: 1,
+            rdx: 2,
+            rbx: 0x33,
+            rcx: 0x44,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        // lock cmpxchg16b [rsi]: equal, so RCX:RBX is stored and ZF set.
+        let insn = decode64(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e], 0x1000);
+        let done = complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
+        assert_eq!(done, Some(Completion::Done));
+        assert_eq!(
+            (mem.read_u64(0x8000).unwrap(), mem.read_u64(0x8008).unwrap()),
+            (0x33, 0x44)
+        );
+        assert_eq!((regs.rflags & RFLAGS_ZF, regs.rip), (RFLAGS_ZF, 0x1005));
+        // Again: now unequal, so the memory is loaded into RDX:RAX and ZF cleared.
+        let insn = decode64(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e], regs.rip);
+        complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
+        assert_eq!(
+            (regs.rax, regs.rdx, regs.rflags & RFLAGS_ZF),
+            (0x33, 0x44, 0)
+        );
+        assert_eq!(mem.read_u64(0x8000).unwrap(), 0x33, "memory unchanged");
+        // cmpxchg8b [rsi]: EDX:EAX against the low 8 bytes, 32-bit halves.
+        regs.rax = 0x33;
+        regs.rdx = 0;
+        regs.rbx = 0xdead_beef_0000_0005;
+        regs.rcx = 6;
+        let insn = decode64(&[0x0f, 0xc7, 0x0e], regs.rip);
+        complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
+        assert_eq!(mem.read_u64(0x8000).unwrap(), 0x0000_0006_0000_0005);
+        assert_eq!(
+            mem.read_u64(0x8008).unwrap(),
+            0x44,
+            "the high half is not touched"
+        );
+        // An unaligned cmpxchg16b would take #GP: refused, not guessed.
+        regs.rsi = 0x8008;
+        let insn = decode64(&[0x48, 0x0f, 0xc7, 0x0e], regs.rip);
+        assert!(complete_simple(&insn, &mut mem, &mut regs, &sregs).is_err());
+    }
+
+    #[test]
+    fn fnclex_and_fwait_complete_or_fault() {
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        };
+        // An unmasked exception pending (ES) with a flag (ZE): fwait faults with #MF, RIP unmoved.
+        let mut fsw: u16 = FSW_ES | 0x4;
+        let wait = decode64(&[0x9b], 0x1000);
+        let fault = complete_x87(&wait, &mut fsw, 0x11, &mut regs);
+        assert_eq!(
+            (fault, regs.rip),
+            (Some(Completion::Fault(VECTOR_MF)), 0x1000)
+        );
+        // fnclex clears them; then fwait passes.
+        let fnclex = decode64(&[0xdb, 0xe2], 0x1000);
+        assert_eq!(
+            complete_x87(&fnclex, &mut fsw, 0x11, &mut regs),
+            Some(Completion::Done)
+        );
+        assert_eq!((fsw, regs.rip), (0, 0x1002));
+        let wait = decode64(&[0x9b], regs.rip);
+        assert_eq!(
+            complete_x87(&wait, &mut fsw, 0x11, &mut regs),
+            Some(Completion::Done)
+        );
+        assert_eq!(regs.rip, 0x1003);
+        // With CR0.MP and CR0.TS, fwait is #NM whatever the status.
+        let wait = decode64(&[0x9b], regs.rip);
+        let nm = complete_x87(&wait, &mut fsw, 0x11 | CR0_MP_TS, &mut regs);
+        assert_eq!(nm, Some(Completion::Fault(VECTOR_NM)));
+        // Anything else is not ours.
+        let nop = decode64(&[0x90], regs.rip);
+        assert_eq!(complete_x87(&nop, &mut fsw, 0x11, &mut regs), None);
+    }
+
+    #[test]
     fn popcnt_clac_stac_and_int3_complete() {
         let mut mem = GuestMemory::new(1 << 20).unwrap();
         mem.write(0x8010, &0x0f0f_0000_0000_0001u64.to_le_bytes())
@@ -482,36 +675,36 @@ mod tests {
         };
         // popcnt rax, [rbx+0x10]: 9 bits; the flags cleared.
         let insn = decode64(&[0xf3, 0x48, 0x0f, 0xb8, 0x43, 0x10], 0x1000);
-        let done = complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        let done = complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
         assert_eq!(done, Some(Completion::Done));
         assert_eq!((regs.rax, regs.rip, regs.rflags), (9, 0x1006, 0x2));
         // popcnt edx, ecx: 32-bit, so the high half of rcx does not count and rdx is zero-extended.
         regs.rdx = u64::MAX;
         let insn = decode64(&[0xf3, 0x0f, 0xb8, 0xd1], regs.rip);
-        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
         assert_eq!((regs.rdx, regs.rflags), (0, 0x2 | RFLAGS_ZF));
         // stac then clac flip AC only.
         let insn = decode64(&[0x0f, 0x01, 0xcb], regs.rip);
-        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
         assert_eq!(regs.rflags, 0x2 | RFLAGS_ZF | RFLAGS_AC);
         let insn = decode64(&[0x0f, 0x01, 0xca], regs.rip);
-        complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
         assert_eq!((regs.rflags, regs.rip), (0x2 | RFLAGS_ZF, 0x1010));
         // int3: past it, and #BP to deliver.
         let insn = decode64(&[0xcc], regs.rip);
-        let done = complete_simple(&insn, &mem, &mut regs, &sregs).unwrap();
+        let done = complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap();
         assert_eq!(done, Some(Completion::Exception(VECTOR_BP)));
         assert_eq!(regs.rip, 0x1011);
         // Anything else is not ours; an unreadable operand is an error, not a guess.
         let insn = decode64(&[0x90], regs.rip);
         assert_eq!(
-            complete_simple(&insn, &mem, &mut regs, &sregs).unwrap(),
+            complete_simple(&insn, &mut mem, &mut regs, &sregs).unwrap(),
             None
         );
         regs.rbx = 0x20_0000;
         let insn = decode64(&[0xf3, 0x48, 0x0f, 0xb8, 0x43, 0x10], regs.rip);
         assert!(matches!(
-            complete_simple(&insn, &mem, &mut regs, &sregs),
+            complete_simple(&insn, &mut mem, &mut regs, &sregs),
             Err(EmulateError::Operand { .. })
         ));
     }

@@ -929,17 +929,28 @@ impl Machine {
         let mut regs = self.regs;
         let mut sregs = self.sregs;
         let simple = match &insn {
-            Some(insn) => emulate::complete_simple(insn, &self.mem, &mut regs, &sregs),
+            Some(insn) => emulate::complete_simple(insn, &mut self.mem, &mut regs, &sregs),
             None => Ok(None),
         };
-        let simple = simple.map_err(|source| MachineError::Emulation {
+        let mut simple = simple.map_err(|source| MachineError::Emulation {
             icount: self.icount,
             source,
         })?;
+        if let Some(insn) = insn.filter(|_| simple.is_none()) {
+            let mut fpu = self.vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+            let fsw = fpu.fsw;
+            simple = emulate::complete_x87(&insn, &mut fpu.fsw, sregs.cr0, &mut regs);
+            if fpu.fsw != fsw {
+                self.vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+            }
+        }
         if let Some(completion) = simple {
             self.set_regs(regs)?;
-            if let Completion::Exception(vector) = completion {
-                self.inject_exception(vector)?;
+            match completion {
+                Completion::Done => {}
+                Completion::Exception(vector) | Completion::Fault(vector) => {
+                    self.inject_exception(vector)?
+                }
             }
             return Ok(());
         }

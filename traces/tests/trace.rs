@@ -1210,13 +1210,13 @@ fn headers_beyond_what_a_machine_can_be_are_refused() {
     let good = fs::read_to_string(&path).unwrap();
     for (from, to, expected) in [
         (
-            "\"ram_bytes\": 67108864",
-            "\"ram_bytes\": 1099511627776",
+            "\"ram_bytes\":67108864",
+            "\"ram_bytes\":1099511627776",
             "machine.ram_bytes is 1099511627776; it must be between 1 and 3221225472",
         ),
         (
-            "\"image_size\": 5",
-            "\"image_size\": 68719476736",
+            "\"image_size\":5",
+            "\"image_size\":68719476736",
             "image_size is 68719476736",
         ),
     ] {
