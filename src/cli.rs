@@ -676,6 +676,18 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         h.machine.ram_bytes >> 20,
         h.machine.cmdline
     );
+    if !h.machine.memory_map.is_empty() {
+        let ranges: Vec<String> = h
+            .machine
+            .memory_map
+            .iter()
+            .map(|&(base, len, kind)| {
+                let what = if kind == 1 { "RAM" } else { "reserved" };
+                format!("{base:#x}-{:#x} {what}", base + len.saturating_sub(1))
+            })
+            .collect();
+        println!("memory map:    {}", ranges.join(", "));
+    }
     let clock = words::clock_of(h);
     let (unit, counted) = (words::unit(clock), words::counted(clock));
     println!(

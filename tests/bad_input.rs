@@ -519,3 +519,13 @@ fn an_error_is_not_a_panic_when_standard_error_cannot_be_written() {
         .unwrap();
     assert_eq!(status(&o), 2);
 }
+
+#[test]
+fn a_trace_whose_memory_map_this_build_would_not_give_is_refused() {
+    let (trace, _) = record(&scratch("memory-map"), "hello", &[]);
+    let header = trace.join("header.json");
+    let good = std::fs::read_to_string(&header).unwrap();
+    assert!(good.contains("[0,654336,1]"), "{good}");
+    std::fs::write(&header, good.replace("[0,654336,1]", "[0,655360,1]")).unwrap();
+    assert_error(&replay(&trace, &[]), "this retrovisor builds");
+}

@@ -26,6 +26,14 @@ pub enum ReplayError {
     /// The trace cannot be read.
     #[error(transparent)]
     Trace(#[from] traces::ReadError),
+    /// The trace's memory map is not the one this retrovisor gives a guest of that size.
+    #[error("the trace's guest had the memory map {recorded:x?} (base, length, type), but this retrovisor builds {built:x?}: replay it with the retrovisor that recorded it")]
+    MemoryMap {
+        /// What the header says.
+        recorded: Vec<(u64, u64, u32)>,
+        /// What this build gives.
+        built: Vec<(u64, u64, u32)>,
+    },
     /// The guest image cannot be read.
     #[error("cannot read guest image {path}: {source}")]
     Image {
@@ -178,6 +186,13 @@ impl Replayer {
         let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
             clock: h.clock.clone(),
         })?;
+        let map = machine::loader::pc_memory_map(h.machine.ram_bytes);
+        if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
+            return Err(ReplayError::MemoryMap {
+                recorded: h.machine.memory_map.clone(),
+                built: map.to_vec(),
+            });
+        }
         let config = MachineConfig {
             ram_bytes: h.machine.ram_bytes,
             cmdline: h.machine.cmdline.clone(),

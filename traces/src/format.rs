@@ -214,6 +214,11 @@ pub struct MachineConfig {
     pub ram_bytes: u64,
     /// Kernel command line given to the guest.
     pub cmdline: String,
+    /// The memory map the boot loader gave the guest: (base, length, type) with type 1 RAM and 2
+    /// reserved, as E820 numbers them (absent in traces recorded before it was kept). Replay checks
+    /// that it builds the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_map: Vec<(u64, u64, u32)>,
 }
 
 /// A disk the guest had (or its initrd), as `header.json` lists it. The trace holds a copy of the

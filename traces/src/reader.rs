@@ -1204,6 +1204,7 @@ mod tests {
             machine: MachineConfig {
                 ram_bytes: 1 << 20,
                 cmdline: String::new(),
+                memory_map: Vec::new(),
             },
             clock: "step".into(),
             time_mode: TimeMode::Virtual,

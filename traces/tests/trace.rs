@@ -51,6 +51,7 @@ fn header() -> Header {
         machine: MachineConfig {
             ram_bytes: 64 << 20,
             cmdline: "console=ttyS0".into(),
+            memory_map: Vec::new(),
         },
         clock: "step".into(),
         time_mode: TimeMode::Host,
