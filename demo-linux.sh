@@ -4,6 +4,7 @@
 # reverse-continue find the kernel source line that did the damage. See README.md, "Linux guests".
 set -euo pipefail
 cd "$(dirname "$0")"
+. gdb/serve-replay.sh
 for tool in cargo gcc gdb; do
     if ! command -v "$tool" >/dev/null; then
         echo "demo-linux: $tool is needed (Debian: apt-get install build-essential gdb; Rust via rustup)" >&2
@@ -39,16 +40,7 @@ echo "      the later read notices that the kernel's rv_demo.budget was clobbere
 
 echo
 echo "== 2. replay it under gdb: stop where the kernel reads rv_demo, watch the budget, run backwards"
-"$rv" replay "$work/linux.rvt" --gdb 127.0.0.1:0 >"$work/guest-output.txt" 2>"$work/replay.log" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-port=""
-for _ in $(seq 600); do
-    port=$(sed -n 's/.*waiting for gdb on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/replay.log" | head -n1)
-    [ -n "$port" ] && break
-    sleep 0.05
-done
-[ -n "$port" ] || { echo "demo-linux: the replay never started listening:" >&2; cat "$work/replay.log" >&2; exit 1; }
+serve_replay "$rv" "$work/linux.rvt" "$work"
 gdb -nx -q -batch "$vmlinux" \
     -ex "target remote 127.0.0.1:$port" \
     -ex "break rv_demo_show" \

@@ -3,6 +3,7 @@
 # reverse-continue find the store that corrupted a variable long before the program noticed. See README.md.
 set -euo pipefail
 cd "$(dirname "$0")"
+. gdb/serve-replay.sh
 for tool in cargo make gcc ld gdb; do
     if ! command -v "$tool" >/dev/null; then
         echo "demo: $tool is needed (Debian: apt-get install build-essential gdb; Rust via rustup)" >&2
@@ -28,16 +29,7 @@ echo "== 1. record tests/guests/demo.c: it notices only at the very end that a v
 
 echo
 echo "== 2. replay it under gdb: stop where the program checks 'guard', watch it, run backwards"
-"$rv" replay "$work/demo.rvt" --gdb 127.0.0.1:0 >"$work/guest-output.txt" 2>"$work/replay.log" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-port=""
-for _ in $(seq 200); do
-    port=$(sed -n 's/.*waiting for gdb on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/replay.log" | head -n1)
-    [ -n "$port" ] && break
-    sleep 0.05
-done
-[ -n "$port" ] || { echo "demo: the replay never started listening:" >&2; cat "$work/replay.log" >&2; exit 1; }
+serve_replay "$rv" "$work/demo.rvt" "$work"
 gdb -nx -q -batch "$elf" \
     -ex "target remote 127.0.0.1:$port" \
     -ex "break demo.c:$check" \

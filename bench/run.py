@@ -11,10 +11,15 @@ commands, hashing, table updates and a 100 Hz timer), recorded and replayed with
 instruction count comes from its index unless --long-no-index (the index takes about ten minutes here, as
 recording it with the step clock would).
 
+--linux adds the Linux test guest (tests/linux/build.sh builds it once): a boot to /init and a short serial
+session, with the landmark clock: free run, record and replay, and the size of full and incremental
+checkpoints.
+
 Then, on a step recording of at least 5 million instructions: the raw KVM single-step rate of this machine
 (the ceiling of the step clock), replay's share of it, and reverse-stepi and seek-back latency.
 
-Usage: python3 bench/run.py [--runs N] [--guests timer,demo,long64,ledger,disk] [--long] [--long-instructions N]
+Usage: python3 bench/run.py [--runs N] [--guests timer,demo,long64,ledger,disk] [--long] [--linux]
+                            [--long-instructions N]
 """
 import argparse
 import os
@@ -112,6 +117,7 @@ def main():
     ap.add_argument("--guests", default="timer,demo,long64,ledger,disk", help="comma-separated guest names")
     ap.add_argument("--long", action="store_true", help="also the ~68M-instruction ledger guest (landmark clock)")
     ap.add_argument("--long-no-index", action="store_true", help="skip indexing the long guest's trace")
+    ap.add_argument("--linux", action="store_true", help="also the Linux test guest: boot and a serial session")
     ap.add_argument("--long-instructions", type=int, default=5_000_000,
                     help="length of the step recording for the reverse-execution figures (0 skips them)")
     a = ap.parse_args()
@@ -125,10 +131,47 @@ def main():
         if a.long:
             measure("ledger-long", os.path.join(guests, "ledger.elf"), work, 1, ["landmark"],
                     index=not a.long_no_index)
+        if a.linux:
+            linux(work, a.runs)
         if a.long_instructions:
             long_run(work, guests, a.long_instructions)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def linux(work, runs):
+    """The Linux test guest: boot, a serial session that reads its virtio disk, power off."""
+    subprocess.run(["bash", os.path.join(ROOT, "tests", "linux", "build.sh")], check=True)
+    out = os.path.join(ROOT, "target", "linux")
+    session = os.path.join(work, "session.txt")
+    with open(session, "w") as f:
+        f.write("echo hello\ncat /proc/version\nhead /dev/vda 24\npoweroff 0\n")
+    disk = os.path.join(work, "linux-disk.img")
+    with open(disk, "wb") as f:
+        f.write(bytes(range(256)) * 4096)
+    args = ["--kernel", os.path.join(out, "vmlinux"), "--initrd", os.path.join(out, "initramfs.cpio"),
+            "--append", "console=ttyS0 panic=-1 noapic nolapic noxsave virtio_mmio.device=512@0xd0000000:5",
+            "--ram", "64", "--disk", disk, "--serial-input", session, "--serial-input-after", "Run /init"]
+    free = median_time([BIN, "run"] + args, runs)
+    rec_times, rep_times = [], []
+    for i in range(runs):
+        trace = os.path.join(work, f"linux-{i}.rvt")
+        rec_times.append(timed([BIN, "record", "-o", trace] + args)[0])
+        rep_times.append(timed([BIN, "replay", trace])[0])
+    rec, rep = statistics.median(rec_times), statistics.median(rep_times)
+    ev, ncp, cpb, kicks = trace_sizes(trace)
+    full, incremental = [], []
+    cdir = os.path.join(trace, "checkpoints")
+    for name in os.listdir(cdir):
+        with open(os.path.join(cdir, name), "rb") as f:
+            is_full = f.read(29)[28] == 1
+        (full if is_full else incremental).append(os.path.getsize(os.path.join(cdir, name)))
+    landmarks = int(re.search(r"^landmarks:\s+(\d+)", info(trace), re.M).group(1))
+    print(f"== linux boot and session: free run {free:.1f}s, {landmarks} landmarks, {kicks} kicks")
+    print(f"  landmark record {rec:6.1f}s = {rec / free:5.2f}x free run   replay {rep:6.1f}s = {rep / rec:5.2f}x record")
+    print(f"           events {ev} bytes ({ev / landmarks:.1f} per landmark); {ncp} checkpoints: "
+          f"{len(full)} full, {statistics.mean(full) / 1e6:.2f} MB each; {len(incremental)} incremental, "
+          f"{statistics.mean(incremental) / 1e3:.1f} KB each")
 
 
 def long_run(work, guests, n):

@@ -1,5 +1,6 @@
 //! The command line: argument parsing, friendly errors and exit statuses.
 
+use crate::words::{describe_stop, say};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recorder::{Options, SerialInput, TimeSourceKind};
@@ -370,12 +371,6 @@ pub fn main() -> i32 {
     }
 }
 
-/// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
-/// cannot be written (say it is a file on a full disk): the exit status still tells what happened.
-pub(crate) fn say(line: std::fmt::Arguments) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// Reads the disk images (before the guest starts, so a bad one is a clean error) and, for
 /// `--disk-writeback`, opens each for writing now, so a read-only image fails before the run.
 fn open_disks(
@@ -533,18 +528,6 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
-}
-
-pub(crate) fn describe_stop(stop: &traces::StopReason) -> String {
-    match stop {
-        traces::StopReason::GuestExit { status } => format!("exited with status {status}"),
-        traces::StopReason::TripleFault => "triple-faulted".into(),
-        traces::StopReason::Halted => "halted with nothing left to wake it".into(),
-        traces::StopReason::UserStop => "was stopped by the user".into(),
-        traces::StopReason::InstructionLimit => {
-            "was stopped at the instruction limit (--max-instructions)".into()
-        }
-    }
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {

@@ -1,8 +1,9 @@
 //! The words retrovisor shows users for what a trace holds: what each kind of event means, what a
-//! trace's positions count, and how it kept time. `info` and `timeline` say the same thing the same way,
-//! in the command line's own spelling.
+//! trace's positions count, how it kept time and how the guest stopped; and how they reach standard
+//! error. `info` and `timeline` say the same thing the same way, in the command line's own spelling.
 
 use machine::Clock;
+use std::io::Write;
 use traces::TimeMode;
 
 /// What an event of `kind` (an [`traces::EventKind::name`], or `checkpoint`) stands for.
@@ -75,4 +76,22 @@ pub fn checkpoint_interval(header: &traces::Header) -> String {
         ),
         _ => format!("every {} instructions", header.checkpoint_every),
     }
+}
+
+pub(crate) fn describe_stop(stop: &traces::StopReason) -> String {
+    match stop {
+        traces::StopReason::GuestExit { status } => format!("exited with status {status}"),
+        traces::StopReason::TripleFault => "triple-faulted".into(),
+        traces::StopReason::Halted => "halted with nothing left to wake it".into(),
+        traces::StopReason::UserStop => "was stopped by the user".into(),
+        traces::StopReason::InstructionLimit => {
+            "was stopped at the instruction limit (--max-instructions)".into()
+        }
+    }
+}
+
+/// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
+/// cannot be written (say it is a file on a full disk): the exit status still tells what happened.
+pub(crate) fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

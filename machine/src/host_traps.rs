@@ -17,8 +17,8 @@
 //! functions, and padding decodes as `int3` or `nop`, so it stays in step. What the scan cannot see is
 //! code the guest makes at run time (modules, BPF) or runs in user mode: the limits are in the README.
 
+use crate::elf::{program_headers, section_headers, PT_LOAD};
 use crate::memory::{GuestMemory, MemoryError};
-use crate::symbols::section_headers;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 use std::collections::BTreeMap;
 
@@ -42,7 +42,7 @@ impl HostTraps {
     /// headers.
     pub fn find(image: &[u8]) -> HostTraps {
         let mut sites = BTreeMap::new();
-        let Ok((_, segments)) = crate::loader::program_headers(image) else {
+        let Ok((_, segments)) = program_headers(image) else {
             return HostTraps::default();
         };
         let bitness = if image.get(4) == Some(&2) { 64 } else { 32 };
@@ -53,7 +53,7 @@ impl HostTraps {
         {
             // Where the section's bytes are loaded: through the loadable segment that holds them.
             let Some(base) = segments.iter().find_map(|ph| {
-                let inside = ph.ptype == crate::loader::PT_LOAD
+                let inside = ph.ptype == PT_LOAD
                     && s.offset >= ph.offset
                     && s.offset + s.size <= ph.offset + ph.filesz;
                 inside.then(|| ph.paddr + (s.offset - ph.offset))

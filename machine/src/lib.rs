@@ -6,6 +6,7 @@ pub mod clock;
 pub mod cpu;
 pub mod devices;
 pub mod disk;
+pub mod elf;
 pub mod emulate;
 pub mod host_traps;
 pub mod loader;

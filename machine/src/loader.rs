@@ -3,7 +3,8 @@
 //! failing that an ELF kernel with a PVH entry note, such as Linux's vmlinux (see [`crate::pvh`]). QEMU
 //! tries them in the same order.
 
-use crate::memory::{GuestMemory, MemoryError};
+use crate::elf::{program_headers, u32_at, ElfError, PT_LOAD};
+use crate::memory::{pc_memory_map, GuestMemory, MemoryError};
 use crate::pvh::{self, PvhError};
 use thiserror::Error;
 
@@ -63,6 +64,12 @@ pub enum LoaderError {
     Pvh(#[from] PvhError),
 }
 
+impl From<ElfError> for LoaderError {
+    fn from(e: ElfError) -> LoaderError {
+        LoaderError::BadElf(e.0)
+    }
+}
+
 /// The boot protocol a kernel was loaded with, and what its entry expects in registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -93,16 +100,6 @@ pub fn load(
     }
 }
 
-/// The PC memory map both protocols report, as QEMU does: conventional memory, the BIOS ROM hole, then
-/// RAM from 1 MiB to the end of guest RAM. (base, length, type): type 1 is RAM, 2 reserved.
-pub fn pc_memory_map(ram: u64) -> [(u64, u64, u32); 3] {
-    [
-        (0, 0x9fc00, 1),
-        (0xf0000, 0x10000, 2),
-        (0x10_0000, ram.saturating_sub(0x10_0000), 1),
-    ]
-}
-
 /// What the vCPU needs to start the loaded kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootInfo {
@@ -111,20 +108,6 @@ pub struct BootInfo {
     /// Address of the boot information the kernel finds in EBX: the multiboot information block, or
     /// PVH's `hvm_start_info`.
     pub info_addr: u32,
-}
-
-fn u16_at(b: &[u8], off: usize) -> Result<u16, LoaderError> {
-    b.get(off..off + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .ok_or(LoaderError::BadElf("truncated"))
-}
-pub(crate) fn u32_at(b: &[u8], off: usize) -> Result<u32, LoaderError> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or(LoaderError::BadElf("truncated"))
-}
-pub(crate) fn u64_at(b: &[u8], off: usize) -> Result<u64, LoaderError> {
-    Ok(u64::from(u32_at(b, off)?) | (u64::from(u32_at(b, off + 4)?) << 32))
 }
 
 /// The multiboot header: offset in the image and flags.
@@ -167,94 +150,6 @@ fn load_segment(
             .map_err(fit)?;
     }
     Ok(())
-}
-
-/// One ELF program header: the fields the loaders use.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ProgramHeader {
-    /// Segment type (PT_LOAD, PT_NOTE, ...).
-    pub ptype: u32,
-    /// Offset of its bytes in the file.
-    pub offset: u64,
-    /// Physical load address.
-    pub paddr: u64,
-    /// Bytes in the file.
-    pub filesz: u64,
-    /// Bytes in memory (the rest is zeroed).
-    pub memsz: u64,
-}
-
-impl ProgramHeader {
-    /// The segment's bytes in the file.
-    pub fn data<'a>(&self, image: &'a [u8]) -> Result<&'a [u8], LoaderError> {
-        usize::try_from(self.offset)
-            .ok()
-            .zip(usize::try_from(self.filesz).ok())
-            .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
-            .ok_or(LoaderError::BadElf("segment data lies outside the file"))
-    }
-}
-
-/// Segment type of a loadable segment.
-pub(crate) const PT_LOAD: u32 = 1;
-/// Segment type of a segment of notes.
-pub(crate) const PT_NOTE: u32 = 4;
-
-/// The entry point and program headers of an ELF image (32- or 64-bit, little-endian).
-pub(crate) fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), LoaderError> {
-    if image.get(0..4) != Some(b"\x7fELF") {
-        return Err(LoaderError::BadElf(
-            "no ELF magic and no a.out kludge in the multiboot header",
-        ));
-    }
-    let class64 = match image[4] {
-        1 => false,
-        2 => true,
-        _ => return Err(LoaderError::BadElf("unknown ELF class")),
-    };
-    if image.get(5) != Some(&1) {
-        return Err(LoaderError::BadElf("not little-endian"));
-    }
-    let (entry, phoff, phentsize, phnum) = if class64 {
-        (
-            u64_at(image, 24)?,
-            u64_at(image, 32)?,
-            u16_at(image, 54)?,
-            u16_at(image, 56)?,
-        )
-    } else {
-        (
-            u64::from(u32_at(image, 24)?),
-            u64::from(u32_at(image, 28)?),
-            u16_at(image, 42)?,
-            u16_at(image, 44)?,
-        )
-    };
-    let mut headers = Vec::new();
-    for i in 0..usize::from(phnum) {
-        let ph = usize::try_from(phoff)
-            .map_err(|_| LoaderError::BadElf("bad program header offset"))?
-            + i * usize::from(phentsize);
-        headers.push(if class64 {
-            ProgramHeader {
-                ptype: u32_at(image, ph)?,
-                offset: u64_at(image, ph + 8)?,
-                paddr: u64_at(image, ph + 24)?,
-                filesz: u64_at(image, ph + 32)?,
-                memsz: u64_at(image, ph + 40)?,
-            }
-        } else {
-            let f = |o| u32_at(image, ph + o).map(u64::from);
-            ProgramHeader {
-                ptype: u32_at(image, ph)?,
-                offset: f(4)?,
-                paddr: f(12)?,
-                filesz: f(16)?,
-                memsz: f(20)?,
-            }
-        });
-    }
-    Ok((entry, headers))
 }
 
 /// Loads the ELF program headers (PT_LOAD, at their physical addresses as QEMU does). Returns the entry

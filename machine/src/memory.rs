@@ -148,6 +148,16 @@ impl GuestMemory {
     }
 }
 
+/// The PC memory map both protocols report, as QEMU does: conventional memory, the BIOS ROM hole, then
+/// RAM from 1 MiB to the end of guest RAM. (base, length, type): type 1 is RAM, 2 reserved.
+pub fn pc_memory_map(ram: u64) -> [(u64, u64, u32); 3] {
+    [
+        (0, 0x9fc00, 1),
+        (0xf0000, 0x10000, 2),
+        (0x10_0000, ram.saturating_sub(0x10_0000), 1),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

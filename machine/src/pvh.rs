@@ -12,8 +12,8 @@
 //! - `hvm_modlist_entry` (32 bytes): paddr u64, size u64, cmdline_paddr u64, reserved u64.
 //! - `hvm_memmap_table_entry` (24 bytes): addr u64, size u64, type u32, reserved u32.
 
-use crate::loader::{self, program_headers, u32_at, u64_at, PT_NOTE};
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::elf::{program_headers, u32_at, u64_at, PT_NOTE};
+use crate::memory::{pc_memory_map, GuestMemory, MemoryError, PAGE_SIZE};
 use thiserror::Error;
 
 /// `hvm_start_info.magic`.
@@ -130,7 +130,7 @@ pub fn write_start_info(
     line.push(0);
     mem.write(CMDLINE_ADDR, &line)?;
 
-    let map = loader::pc_memory_map(ram);
+    let map = pc_memory_map(ram);
     let mut memmap = Vec::new();
     for (base, len, kind) in map {
         memmap.extend_from_slice(&base.to_le_bytes());

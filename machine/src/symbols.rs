@@ -25,7 +25,7 @@ impl Symbols {
     }
 
     fn read(b: &[u8]) -> Option<Vec<(u64, u64, String)>> {
-        let sections = section_headers(b)?;
+        let sections = crate::elf::section_headers(b)?;
         let wide = *b.get(4)? == 2;
         let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
         let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
@@ -82,64 +82,6 @@ impl Symbols {
             .find(|e| e.2 == name)
             .map(|e| (e.0, e.1))
     }
-}
-
-/// One ELF section header: the fields retrovisor reads.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SectionHeader {
-    /// Section type (SHT_SYMTAB, ...).
-    pub kind: u32,
-    /// Flags (SHF_EXECINSTR, ...).
-    pub flags: u64,
-    /// Address in the running image (virtual, for a kernel linked high).
-    pub addr: u64,
-    /// Offset of its bytes in the file.
-    pub offset: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Index of the associated section (a symbol table's string table).
-    pub link: u32,
-}
-
-/// The section headers of an ELF image (32- or 64-bit, little-endian); None if it is not an ELF or its
-/// table lies outside the file.
-pub(crate) fn section_headers(b: &[u8]) -> Option<Vec<SectionHeader>> {
-    if b.get(..4)? != b"\x7fELF" {
-        return None;
-    }
-    let wide = *b.get(4)? == 2;
-    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
-    let (shoff, shentsize, shnum) = if wide {
-        (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?)
-    } else {
-        (u64::from(u32_at(0x20)?), u16_at(0x2e)?, u16_at(0x30)?)
-    };
-    (0..usize::from(shnum))
-        .map(|i| {
-            let h = usize::try_from(shoff).ok()? + i * usize::from(shentsize);
-            Some(if wide {
-                SectionHeader {
-                    kind: u32_at(h + 4)?,
-                    flags: u64_at(h + 8)?,
-                    addr: u64_at(h + 0x10)?,
-                    offset: u64_at(h + 0x18)?,
-                    size: u64_at(h + 0x20)?,
-                    link: u32_at(h + 0x28)?,
-                }
-            } else {
-                SectionHeader {
-                    kind: u32_at(h + 4)?,
-                    flags: u64::from(u32_at(h + 8)?),
-                    addr: u64::from(u32_at(h + 0xc)?),
-                    offset: u64::from(u32_at(h + 0x10)?),
-                    size: u64::from(u32_at(h + 0x14)?),
-                    link: u32_at(h + 0x18)?,
-                }
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 machine: traces::MachineConfig {
                     ram_bytes: machine.ram_bytes(),
                     cmdline: opts.machine.cmdline.clone(),
-                    memory_map: machine::loader::pc_memory_map(machine.ram_bytes()).to_vec(),
+                    memory_map: machine::memory::pc_memory_map(machine.ram_bytes()).to_vec(),
                 },
                 clock: opts.clock.name().to_string(),
                 time_mode: opts.time.mode(),

@@ -186,7 +186,7 @@ impl Replayer {
         let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
             clock: h.clock.clone(),
         })?;
-        let map = machine::loader::pc_memory_map(h.machine.ram_bytes);
+        let map = machine::memory::pc_memory_map(h.machine.ram_bytes);
         if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
             return Err(ReplayError::MemoryMap {
                 recorded: h.machine.memory_map.clone(),
