@@ -126,7 +126,7 @@ def main():
     guests = os.path.join(work, "guests")
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "guests"), f"OUT={guests}"], check=True)
     try:
-        for name in a.guests.split(","):
+        for name in filter(None, a.guests.split(",")):
             measure(name, os.path.join(guests, f"{name}.elf"), work, a.runs, ["landmark", "step"])
         if a.long:
             measure("ledger-long", os.path.join(guests, "ledger.elf"), work, 1, ["landmark"],

@@ -119,8 +119,8 @@ impl HostTraps {
     /// address `at`: what a debugger shows is the guest's own code, not the traps.
     pub fn unpatch(&self, at: u64, bytes: &mut [u8]) {
         let end = at + bytes.len() as u64;
-        // A site starting up to two bytes before `at` may still overlap it.
-        for (&site, original) in self.sites.range(at.saturating_sub(2)..end) {
+        // A site starting before `at` may still overlap it: an instruction is at most 15 bytes long.
+        for (&site, original) in self.sites.range(at.saturating_sub(14)..end) {
             for (i, &b) in original.iter().enumerate() {
                 let addr = site + i as u64;
                 if (at..end).contains(&addr) {
@@ -128,5 +128,36 @@ impl HostTraps {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `find` is checked end to end: rand.elf and the Linux kernel replay exactly because of it.
+    #[test]
+    fn traps_are_written_found_by_their_end_and_hidden_from_readers() {
+        let rdrand_rax = vec![0x48, 0x0f, 0xc7, 0xf0];
+        let traps = HostTraps {
+            sites: BTreeMap::from([(0x1000, vec![0x0f, 0x31]), (0x1010, rdrand_rax.clone())]),
+        };
+        let mut mem = GuestMemory::new(1 << 16).unwrap();
+        traps.patch(&mut mem).unwrap();
+        let mut code = [0u8; 0x20];
+        mem.read(0x1000, &mut code).unwrap();
+        assert_eq!(&code[..2], &[0xe6, TRAP_PORT as u8]);
+        assert_eq!(&code[0x10..0x14], &[0xe6, TRAP_PORT as u8, 0x90, 0x90]);
+        // The `out` leaves RIP two bytes past the site, whatever the original's length.
+        assert_eq!(traps.original_ending_at(0x1012), Some(&rdrand_rax[..]));
+        assert_eq!(traps.original_ending_at(0x1013), None);
+        // A read that starts inside a site sees the original bytes from there on.
+        let mut window = [0u8; 4];
+        mem.read(0x1011, &mut window).unwrap();
+        traps.unpatch(0x1011, &mut window);
+        assert_eq!(window, [0x0f, 0xc7, 0xf0, 0x00]);
+        traps.unpatch(0x1000, &mut code);
+        assert_eq!(&code[..2], &[0x0f, 0x31]);
+        assert_eq!(&code[0x10..0x14], &rdrand_rax[..]);
     }
 }

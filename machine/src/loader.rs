@@ -94,7 +94,14 @@ pub fn load(
             let entry = pvh::find_entry(image)?.ok_or(LoaderError::UnknownKernel)?;
             let (_, kernel_end) = load_elf(image, mem)?;
             let info_addr = pvh::write_start_info(mem, cmdline, initrd, kernel_end)?;
-            Ok((Protocol::Pvh, BootInfo { entry, info_addr }))
+            Ok((
+                Protocol::Pvh,
+                BootInfo {
+                    entry,
+                    info_addr,
+                    by_elf: true,
+                },
+            ))
         }
         Err(e) => Err(e),
     }
@@ -108,6 +115,9 @@ pub struct BootInfo {
     /// Address of the boot information the kernel finds in EBX: the multiboot information block, or
     /// PVH's `hvm_start_info`.
     pub info_addr: u32,
+    /// Whether the image was loaded at the physical addresses of its ELF program headers (not through
+    /// Multiboot's a.out kludge): then its sections say where each of its bytes is in guest memory.
+    pub by_elf: bool,
 }
 
 /// The multiboot header: offset in the image and flags.
@@ -219,10 +229,11 @@ pub fn load_multiboot(
     if header.flags & VIDEO_MODE != 0 {
         return Err(LoaderError::UnsupportedFlags(header.flags));
     }
-    let entry = if header.flags & AOUT_KLUDGE != 0 {
-        load_aout_kludge(image, &header, mem)?
-    } else {
+    let by_elf = header.flags & AOUT_KLUDGE == 0;
+    let entry = if by_elf {
         load_elf(image, mem)?.0
+    } else {
+        load_aout_kludge(image, &header, mem)?
     };
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoaderError::CmdlineTooLong(cmdline.len()));
@@ -231,6 +242,7 @@ pub fn load_multiboot(
     Ok(BootInfo {
         entry,
         info_addr: INFO_ADDR as u32,
+        by_elf,
     })
 }
 
@@ -304,7 +316,8 @@ mod tests {
             boot,
             BootInfo {
                 entry: 0x10_0010,
-                info_addr: 0x9000
+                info_addr: 0x9000,
+                by_elf: true,
             }
         );
         assert_eq!(mem.read_u32(0x10_0000).unwrap(), HEADER_MAGIC);

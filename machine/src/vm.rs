@@ -319,7 +319,8 @@ impl Machine {
 
         let (protocol, boot) =
             loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
-        let host_traps = if config.trap_host_insns {
+        // Only an image loaded by its ELF headers: its sections then say where each instruction is.
+        let host_traps = if config.trap_host_insns && boot.by_elf {
             HostTraps::find(image)
         } else {
             HostTraps::default()
