@@ -157,6 +157,10 @@ fn gdb_finds_the_planted_overrun_on_its_kernel_source_line() {
             "reverse-continue",
             "bt 3",
             "info line *$pc",
+            // Backwards through kernel source: out of the write handler, to its caller's line.
+            "delete",
+            "reverse-finish",
+            "info line *$pc",
         ],
     );
     assert!(
@@ -174,6 +178,10 @@ fn gdb_finds_the_planted_overrun_on_its_kernel_source_line() {
         "not stopped on the store (line {source}):\n{out}"
     );
     assert!(out.contains("rv_demo_write"), "{out}");
+    assert!(
+        out.contains("of \"fs/proc/inode.c\""),
+        "reverse-finish did not reach the caller in fs/proc/inode.c:\n{out}"
+    );
 }
 
 /// The line of fs/proc/version.c, as the demo patch makes it, that contains `needle`.
