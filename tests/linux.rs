@@ -193,3 +193,60 @@ fn patched_source_line(needle: &str) -> usize {
         .map(|i| i + 1)
         .unwrap_or_else(|| panic!("{needle:?} is not in {}", patched.display()))
 }
+
+#[test]
+fn a_damaged_initrd_copy_or_another_kernel_is_refused() {
+    let s = session();
+    assert_eq!(status(&s.record), 7, "{}", text(&s.record.stderr));
+    // A copy of the trace whose initrd copy lost its last bytes: refused before the guest starts.
+    let dir = scratch("linux-damaged");
+    let copy = dir.join("boot.rvt");
+    let status_cp = Command::new("cp")
+        .arg("-a")
+        .arg(&s.trace)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status_cp.success());
+    let initrd = copy.join("initrd.zst");
+    let bytes = std::fs::read(&initrd).unwrap();
+    std::fs::write(&initrd, &bytes[..bytes.len() - 64]).unwrap();
+    let r = rv_within(60, &["replay", copy.to_str().unwrap()]);
+    assert_eq!(status(&r), 2, "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("initrd.zst"),
+        "{}",
+        text(&r.stderr)
+    );
+    // The recording's kernel is checked by its hash: another image is refused, by name.
+    let other = guest("hello");
+    let r = rv_within(
+        60,
+        &[
+            "replay",
+            s.trace.to_str().unwrap(),
+            "--kernel",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status(&r), 2, "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("is not the one this trace recorded"),
+        "{}",
+        text(&r.stderr)
+    );
+    // An initrd for a Multiboot kernel is refused: only PVH kernels take one.
+    let o = rv(&[
+        "run",
+        "--kernel",
+        other.to_str().unwrap(),
+        "--initrd",
+        linux().1.to_str().unwrap(),
+    ]);
+    assert_eq!(status(&o), 2, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("the kernel is a Multiboot kernel"),
+        "{}",
+        text(&o.stderr)
+    );
+}
