@@ -754,6 +754,20 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         per_m(event_bytes + checkpoint_bytes)
     );
     if a.verify {
+        let (page_backing, disks) = (h.page_backing, h.disks.len());
+        let (image_path, image_sha256) = (h.image_path.clone(), h.image_sha256.clone());
+        let mut t = t;
+        if page_backing {
+            // Checkpoint pages may refer to blocks of the guest image, which the trace does not copy.
+            let image = traces::read_regular_file(Path::new(&image_path), traces::MAX_IMAGE_BYTES);
+            match image {
+                Ok(bytes) if traces::sha256_hex(&bytes) == image_sha256 => t.set_image(bytes),
+                _ => println!(
+                    "verify:        the guest image {image_path} is missing or not the recorded one: \
+                     checkpoint pages that refer to its blocks will read as dangling"
+                ),
+            }
+        }
         let problems = t.verify();
         if !problems.is_empty() {
             let s = if problems.len() == 1 { "" } else { "s" };
@@ -769,7 +783,7 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         println!(
             "verify:        ok: every event chunk, checkpoint and disk copy read and checked ({} checkpoints, {} disk copies)",
             t.checkpoints().len(),
-            h.disks.len()
+            disks
         );
     }
     Ok(0)

@@ -110,7 +110,14 @@ pub enum Search {
     Passed,
     /// One of the stops of [`Machine::arm`] fired first (see [`Machine::stop_hit`]).
     Stopped,
+    /// The guest passed the point's rip [`MAX_SEARCH_HITS`] times without the state matching: it spins
+    /// in a loop without exits that the point is not part of, and would never stop.
+    GaveUp,
 }
+
+/// Most passes of a kick point's rip a search looks at (about 40 µs each here, so under a minute) before
+/// it gives up: a replay must end, with a divergence if it cannot find the point.
+pub const MAX_SEARCH_HITS: u64 = 1_000_000;
 
 /// Debug registers for breakpoints: DR0-DR3. Only execution breakpoints are used: PVM never reports a
 /// data breakpoint (a probe writing to a watched address ran on unstopped).
@@ -461,6 +468,7 @@ impl Machine {
         host: &mut dyn Host,
     ) -> Result<Search, MachineError> {
         let mut armed = false;
+        let mut hits = 0u64;
         loop {
             if !armed {
                 self.apply_debug(Some(linear))?;
@@ -476,6 +484,10 @@ impl Machine {
                     if let Some(stop) = self.fired_stop() {
                         self.stop_hit = Some(stop);
                         return Ok(Search::Stopped);
+                    }
+                    hits += 1;
+                    if hits >= MAX_SEARCH_HITS {
+                        return Ok(Search::GaveUp);
                     }
                     // Step over the breakpoint's instruction with the breakpoint off.
                     self.single_step_debug()?;

@@ -234,6 +234,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 w.write_disk(i, d.bytes())
                     .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
             }
+            // The image is not copied (replay is given it, and checks its hash), but its pages, kernel
+            // text above all, are most of what a full checkpoint would otherwise store.
+            w.add_backing(&opts.image);
             if let Some(initrd) = &opts.machine.initrd {
                 w.write_initrd(initrd)
                     .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;

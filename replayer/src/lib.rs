@@ -173,8 +173,9 @@ fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, Repl
 impl Replayer {
     /// Opens a trace and positions the replay at its first checkpoint.
     pub fn open(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
-        let trace = TraceReader::open(dir)?;
+        let mut trace = TraceReader::open(dir)?;
         let image = load_image(&trace, image)?;
+        trace.set_image(image.clone());
         let h = trace.header();
         // Disks come from the trace's own hashed copies, never from the user's image files.
         let disks = (0..h.disks.len())
@@ -940,6 +941,17 @@ impl Replayer {
                         self.free_stop = self.machine.stop_hit();
                         Ok(false)
                     }
+                    Search::GaveUp => Err(Divergence::new(
+                        position,
+                        format!(
+                            "the recording delivered input at a point after landmark {position} (rip {:#x}, rsp {:#x}) \
+                             that the replay did not reach in {} passes of that rip without an exit",
+                            fp.rip,
+                            fp.rsp,
+                            machine::MAX_SEARCH_HITS
+                        ),
+                    )
+                    .into()),
                     Search::Passed => Err(Divergence::new(
                         position,
                         format!(

@@ -269,7 +269,8 @@ pub struct Header {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpuid: Vec<[u32; 7]>,
     /// Whether checkpoint page references may also name a 4 KiB block of the trace's initrd or disk
-    /// copies (FORMAT.md, "Checkpoints"); absent in traces recorded before they could.
+    /// copies or of the guest image (FORMAT.md, "Checkpoints"); absent in traces recorded before they
+    /// could.
     #[serde(default)]
     pub page_backing: bool,
     /// Whether the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions were trapped to the VMM

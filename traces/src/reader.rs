@@ -282,13 +282,15 @@ pub struct TraceReader {
     /// This host's memory, if known: no checkpoint larger than it is read.
     host_memory: Option<u64>,
     events_size: u64,
-    /// The initrd and disk copies, by the hash of each of their 4 KiB blocks, once a chain of
-    /// checkpoints needed them (only in traces whose header has `page_backing`).
+    /// The initrd and disk copies and the guest image, by the hash of each of their 4 KiB blocks, once a
+    /// chain of checkpoints needed them (only in traces whose header has `page_backing`).
     backing: std::sync::OnceLock<Backing>,
+    /// The guest image, if the caller gave it ([`TraceReader::set_image`]).
+    image: Option<Vec<u8>>,
 }
 
 /// The blocks checkpoint pages may refer to besides pages of their own chain: the 4 KiB blocks of the
-/// trace's initrd and disk copies.
+/// trace's initrd and disk copies and of the guest image.
 struct Backing {
     /// The copies.
     sources: Vec<Vec<u8>>,
@@ -405,6 +407,7 @@ impl TraceReader {
             host_memory,
             events_size: stream.file_size,
             backing: std::sync::OnceLock::new(),
+            image: None,
         })
     }
 
@@ -542,7 +545,17 @@ impl TraceReader {
         for i in 0..self.header.disks.len() {
             sources.push(self.read_disk(i)?);
         }
+        sources.extend(self.image.clone());
         Ok(Some(self.backing.get_or_init(|| Backing::new(sources))))
+    }
+
+    /// Gives the reader the guest image (already checked against the header's hash), whose blocks
+    /// checkpoint pages of a `page_backing` trace may refer to. Call it before reading checkpoints:
+    /// without it, such a reference reads as dangling.
+    pub fn set_image(&mut self, image: Vec<u8>) {
+        if self.header.page_backing {
+            self.image = Some(image);
+        }
     }
 
     fn checkpoint_info(&self, index: usize) -> Result<&CheckpointInfo, ReadError> {

@@ -443,10 +443,10 @@ impl TraceWriter {
         Ok(bytes.len() as u64)
     }
 
-    /// Notes the 4 KiB blocks of `image` (an initrd or disk copy just written into the trace) as content
-    /// later checkpoint pages may refer to, if the header allows it. All-zero blocks are left out:
-    /// zero pages have their own marker.
-    pub(crate) fn add_backing(&mut self, image: &[u8]) {
+    /// Notes the 4 KiB blocks of `image` (an initrd or disk copy just written into the trace, or the guest
+    /// image, which replay has and checks) as content later checkpoint pages may refer to, if the header
+    /// allows it. All-zero blocks are left out: zero pages have their own marker.
+    pub fn add_backing(&mut self, image: &[u8]) {
         if !self.page_backing {
             return;
         }
