@@ -7,8 +7,9 @@
 //! `random_get_entropy()` is `rdtsc` whatever CPUID says), this host's KVM does not hide RDRAND/RDSEED
 //! when the VMM's CPUID clears them, and KVM offers a VMM no way to intercept any of them. So the VMM
 //! finds the instructions in the kernel image itself: every one in the image's executable sections,
-//! alternatives' replacements included, is overwritten after loading with `out %al, $TRAP_PORT` (`e6 NN`,
-//! two bytes, as short as the shortest of them) padded with `nop`s. That `out` is an exit at the same
+//! alternatives' replacements included, is overwritten after loading with `out %al, $NN` (`e6 NN`, two
+//! bytes, as short as the shortest of them) padded with `nop`s: port [`RDTSC_PORT`] for `rdtsc`,
+//! [`TRAP_PORT`] for the others. That `out` is an exit at the same
 //! point in record and replay (a landmark), where the VMM completes the original instruction with a
 //! logged value, exactly as the step clock does. A write to the port from anywhere else is ignored, like
 //! a write to any port nothing decodes.
@@ -22,8 +23,15 @@ use crate::memory::{GuestMemory, MemoryError};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 use std::collections::BTreeMap;
 
-/// The port the patched instructions write: unused on a PC (0xe0-0xef is free in the AT map).
-pub const TRAP_PORT: u16 = 0xe5;
+/// The port a trapped `rdtsc` writes (0xe0-0xef are free in the PC/AT map). Linux's alternatives copy
+/// code, a trapped `rdtsc` included (`lfence; rdtsc` replacing `rdtsc`), to places the site table does
+/// not list: a trap on this port is an RDTSC wherever it is, so the VMM reserves the port.
+pub const RDTSC_PORT: u16 = 0xe5;
+/// The port the other trapped instructions write (`rdtscp`, `rdrand`, `rdseed`): completed only at the
+/// sites the table lists, since the trap alone does not say which instruction and register it replaced.
+pub const TRAP_PORT: u16 = 0xe6;
+/// What a trapped `rdtsc` was.
+const RDTSC: [u8; 2] = [0x0f, 0x31];
 /// Section flag of sections holding instructions.
 const SHF_EXECINSTR: u64 = 4;
 /// Section type of sections whose bytes are in the file.
@@ -101,18 +109,24 @@ impl HostTraps {
         for (&at, original) in &self.sites {
             let mut trap = vec![0x90u8; original.len()];
             trap[0] = 0xe6;
-            trap[1] = TRAP_PORT as u8;
+            trap[1] = if original[..] == RDTSC {
+                RDTSC_PORT as u8
+            } else {
+                TRAP_PORT as u8
+            };
             mem.write(at, &trap)?;
         }
         Ok(())
     }
 
-    /// The original bytes of the trapped instruction whose trap ends at physical address `end` (where
-    /// the `out` leaves RIP), if there is one.
-    pub fn original_ending_at(&self, end: u64) -> Option<&[u8]> {
-        self.sites
-            .get(&end.checked_sub(2)?)
-            .map(|bytes| bytes.as_slice())
+    /// The original bytes of the trapped instruction whose trap on `port` ends at physical address
+    /// `end` (where the `out` leaves RIP), if there is one: a listed site, or any RDTSC trap.
+    pub fn original_ending_at(&self, port: u16, end: u64) -> Option<&[u8]> {
+        match self.sites.get(&end.checked_sub(2)?) {
+            Some(bytes) => Some(bytes.as_slice()),
+            None if port == RDTSC_PORT => Some(&RDTSC),
+            None => None,
+        }
     }
 
     /// Puts the original instructions back into `bytes`, a copy of guest memory read from physical
@@ -146,11 +160,19 @@ mod tests {
         traps.patch(&mut mem).unwrap();
         let mut code = [0u8; 0x20];
         mem.read(0x1000, &mut code).unwrap();
-        assert_eq!(&code[..2], &[0xe6, TRAP_PORT as u8]);
+        assert_eq!(&code[..2], &[0xe6, RDTSC_PORT as u8]);
         assert_eq!(&code[0x10..0x14], &[0xe6, TRAP_PORT as u8, 0x90, 0x90]);
         // The `out` leaves RIP two bytes past the site, whatever the original's length.
-        assert_eq!(traps.original_ending_at(0x1012), Some(&rdrand_rax[..]));
-        assert_eq!(traps.original_ending_at(0x1013), None);
+        assert_eq!(
+            traps.original_ending_at(TRAP_PORT, 0x1012),
+            Some(&rdrand_rax[..])
+        );
+        assert_eq!(traps.original_ending_at(TRAP_PORT, 0x1013), None);
+        // An RDTSC trap that alternatives moved off its listed site is still an RDTSC.
+        assert_eq!(
+            traps.original_ending_at(RDTSC_PORT, 0x2005),
+            Some(&RDTSC[..])
+        );
         // A read that starts inside a site sees the original bytes from there on.
         let mut window = [0u8; 4];
         mem.read(0x1011, &mut window).unwrap();

@@ -226,9 +226,9 @@ pub struct Machine {
     /// The image's trapped host instructions (see [`crate::host_traps`]); empty unless the config asked
     /// for them.
     host_traps: HostTraps,
-    /// The last exit was a write to [`host_traps::TRAP_PORT`]: once the `out` completes, complete the
-    /// instruction it replaced.
-    host_trap_hit: bool,
+    /// The last exit was a write to this trap port ([`host_traps::RDTSC_PORT`] or
+    /// [`host_traps::TRAP_PORT`]): once the `out` completes, complete the instruction it replaced.
+    host_trap_hit: Option<u16>,
     /// Pages written since the last [`Machine::mark_checkpoint`] (a bitmap): what a fingerprint digests.
     pub(crate) dirty_since_mark: Vec<u64>,
     /// Pages written since the last [`Machine::take_dirty_pages`].
@@ -394,7 +394,7 @@ impl Machine {
             positions: Clock::Step,
             delivering: false,
             host_traps,
-            host_trap_hit: false,
+            host_trap_hit: None,
             cpuid_table,
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
@@ -779,8 +779,9 @@ impl Machine {
                 Exit::Ran
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if port == host_traps::TRAP_PORT && !self.host_traps.is_empty() {
-                    self.host_trap_hit = true;
+                let trap = matches!(port, host_traps::RDTSC_PORT | host_traps::TRAP_PORT);
+                if trap && !self.host_traps.is_empty() {
+                    self.host_trap_hit = Some(port);
                 } else {
                     self.devices.io_out(port, data, host);
                 }
@@ -830,8 +831,8 @@ impl Machine {
         };
         self.vcpu.set_kvm_immediate_exit(0);
         result?;
-        if std::mem::take(&mut self.host_trap_hit) {
-            self.complete_host_trap(host)?;
+        if let Some(port) = self.host_trap_hit.take() {
+            self.complete_host_trap(port, host)?;
         }
         Ok(())
     }
@@ -839,13 +840,13 @@ impl Machine {
     /// A trap `out` has completed (RIP is past it): if it replaced a host instruction, complete that
     /// instruction with the value `host` gives and move RIP past it. A write to the port from
     /// anywhere else does nothing, as on a PC.
-    fn complete_host_trap(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+    fn complete_host_trap(&mut self, port: u16, host: &mut dyn Host) -> Result<(), MachineError> {
         self.refresh_regs();
         let end = self.sregs.cs.base.wrapping_add(self.regs.rip);
         let Ok(end) = emulate::paging_mode(&self.sregs).translate(&self.mem, end) else {
             return Ok(());
         };
-        let Some(original) = self.host_traps.original_ending_at(end) else {
+        let Some(original) = self.host_traps.original_ending_at(port, end) else {
             return Ok(());
         };
         let bitness = if self.sregs.efer & (1 << 10) != 0 && self.sregs.cs.l == 1 {
