@@ -259,6 +259,22 @@ struct Checked {
     watch: Option<Watch>,
 }
 
+/// What a forward step ends a run with, if anything: the end of the recording, the watchpoint the
+/// instruction accessed, or a breakpoint where it left RIP.
+fn step_outcome(r: &Replayer, stops: &StopSet, step: Checked) -> Option<Outcome> {
+    if !step.advanced {
+        return Some(Outcome::End);
+    }
+    if let Some(w) = step.watch {
+        return Some(Outcome::Hit(Hit::Watch(w)));
+    }
+    let rip = r.machine().rip();
+    stops
+        .breakpoints
+        .contains(&rip)
+        .then_some(Outcome::Hit(Hit::Breakpoint(rip)))
+}
+
 /// Runs the instruction at the current position, checking it against the watchpoints.
 fn step_checked(
     r: &mut Replayer,
@@ -333,16 +349,10 @@ pub fn run_forward(
     let mut steps = 0u64;
     loop {
         let step = step_checked(r, stops, &mut info, out)?;
-        if !step.advanced {
-            return Ok(Outcome::End);
-        }
-        if let Some(w) = step.watch {
-            return Ok(Outcome::Hit(Hit::Watch(w)));
+        if let Some(outcome) = step_outcome(r, stops, step) {
+            return Ok(outcome);
         }
         let rip = r.machine().rip();
-        if stops.breakpoints.contains(&rip) {
-            return Ok(Outcome::Hit(Hit::Breakpoint(rip)));
-        }
         if range.as_ref().is_some_and(|range| !range.contains(&rip)) {
             return Ok(Outcome::Done);
         }
@@ -379,15 +389,8 @@ fn run_forward_free(
     // on PVM a breakpoint armed where the guest stands would fire at once.
     let mut info = InstructionInfoFactory::new();
     let step = step_checked(r, stops, &mut info, out)?;
-    if !step.advanced {
-        return Ok(Outcome::End);
-    }
-    if let Some(w) = step.watch {
-        return Ok(Outcome::Hit(Hit::Watch(w)));
-    }
-    let rip = r.machine().rip();
-    if stops.breakpoints.contains(&rip) {
-        return Ok(Outcome::Hit(Hit::Breakpoint(rip)));
+    if let Some(outcome) = step_outcome(r, stops, step) {
+        return Ok(outcome);
     }
     // Where the watched bytes were last seen, and what they were.
     let (mut from, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
