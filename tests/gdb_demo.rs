@@ -17,17 +17,6 @@ fn demo(name: &str) -> (GdbServer, PathBuf, String) {
     )
 }
 
-/// Asserts that `needles` occur in `haystack` in this order.
-fn assert_in_order(haystack: &str, needles: &[&str]) {
-    let mut rest = haystack;
-    for needle in needles {
-        match rest.find(needle) {
-            Some(at) => rest = &rest[at + needle.len()..],
-            None => panic!("expected {needle:?} (after the previous expectations) in:\n{haystack}"),
-        }
-    }
-}
-
 #[test]
 fn watch_guard_and_reverse_continue_stop_on_the_bug_line() {
     let (mut server, elf, recorded) = demo("gdb-demo-bug");

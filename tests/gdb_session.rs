@@ -6,17 +6,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// Asserts that `needles` occur in `haystack` in this order.
-fn assert_in_order(haystack: &str, needles: &[&str]) {
-    let mut rest = haystack;
-    for needle in needles {
-        match rest.find(needle) {
-            Some(at) => rest = &rest[at + needle.len()..],
-            None => panic!("expected {needle:?} (after the previous expectations) in:\n{haystack}"),
-        }
-    }
-}
-
 /// Writes a copy of `trace` into `dir` with `tamper` applied to its events; returns the copy.
 fn tampered(
     trace: &Path,
@@ -107,18 +96,7 @@ fn a_divergence_on_a_step_trace_stops_gdb_where_the_replay_was_intact() {
 #[test]
 fn a_divergence_on_a_landmark_trace_stops_gdb_at_its_landmark() {
     let dir = scratch("gdb-diverge-landmark");
-    let input = dir.join("input.txt");
-    std::fs::write(&input, "first\nsecond\nquit\n").unwrap();
-    let (trace, rec) = record(
-        &dir,
-        "echo",
-        &[
-            "--clock",
-            "landmark",
-            "--serial-input",
-            input.to_str().unwrap(),
-        ],
-    );
+    let (trace, rec) = record_echo_landmark(&dir);
     assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
     // The first interrupt logged at another rip than the guest stands at when it comes.
     let (trace, landmark) = tampered(&trace, &dir, |events| {

@@ -239,18 +239,7 @@ fn a_killed_landmark_recording_replays_its_prefix_and_from_a_checkpoint() {
 #[test]
 fn a_tampered_landmark_trace_diverges_at_a_landmark() {
     let dir = scratch("lm-tamper");
-    let input = dir.join("input.txt");
-    std::fs::write(&input, "first\nsecond\nquit\n").unwrap();
-    let (trace, _) = record(
-        &dir,
-        "echo",
-        &[
-            "--clock",
-            "landmark",
-            "--serial-input",
-            input.to_str().unwrap(),
-        ],
-    );
+    let (trace, _) = record_echo_landmark(&dir);
     let reader = traces::TraceReader::open(&trace).unwrap();
     let mut events = reader.events().to_vec();
     let rx = events
@@ -262,23 +251,7 @@ fn a_tampered_landmark_trace_diverges_at_a_landmark() {
         .unwrap();
     rx[0] ^= 0x20; // another letter: the guest echoes something else
     let tampered = dir.join("tampered.rvt");
-    let mut w = traces::TraceWriter::create(&tampered, reader.header()).unwrap();
-    let mut checkpoints = (0..reader.checkpoints().len()).peekable();
-    for e in events
-        .into_iter()
-        .filter(|e| !matches!(e.kind, traces::EventKind::Stop { .. }))
-    {
-        while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
-            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
-                .unwrap();
-        }
-        w.push(e).unwrap();
-    }
-    for cp in checkpoints {
-        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
-            .unwrap();
-    }
-    w.finish(reader.summary().unwrap()).unwrap();
+    rewrite(&reader, events, &tampered);
     let o = replay(&tampered, &[]);
     let err = text(&o.stderr);
     assert_eq!(status(&o), 4, "{err}");

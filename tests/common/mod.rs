@@ -368,3 +368,30 @@ pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &
     }
     w.finish(reader.summary().unwrap()).unwrap();
 }
+
+/// Records echo.elf with the landmark clock, fed three lines ending in `quit`, into `dir`.
+pub fn record_echo_landmark(dir: &Path) -> (PathBuf, Output) {
+    let input = dir.join("input.txt");
+    std::fs::write(&input, "first\nsecond\nquit\n").unwrap();
+    record(
+        dir,
+        "echo",
+        &[
+            "--clock",
+            "landmark",
+            "--serial-input",
+            input.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Asserts that `needles` occur in `haystack` in this order.
+pub fn assert_in_order(haystack: &str, needles: &[&str]) {
+    let mut rest = haystack;
+    for needle in needles {
+        match rest.find(needle) {
+            Some(at) => rest = &rest[at + needle.len()..],
+            None => panic!("expected {needle:?} (after the previous expectations) in:\n{haystack}"),
+        }
+    }
+}
