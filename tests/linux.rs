@@ -3,11 +3,6 @@
 //! through its PVH entry with an initramfs, recorded with the landmark clock while a scripted serial
 //! session runs (a virtio disk read and written, the planted bug of the Linux demo triggered), replayed
 //! exactly, and debugged backwards with real gdb on the kernel's own source.
-//!
-//! The two tests that need an exact replay of the boot are ignored by default: on this host a Linux
-//! recording sometimes does not replay (a timer interrupt delivered at a kick while the kernel rewrites
-//! its own text or page tables; see the README's limits). `cargo test --release --test linux --
-//! --include-ignored` runs them; lately they have failed more often than not.
 
 mod common;
 use common::*;
@@ -100,7 +95,6 @@ fn session() -> &'static Session {
 }
 
 #[test]
-#[ignore = "Linux replays sometimes diverge on PVM (a kick delivered while the kernel rewrites its text or page tables; README, Limits): run with --ignored"]
 fn a_linux_session_records_and_replays_exactly_three_times() {
     let s = session();
     let out = text(&s.record.stdout);
@@ -146,7 +140,6 @@ fn a_linux_session_records_and_replays_exactly_three_times() {
 }
 
 #[test]
-#[ignore = "Linux replays sometimes diverge on PVM (a kick delivered while the kernel rewrites its text or page tables; README, Limits): run with --ignored"]
 fn gdb_finds_the_planted_overrun_on_its_kernel_source_line() {
     let s = session();
     assert_eq!(status(&s.record), 7, "{}", text(&s.record.stderr));

@@ -22,7 +22,7 @@
 //! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
-use crate::vm::{Exit, Host, Machine, MachineError, Step, Stop};
+use crate::vm::{Exit, Host, Machine, MachineError, Queued, Step, Stop};
 use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -277,8 +277,10 @@ impl Machine {
         // KVM_RUN that should deliver a freshly queued interrupt, the vector stays latched and is delivered
         // again at every later entry, forever. So no kick may interrupt the delivering run; it ends at the
         // guest's next exit, normally the handler's EOI a few instructions in. (Toggling single-step to
-        // bound it instead leaves a stray #DB in the guest on this host.)
-        let _held = std::mem::take(&mut self.delivering).then(KicksHeld::new);
+        // bound it instead leaves a stray #DB in the guest on this host.) A run delivering an exception
+        // may be kicked: it lasts to the guest's next exit, which after an `int3` can be far away, and
+        // held kicks would starve the timer all that while.
+        let _held = (self.queued == Some(Queued::Interrupt)).then(KicksHeld::new);
         let exit = self.enter(host)?;
         match exit {
             Exit::Interrupted => {

@@ -645,14 +645,6 @@ pub fn history(
             let before = watched_bytes(r.machine(), &stops);
             if r.steps_within_landmarks() {
                 r.run_free_with(&[], out)?;
-                if std::env::var_os("RV_DBG").is_some() {
-                    eprintln!(
-                        "free {} -> {} rip {:#x}",
-                        r.describe(start),
-                        r.describe(r.icount()),
-                        r.machine().rip()
-                    );
-                }
                 let after = watched_bytes(r.machine(), &stops);
                 if !r.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
                     if interrupted() {
@@ -662,13 +654,6 @@ pub fn history(
                     continue;
                 }
                 seek_exact(r, start, out)?;
-                if std::env::var_os("RV_DBG").is_some() {
-                    eprintln!(
-                        "back at {} rip {:#x}",
-                        r.describe(r.icount()),
-                        r.machine().rip()
-                    );
-                }
             }
             let stop = if r.steps_within_landmarks() {
                 crate::position::encode(crate::position::decode(start).0 + 1, 0).min(to)
