@@ -15,11 +15,16 @@ recording it with the step clock would).
 session, with the landmark clock: free run, record and replay, and the size of full and incremental
 checkpoints.
 
+--search adds gdb's searches on the long guest's landmark recording (issue 11's targets), each timed inside
+gdb: `continue` to check_guard (against the free run of the same instructions: the whole guest), then
+`watch guard` + reverse-continue to the store, `monitor history` of guard (changed once) and of table[7]
+(written three times), and 20 reverse-stepi.
+
 Then, on a step recording of at least 5 million instructions: the raw KVM single-step rate of this machine
 (the ceiling of the step clock), replay's share of it, and reverse-stepi and seek-back latency.
 
 Usage: python3 bench/run.py [--runs N] [--guests timer,demo,long64,ledger,disk] [--long] [--linux]
-                            [--long-instructions N]
+                            [--search] [--long-instructions N]
 """
 import argparse
 import os
@@ -118,6 +123,7 @@ def main():
     ap.add_argument("--long", action="store_true", help="also the ~68M-instruction ledger guest (landmark clock)")
     ap.add_argument("--long-no-index", action="store_true", help="skip indexing the long guest's trace")
     ap.add_argument("--linux", action="store_true", help="also the Linux test guest: boot and a serial session")
+    ap.add_argument("--search", action="store_true", help="also gdb's searches on the long guest's recording")
     ap.add_argument("--long-instructions", type=int, default=5_000_000,
                     help="length of the step recording for the reverse-execution figures (0 skips them)")
     a = ap.parse_args()
@@ -133,6 +139,8 @@ def main():
                     index=not a.long_no_index)
         if a.linux:
             linux(work, a.runs)
+        if a.search:
+            searches(work, os.path.join(guests, "ledger.elf"))
         if a.long_instructions:
             long_run(work, guests, a.long_instructions)
     finally:
@@ -172,6 +180,77 @@ def linux(work, runs):
     print(f"           events {ev} bytes ({ev / landmarks:.1f} per landmark); {ncp} checkpoints: "
           f"{len(full)} full, {statistics.mean(full) / 1e6:.2f} MB each; {len(incremental)} incremental, "
           f"{statistics.mean(incremental) / 1e3:.1f} KB each")
+
+
+# Runs inside gdb: each command timed, between markers. (gdb prints where a run stopped itself, outside
+# the captured output, so what a command printed is everything between its two markers.)
+GDB_TIMER = """
+import time
+def rv_timed(label, command):
+    print("RV-START %s" % label)
+    start = time.time()
+    out = gdb.execute(command, to_string=True)
+    print(out)
+    print("RV-TIME %s %.4f" % (label, time.time() - start))
+"""
+
+
+def between(out, label):
+    """What gdb printed for the command timed as `label` (see GDB_TIMER)."""
+    return out.split(f"RV-START {label}\n", 1)[-1].split(f"RV-TIME {label} ", 1)[0]
+
+
+def searches(work, kernel):
+    """gdb's searches on a landmark recording of the long guest, timed inside gdb (issue 11's targets)."""
+    extra = guest_args("ledger-long", work)
+    trace = os.path.join(work, "search.rvt")
+    free, _ = timed([BIN, "run", "--kernel", kernel] + extra)
+    rec, _ = timed([BIN, "record", "--kernel", kernel, "-o", trace] + extra)
+    server = subprocess.Popen([BIN, "replay", trace, "--gdb", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in server.stderr:
+            m = re.search(r"waiting for gdb on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = m.group(1)
+                break
+        if port is None:
+            sys.exit("bench: the replay never listened for gdb")
+        script = os.path.join(work, "timer.py")
+        with open(script, "w") as f:
+            f.write(GDB_TIMER)
+        commands = ["set pagination off", f"source {script}", f"target remote 127.0.0.1:{port}",
+                    "break check_guard", "python rv_timed('continue', 'continue')", "delete",
+                    "watch guard", "python rv_timed('reverse-continue', 'reverse-continue')", "delete",
+                    "python rv_timed('history', 'monitor history &guard 4')",
+                    "python rv_timed('history-table', 'monitor history &table[7] 4')"]
+        commands += ["python rv_timed('reverse-stepi', 'reverse-stepi')"] * 20
+        commands += ["detach"]
+        args = ["gdb", "-nx", "-q", "-batch", kernel]
+        for c in commands:
+            args += ["-ex", c]
+        out = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800).stdout
+    finally:
+        server.kill()
+        server.wait()
+    times = {}
+    for label, secs in re.findall(r"RV-TIME (\S+) ([\d.]+)", out):
+        times.setdefault(label, []).append(float(secs))
+    if len(times) < 5:
+        sys.exit("bench: gdb's session did not finish:\n" + out)
+    stepi = sorted(times["reverse-stepi"])
+    found = re.search(r"ledger\.c:(\d+)", between(out, "reverse-continue"))
+    changes = {label: re.search(r"(\d+) change\(s\)", between(out, label)) for label in ("history", "history-table")}
+    print(f"== gdb searches on the long guest (landmark recording {rec:.1f}s; free run {free:.1f}s)")
+    print(f"  continue to check_guard    {times['continue'][0]:7.2f}s = {times['continue'][0] / free:5.2f}x free run (target 1.2x)")
+    print(f"  watch + reverse-continue   {times['reverse-continue'][0]:7.2f}s (target 2 s), stopped at "
+          f"ledger.c:{found.group(1) if found else '?'}")
+    for label, what in (("history", "&guard 4"), ("history-table", "&table[7] 4")):
+        n = changes[label].group(1) if changes[label] else "?"
+        print(f"  monitor history {what:<11}{times[label][0]:7.2f}s (target 2 s), {n} changes")
+    print(f"  reverse-stepi              median {1e3 * statistics.median(stepi):.1f} ms, "
+          f"max {1e3 * stepi[-1]:.1f} ms of {len(stepi)} (targets 20 ms, 150 ms p99)")
 
 
 def long_run(work, guests, n):

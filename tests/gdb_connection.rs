@@ -244,11 +244,7 @@ fn a_second_gdb_is_refused_while_one_is_attached_and_served_after() {
 fn seeking_past_a_corrupt_checkpoint_falls_back_to_the_one_before() {
     let trace = demo_trace("gdb-corrupt-checkpoint");
     // Flip a byte in the payload of a later checkpoint: its header still reads, its contents do not.
-    let mut files: Vec<_> = std::fs::read_dir(trace.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
+    let files = checkpoint_files(&trace);
     assert!(files.len() >= 5, "{files:?}");
     let victim = &files[3];
     let icount: u64 = victim

@@ -189,3 +189,54 @@ fn ctrl_c_interrupts_a_reverse_search_at_a_known_position() {
     assert_eq!(whens[1].0, whens[0].0 + 1, "{out}");
     assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
 }
+
+#[test]
+fn full_checkpoints_list_the_pages_written_before_them_so_searches_skip_their_intervals() {
+    let dir = scratch("search-written");
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let args = [
+        "--clock",
+        "step",
+        "--checkpoint-every",
+        "5000",
+        "--serial-input",
+        input,
+    ];
+    let (trace, rec) = record(&dir, "ledger", &args);
+    assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let infos = reader.checkpoints();
+    // The ledger's table and guard have a page of their own, which only `put` writes.
+    let table_page = 0x102;
+    let (mut full, mut skippable_full) = (0, 0);
+    let fulls = infos.iter().enumerate().skip(1).filter(|(_, c)| c.full);
+    for i in fulls.map(|(i, _)| i) {
+        let written = reader.pages_written_before(i).unwrap();
+        let stored = reader.restore_point(i).unwrap().1.len();
+        assert!(
+            written.len() < stored,
+            "checkpoint {i} lists every page it stores: {written:x?}"
+        );
+        full += 1;
+        skippable_full += usize::from(!written.contains(&table_page));
+    }
+    assert!(full >= 2, "only {full} full checkpoints after the first");
+    assert!(
+        skippable_full > 0,
+        "every full checkpoint's interval wrote the table page"
+    );
+    // And the search through those intervals still lands on the store.
+    let mut server = GdbServer::start(&trace, &[]);
+    let out = gdb_batch(
+        server.port,
+        &guest("ledger"),
+        &[
+            "break check_guard",
+            "continue",
+            "watch guard",
+            "reverse-continue",
+        ],
+    );
+    assert!(out.contains(&format!("ledger.c:{}", store_line())), "{out}");
+    assert_eq!(server.wait_exit(30), Some(0), "{}", server.stderr());
+}

@@ -160,11 +160,7 @@ fn a_divergence_on_a_landmark_trace_stops_gdb_at_its_landmark() {
 fn demo_trace_and_checkpoint(dir: &Path, index: usize) -> (PathBuf, PathBuf) {
     let (trace, rec) = record(dir, "demo", &["--checkpoint-every", "2000"]);
     assert_eq!(status(&rec), 3, "{}", text(&rec.stderr));
-    let mut files: Vec<_> = std::fs::read_dir(trace.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
+    let files = checkpoint_files(&trace);
     let file = files[index].clone();
     (trace, file)
 }
@@ -179,6 +175,12 @@ fn a_damaged_checkpoint_in_a_reverse_watch_search_is_worked_around_and_said() {
     std::fs::write(&victim, bytes).unwrap();
     let check = guest_source_line("demo.c", "if (guard != GUARD_VALUE)");
     let bug = guest_source_line("demo.c", "/* BUG: off-by-one store */");
+    // Checkpoint 4 builds on the damaged one.
+    let next: u64 = checkpoint_files(&trace)[4]
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
     let mut server = GdbServer::start(&trace, &[]);
     // Only a watchpoint: the search skips intervals by the pages each checkpoint lists, which the damaged
     // one cannot tell.
@@ -192,6 +194,7 @@ fn a_damaged_checkpoint_in_a_reverse_watch_search_is_worked_around_and_said() {
             "watch guard",
             "reverse-continue",
             "monitor when",
+            &format!("monitor seek {}", next + 100),
             "detach",
         ],
     );
@@ -204,7 +207,7 @@ fn a_damaged_checkpoint_in_a_reverse_watch_search_is_worked_around_and_said() {
             &format!("demo.c:{bug}"),
         ],
     );
-    // Restoring a later checkpoint falls back too: it builds on the damaged one.
+    // Restoring a later checkpoint (the seek's) falls back too: it builds on the damaged one.
     assert!(
         out.contains("cannot be used (it builds on checkpoint 3: ")
             && out.contains("starting from checkpoint 2 instead"),

@@ -131,9 +131,7 @@ fn triple_fault_is_recorded_as_the_end_and_replayed() {
 fn replay_from_a_middle_checkpoint_reaches_the_same_end() {
     let dir = scratch("middle");
     let (trace, rec) = record(&dir, "timer", &["--checkpoint-every", "10000"]);
-    let cps = std::fs::read_dir(trace.join("checkpoints"))
-        .unwrap()
-        .count();
+    let cps = checkpoint_files(&trace).len();
     assert!(cps >= 3, "expected several checkpoints, found {cps}");
     let end: u64 = text(&rv(&["info", trace.to_str().unwrap()]).stdout)
         .lines()

@@ -184,6 +184,9 @@ pub struct Snapshot {
     pub state: Vec<u8>,
     /// (page frame, contents): every non-zero page if full, else pages changed since the previous snapshot.
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// The page frames written since the previous snapshot (by the guest or a device's DMA): `pages`'
+    /// frames when incremental; what a search may skip by when full.
+    pub written: Vec<u64>,
     /// Digest of the whole machine (see `Machine::digest`).
     pub digest: [u8; 32],
 }
@@ -1186,7 +1189,7 @@ impl Machine {
                 .filter(|&pfn| self.mem.page(pfn as usize).iter().any(|&b| b != 0))
                 .collect()
         } else {
-            dirty
+            dirty.clone()
         };
         let pages = pages
             .into_iter()
@@ -1198,6 +1201,7 @@ impl Machine {
             rip: self.regs.rip,
             state,
             pages,
+            written: dirty,
             digest,
         })
     }

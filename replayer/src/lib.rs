@@ -380,7 +380,7 @@ impl Replayer {
             let pages = match self.page_sets.get(&next) {
                 Some(pages) => pages.clone()?,
                 None => {
-                    let pages = match self.trace.checkpoint_pages(next) {
+                    let pages = match self.trace.pages_written_before(next) {
                         Ok(pages) => Some(Rc::new(pages.into_iter().collect())),
                         // A damaged checkpoint only costs a search its shortcut: it replays the range.
                         Err(e) => {

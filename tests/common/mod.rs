@@ -35,6 +35,17 @@ pub fn guest(name: &str) -> PathBuf {
     guests().join(format!("{name}.elf"))
 }
 
+/// A trace's checkpoint files (`NNN.ckpt`, not the `.written` lists beside full ones), in position order.
+pub fn checkpoint_files(trace: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(trace.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// A fresh, empty scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -591,6 +591,12 @@ pub fn checkpoint_file_name(icount: u64) -> String {
     format!("{icount:020}.{CHECKPOINT_EXT}")
 }
 
+/// File name of the list of pages written before the full checkpoint taken at `icount` (page frame
+/// numbers, 64-bit little-endian; see `TraceWriter::write_pages_written`).
+pub fn written_file_name(icount: u64) -> String {
+    format!("{icount:020}.written")
+}
+
 /// The icount a checkpoint file name encodes, or `None` if `name` is not a checkpoint file name.
 pub fn parse_checkpoint_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(CHECKPOINT_EXT)?.strip_suffix('.')?;

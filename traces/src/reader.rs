@@ -16,10 +16,10 @@ use thiserror::Error;
 use crate::codec::{self, CheckpointHeader, CheckpointLimits, ChunkHeader, CodecError};
 use crate::files;
 use crate::format::{
-    parse_checkpoint_file_name, Checkpoint, Event, EventKind, FormatError, Header, Summary,
-    CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE,
-    EVENTS_FILE_HEADER_LEN, EVENT_MEMORY_COST, FORMAT_VERSION, HEADER_FILE, MAX_EVENT_MEMORY,
-    MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
+    parse_checkpoint_file_name, written_file_name, Checkpoint, Event, EventKind, FormatError,
+    Header, Summary, CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC,
+    EVENTS_FILE, EVENTS_FILE_HEADER_LEN, EVENT_MEMORY_COST, FORMAT_VERSION, HEADER_FILE,
+    MAX_EVENT_MEMORY, MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
 
 /// Errors from reading a trace.
@@ -600,9 +600,33 @@ impl TraceReader {
         Ok(cp)
     }
 
+    /// The page frames written (by the guest or a device) between the checkpoint before `index` and it: an
+    /// incremental checkpoint's own pages; for a full one, the list recorded beside it (see
+    /// `TraceWriter::write_pages_written`), or, where that is missing or unreadable, every page it
+    /// stores (more than were written, which only costs a search its shortcut).
+    pub fn pages_written_before(&self, index: usize) -> Result<Vec<u64>, ReadError> {
+        /// Largest list accepted: one entry per page of the most RAM a trace may describe.
+        const MAX_LIST_BYTES: u64 = 8 << 20;
+        let info = self.checkpoint_info(index)?;
+        if info.full {
+            let path = info.path.with_file_name(written_file_name(info.icount));
+            let listed = std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.is_file() && m.len() <= MAX_LIST_BYTES && m.len() % 8 == 0)
+                .and_then(|_| std::fs::read(&path).ok());
+            if let Some(bytes) = listed {
+                return Ok(bytes
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8-byte chunk")))
+                    .collect());
+            }
+        }
+        self.checkpoint_pages(index)
+    }
+
     /// The page frames checkpoint `index` lists: for an incremental checkpoint, every page written (by the
     /// guest or a device) since the checkpoint before it.
-    pub fn checkpoint_pages(&self, index: usize) -> Result<Vec<u64>, ReadError> {
+    fn checkpoint_pages(&self, index: usize) -> Result<Vec<u64>, ReadError> {
         Ok(self
             .read_raw(index)?
             .pages

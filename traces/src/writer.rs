@@ -443,6 +443,24 @@ impl TraceWriter {
         Ok(bytes.len() as u64)
     }
 
+    /// For the full checkpoint just written at `icount`: the page frames the guest (or a device's DMA)
+    /// wrote since the checkpoint before it, in a file beside it. A full checkpoint stores every page, so
+    /// its own page list cannot tell a search which pages an interval left alone; without this file (an
+    /// older trace, or a recording cut off between the two writes) searches take every page as written.
+    pub fn write_pages_written(&mut self, icount: u64, pfns: &[u64]) -> Result<(), WriteError> {
+        self.check_usable()?;
+        let path = self
+            .dir
+            .join(CHECKPOINTS_DIR)
+            .join(crate::format::written_file_name(icount));
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        if let Err(e) = write_atomic(&path, &bytes) {
+            self.failed = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Notes the 4 KiB blocks of `image` (an initrd or disk copy just written into the trace, or the guest
     /// image, which replay has and checks) as content later checkpoint pages may refer to, if the header
     /// allows it. All-zero blocks are left out: zero pages have their own marker.

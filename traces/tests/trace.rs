@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use traces::{
-    checkpoint_file_name, sha256_hex, Checkpoint, ClockKind, Event, EventKind, Header, HostInsn,
-    MachineConfig, ReadError, StopReason, Summary, TimeMode, TraceReader, TraceWriter, WriteError,
-    CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, PAGE_SIZE,
+    checkpoint_file_name, sha256_hex, written_file_name, Checkpoint, ClockKind, Event, EventKind,
+    Header, HostInsn, MachineConfig, ReadError, StopReason, Summary, TimeMode, TraceReader,
+    TraceWriter, WriteError, CHUNK_HEADER_LEN, CHUNK_MAGIC, EVENTS_FILE_HEADER_LEN, PAGE_SIZE,
 };
 
 /// A uniquely named directory under the system temp dir, removed when dropped.
@@ -1300,4 +1300,33 @@ fn a_fifo_in_place_of_a_disk_copy_is_refused_without_blocking() {
         text.contains("0.img.zst") && text.contains("a FIFO"),
         "{text}"
     );
+}
+
+#[test]
+fn a_full_checkpoint_says_which_pages_were_written_before_it() {
+    let tmp = TempDir::new("written");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(100, true, vec![(1, page(1)), (2, page(2))]))
+        .unwrap();
+    w.write_checkpoint(&checkpoint(200, false, vec![(2, page(3))]))
+        .unwrap();
+    let stored = vec![(1, page(1)), (2, page(3)), (5, page(5)), (6, page(6))];
+    w.write_checkpoint(&checkpoint(300, true, stored.clone()))
+        .unwrap();
+    w.write_pages_written(300, &[5, 6]).unwrap();
+    w.write_checkpoint(&checkpoint(400, true, stored)).unwrap();
+    drop(w);
+
+    let r = TraceReader::open(&dir).unwrap();
+    assert_eq!(r.checkpoints().len(), 4, "the list is no checkpoint");
+    assert_eq!(r.pages_written_before(1).unwrap(), vec![2]);
+    // A full checkpoint stores every page; its list says which the interval wrote.
+    assert_eq!(r.pages_written_before(2).unwrap(), vec![5, 6]);
+    // Without a list (an older trace), every page it stores counts as written.
+    assert_eq!(r.pages_written_before(3).unwrap(), vec![1, 2, 5, 6]);
+    // A damaged list is not trusted either.
+    let list = dir.join("checkpoints").join(written_file_name(300));
+    fs::write(&list, [1, 2, 3]).unwrap();
+    assert_eq!(r.pages_written_before(2).unwrap(), vec![1, 2, 5, 6]);
 }
