@@ -224,7 +224,7 @@ def searches(work, kernel):
                     "break check_guard", "python rv_timed('continue', 'continue')", "delete",
                     "watch guard", "python rv_timed('reverse-continue', 'reverse-continue')", "delete",
                     "python rv_timed('history', 'monitor history &guard 4')",
-                    "python rv_timed('history-table', 'monitor history &table[7] 4')"]
+                    "python rv_timed('history-table', 'monitor history %d 4' % int(gdb.parse_and_eval('&table[7]')))"]
         commands += ["python rv_timed('reverse-stepi', 'reverse-stepi')"] * 20
         commands += ["detach"]
         args = ["gdb", "-nx", "-q", "-batch", kernel]

@@ -298,7 +298,7 @@ fn info_names_landmark_positions_and_checkpoint_time() {
     let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
     assert!(info.contains("\nlandmarks:     "), "{info}");
     assert!(!info.contains("instructions"), "{info}");
-    assert!(info.contains("every 100 ms"), "{info}");
+    assert!(info.contains("every 25 ms"), "{info}");
     let r = replay(&trace, &[]);
     assert!(
         text(&r.stderr).contains("replay matched the recording: ")

@@ -133,8 +133,12 @@ pub fn image_sha256(image: &[u8]) -> String {
 
 /// How often (in positions or kicks) the loop looks at the wall clock to flush the event stream.
 const FLUSH_CHECK_EVERY: u64 = 4096;
-/// Every this many checkpoints, one holds all of RAM rather than the pages written since the one before.
+/// Every this many checkpoints (at least), one holds all of RAM rather than the pages written since the
+/// one before: a restore reads the chain from the last full one.
 const FULL_CHECKPOINT_EVERY: u64 = 16;
+/// Landmark clock: wall time between full checkpoints at most checkpoint intervals, so that dense
+/// checkpoints (the default 25 ms) do not multiply the full ones, which are most of a trace's bytes.
+const FULL_CHECKPOINT_MS: u64 = 1600;
 /// How often the landmark clock kicks a guest that runs without exits: the resolution of timer and input
 /// delivery while it computes.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
@@ -268,7 +272,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 if schedule.due(position) {
                     // A full checkpoint now and then bounds the chain a restore reads: restoring
                     // checkpoint k reads the checkpoints from the last full one up to k.
-                    let full = checkpoints.is_multiple_of(FULL_CHECKPOINT_EVERY);
+                    let full = checkpoints.is_multiple_of(schedule.full_every());
                     let snap = machine.snapshot(full)?;
                     w.write_checkpoint(&Checkpoint {
                         icount: position,
@@ -509,6 +513,14 @@ impl CheckpointSchedule {
             every: every.max(1),
             next: 0,
             last: None,
+        }
+    }
+
+    /// Every how many checkpoints one is full.
+    fn full_every(&self) -> u64 {
+        match self.clock {
+            Clock::Step => FULL_CHECKPOINT_EVERY,
+            Clock::Landmark => (FULL_CHECKPOINT_MS / self.every).max(FULL_CHECKPOINT_EVERY),
         }
     }
 
