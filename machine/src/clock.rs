@@ -22,7 +22,7 @@
 //! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
-use crate::vm::{Exit, Host, Machine, MachineError, Queued, Step, Stop};
+use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, Stop};
 use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -31,42 +31,6 @@ use kvm_bindings::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How the machine is driven, and what a position counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Clock {
-    /// Single-step every instruction; positions are instruction counts.
-    Step,
-    /// Run free between the guest's own exits; positions are landmark counts.
-    Landmark,
-}
-
-impl Clock {
-    /// The name traces and the command line use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Clock::Step => "step",
-            Clock::Landmark => "landmark",
-        }
-    }
-
-    /// What its positions are called in messages: "icount" or "landmark".
-    pub fn unit(self) -> &'static str {
-        match self {
-            Clock::Step => "icount",
-            Clock::Landmark => "landmark",
-        }
-    }
-
-    /// The clock a trace header names, if it is one this machine knows.
-    pub fn from_name(name: &str) -> Option<Clock> {
-        match name {
-            "step" => Some(Clock::Step),
-            "landmark" => Some(Clock::Landmark),
-            _ => None,
-        }
-    }
-}
 
 /// What one [`Machine::advance`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +178,7 @@ impl Machine {
     pub fn arm(&mut self, rips: &[u64]) -> Result<(), MachineError> {
         debug_assert!(rips.len() <= DEBUG_REGISTERS);
         self.breakpoints = rips.to_vec();
-        self.stop_hit = None;
+        self.stop_fired = None;
         self.apply_debug(None)
     }
 
@@ -227,7 +191,7 @@ impl Machine {
     /// Which of the stops armed last fired at the last [`Advance::Breakpoint`] or [`Search::Stopped`]
     /// (its index in the list given to [`Machine::arm`]).
     pub fn stop_hit(&self) -> Option<usize> {
-        self.stop_hit
+        self.stop_fired
     }
 
     /// The armed stop DR6 says fired, if any (bits 0-3 name the debug registers that matched).
@@ -291,7 +255,7 @@ impl Machine {
                 // Only an armed stop makes a debug exit while running free. Disarm them: on PVM, resuming
                 // onto an armed breakpoint triggers it again forever.
                 self.after_exit(None);
-                self.stop_hit = self.fired_stop();
+                self.stop_fired = self.fired_stop();
                 self.disarm()?;
                 return Ok(Advance::Breakpoint);
             }
@@ -484,7 +448,7 @@ impl Machine {
                         return Ok(Search::Found);
                     }
                     if let Some(stop) = self.fired_stop() {
-                        self.stop_hit = Some(stop);
+                        self.stop_fired = Some(stop);
                         return Ok(Search::Stopped);
                     }
                     hits += 1;

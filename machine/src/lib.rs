@@ -17,5 +17,5 @@ pub mod pvh;
 pub mod symbols;
 pub mod vm;
 
-pub use clock::{Advance, Clock, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
-pub use vm::{Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};
+pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
+pub use vm::{Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};

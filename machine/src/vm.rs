@@ -10,7 +10,6 @@
 //!   decoded before each step and these are executed here instead, with values the [`Host`] supplies.
 //! - A protected-mode 32-bit `iret` cannot be emulated by PVM: see [`crate::emulate`].
 
-use crate::clock::Clock;
 use crate::cpu::{CpuError, CpuState};
 use crate::devices::{Devices, TimeSource, MAX_DISKS};
 use crate::disk::DiskImage;
@@ -191,6 +190,42 @@ pub struct Snapshot {
     pub digest: [u8; 32],
 }
 
+/// How the machine is driven, and what a position counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// Single-step every instruction; positions are instruction counts.
+    Step,
+    /// Run free between the guest's own exits; positions are landmark counts.
+    Landmark,
+}
+
+impl Clock {
+    /// The name traces and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Clock::Step => "step",
+            Clock::Landmark => "landmark",
+        }
+    }
+
+    /// What its positions are called in messages: "icount" or "landmark".
+    pub fn unit(self) -> &'static str {
+        match self {
+            Clock::Step => "icount",
+            Clock::Landmark => "landmark",
+        }
+    }
+
+    /// The clock a trace header names, if it is one this machine knows.
+    pub fn from_name(name: &str) -> Option<Clock> {
+        match name {
+            "step" => Some(Clock::Step),
+            "landmark" => Some(Clock::Landmark),
+            _ => None,
+        }
+    }
+}
+
 /// An event queued in the vCPU for delivery at the next entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Queued {
@@ -267,7 +302,7 @@ pub struct Machine {
     /// The breakpoints in the debug registers while running free (see [`Machine::arm`]).
     pub(crate) breakpoints: Vec<u64>,
     /// Which of `breakpoints` fired last.
-    pub(crate) stop_hit: Option<usize>,
+    pub(crate) stop_fired: Option<usize>,
     /// DR6 at the last debug exit: which debug registers matched.
     pub(crate) last_dr6: u64,
     output: Vec<u8>,
@@ -421,7 +456,7 @@ impl Machine {
             stale_shadow: false,
             legacy_stale_regs: false,
             breakpoints: Vec::new(),
-            stop_hit: None,
+            stop_fired: None,
             last_dr6: 0,
             output: Vec::new(),
         };
