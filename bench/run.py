@@ -170,7 +170,7 @@ def linux(work, runs):
     ev, ncp, cpb, kicks = trace_sizes(trace)
     full, incremental = [], []
     cdir = os.path.join(trace, "checkpoints")
-    for name in os.listdir(cdir):
+    for name in filter(lambda n: n.endswith(".ckpt"), os.listdir(cdir)):
         with open(os.path.join(cdir, name), "rb") as f:
             is_full = f.read(29)[28] == 1
         (full if is_full else incremental).append(os.path.getsize(os.path.join(cdir, name)))
