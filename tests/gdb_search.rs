@@ -20,24 +20,27 @@ fn store_line() -> usize {
     guest_source_line("ledger.c", "table[key] = value;")
 }
 
+/// gdb on a ledger trace: to `check_guard` at the end, then `watch guard` and reverse-continue, then
+/// `after`. The server (for its exit) and what gdb printed.
+fn back_to_the_store(trace: &std::path::Path, after: &[&str]) -> (GdbServer, String) {
+    let server = GdbServer::start(trace, &[]);
+    let mut commands = vec![
+        "break check_guard",
+        "continue",
+        "watch guard",
+        "reverse-continue",
+    ];
+    commands.extend_from_slice(after);
+    let out = gdb_batch(server.port, &guest("ledger"), &commands);
+    (server, out)
+}
+
 #[test]
 fn watch_and_reverse_continue_find_the_store_far_back_on_both_clocks() {
     let line = store_line();
     for clock in ["step", "landmark"] {
         let trace = ledger(&format!("search-watch-{clock}"), clock);
-        let mut server = GdbServer::start(&trace, &[]);
-        let out = gdb_batch(
-            server.port,
-            &guest("ledger"),
-            &[
-                "break check_guard",
-                "continue",
-                "watch guard",
-                "reverse-continue",
-                "print key",
-                "detach",
-            ],
-        );
+        let (mut server, out) = back_to_the_store(&trace, &["print key", "detach"]);
         assert!(out.contains("Breakpoint 1, check_guard"), "{clock}: {out}");
         assert!(
             out.contains("Old value = 12345") && out.contains("New value = 1611526157"),
@@ -226,17 +229,7 @@ fn full_checkpoints_list_the_pages_written_before_them_so_searches_skip_their_in
         "every full checkpoint's interval wrote the table page"
     );
     // And the search through those intervals still lands on the store.
-    let mut server = GdbServer::start(&trace, &[]);
-    let out = gdb_batch(
-        server.port,
-        &guest("ledger"),
-        &[
-            "break check_guard",
-            "continue",
-            "watch guard",
-            "reverse-continue",
-        ],
-    );
+    let (mut server, out) = back_to_the_store(&trace, &[]);
     assert!(out.contains(&format!("ledger.c:{}", store_line())), "{out}");
     assert_eq!(server.wait_exit(30), Some(0), "{}", server.stderr());
 }
