@@ -282,9 +282,12 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                         state: snap.state,
                         pages: snap.pages,
                     })
-                    .and_then(|_| match full {
-                        true => w.write_pages_written(position, &snap.written),
-                        false => Ok(()),
+                    .and_then(|_| {
+                        if full {
+                            w.write_pages_written(position, &snap.written)
+                        } else {
+                            Ok(())
+                        }
                     })
                     .map_err(|e| {
                         trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e)
