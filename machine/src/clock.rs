@@ -22,7 +22,7 @@
 //! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
-use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, Stop};
+use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, Stop, RFLAGS_IF};
 use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -264,7 +264,7 @@ impl Machine {
         let stop = self.finish_exit(exit, host)?;
         Ok(match stop {
             Some(stop) => Advance::Stopped(stop),
-            None if self.halted && self.regs.rflags & (1 << 9) == 0 => {
+            None if self.halted && self.regs.rflags & RFLAGS_IF == 0 => {
                 Advance::Stopped(Stop::Halted)
             }
             None => Advance::Moved,
@@ -339,6 +339,18 @@ impl Machine {
             ip = insn.next_ip();
         }
         None
+    }
+
+    /// Whether replay can find the current point again by its fingerprint, with a breakpoint on its rip.
+    /// Not in user mode: PVM runs ring 3 natively and honours neither single-step nor breakpoints there
+    /// (PLATFORM.md). Not at a repeated string instruction: a kick may stop one between two iterations,
+    /// and a breakpoint fires only before the first.
+    pub fn kick_point_findable(&self) -> bool {
+        let user_mode = self.sregs.cs.selector & 3 != 0;
+        let in_rep = self.decode_at(self.regs.rip).is_some_and(|i| {
+            i.is_string_instruction() && (i.has_rep_prefix() || i.has_repne_prefix())
+        });
+        !user_mode && !in_rep
     }
 
     /// The fingerprint of the current point (see [`Fingerprint`]).

@@ -18,4 +18,7 @@ pub mod symbols;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
-pub use vm::{Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Snapshot, Step, Stop};
+pub use vm::{
+    Blocker, Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Snapshot, Step,
+    Stop,
+};

@@ -226,13 +226,36 @@ impl Clock {
     }
 }
 
+/// RFLAGS.IF: maskable interrupts enabled.
+pub(crate) const RFLAGS_IF: u64 = 1 << 9;
+
 /// An event queued in the vCPU for delivery at the next entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queued {
+pub enum Queued {
     /// An interrupt from the PIC ([`Machine::inject_interrupt`]).
     Interrupt,
     /// An exception of an instruction the VMM completed (the #BP of an `int3`).
     Exception,
+}
+
+/// What keeps the CPU from taking an interrupt ([`Machine::interrupt_blocker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Blocker {
+    /// Maskable interrupts are off.
+    #[error("RFLAGS.IF is clear (interrupts are off)")]
+    InterruptFlag,
+    /// The instruction after `sti` or `mov ss` cannot be interrupted.
+    #[error("an interrupt shadow covers the next instruction (it follows sti or mov ss)")]
+    Shadow,
+    /// The VMM queued an event that no entry has delivered yet.
+    #[error("{}", match .0 {
+        Queued::Interrupt => "an interrupt already queued in the vCPU waits for delivery",
+        Queued::Exception => "an exception the VMM queued (the #BP of an int3 it completed) waits for delivery",
+    })]
+    Queued(Queued),
+    /// KVM holds an event of its own for delivery.
+    #[error("KVM holds an exception or interrupt for redelivery")]
+    KvmEvent,
 }
 
 /// How one entry into the guest ended, once I/O has been handed to the devices.
@@ -293,8 +316,12 @@ pub struct Machine {
     /// Registers as of the last exit or the last change we made.
     pub(crate) regs: kvm_regs,
     pub(crate) sregs: kvm_sregs,
-    /// Whether the guest can take an interrupt now (IF set, no STI/MOV SS shadow).
-    pub(crate) irq_window: bool,
+    /// An STI or MOV SS interrupt shadow covers the next instruction, as KVM reported it at the last exit
+    /// (and no instruction the VMM completed since has ended it).
+    pub(crate) shadow: bool,
+    /// KVM held an exception or interrupt of its own for delivery at the last exit (one whose delivery a
+    /// host interrupt cut short): the next entry delivers that first.
+    pub(crate) kvm_event: bool,
     /// Whether KVM holds an interrupt shadow we made stale by completing an instruction ourselves.
     pub(crate) stale_shadow: bool,
     /// See [`Machine::keep_stale_registers`].
@@ -363,6 +390,9 @@ impl Machine {
             .collect();
         vcpu.set_sync_valid_reg(SyncReg::Register);
         vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        // The events too, so that every exit says, without another ioctl, whether an interrupt shadow or
+        // an event of KVM's blocks an interrupt (see [`Machine::interrupt_blocker`]).
+        vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
 
         let (protocol, boot) =
             loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
@@ -452,7 +482,8 @@ impl Machine {
             halted: false,
             regs,
             sregs,
-            irq_window: false,
+            shadow: false,
+            kvm_event: false,
             stale_shadow: false,
             legacy_stale_regs: false,
             breakpoints: Vec::new(),
@@ -542,11 +573,33 @@ impl Machine {
 
     /// Whether the CPU would take an interrupt now (IF set, no interrupt shadow), whatever the PIC holds.
     pub fn interrupts_enabled(&self) -> bool {
+        self.interrupt_blocker().is_none()
+    }
+
+    /// What keeps the CPU from taking an interrupt now, if anything. Decided from the guest's state alone
+    /// (RFLAGS.IF, the interrupt shadow, what is queued for delivery), never from how the last exit
+    /// happened: a point reached by a kick's signal in the recording is reached by a breakpoint in replay,
+    /// and both must give the same answer. (KVM's `ready_for_interrupt_injection` and `if_flag` depend on
+    /// the kind of exit that filled them in: after a debug exit they said "not ready" where the kick's
+    /// exit had said "ready", and recordings made under load did not replay.)
+    pub fn interrupt_blocker(&self) -> Option<Blocker> {
+        if self.regs.rflags & RFLAGS_IF == 0 {
+            return Some(Blocker::InterruptFlag);
+        }
         // Not while an exception (a completed int3's #BP) or an interrupt waits for the next entry: KVM
         // enters with that one and keeps a second for a later entry, and which entry that is depends on
         // host exits (preemption), not on the guest. A timer interrupt queued beside the #BP of Linux's
         // int3 self-test was taken at different points of the handler from run to run under load.
-        self.irq_window && self.queued.is_none()
+        if let Some(queued) = self.queued {
+            return Some(Blocker::Queued(queued));
+        }
+        if self.kvm_event {
+            return Some(Blocker::KvmEvent);
+        }
+        if self.shadow {
+            return Some(Blocker::Shadow);
+        }
+        None
     }
 
     /// Acknowledges the PIC's pending interrupt and queues it in the vCPU: the next step delivers it.
@@ -568,7 +621,6 @@ impl Machine {
             return Err(kvm_err("KVM_INTERRUPT")(kvm_ioctls::Error::last()));
         }
         self.halted = false;
-        self.irq_window = false;
         self.queued = Some(Queued::Interrupt);
         Ok(Some(vector))
     }
@@ -712,10 +764,9 @@ impl Machine {
         let mut regs = self.regs;
         match insn.mnemonic() {
             Mnemonic::Hlt => {
-                const IF: u64 = 1 << 9;
                 // Free running, `hlt` is an exit: a landmark.
                 self.landmarks += 1;
-                if regs.rflags & IF == 0 {
+                if regs.rflags & RFLAGS_IF == 0 {
                     return Ok(Some(Step::Stopped(Stop::Halted)));
                 }
                 self.halted = true;
@@ -786,10 +837,15 @@ impl Machine {
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         self.regs = regs;
         self.publish_regs();
-        // We completed an instruction ourselves: any STI/MOV SS shadow KVM still holds is over.
-        self.stale_shadow |= !self.irq_window;
-        self.irq_window = regs.rflags & (1 << 9) != 0;
+        self.completed_instruction();
         Ok(())
+    }
+
+    /// We completed an instruction ourselves: any STI/MOV SS shadow KVM still holds is over (and cleared
+    /// in KVM before the next entry).
+    fn completed_instruction(&mut self) {
+        self.stale_shadow |= self.shadow;
+        self.shadow = false;
     }
 
     /// Queues exception `vector` (one without an error code) for delivery at the next entry, with the
@@ -869,22 +925,23 @@ impl Machine {
                 });
             }
         };
-        if matches!(exit, Exit::Interrupted) && queued.is_some() && self.still_queued()? {
+        // Every exit, a signal's included, leaves the events in kvm_run (SyncReg::VcpuEvents).
+        let events = self.vcpu.sync_regs().events;
+        let held = events.exception.injected != 0
+            || events.exception.pending != 0
+            || events.interrupt.injected != 0
+            || events.nmi.injected != 0;
+        self.shadow = events.interrupt.shadow != 0;
+        self.stale_shadow = false;
+        if matches!(exit, Exit::Interrupted) && queued.is_some() && held {
+            // Still waiting in the vCPU: it is ours, not KVM's.
             self.queued = queued;
+            self.kvm_event = false;
+        } else {
+            self.kvm_event = held;
         }
         self.landmarks += self.landmarks_in(&exit);
         Ok(exit)
-    }
-
-    /// Whether the vCPU still holds an exception or interrupt for delivery.
-    fn still_queued(&self) -> Result<bool, MachineError> {
-        let events = self
-            .vcpu
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-        Ok(events.exception.injected != 0
-            || events.exception.pending != 0
-            || events.interrupt.injected != 0)
     }
 
     /// Completes a pending I/O without running further: with `immediate_exit` KVM finishes the operation and
@@ -936,9 +993,6 @@ impl Machine {
             stop = Some(Stop::GuestExit(status));
         }
         self.refresh_regs();
-        let run = self.vcpu.get_kvm_run();
-        self.irq_window = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
-        self.stale_shadow = false;
         stop
     }
 
@@ -1059,6 +1113,7 @@ impl Machine {
         self.regs = regs;
         self.sregs = sregs;
         self.publish_regs();
+        self.completed_instruction();
         Ok(())
     }
 
@@ -1348,7 +1403,8 @@ impl Machine {
         self.devices = devices;
         self.regs = st.cpu.regs;
         self.sregs = st.cpu.sregs;
-        self.irq_window = st.cpu.regs.rflags & (1 << 9) != 0 && events.interrupt.shadow == 0;
+        self.shadow = events.interrupt.shadow != 0;
+        self.kvm_event = false;
         self.stale_shadow = false;
         self.output.clear();
         Ok(())

@@ -454,11 +454,9 @@ impl Between {
             // The breakpoint disarmed itself.
             self.armed = None;
         }
-        // Never in user mode: PVM runs ring 3 natively and honours neither single-step nor breakpoints
-        // there (PLATFORM.md), so replay could not find the point. A guest computing in user mode takes
-        // its interrupt at its next exit, system call or fault, which are landmarks.
-        let user_mode = machine.sregs().cs.selector & 3 != 0;
-        let wanted = !user_mode
+        // Only where replay can find the point again: a guest computing in user mode takes its interrupt
+        // at its next exit, system call or fault, which are landmarks; one inside a `rep` at a later kick.
+        let wanted = machine.kick_point_findable()
             && machine.interrupts_enabled()
             && (machine.interrupt_ready() || env.interrupt_due(machine));
         if !wanted {

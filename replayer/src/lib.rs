@@ -770,7 +770,7 @@ impl Replayer {
     fn explain(&self, mut d: Divergence) -> Divergence {
         if self.positions() == Clock::Landmark {
             d.unit = "landmark";
-            if self.machine.clock() == Clock::Landmark {
+            if self.machine.clock() == Clock::Landmark && d.host_value_hint {
                 d.what.push_str(
                     "; running free, the landmark clock logs RDTSC, RDRAND and RDSEED only where the guest \
                      image has them (the VMM traps them when it loads the image): if the guest reads them in \

@@ -17,6 +17,10 @@ pub struct Divergence {
     pub unit: &'static str,
     /// What differed.
     pub what: String,
+    /// Whether a host value the landmark clock could not see (an RDTSC in code made at run time) may
+    /// explain it: the replay reached another state than the recording. Not when the message already
+    /// names the cause.
+    pub host_value_hint: bool,
 }
 
 impl Divergence {
@@ -26,6 +30,21 @@ impl Divergence {
             icount,
             unit: "icount",
             what: what.into(),
+            host_value_hint: true,
+        }
+    }
+
+    /// The recording delivered an interrupt where the replayed guest cannot take it.
+    fn blocked(icount: u64, vector: u8, blocker: machine::Blocker) -> Divergence {
+        Divergence {
+            host_value_hint: false,
+            ..Divergence::new(
+                icount,
+                format!(
+                    "the recording injected vector {vector:#x} here but the guest cannot take an \
+                     interrupt: {blocker}"
+                ),
+            )
         }
     }
 }
@@ -124,8 +143,11 @@ impl LogHost {
                 }
                 EventKind::Irq { line } => machine.pulse_irq(*line),
                 EventKind::Interrupt { vector } => {
+                    if let Some(blocker) = machine.interrupt_blocker() {
+                        return Err(Divergence::blocked(icount, *vector, blocker));
+                    }
                     if !machine.interrupt_ready() {
-                        return Err(Divergence::new(icount, format!("the recording injected vector {vector:#x} here but the guest cannot take an interrupt")));
+                        return Err(Divergence::new(icount, format!("the recording injected vector {vector:#x} here but the PIC holds no interrupt")));
                     }
                     let got = machine
                         .inject_interrupt()

@@ -1,5 +1,8 @@
 /* rand.elf: executes RDTSC (3 times), RDTSCP, RDRAND and RDSEED (each only if CPUID says the CPU has
- * it) and prints every value. Output is nondeterministic by nature. Exits 0. */
+ * it) and prints every value. Output is nondeterministic by nature. Exits 0.
+ * With `jit` on the command line it instead copies an `rdtsc; ret` into RAM at run time, calls it and
+ * prints the value: code the VMM cannot trap when it loads the image, so a landmark recording of it
+ * does not replay. */
 #include "lib.h"
 
 static int rdrand32(u32 *v)
@@ -16,6 +19,9 @@ static int rdseed32(u32 *v)
     return ok;
 }
 
+/* rdtsc; ret: filled in at run time. */
+static u8 jit_code[4];
+
 void main(void)
 {
     u64 tsc[3];
@@ -24,6 +30,15 @@ void main(void)
 
     serial_init();
     puts("rand: start\n");
+    if (cmdline_has("jit")) {
+        jit_code[0] = 0x0f;
+        jit_code[1] = 0x31;
+        jit_code[2] = 0xc3;
+        puts("rand: jit rdtsc ");
+        put_hex32(((u32 (*)(void))(unsigned long)jit_code)());
+        putc('\n');
+        guest_exit(0);
+    }
 
     for (i = 0; i < 3; i++)
         tsc[i] = rdtsc();

@@ -129,6 +129,30 @@ int cmdline_has(const char *word)
     return 0;
 }
 
+u32 cmdline_num(const char *key, u32 dflt)
+{
+    const char *s = mb_cmdline();
+    while (*s) {
+        const char *k = key;
+        const char *p = s;
+        while (*k && *p == *k) {
+            p++;
+            k++;
+        }
+        if (!*k && *p == '=' && p[1] >= '0' && p[1] <= '9') {
+            u32 v = 0;
+            for (p++; *p >= '0' && *p <= '9'; p++)
+                v = v * 10 + (u32)(*p - '0');
+            return v;
+        }
+        while (*s && *s != ' ')     /* next word */
+            s++;
+        while (*s == ' ')
+            s++;
+    }
+    return dflt;
+}
+
 /* ---------------- exit ---------------- */
 
 void guest_exit(u32 v)

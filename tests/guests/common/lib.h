@@ -67,6 +67,8 @@ void put_sdec(s32 v);
 const char *mb_cmdline(void);
 /* Whether `word` appears in the command line as a whole, space-separated word. */
 int cmdline_has(const char *word);
+/* The decimal number N of a word `key=N` in the command line, or `dflt` if there is none. */
+u32 cmdline_num(const char *key, u32 dflt);
 
 /* ---- exit through QEMU isa-debug-exit (port 0xf4): process status (v << 1) | 1 ---- */
 #define DEBUG_EXIT_PORT 0xf4
