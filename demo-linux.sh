@@ -32,11 +32,17 @@ poweroff 0
 SESSION
 
 echo "== 1. record a Linux boot and a shell session; the session writes a name to /proc/rv_demo, and only"
-echo "      the later read notices that the kernel's rv_demo.budget was clobbered"
+echo "      the later read notices that the kernel's rv_demo.budget was clobbered (--verify then replays"
+echo "      the recording once and says whether it replays exactly)"
 "$rv" record --kernel "$vmlinux" --initrd target/linux/initramfs.cpio \
     --append "console=ttyS0 panic=-1 noapic nolapic noxsave" --ram 64 \
     --serial-input "$work/session.txt" --serial-input-after "Run /init" \
-    -o "$work/linux.rvt" | grep -E 'rv_demo|^init:|Linux version' || true
+    -o "$work/linux.rvt" --verify > "$work/linux-output.txt" || status=$?
+grep -E 'rv_demo|^init:|Linux version' "$work/linux-output.txt" || true
+if [ "${status:-0}" -eq 2 ] || [ "${status:-0}" -eq 4 ]; then
+    echo "demo: the recording failed or did not verify (status $status); see the message above" >&2
+    exit 1
+fi
 
 echo
 echo "== 2. replay it under gdb: stop where the kernel reads rv_demo, watch the budget, run backwards"

@@ -25,7 +25,13 @@ src=tests/guests/demo.c
 check=$(grep -n 'if (guard != GUARD_VALUE)' "$src" | cut -d: -f1)
 
 echo "== 1. record tests/guests/demo.c: it notices only at the very end that a variable was clobbered"
-"$rv" record --kernel "$elf" -o "$work/demo.rvt" || true
+echo "      (--verify replays the recording at once and says whether it replays exactly)"
+status=0
+"$rv" record --kernel "$elf" -o "$work/demo.rvt" --verify || status=$?
+if [ "$status" -eq 2 ] || [ "$status" -eq 4 ]; then
+    echo "demo: the recording failed or did not verify (status $status); see the message above" >&2
+    exit 1
+fi
 
 echo
 echo "== 2. replay it under gdb: stop where the program checks 'guard', watch it, run backwards"

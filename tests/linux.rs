@@ -1,7 +1,7 @@
 //! Linux guests: a tinyconfig Linux 6.1 built from Debian's kernel source by tests/linux/build.sh (cached
 //! under target/linux; the first build takes a few minutes, `.ci/run` does it before the suite), booted
-//! through its PVH entry with an initramfs, recorded with the landmark clock while a scripted serial
-//! session runs (a virtio disk read and written, the planted bug of the Linux demo triggered), replayed
+//! through its PVH entry with an initramfs, recorded with the landmark clock on a busy machine (CPU hogs
+//! run meanwhile) while a scripted serial session runs (a virtio disk read and written, the planted bug of the Linux demo triggered), replayed
 //! exactly, and debugged backwards with real gdb on the kernel's own source.
 
 mod common;
@@ -65,6 +65,8 @@ fn session() -> &'static Session {
         disk_bytes.resize(1 << 20, 0x2e);
         std::fs::write(&disk, &disk_bytes).unwrap();
         let trace = dir.join("boot.rvt");
+        // Recorded on a busy machine, as users record: a busy loop per core competes with the vCPU.
+        let hogs = Hogs::start(1);
         let record = rv(&[
             "record",
             "--kernel",
@@ -85,6 +87,7 @@ fn session() -> &'static Session {
             "-o",
             trace.to_str().unwrap(),
         ]);
+        drop(hogs);
         Session {
             trace,
             record,

@@ -11,37 +11,7 @@ mod common;
 use common::*;
 use machine::devices::TimeSource;
 use machine::{Advance, Clock, Host, HostInsn, Kicker, Machine, MachineConfig};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// Busy loops in child processes, killed when dropped.
-struct Hogs(Vec<Child>);
-
-impl Hogs {
-    /// `per_core` busy loops for every online CPU.
-    fn start(per_core: usize) -> Hogs {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let hogs = (0..cores * per_core)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .expect("cannot start a CPU hog (sh)")
-            })
-            .collect();
-        Hogs(hogs)
-    }
-}
-
-impl Drop for Hogs {
-    fn drop(&mut self) {
-        for hog in &mut self.0 {
-            let _ = hog.kill();
-            let _ = hog.wait();
-        }
-    }
-}
 
 /// Records `guest_name` (landmark clock) into its own directory under `dir`.
 fn record_into(

@@ -406,3 +406,32 @@ pub fn assert_in_order(haystack: &str, needles: &[&str]) {
         }
     }
 }
+
+/// Busy loops in child processes, killed when dropped.
+pub struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    /// `per_core` busy loops for every online CPU.
+    pub fn start(per_core: usize) -> Hogs {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hogs = (0..cores * per_core)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("cannot start a CPU hog (sh)")
+            })
+            .collect();
+        Hogs(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
