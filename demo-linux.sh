@@ -35,7 +35,7 @@ echo "== 1. record a Linux boot and a shell session; the session writes a name t
 echo "      the later read notices that the kernel's rv_demo.budget was clobbered (--verify then replays"
 echo "      the recording once and says whether it replays exactly)"
 "$rv" record --kernel "$vmlinux" --initrd target/linux/initramfs.cpio \
-    --append "console=ttyS0 panic=-1 noapic nolapic noxsave" --ram 64 \
+    --append "console=ttyS0 panic=-1 noapic nolapic" --ram 64 \
     --serial-input "$work/session.txt" --serial-input-after "Run /init" \
     -o "$work/linux.rvt" --verify > "$work/linux-output.txt" || status=$?
 grep -E 'rv_demo|^init:|Linux version' "$work/linux-output.txt" || true

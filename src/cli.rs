@@ -128,6 +128,21 @@ struct GuestArgs {
     /// image is never written: guest writes go to an in-memory copy-on-write overlay.
     #[arg(long = "disk", value_name = "IMAGE")]
     disks: Vec<PathBuf>,
+    /// The CPU the guest sees. `portable` (the default) is the same on every host, Intel or AMD: a
+    /// GenuineIntel x86-64 baseline CPU (SSE2, CMPXCHG16B; no SSE3, XSAVE, RDRAND or hypervisor
+    /// leaves), so a trace replays on any x86-64 host and the guest picks the same code paths
+    /// everywhere. `host` passes this host's CPUID through: the trace then replays only on hosts with
+    /// every feature it had.
+    #[arg(long, value_enum, default_value = "portable")]
+    cpu: CpuArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CpuArg {
+    /// The same x86-64-v2 CPU on every host.
+    Portable,
+    /// This host's CPUID.
+    Host,
 }
 
 #[derive(Args)]
@@ -477,6 +492,12 @@ fn record(
             hide_host_values: clock == machine::Clock::Landmark,
             trap_host_insns: clock == machine::Clock::Landmark,
             cpuid: None,
+            cpu: match g.cpu {
+                CpuArg::Portable => machine::CpuModel::Portable,
+                CpuArg::Host => machine::CpuModel::Host,
+            },
+            // Only the VMM can show this host's guests a CPU other than the host's (see answer_cpuid).
+            answer_cpuid: g.cpu == CpuArg::Portable,
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,
@@ -716,6 +737,31 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
             })
             .collect();
         println!("memory map:    {}", ranges.join(", "));
+    }
+    println!(
+        "cpu:           {}",
+        match (h.cpu_model.as_str(), h.vmm_cpuid) {
+            ("portable", true) => {
+                "portable model (the same x86-64 CPU on every host; the VMM answered CPUID)"
+            }
+            (_, true) => "a model the VMM answered CPUID for",
+            _ if h.cpuid.is_empty() => "the recording host's (not kept in the trace)",
+            _ => "host model (the recording host's CPUID, kept in the trace)",
+        }
+    );
+    if let Some(c) = &h.recorded_on {
+        println!(
+            "recorded on:   {} family {} model {} stepping {}{}",
+            c.vendor,
+            c.family,
+            c.model,
+            c.stepping,
+            if c.brand.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", c.brand)
+            }
+        );
     }
     let clock = words::clock_of(h);
     let (unit, counted) = (words::unit(clock), words::counted(clock));

@@ -89,6 +89,18 @@ pub fn run() -> Result<i32, DoctorError> {
             "itself a virtual machine (the CPU flag hypervisor is set)",
         )?;
     }
+    let cpu = machine::HostCpu::detect();
+    field(&mut out, "CPU", &cpu.to_string())?;
+    let portable = match kvm.portable_model() {
+        Ok(()) => "portable: yes (the default: the same x86-64 CPU on every host, Intel or AMD)"
+            .to_string(),
+        Err(e) => format!("portable: NO: {e}"),
+    };
+    field(&mut out, "CPU models", &portable)?;
+    continuation(
+        &mut out,
+        "host: yes (this host's own CPUID; its traces replay only on hosts with the same features)",
+    )?;
     let pmu = host::pmu();
     field(&mut out, "PMU", &describe_pmu(&pmu))?;
 
@@ -136,12 +148,12 @@ pub fn run() -> Result<i32, DoctorError> {
     field(
         &mut out,
         "clocks",
-        "step: available: exact on any KVM, one exit per instruction (the default of record)",
+        "step: available: exact on any KVM, one exit per instruction",
     )?;
     continuation(
         &mut out,
         &format!(
-            "landmark: available: needs no PMU, runs free between the guest's own exits (the default of run){landmark_note}"
+            "landmark: available: needs no PMU, runs free between the guest's own exits (the default of record and run){landmark_note}"
         ),
     )?;
     continuation(
@@ -187,6 +199,12 @@ pub fn run() -> Result<i32, DoctorError> {
         },
     ];
     quirks.push(match cpuid {
+        Some(c) if c.honoured && c.mixed_in != 0 => format!(
+            "KVM_SET_CPUID2: partly honoured (a guest saw {} hidden, but also leaf 1 ECX bits {:#x} the table \
+             did not set: KVM mixes the host's own features in); so for the portable model retrovisor \
+             answers CPUID itself",
+            c.feature, c.mixed_in
+        ),
         Some(c) if c.honoured => format!(
             "KVM_SET_CPUID2: honoured (a guest saw {} hidden); the landmark clock hides RDRAND, RDSEED and \
              RDTSCP, whose results it cannot record",

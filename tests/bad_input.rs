@@ -284,7 +284,7 @@ fn kvm_without_permission_is_a_clear_error() {
 /// Records timer.elf into `trace` (a checkpoint every 2,000 instructions) with every file it writes
 /// limited to `limit` bytes: a disk with that little room. Past the limit, writes fail with EFBIG;
 /// SIGXFSZ, which would kill the process instead, is ignored as a shell's `trap '' XFSZ` would.
-fn record_with_file_limit(trace: &std::path::Path, limit: u64) -> std::process::Output {
+fn record_with_file_limit(trace: &std::path::Path, limit: Option<u64>) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let mut c = bin();
     c.args(["record", "--clock", "step", "--kernel"])
@@ -292,6 +292,9 @@ fn record_with_file_limit(trace: &std::path::Path, limit: u64) -> std::process::
         .arg("-o")
         .arg(trace)
         .args(["--checkpoint-every", "2000"]);
+    let Some(limit) = limit else {
+        return c.output().unwrap();
+    };
     // SAFETY: between fork and exec the closure only makes async-signal-safe system calls.
     unsafe {
         c.pre_exec(move || {
@@ -307,6 +310,24 @@ fn record_with_file_limit(trace: &std::path::Path, limit: u64) -> std::process::
         });
     }
     c.output().unwrap()
+}
+
+/// The sizes of what a recording of timer.elf writes with no limit, on this host and with this build:
+/// (header, first checkpoint, largest checkpoint, event stream). The limits the tests set derive from
+/// them, so no test depends on the size of a host's CPUID or XSAVE area.
+fn unlimited_sizes() -> (u64, u64, u64, u64) {
+    let dir = scratch("unlimited");
+    let trace = dir.join("timer.rvt");
+    let rec = record_with_file_limit(&trace, None);
+    assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    let checkpoints = checkpoint_files(&trace);
+    (
+        size(&trace.join("header.json")),
+        size(&checkpoints[0]),
+        checkpoints.iter().map(|p| size(p)).max().unwrap(),
+        size(&trace.join("events.bin")),
+    )
 }
 
 /// The number after `prefix` in `text`.
@@ -326,9 +347,15 @@ fn number_after(text: &str, prefix: &str) -> u64 {
 fn a_recording_that_runs_out_of_space_keeps_a_replayable_prefix() {
     let dir = scratch("full-disk");
     let trace = dir.join("timer.rvt");
-    // Room for the checkpoints (under 3 KB each) but not for the whole event stream: the recording
-    // stops in the middle of appending an event chunk.
-    let rec = record_with_file_limit(&trace, 3000);
+    // Room for the header and the checkpoints (with a margin: a recording under host time varies) but
+    // not for the whole event stream: the recording stops in the middle of appending an event chunk.
+    let (header, _, largest, events) = unlimited_sizes();
+    let limit = header.max(largest) * 5 / 4;
+    assert!(
+        limit * 2 < events,
+        "the event stream ({events} bytes) is not much larger than {limit}"
+    );
+    let rec = record_with_file_limit(&trace, Some(limit));
     assert_error(
         &rec,
         "because a file reached this process's file size limit",
@@ -372,8 +399,13 @@ fn a_recording_that_runs_out_of_space_keeps_a_replayable_prefix() {
 fn a_recording_with_no_room_for_its_first_checkpoint_says_so() {
     let dir = scratch("no-room");
     let trace = dir.join("timer.rvt");
-    // The first checkpoint (a full one, about 2.6 KB) does not fit.
-    let rec = record_with_file_limit(&trace, 2000);
+    // Room for the header but not for the first checkpoint (a full one, at boot: the same every time).
+    let (header, first, _, _) = unlimited_sizes();
+    assert!(
+        header < first,
+        "header {header} bytes, first checkpoint {first}"
+    );
+    let rec = record_with_file_limit(&trace, Some((header + first) / 2));
     assert_error(&rec, "holds nothing replayable (no checkpoint was written)");
     assert_eq!(
         std::fs::read_dir(trace.join("checkpoints"))

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The kernel command line of every Linux test: serial console, no APIC (PIC only), no XSAVE (this host
-/// cannot emulate `xrstor` in ring 0), the virtio disk at retrovisor's first slot.
-const APPEND: &str = "console=ttyS0 panic=-1 noapic nolapic noxsave \
+/// The kernel command line of every Linux test: serial console, no APIC (PIC only), the virtio disk at
+/// retrovisor's first slot. (No `noxsave` or `clearcpuid=`: the portable CPU model has no XSAVE, and
+/// it is what the kernel sees on every host.)
+const APPEND: &str = "console=ttyS0 panic=-1 noapic nolapic \
                       virtio_mmio.device=512@0xd0000000:5";
 
 /// The scripted session /init runs (tests/linux/init.c lists its commands).

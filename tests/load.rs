@@ -90,6 +90,8 @@ fn whether_an_interrupt_can_be_taken_follows_from_the_state_alone() {
         disks: Vec::new(),
         hide_host_values: true,
         cpuid: None,
+        cpu: machine::CpuModel::Portable,
+        answer_cpuid: true,
         trap_host_insns: true,
     };
     let mut m = Machine::new(&config, &image).unwrap();

@@ -41,7 +41,7 @@ pub struct CpuState {
     /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
     /// FPU/SSE/AVX state: the legacy 4 KiB XSAVE region (`kvm_xsave` itself is not Clone), in the
-    /// canonical form of [`canonicalize_xsave`].
+    /// canonical form of [`XsaveLayout::canonicalize`].
     pub xsave: Vec<u32>,
     /// Extended control registers (XCR0).
     pub xcrs: kvm_xcrs,
@@ -70,8 +70,8 @@ fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
 }
 
 impl CpuState {
-    /// Reads the whole state from the vCPU.
-    pub fn capture(vcpu: &VcpuFd) -> Result<CpuState, CpuError> {
+    /// Reads the whole state from the vCPU, whose XSAVE components lie as `layout` says.
+    pub fn capture(vcpu: &VcpuFd, layout: &XsaveLayout) -> Result<CpuState, CpuError> {
         let entries: Vec<kvm_msr_entry> = SAVED_MSRS
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -89,7 +89,7 @@ impl CpuState {
             .map_err(err("KVM_GET_XSAVE"))?
             .region
             .to_vec();
-        canonicalize_xsave(&mut xsave);
+        layout.canonicalize(&mut xsave);
         Ok(CpuState {
             regs: vcpu.get_regs().map_err(err("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?,
@@ -165,7 +165,7 @@ macro_rules! field_differences {
 impl CpuState {
     /// What differs between this state and `recorded`, one line per field, named as a user reads
     /// it: `regs.rflags is 0x246, recorded 0x202`, `msr 0x277 ...`, `xsave word 128 (XSTATE_BV) ...`.
-    pub fn differences(&self, recorded: &CpuState) -> Vec<String> {
+    pub fn differences(&self, recorded: &CpuState, layout: &XsaveLayout) -> Vec<String> {
         let mut out = Vec::new();
         let (r, q) = (&self.regs, &recorded.regs);
         field_differences!(
@@ -192,7 +192,7 @@ impl CpuState {
             if a != b {
                 out.push(format!(
                     "xsave word {i} ({}) is {a:#x}, recorded {b:#x}",
-                    xsave_word_name(i)
+                    layout.word_name(i)
                 ));
             }
         }
@@ -233,30 +233,6 @@ impl CpuState {
     }
 }
 
-/// What word `i` (32 bits) of the XSAVE region holds, for divergence reports.
-fn xsave_word_name(i: usize) -> String {
-    let byte = i * 4;
-    match byte {
-        0 => "FCW, FSW".into(),
-        4 => "FTW, FOP".into(),
-        8..=15 => "FIP".into(),
-        16..=23 => "FDP".into(),
-        24 => "MXCSR".into(),
-        28 => "MXCSR_MASK".into(),
-        32..=159 => format!("ST{}", (byte - 32) / 16),
-        160..=415 => format!("XMM{}", (byte - 160) / 16),
-        512..=519 => "XSTATE_BV".into(),
-        520..=527 => "XCOMP_BV".into(),
-        _ => match extended_components()
-            .iter()
-            .find(|(_, r)| r.contains(&byte))
-        {
-            Some((bit, _)) => format!("XSAVE component {bit}"),
-            None => "reserved".into(),
-        },
-    }
-}
-
 /// Byte offset of XSTATE_BV, the XSAVE header's bitmap of components in use.
 const XSTATE_BV: usize = 512;
 /// Byte offset of XCOMP_BV (zero in the standard format KVM uses).
@@ -265,86 +241,139 @@ const XCOMP_BV: usize = 520;
 const XSAVE_HEADER_END: usize = 576;
 /// The x87 control word after FNINIT, the only non-zero field of the x87 initial state.
 const FCW_INIT: u16 = 0x037f;
-/// The legacy-region bytes of the x87 component: FCW..FDP (0..24) and ST0-7 (32..160); MXCSR and
-/// MXCSR_MASK (24..32) belong to no single component and are kept as they are.
+/// The legacy-region bytes of the x87 component: FCW..FDP (0..24) and ST0-7 (32..160); MXCSR (24..28)
+/// belongs to no single component and is kept as it is.
 const X87_BYTES: [std::ops::Range<usize>; 2] = [0..24, 32..160];
+/// MXCSR_MASK: which MXCSR bits the host's FPU supports.
+const MXCSR_MASK: std::ops::Range<usize> = 28..32;
 /// The legacy-region bytes of the SSE component: XMM0-15.
 const SSE_BYTES: std::ops::Range<usize> = 160..416;
 
-/// Puts an XSAVE region into one canonical form, so that two regions holding the same architectural
-/// state are equal word for word.
-///
-/// Why: which components XSTATE_BV marks as in use is not the guest's doing alone. The host saves the
-/// vCPU's FPU state when it preempts or signals the thread, and XSAVE may report a component as in
-/// use although it holds its initial values (the init optimization is allowed, not required). A
-/// recorded checkpoint once had XSTATE_BV = 0x2 ("SSE in use") with every XMM register zero, where
-/// the replay had 0: the same state, a different digest. So: a component whose bit is clear takes its
-/// initial values (whatever the save left in its bytes), a component holding its initial values gets
-/// its bit cleared, and the bytes no component owns (reserved, software-available) are zeroed.
-/// Restoring the canonical form gives the guest exactly the state it could observe before.
-pub fn canonicalize_xsave(region: &mut [u32]) {
-    let mut bytes: Vec<u8> = region.iter().flat_map(|w| w.to_le_bytes()).collect();
-    if bytes.len() < XSAVE_HEADER_END {
-        return;
-    }
-    let mut bv = u64::from_le_bytes(bytes[XSTATE_BV..XSTATE_BV + 8].try_into().expect("8 bytes"));
-    // x87: initial state is FCW = 0x37f and every other field zero.
-    if bv & 1 == 0 {
-        for r in X87_BYTES {
-            bytes[r].fill(0);
-        }
-        bytes[0..2].copy_from_slice(&FCW_INIT.to_le_bytes());
-    }
-    let x87_init = bytes[0..2] == FCW_INIT.to_le_bytes()
-        && bytes[2..24].iter().chain(&bytes[32..160]).all(|&b| b == 0);
-    if x87_init {
-        bv &= !1;
-    }
-    // SSE and every extended component: initial state is all zeros.
-    let len = bytes.len();
-    let extended = extended_components()
-        .iter()
-        .filter(|(_, r)| r.end <= len)
-        .cloned();
-    for (bit, range) in std::iter::once((1, SSE_BYTES)).chain(extended) {
-        if bv & (1 << bit) == 0 {
-            bytes[range.clone()].fill(0);
-        }
-        if bytes[range].iter().all(|&b| b == 0) {
-            bv &= !(1 << bit);
-        }
-    }
-    bytes[416..XSTATE_BV].fill(0);
-    bytes[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
-    bytes[XCOMP_BV..XSAVE_HEADER_END].fill(0);
-    for (word, chunk) in region.iter_mut().zip(bytes.chunks_exact(4)) {
-        *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-    }
-}
+/// Where the extended XSAVE components (bits 2 and up) of the guest's CPU lie: (bit, byte range in the
+/// standard format), from the leaf 0xd of the guest's CPUID, not the host's: a portable guest CPU has
+/// none, whatever the host has, and a trace names its components the same on every host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XsaveLayout(Vec<(u32, std::ops::Range<usize>)>);
 
-/// (bit, byte range) of each extended XSAVE component (bits 2 and up) this CPU defines, from CPUID
-/// leaf 0xd (standard-format offsets; KVM gives the guest the host's supported CPUID, so these are
-/// the guest's too). Read once: CPUID is slow inside a VM, and every capture needs the list.
-fn extended_components() -> &'static [(u32, std::ops::Range<usize>)] {
-    static COMPONENTS: std::sync::OnceLock<Vec<(u32, std::ops::Range<usize>)>> =
-        std::sync::OnceLock::new();
-    COMPONENTS.get_or_init(|| {
-        (2..63)
-            .filter_map(|bit| {
-                // Leaf 0xd exists on every CPU with XSAVE, which KVM_GET_XSAVE presupposes;
-                // unknown subleaves return zeros.
-                let leaf = core::arch::x86_64::__cpuid_count(0xd, bit);
-                let (size, offset) = (leaf.eax as usize, leaf.ebx as usize);
-                (size > 0 && offset >= XSAVE_HEADER_END).then_some((bit, offset..offset + size))
+impl XsaveLayout {
+    /// The layout a CPUID table ([function, index, flags, eax, ebx, ecx, edx] entries) describes.
+    pub fn from_cpuid(table: &[[u32; 7]]) -> XsaveLayout {
+        let components = table
+            .iter()
+            .filter(|e| e[0] == 0xd && (2..63).contains(&e[1]))
+            .filter_map(|e| {
+                let (size, offset) = (e[3] as usize, e[4] as usize);
+                (size > 0 && offset >= XSAVE_HEADER_END).then_some((e[1], offset..offset + size))
             })
-            .collect()
-    })
+            .collect();
+        XsaveLayout(components)
+    }
+
+    /// What word `i` (32 bits) of the XSAVE region holds, for divergence reports.
+    fn word_name(&self, i: usize) -> String {
+        let byte = i * 4;
+        match byte {
+            0 => "FCW, FSW".into(),
+            4 => "FTW, FOP".into(),
+            8..=15 => "FIP".into(),
+            16..=23 => "FDP".into(),
+            24 => "MXCSR".into(),
+            28 => "MXCSR_MASK".into(),
+            32..=159 => format!("ST{}", (byte - 32) / 16),
+            160..=415 => format!("XMM{}", (byte - 160) / 16),
+            512..=519 => "XSTATE_BV".into(),
+            520..=527 => "XCOMP_BV".into(),
+            _ => match self.0.iter().find(|(_, r)| r.contains(&byte)) {
+                Some((bit, _)) => format!("XSAVE component {bit}"),
+                None => "reserved".into(),
+            },
+        }
+    }
+
+    /// Puts an XSAVE region into one canonical form, so that two regions holding the same
+    /// architectural state are equal word for word, on any host.
+    ///
+    /// Why: which components XSTATE_BV marks as in use is not the guest's doing alone. The host saves
+    /// the vCPU's FPU state when it preempts or signals the thread, and XSAVE may report a component as
+    /// in use although it holds its initial values (the init optimization is allowed, not required). A
+    /// recorded checkpoint once had XSTATE_BV = 0x2 ("SSE in use") with every XMM register zero, where
+    /// the replay had 0: the same state, a different digest. So: a component whose bit is clear takes
+    /// its initial values (whatever the save left in its bytes), a component holding its initial values
+    /// gets its bit cleared, and the bytes no component of the guest's CPU owns (reserved,
+    /// software-available, components of the host's that the guest does not have) are zeroed. And
+    /// MXCSR_MASK, which says which MXCSR bits the *host's* FPU supports (0xffff on one Intel host,
+    /// 0x2ffff on an AMD EPYC), is host capability rather than guest state: it is zeroed too (restoring
+    /// ignores it). Restoring the canonical form gives the guest exactly the state it could observe
+    /// before.
+    pub fn canonicalize(&self, region: &mut [u32]) {
+        let mut bytes: Vec<u8> = region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        if bytes.len() < XSAVE_HEADER_END {
+            return;
+        }
+        let mut bv =
+            u64::from_le_bytes(bytes[XSTATE_BV..XSTATE_BV + 8].try_into().expect("8 bytes"));
+        // x87: initial state is FCW = 0x37f and every other field zero.
+        if bv & 1 == 0 {
+            for r in X87_BYTES {
+                bytes[r].fill(0);
+            }
+            bytes[0..2].copy_from_slice(&FCW_INIT.to_le_bytes());
+        }
+        let x87_init = bytes[0..2] == FCW_INIT.to_le_bytes()
+            && bytes[2..24].iter().chain(&bytes[32..160]).all(|&b| b == 0);
+        if x87_init {
+            bv &= !1;
+        }
+        bytes[MXCSR_MASK].fill(0);
+        // SSE and every extended component: initial state is all zeros.
+        let len = bytes.len();
+        let extended = self.0.iter().filter(|(_, r)| r.end <= len).cloned();
+        let mut owned = vec![false; len];
+        owned[..XSAVE_HEADER_END].fill(true);
+        for (bit, range) in std::iter::once((1, SSE_BYTES)).chain(extended) {
+            owned[range.clone()].fill(true);
+            if bv & (1 << bit) == 0 {
+                bytes[range.clone()].fill(0);
+            }
+            if bytes[range].iter().all(|&b| b == 0) {
+                bv &= !(1 << bit);
+            }
+        }
+        for (b, owned) in bytes.iter_mut().zip(owned) {
+            if !owned {
+                *b = 0;
+            }
+        }
+        // Components the guest's CPU does not have are never in use.
+        let known = self.0.iter().fold(0b11, |m, (bit, _)| m | 1 << bit);
+        bv &= known;
+        bytes[416..XSTATE_BV].fill(0);
+        bytes[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+        bytes[XCOMP_BV..XSAVE_HEADER_END].fill(0);
+        for (word, chunk) in region.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use kvm_ioctls::Kvm;
+
+    /// The layout of the host model's CPU, which the test vCPUs have.
+    fn layout() -> XsaveLayout {
+        let kvm = Kvm::new().expect("these tests need /dev/kvm");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        let table: Vec<_> = cpuid
+            .as_slice()
+            .iter()
+            .map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx])
+            .collect();
+        XsaveLayout::from_cpuid(&table)
+    }
 
     /// A real vCPU: what KVM reports and accepts is what matters here.
     fn new_vcpu() -> (Kvm, kvm_ioctls::VmFd, VcpuFd) {
@@ -371,7 +400,7 @@ mod tests {
     #[test]
     fn sse_marked_in_use_at_its_initial_values_captures_like_sse_unused() {
         let (_kvm, _vm, vcpu) = new_vcpu();
-        let clean = CpuState::capture(&vcpu).unwrap();
+        let clean = CpuState::capture(&vcpu, &layout()).unwrap();
         let mut marked = vcpu.get_xsave().unwrap().region.to_vec();
         marked[XSTATE_BV / 4] |= 0x2;
         marked[SSE_BYTES.start / 4..SSE_BYTES.end / 4].fill(0);
@@ -381,8 +410,8 @@ mod tests {
             0x2,
             "KVM keeps the in-use bit it was given (else this test proves nothing)"
         );
-        let again = CpuState::capture(&vcpu).unwrap();
-        assert_eq!(again.differences(&clean), Vec::<String>::new());
+        let again = CpuState::capture(&vcpu, &layout()).unwrap();
+        assert_eq!(again.differences(&clean, &layout()), Vec::<String>::new());
         assert!(again == clean);
     }
 
@@ -394,23 +423,23 @@ mod tests {
         live[XSTATE_BV / 4] |= 0x2;
         live[SSE_BYTES.start / 4 + 5] = 0xdead_beef; // XMM1, second dword
         set_xsave(&vcpu, &live);
-        let state = CpuState::capture(&vcpu).unwrap();
+        let state = CpuState::capture(&vcpu, &layout()).unwrap();
         assert_eq!(state.xsave[SSE_BYTES.start / 4 + 5], 0xdead_beef);
         assert_eq!(state.xsave[XSTATE_BV / 4] & 0x2, 0x2);
         let (_kvm2, _vm2, other) = new_vcpu();
         state.restore(&other).unwrap();
-        assert!(CpuState::capture(&other).unwrap() == state);
+        assert!(CpuState::capture(&other, &layout()).unwrap() == state);
     }
 
     #[test]
     fn differences_name_the_field() {
         let (_kvm, _vm, vcpu) = new_vcpu();
-        let a = CpuState::capture(&vcpu).unwrap();
+        let a = CpuState::capture(&vcpu, &layout()).unwrap();
         let mut b = a.clone();
         b.regs.rflags ^= 0x40;
         b.xsave[XSTATE_BV / 4] ^= 0x2;
         b.msrs[0].1 ^= 1;
-        let d = a.differences(&b);
+        let d = a.differences(&b, &layout());
         assert_eq!(d.len(), 3, "{d:?}");
         assert!(d[0].starts_with("regs.rflags is 0x"), "{d:?}");
         assert!(d[1].starts_with("xsave word 128 (XSTATE_BV)"), "{d:?}");

@@ -1,5 +1,5 @@
-//! Host-instruction traps: making a kernel's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` reach the VMM when
-//! the guest runs free.
+//! Host-instruction traps: making a kernel's `rdtsc`, `rdtscp`, `rdrand`, `rdseed` (and `cpuid`, when the
+//! VMM answers it) reach the VMM when the guest runs free.
 //!
 //! Running free, these never exit: the guest reads the host's counter or random generator and nothing is
 //! logged, so a kernel that mixes them into its state (Linux does, into its entropy pool, at boot and at
@@ -30,8 +30,13 @@ pub const RDTSC_PORT: u16 = 0xe5;
 /// The port the other trapped instructions write (`rdtscp`, `rdrand`, `rdseed`): completed only at the
 /// sites the table lists, since the trap alone does not say which instruction and register it replaced.
 pub const TRAP_PORT: u16 = 0xe6;
+/// The port a trapped `cpuid` writes, when the VMM answers CPUID (see [`crate::cpu_model`]): like
+/// `rdtsc`, a `cpuid` has no operands, so a trap on this port is a CPUID wherever it is.
+pub const CPUID_PORT: u16 = 0xe7;
 /// What a trapped `rdtsc` was.
 const RDTSC: [u8; 2] = [0x0f, 0x31];
+/// What a trapped `cpuid` was.
+const CPUID: [u8; 2] = [0x0f, 0xa2];
 /// Section flag of sections holding instructions.
 const SHF_EXECINSTR: u64 = 4;
 /// Section type of sections whose bytes are in the file.
@@ -46,9 +51,9 @@ pub struct HostTraps {
 
 impl HostTraps {
     /// Finds every `rdtsc`, `rdtscp`, `rdrand` and `rdseed` in the executable sections of `image` (an ELF
-    /// loaded at the physical addresses of its program headers). None for an image without section
-    /// headers.
-    pub fn find(image: &[u8]) -> HostTraps {
+    /// loaded at the physical addresses of its program headers), and every `cpuid` if `cpuid`. None for
+    /// an image without section headers.
+    pub fn find(image: &[u8], cpuid: bool) -> HostTraps {
         let mut sites = BTreeMap::new();
         let Ok((_, segments)) = program_headers(image) else {
             return HostTraps::default();
@@ -82,6 +87,7 @@ impl HostTraps {
                 decoder.decode_out(&mut insn);
                 let trapped = match insn.mnemonic() {
                     Mnemonic::Rdtsc | Mnemonic::Rdtscp => true,
+                    Mnemonic::Cpuid => cpuid,
                     // Only the register forms exist; anything else is not an instruction we complete.
                     Mnemonic::Rdrand | Mnemonic::Rdseed => insn.op0_kind() == OpKind::Register,
                     _ => false,
@@ -109,10 +115,10 @@ impl HostTraps {
         for (&at, original) in &self.sites {
             let mut trap = vec![0x90u8; original.len()];
             trap[0] = 0xe6;
-            trap[1] = if original[..] == RDTSC {
-                RDTSC_PORT as u8
-            } else {
-                TRAP_PORT as u8
+            trap[1] = match original.as_slice() {
+                o if o == RDTSC => RDTSC_PORT as u8,
+                o if o == CPUID => CPUID_PORT as u8,
+                _ => TRAP_PORT as u8,
             };
             mem.write(at, &trap)?;
         }
@@ -125,6 +131,7 @@ impl HostTraps {
         match self.sites.get(&end.checked_sub(2)?) {
             Some(bytes) => Some(bytes.as_slice()),
             None if port == RDTSC_PORT => Some(&RDTSC),
+            None if port == CPUID_PORT => Some(&CPUID),
             None => None,
         }
     }
@@ -154,7 +161,11 @@ mod tests {
     fn traps_are_written_found_by_their_end_and_hidden_from_readers() {
         let rdrand_rax = vec![0x48, 0x0f, 0xc7, 0xf0];
         let traps = HostTraps {
-            sites: BTreeMap::from([(0x1000, vec![0x0f, 0x31]), (0x1010, rdrand_rax.clone())]),
+            sites: BTreeMap::from([
+                (0x1000, vec![0x0f, 0x31]),
+                (0x1010, rdrand_rax.clone()),
+                (0x1018, vec![0x0f, 0xa2]),
+            ]),
         };
         let mut mem = GuestMemory::new(1 << 16).unwrap();
         traps.patch(&mut mem).unwrap();
@@ -162,6 +173,11 @@ mod tests {
         mem.read(0x1000, &mut code).unwrap();
         assert_eq!(&code[..2], &[0xe6, RDTSC_PORT as u8]);
         assert_eq!(&code[0x10..0x14], &[0xe6, TRAP_PORT as u8, 0x90, 0x90]);
+        assert_eq!(&code[0x18..0x1a], &[0xe6, CPUID_PORT as u8]);
+        assert_eq!(
+            traps.original_ending_at(CPUID_PORT, 0x3002),
+            Some(&CPUID[..])
+        );
         // The `out` leaves RIP two bytes past the site, whatever the original's length.
         assert_eq!(
             traps.original_ending_at(TRAP_PORT, 0x1012),

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod cpu;
+pub mod cpu_model;
 pub mod devices;
 pub mod disk;
 pub mod elf;
@@ -18,6 +19,7 @@ pub mod symbols;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
+pub use cpu_model::{CpuModel, HostCpu};
 pub use vm::{
     Blocker, Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Snapshot, Step,
     Stop,

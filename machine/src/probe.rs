@@ -149,6 +149,21 @@ impl KvmProbe {
         Ok(KvmProbe { kvm })
     }
 
+    /// Whether this host can give a guest the portable CPU model (see [`crate::cpu_model`]).
+    pub fn portable_model(&self) -> Result<(), crate::cpu_model::ModelError> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| crate::cpu_model::ModelError::Missing {
+                what: "portable model".into(),
+                missing: vec![format!("any CPUID (KVM_GET_SUPPORTED_CPUID failed: {e})")],
+                host: crate::cpu_model::HostCpu::detect().to_string(),
+            })?;
+        crate::cpu_model::CpuModel::Portable
+            .cpuid(&supported, true)
+            .map(drop)
+    }
+
     /// The KVM API version (12 on every Linux since 2.6.22).
     pub fn api_version(&self) -> i32 {
         self.kvm.get_api_version()
@@ -259,9 +274,14 @@ impl KvmProbe {
         let seen = if in_ecx { regs.rcx } else { regs.rdx };
         // A guest that sees FPU gone too got some other table than the one set (an empty one, say).
         let kept = !fpu || regs.rdx & 1 != 0;
+        let set = cpuid.as_slice().iter().find(|e| leaf(e));
+        // Leaf 1 ECX bits the guest saw that the table did not set (ignoring OSXSAVE, which follows
+        // CR4, and the hypervisor bit): PVM mixes the host's own features in.
+        let mixed_in = set.map_or(0, |l| regs.rcx as u32 & !l.ecx & !(1 << 27 | 1 << 31));
         Ok(Some(CpuidProbe {
             feature,
             honoured: seen & (1 << bit) == 0 && kept,
+            mixed_in,
         }))
     }
 
@@ -334,6 +354,8 @@ pub struct CpuidProbe {
     pub feature: &'static str,
     /// Whether the guest saw it hidden, and saw a feature that was kept.
     pub honoured: bool,
+    /// Leaf 1 ECX feature bits the guest saw although the table did not set them.
+    pub mixed_in: u32,
 }
 
 fn unexpected(probe: &'static str, exit: Result<VcpuExit, kvm_ioctls::Error>) -> ProbeError {

@@ -10,7 +10,8 @@
 //!   decoded before each step and these are executed here instead, with values the [`Host`] supplies.
 //! - A protected-mode 32-bit `iret` cannot be emulated by PVM: see [`crate::emulate`].
 
-use crate::cpu::{CpuError, CpuState};
+use crate::cpu::{CpuError, CpuState, XsaveLayout};
+use crate::cpu_model::{CpuModel, ModelError};
 use crate::devices::{Devices, TimeSource, MAX_DISKS};
 use crate::disk::DiskImage;
 use crate::emulate::{self, hex_bytes, set_gpr, Completion, EmulateError};
@@ -36,6 +37,9 @@ pub enum MachineError {
     /// A recorded CPUID table has more entries than KVM takes.
     #[error("the trace's CPUID table has {0} entries; KVM takes at most {KVM_MAX_CPUID_ENTRIES}")]
     BadCpuid(usize),
+    /// The host cannot give the guest its CPU.
+    #[error(transparent)]
+    CpuModel(#[from] ModelError),
     /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Kvm {
@@ -113,8 +117,15 @@ pub struct MachineConfig {
     /// results never reach the VMM to be logged, so a guest must not be told it has them.
     pub hide_host_values: bool,
     /// The guest's CPUID, as [`Machine::cpuid_table`] gives it: a replay builds the CPU its recording
-    /// had. None: what the host's KVM supports (less RDRAND, RDSEED and RDTSCP with `hide_host_values`).
+    /// had. None: the table of `cpu`.
     pub cpuid: Option<Vec<[u32; 7]>>,
+    /// The CPU model the guest gets when `cpuid` is None.
+    pub cpu: CpuModel,
+    /// The VMM answers the guest's CPUID from the table itself, rather than KVM: this host's KVM (PVM)
+    /// mixes the host's own feature bits into leaves 1 and 7 whatever table it is given, so only the
+    /// VMM can show the guest the same CPU on every host. With the step clock every `cpuid` is decoded
+    /// before it runs; running free, those in the image are trapped (see [`crate::host_traps`]).
+    pub answer_cpuid: bool,
     /// Trap the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions to the VMM (see
     /// [`crate::host_traps`]), so that what a free-running guest reads from the host is logged and replayed.
     pub trap_host_insns: bool,
@@ -293,6 +304,10 @@ pub struct Machine {
     pub(crate) queued: Option<Queued>,
     /// The CPUID given to KVM (see [`Machine::cpuid_table`]).
     cpuid_table: Vec<[u32; 7]>,
+    /// Whether the VMM answers CPUID from `cpuid_table` (see [`MachineConfig::answer_cpuid`]).
+    answer_cpuid: bool,
+    /// Where that CPU's XSAVE components lie: what a canonical state keeps.
+    xsave_layout: XsaveLayout,
     /// The image's trapped host instructions (see [`crate::host_traps`]); empty unless the config asked
     /// for them.
     host_traps: HostTraps,
@@ -363,27 +378,29 @@ impl Machine {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpuid = match &config.cpuid {
-            Some(table) => cpuid_from_table(table)?,
-            None => {
-                let mut cpuid = kvm
-                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-                if config.hide_host_values {
-                    for e in cpuid.as_mut_slice() {
-                        match (e.function, e.index) {
-                            (1, _) => e.ecx &= !(1 << 30),           // RDRAND
-                            (7, 0) => e.ebx &= !(1 << 18),           // RDSEED
-                            (0x8000_0001, _) => e.edx &= !(1 << 27), // RDTSCP
-                            _ => {}
-                        }
+            Some(table) => {
+                // A recorded CPU with a feature this host cannot give would replay differently, if at
+                // all: refuse it up front, by name.
+                let cpuid = cpuid_from_table(table)?;
+                let missing = crate::cpu_model::missing_features(cpuid.as_slice(), &supported);
+                if !missing.is_empty() {
+                    return Err(ModelError::Missing {
+                        what: "recorded CPU".into(),
+                        missing,
+                        host: crate::cpu_model::HostCpu::detect().to_string(),
                     }
+                    .into());
                 }
                 cpuid
             }
+            None => config.cpu.cpuid(&supported, config.hide_host_values)?,
         };
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let cpuid_table = cpuid
+        let cpuid_table: Vec<[u32; 7]> = cpuid
             .as_slice()
             .iter()
             .map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx])
@@ -398,7 +415,7 @@ impl Machine {
             loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
         // Only an image loaded by its ELF headers: its sections then say where each instruction is.
         let host_traps = if config.trap_host_insns && boot.by_elf {
-            HostTraps::find(image)
+            HostTraps::find(image, config.answer_cpuid)
         } else {
             HostTraps::default()
         };
@@ -472,6 +489,8 @@ impl Machine {
             queued: None,
             host_traps,
             host_trap_hit: None,
+            xsave_layout: XsaveLayout::from_cpuid(&cpuid_table),
+            answer_cpuid: config.answer_cpuid,
             cpuid_table,
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
@@ -771,7 +790,11 @@ impl Machine {
                 }
                 self.halted = true;
             }
-            Mnemonic::Rdtsc | Mnemonic::Rdtscp | Mnemonic::Rdrand | Mnemonic::Rdseed => {
+            Mnemonic::Rdtsc
+            | Mnemonic::Rdtscp
+            | Mnemonic::Rdrand
+            | Mnemonic::Rdseed
+            | Mnemonic::Cpuid => {
                 if !self.execute_host_insn(insn, host)? {
                     return Ok(None);
                 }
@@ -812,6 +835,11 @@ impl Machine {
                     regs.rcx = aux & 0xffff_ffff;
                 }
             }
+            Mnemonic::Cpuid if self.answer_cpuid => {
+                // In 64-bit mode CPUID clears the upper halves, as any 32-bit register write does.
+                let [a, b, c, d] = self.cpuid_answer(regs.rax as u32, regs.rcx as u32);
+                (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (a.into(), b.into(), c.into(), d.into());
+            }
             Mnemonic::Rdrand | Mnemonic::Rdseed => {
                 let which = if insn.mnemonic() == Mnemonic::Rdrand {
                     HostInsn::Rdrand
@@ -831,6 +859,38 @@ impl Machine {
         regs.rip = insn.next_ip();
         self.set_regs(regs)?;
         Ok(true)
+    }
+
+    /// What CPUID leaf `leaf`, subleaf `subleaf` returns on the guest's CPU, from its table. As on Intel
+    /// CPUs (the portable model is GenuineIntel), a leaf above the highest basic or extended leaf reads as
+    /// the highest basic leaf; the hypervisor range, which the table does not describe, reads as zeros.
+    /// Two bits follow the vCPU's state, as KVM makes them: APIC (leaf 1 EDX bit 9) is clear while
+    /// IA32_APIC_BASE disables the APIC, and OSXSAVE (leaf 1 ECX bit 27) mirrors CR4.OSXSAVE.
+    fn cpuid_answer(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let find = |function: u32, index: u32| {
+            self.cpuid_table.iter().find(|e| {
+                e[0] == function
+                    && (e[2] & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e[1] == index)
+            })
+        };
+        let max = |function| find(function, 0).map_or(0, |e| e[3]);
+        let (max_basic, max_extended) = (max(0), max(0x8000_0000));
+        let leaf = match leaf {
+            0x4000_0000..=0x4fff_ffff => return [0; 4],
+            0x8000_0000.. if leaf > max_extended => max_basic,
+            _ if leaf < 0x8000_0000 && leaf > max_basic => max_basic,
+            _ => leaf,
+        };
+        let mut out = find(leaf, subleaf).map_or([0; 4], |e| [e[3], e[4], e[5], e[6]]);
+        if leaf == 1 {
+            const APIC_ENABLED: u64 = 1 << 11;
+            const CR4_OSXSAVE: u64 = 1 << 18;
+            if self.sregs.apic_base & APIC_ENABLED == 0 {
+                out[3] &= !(1 << 9);
+            }
+            out[2] = out[2] & !(1 << 27) | u32::from(self.sregs.cr4 & CR4_OSXSAVE != 0) << 27;
+        }
+        out
     }
 
     fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
@@ -889,7 +949,10 @@ impl Machine {
                 Exit::Ran
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                let trap = matches!(port, host_traps::RDTSC_PORT | host_traps::TRAP_PORT);
+                let trap = matches!(
+                    port,
+                    host_traps::RDTSC_PORT | host_traps::TRAP_PORT | host_traps::CPUID_PORT
+                );
                 if trap && !self.host_traps.is_empty() {
                     self.host_trap_hit = Some(port);
                 } else {
@@ -1140,7 +1203,7 @@ impl Machine {
         Ok(MachineState {
             icount: self.position(),
             halted: self.halted,
-            cpu: CpuState::capture(&self.vcpu)?,
+            cpu: CpuState::capture(&self.vcpu, &self.xsave_layout)?,
             devices: self.devices.clone(),
         })
     }
@@ -1305,9 +1368,9 @@ impl Machine {
 
     /// Decodes a state blob, with its XSAVE region in canonical form (traces recorded before capture
     /// canonicalized it hold the raw form).
-    fn canonical_state(blob: &[u8]) -> Result<MachineState, MachineError> {
+    fn canonical_state(&self, blob: &[u8]) -> Result<MachineState, MachineError> {
         let mut state: MachineState = postcard::from_bytes(blob).map_err(MachineError::BadState)?;
-        crate::cpu::canonicalize_xsave(&mut state.cpu.xsave);
+        self.xsave_layout.canonicalize(&mut state.cpu.xsave);
         Ok(state)
     }
 
@@ -1324,7 +1387,7 @@ impl Machine {
         if self.digest_of(recorded)?[..16] != digest[..16] {
             return Ok(false);
         }
-        Ok(Self::canonical_state(recorded)? == self.state()?)
+        Ok(self.canonical_state(recorded)? == self.state()?)
     }
 
     /// What differs between the CPU and device state now and `recorded` (a blob made by
@@ -1335,7 +1398,7 @@ impl Machine {
         recorded: &[u8],
         limit: usize,
     ) -> Result<Vec<String>, MachineError> {
-        let then = Self::canonical_state(recorded)?;
+        let then = self.canonical_state(recorded)?;
         let now = self.state()?;
         let mut out = Vec::new();
         if now.icount != then.icount {
@@ -1350,7 +1413,7 @@ impl Machine {
                 now.halted, then.halted
             ));
         }
-        out.extend(now.cpu.differences(&then.cpu));
+        out.extend(now.cpu.differences(&then.cpu, &self.xsave_layout));
         if now.devices != then.devices {
             // Devices are plain serde data: compare them as JSON trees to name the field.
             let to_json = |d: &Devices| serde_json::to_value(d).unwrap_or_default();

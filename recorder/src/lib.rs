@@ -222,6 +222,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 host_traps: opts.machine.trap_host_insns,
                 page_backing: true,
                 cpuid: machine.cpuid_table().to_vec(),
+                cpu_model: opts.machine.cpu.name().to_string(),
+                vmm_cpuid: opts.machine.answer_cpuid,
+                recorded_on: Some(recorded_on(&machine::HostCpu::detect())),
                 initrd: opts
                     .initrd_path
                     .as_ref()
@@ -413,6 +416,17 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         wall: started.elapsed(),
         disk_writes: take_disk_writes(&mut machine),
     })
+}
+
+/// The host CPU as a trace header names it.
+fn recorded_on(cpu: &machine::HostCpu) -> traces::HostCpu {
+    traces::HostCpu {
+        vendor: cpu.vendor.clone(),
+        family: cpu.family,
+        model: cpu.model,
+        stepping: cpu.stepping,
+        brand: cpu.brand.clone(),
+    }
 }
 
 /// Landmark clock: what to do about inputs that fall due while the guest computes without exits.

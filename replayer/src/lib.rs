@@ -203,6 +203,9 @@ impl Replayer {
             hide_host_values: clock == Clock::Landmark,
             trap_host_insns: h.host_traps,
             cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
+            // Only for traces that kept no CPUID: they gave the guest the host's.
+            cpu: machine::CpuModel::Host,
+            answer_cpuid: h.vmm_cpuid,
         };
         let mut machine = Machine::new(&config, &image)?;
         if h.format_version == 1 {
@@ -779,7 +782,31 @@ impl Replayer {
                 );
             }
         }
+        if let Some(recorded) = self.recorded_elsewhere() {
+            d.what.push_str(&format!(
+                "; the trace was recorded on another CPU ({recorded}; this host: {}): instructions whose \
+                 results differ between CPUs beyond what CPUID says (the undefined flags of BSF, BSR, MUL \
+                 and shifts, the MXCSR_MASK that FXSAVE stores, CPUID run outside the image's code) can \
+                 make a replay part from its recording; `retrovisor replay --clock step` on the trace \
+                 stops at the instruction that differs",
+                machine::HostCpu::detect()
+            ));
+        }
         d
+    }
+
+    /// The CPU the trace was recorded on, if it is not the kind this host has (traces recorded before
+    /// it was kept do not say).
+    fn recorded_elsewhere(&self) -> Option<String> {
+        let r = self.trace.header().recorded_on.as_ref()?;
+        let recorded = machine::HostCpu {
+            vendor: r.vendor.clone(),
+            family: r.family,
+            model: r.model,
+            stepping: r.stepping,
+            brand: r.brand.clone(),
+        };
+        (!recorded.same_kind(&machine::HostCpu::detect())).then(|| recorded.to_string())
     }
 
     fn advance(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {

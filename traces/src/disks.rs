@@ -204,6 +204,9 @@ mod tests {
             digest: Default::default(),
             host_traps: false,
             page_backing: false,
+            cpu_model: "host".into(),
+            recorded_on: None,
+            vmm_cpuid: false,
             cpuid: Vec::new(),
             initrd: None,
         }

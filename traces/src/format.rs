@@ -281,6 +281,41 @@ pub struct Header {
     /// The initial ramdisk the loader gave the kernel, if any (absent in traces without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<DiskInfo>,
+    /// The CPU model the guest was given: `portable` or `host` (absent in traces recorded before models
+    /// existed, which gave the guest the host's CPUID: `host`).
+    #[serde(default = "host_model", skip_serializing_if = "is_host_model")]
+    pub cpu_model: String,
+    /// Whether the VMM answered the guest's CPUID from `cpuid` itself (the portable model; absent means
+    /// no: KVM answered, as in traces recorded before models existed), so replay must answer it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vmm_cpuid: bool,
+    /// The CPU of the host that recorded the trace (absent in traces recorded before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_on: Option<HostCpu>,
+}
+
+fn host_model() -> String {
+    "host".into()
+}
+
+fn is_host_model(model: &str) -> bool {
+    model == "host"
+}
+
+/// A host CPU, as a header names the one a trace was recorded on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HostCpu {
+    /// The vendor string, e.g. "GenuineIntel" or "AuthenticAMD".
+    pub vendor: String,
+    /// Display family.
+    pub family: u32,
+    /// Display model.
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// The brand string.
+    #[serde(default)]
+    pub brand: String,
 }
 
 /// How a checkpoint's digest covers guest RAM (see FORMAT.md, "Checkpoints").

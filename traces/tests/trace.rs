@@ -61,6 +61,9 @@ fn header() -> Header {
         digest: Default::default(),
         host_traps: false,
         page_backing: false,
+        cpu_model: "host".into(),
+        recorded_on: None,
+        vmm_cpuid: false,
         cpuid: Vec::new(),
         initrd: None,
     }
