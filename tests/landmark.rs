@@ -88,9 +88,14 @@ fn rtc_disk_and_64_bit_guests_replay() {
 #[test]
 fn a_guest_reading_the_tsc_and_random_numbers_replays_exactly() {
     let dir = scratch("lm-rdtsc");
-    // rand.elf prints RDTSC, RDTSCP and RDRAND values. Running free they never exit, so the VMM traps
-    // them where the image has them and logs what they returned.
-    let (trace, rec) = record(&dir, "rand", &["--clock", "landmark"]);
+    // rand.elf prints RDTSC, RDTSCP, RDRAND and RDSEED values (`always`: whatever the portable CPU's
+    // CPUID says, as a guest may on this KVM). Running free they never exit, so the VMM traps them where
+    // the image has them and logs what they returned.
+    let (trace, rec) = record(
+        &dir,
+        "rand",
+        &["--clock", "landmark", "--cmdline", "always"],
+    );
     assert_eq!(status(&rec), 1, "{}", text(&rec.stderr));
     assert!(
         text(&rec.stdout).contains("rdtsc: increasing"),
@@ -99,7 +104,7 @@ fn a_guest_reading_the_tsc_and_random_numbers_replays_exactly() {
     );
     assert_replays(&trace, &rec);
     let events = text(&rv(&["events", trace.to_str().unwrap(), "--kind", "host_value"]).stdout);
-    for insn in ["Rdtsc", "Rdrand"] {
+    for insn in ["Rdtsc", "Rdtscp", "Rdrand", "Rdseed"] {
         assert!(events.contains(insn), "no {insn} result logged: {events}");
     }
     // The step clock replays the same trace through the same traps.

@@ -91,11 +91,17 @@ fn rtc_is_recorded_and_virtual_time_is_reproducible() {
 #[test]
 fn rdtsc_and_rdrand_results_are_logged_and_replayed() {
     let dir = scratch("rand");
-    let (trace, rec) = record(&dir, "rand", &[]);
+    // `always`: RDRAND and RDSEED too, whatever the portable CPU's CPUID says.
+    let (trace, rec) = record(&dir, "rand", &["--cmdline", "always"]);
     let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
     assert!(info.contains("host_value"), "{info}");
+    assert!(
+        text(&rec.stdout).contains("rdrand: 0x"),
+        "{}",
+        text(&rec.stdout)
+    );
     // Two recordings see different host values; each replays its own exactly.
-    let (trace2, rec2) = record(&scratch("rand2"), "rand", &[]);
+    let (trace2, rec2) = record(&scratch("rand2"), "rand", &["--cmdline", "always"]);
     assert_ne!(
         rec.stdout, rec2.stdout,
         "RDTSC/RDRAND gave identical values twice"

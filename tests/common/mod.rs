@@ -304,7 +304,7 @@ pub fn gdb_batch(port: u16, elf: &Path, cmds: &[&str]) -> String {
     let log = dir.join("gdb.log");
     let file = std::fs::File::create(&log).unwrap();
     let mut c = Command::new("timeout");
-    c.args(["120", "gdb"])
+    c.args(["300", "gdb"])
         .args(gdb_args(port, elf, cmds))
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())

@@ -1,5 +1,7 @@
 /* rand.elf: executes RDTSC (3 times), RDTSCP, RDRAND and RDSEED (each only if CPUID says the CPU has
  * it) and prints every value. Output is nondeterministic by nature. Exits 0.
+ * With `always` on the command line it executes them whatever CPUID says (a guest may: Linux's early
+ * boot code uses RDRAND and RDSEED if the host has them, and on this host's KVM the guest can).
  * With `jit` on the command line it instead copies an `rdtsc; ret` into RAM at run time, calls it and
  * prints the value: code the VMM cannot trap when it loads the image, so a landmark recording of it
  * does not replay. */
@@ -26,7 +28,7 @@ void main(void)
 {
     u64 tsc[3];
     u32 a, b, c, d, max_leaf, max_ext, v;
-    int i, tries;
+    int i, tries, always = cmdline_has("always");
 
     serial_init();
     puts("rand: start\n");
@@ -64,7 +66,7 @@ void main(void)
     d = 0;
     if (max_ext >= 0x80000001u)
         cpuid(0x80000001u, 0, &a, &b, &c, &d);
-    if (d & (1u << 27)) {
+    if ((d & (1u << 27)) || always) {
         u32 lo, hi, aux;
         __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
         puts("rdtscp: ");
@@ -78,7 +80,7 @@ void main(void)
 
     /* RDRAND: CPUID.1:ECX bit 30 */
     cpuid(1, 0, &a, &b, &c, &d);
-    if (c & (1u << 30)) {
+    if ((c & (1u << 30)) || always) {
         for (tries = 0; tries < 10 && !rdrand32(&v); tries++)
             ;
         if (tries < 10) {
@@ -96,7 +98,7 @@ void main(void)
     b = 0;
     if (max_leaf >= 7)
         cpuid(7, 0, &a, &b, &c, &d);
-    if (b & (1u << 18)) {
+    if ((b & (1u << 18)) || always) {
         for (tries = 0; tries < 10 && !rdseed32(&v); tries++)
             ;
         if (tries < 10) {
