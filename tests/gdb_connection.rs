@@ -1,9 +1,9 @@
-//! The gdb server's connection handling: garbage on the wire, dropped and repeated connections, Ctrl-C,
-//! detach and kill, and the loopback-only default.
+//! The gdb server's connection handling: malformed packets and noise on the wire, oversized packets,
+//! dropped and repeated connections, Ctrl-C, detach and kill, and the loopback-only default.
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -75,37 +75,136 @@ fn demo_trace(name: &str) -> std::path::PathBuf {
     trace
 }
 
-#[test]
-fn garbage_on_the_wire_ends_only_that_session() {
-    let trace = demo_trace("gdb-garbage");
-    let mut server = GdbServer::start(&trace, &[]);
-    {
-        let mut raw = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-        raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        raw.write_all(b"$garbage#00").unwrap(); // wrong checksum
-        let _ = raw.write_all(b"\xff\xfe\x00 not a packet $$##");
-        for body in [
-            "m,zz",
-            "Z0,notanumber,1",
-            "vCont;x",
-            "G00",
-            "qXfer:features:read:target.xml:zz",
-        ] {
-            // The server may already have dropped the connection over the garbage before: that is fine.
-            let _ = raw.write_all(&packet(body));
+/// Sends `request` on a raw connection and reads the reply: the acks that come before it (`+`, and `-` for a
+/// packet with a bad checksum) and the reply packet's body, whose checksum it checks.
+fn exchange(raw: &mut TcpStream, request: &[u8]) -> (String, String) {
+    raw.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8];
+    // The reply ends two checksum characters after its `#`.
+    while got.len() < 3 || got[got.len() - 3] != b'#' {
+        match raw.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            other => panic!(
+                "no reply to {:?} ({other:?}) after {:?}",
+                String::from_utf8_lossy(request),
+                String::from_utf8_lossy(&got)
+            ),
         }
-        let mut reply = [0u8; 4096];
-        let _ = raw.read(&mut reply);
     }
-    wait_for_server(&server, "gdb session ended", 1);
-    assert!(server.running(), "{}", server.stderr());
-    let out = gdb_batch(
-        server.port,
-        &guest("demo"),
-        &["monitor when", "stepi", "monitor when", "detach"],
+    let got = String::from_utf8(got).unwrap();
+    let (acks, reply) = got.split_once('$').unwrap();
+    let body = &reply[..reply.len() - 3];
+    assert_eq!(
+        packet(body),
+        format!("${reply}").into_bytes(),
+        "bad checksum"
     );
-    let now: Vec<u64> = when_answers(&out).iter().map(|w| w.0).collect();
-    assert_eq!(now, [0, 1], "{out}");
+    (acks.to_string(), body.to_string())
+}
+
+/// Sends each request gdbstub cannot handle, or the noise it would end the session on, and checks the reply
+/// (acks included when `acked`), and that `?` is answered with `stop` after it.
+fn hostile_requests(raw: &mut TcpStream, x86_64: bool, stop: &str, acked: bool) {
+    // An error for a register or memory request is E00, but that the 64-bit layout has room for the address:
+    // there memory that is not there is EREMOTEIO (E79), and a breakpoint may be set anywhere.
+    let (read_max, break_max) = if x86_64 {
+        ("E79", "OK")
+    } else {
+        ("E00", "E00")
+    };
+    // One register byte short of the layout's `G` packet.
+    let short_g = format!("G{}", "00".repeat(if x86_64 { 552 } else { 308 } - 1));
+    let then_stop = |noise: &[u8]| [noise, &packet("?")[..]].concat();
+    let cases: [(Vec<u8>, &str, &str); 13] = [
+        (packet("mffffffffffffffff,4"), read_max, "+"),
+        (packet("Z0,ffffffffffffffff,1"), break_max, "+"),
+        (packet("vCont;t"), "E00", "+"),
+        (packet(&short_g), "E00", "+"),
+        (packet("qRcmd,zz"), "E00", "+"),
+        (
+            packet("qXfer:features:read:../../etc/passwd:0,fff"),
+            "E00",
+            "+",
+        ),
+        (packet("qXfer:features:read:target.xml:-1,fff"), "E00", "+"),
+        (packet("qXfer:features:read:target.xml:zz"), "E00", "+"),
+        (packet("m,zz"), "E00", "+"),
+        (packet("Z0,notanumber,1"), "E00", "+"),
+        (packet("vCont;x"), "E00", "+"),
+        // Noise outside packets gets no reply; a bad checksum gets a request to send again (without acks,
+        // nothing); the `?` after them is answered.
+        (then_stop(b"\xff\xfe not a packet \x00\x7f"), stop, "+"),
+        (then_stop(b"$garbage#00"), stop, "-+"),
+    ];
+    for (request, reply, acks) in cases {
+        let answer = exchange(raw, &request);
+        let acks = if acked { acks } else { "" };
+        let what = String::from_utf8_lossy(&request);
+        assert_eq!(answer, (acks.to_string(), reply.to_string()), "{what}");
+        let after = exchange(raw, &packet("?"));
+        assert_eq!(after.1, stop, "the session did not go on after {what}");
+    }
+}
+
+#[test]
+fn hostile_packets_get_error_replies_and_the_session_goes_on() {
+    let trace = demo_trace("gdb-hostile");
+    for x86_64 in [false, true] {
+        let layout: &[&str] = if x86_64 {
+            &["--gdb-arch", "x86-64"]
+        } else {
+            &[]
+        };
+        let mut server = GdbServer::start(&trace, layout);
+        let mut raw = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        hostile_requests(&mut raw, x86_64, "T05thread:01;", true);
+        // Again as gdb talks: with thread ids that name the process, and without acks. Each gdbstub started
+        // after an error must do the same.
+        let (acks, features) = exchange(&mut raw, &packet("qSupported:multiprocess+"));
+        assert!(
+            acks == "+" && features.starts_with("PacketSize=4000;"),
+            "{features}"
+        );
+        let no_acks = exchange(&mut raw, &packet("QStartNoAckMode"));
+        assert_eq!(no_acks, ("+".to_string(), "OK".to_string()));
+        hostile_requests(&mut raw, x86_64, "T05thread:p01.01;", false);
+        let (_, registers) = exchange(&mut raw, &packet("g"));
+        assert!(
+            !registers.is_empty() && !registers.starts_with('E'),
+            "{registers}"
+        );
+        let stderr = server.stderr();
+        assert!(!stderr.contains("session ended"), "{stderr}");
+        assert_eq!(exchange(&mut raw, &packet("D")).1, "OK");
+        assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+    }
+}
+
+#[test]
+fn an_oversized_packet_drops_its_client_and_the_next_one_is_served() {
+    let trace = demo_trace("gdb-oversized");
+    let mut server = GdbServer::start(&trace, &[]);
+    let mut big = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    big.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // 10 MiB of a packet that never ends. The server drops the client long before the end, which may fail
+    // this write.
+    let mut unterminated = vec![b'a'; 10 << 20];
+    unterminated[0] = b'$';
+    let _ = big.write_all(&unterminated);
+    match big.read(&mut [0u8]) {
+        Ok(0) => {}
+        Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the client sending 10 MiB was not dropped: {other:?}"),
+    }
+    wait_for_server(&server, "a packet longer than 16384 bytes", 1);
+    // The next one is served at once, instead of being told a debugger is attached.
+    let mut next = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(exchange(&mut next, &packet("?")).1, "T05thread:01;");
+    assert_eq!(exchange(&mut next, &packet("D")).1, "OK");
     assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
 }
 

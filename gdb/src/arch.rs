@@ -357,6 +357,8 @@ mod tests {
         let mut back = Regs64::default();
         back.gdb_deserialize(&bytes).unwrap();
         assert_eq!(back, regs);
+        // A `G` packet of them ($, two hex digits a byte, #, checksum) fits in the packets gdb may send.
+        assert!(1 + 2 * bytes.len() + 3 <= crate::wire::PACKET_SIZE);
         assert_eq!(
             XML_64.matches("<reg ").count(),
             16 + 2 + 6 + 16 + 16 + 1 + 2

@@ -22,8 +22,7 @@ fn packet(text: &[u8]) -> Vec<u8> {
     let body: String = std::iter::once("O".to_string())
         .chain(text.iter().map(|b| format!("{b:02x}")))
         .collect();
-    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
-    format!("${body}#{sum:02x}").into_bytes()
+    crate::wire::frame(body.as_bytes())
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@
 //!   together with the instruction after it: gdb sees each such pair as one `stepi`, and a breakpoint on the
 //!   second instruction of a pair is never hit.
 //! - One gdb at a time: a second one that connects while a session runs is refused with a message naming
-//!   the attached peer. A dropped connection or a malformed packet ends only that session: the replay keeps
-//!   its position and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
+//!   the attached peer. A malformed packet gets an error reply and the session goes on ([`wire`]). A dropped
+//!   connection, or a packet longer than gdb may send, ends only that session: the replay keeps its position
+//!   and the next gdb that connects carries on from it. `detach` or `kill` ends the server.
 //! - A replay that fails under gdb (a divergence from the recording, a checkpoint that cannot be read) ends
 //!   only the command: gdb's console says why, and the replay stops at a position it reached intact.
 //! - `monitor seek` moves by position; [`script`] is the gdb command file whose `rv-seek` also makes gdb
@@ -24,6 +25,7 @@ mod console;
 mod recover;
 pub mod script;
 mod target;
+mod wire;
 
 use arch::{GuestArch, I386, X86_64};
 use gdbstub::stub::{DisconnectReason, GdbStub};
@@ -36,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use target::{EventLoop, ReplayTarget};
 use thiserror::Error;
+use wire::{Wire, PACKET_SIZE};
 
 /// The address gdb's `target remote :1234` means.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:1234";
@@ -268,8 +271,28 @@ fn serve_as<A: GuestArch>(
             target.position()
         );
         target.new_session(stream.try_clone().ok());
-        let ended = GdbStub::new(stream).run_blocking::<EventLoop<A>>(&mut target);
+        let mut wire = Wire::new(stream);
+        // gdbstub ends its run on a packet it cannot handle: answer that packet and carry on with a new one.
+        let ended = loop {
+            let stub = GdbStub::builder(&mut wire)
+                .packet_buffer_size(PACKET_SIZE)
+                .build()
+                .expect("a buffer gdbstub allocates itself always has the size asked for");
+            match stub.run_blocking::<EventLoop<'_, A>>(&mut target) {
+                Err(e) if !e.is_target_error() && !e.is_connection_error() => match wire.reject() {
+                    Ok(Some(packet)) => {
+                        eprintln!("retrovisor: gdb: answered {packet} with an error ({e})")
+                    }
+                    _ => break Err(e),
+                },
+                ended => break ended,
+            }
+        };
         *lock(&attached) = None;
+        // Close the connection now, not when the next session replaces the target's clone of it: a client
+        // dropped for misbehaving must be told, and a hostile one must not keep sending into it.
+        target.end_session();
+        drop(wire);
         match ended {
             Ok(DisconnectReason::Disconnect) => {
                 eprintln!("retrovisor: gdb detached at {}", target.position());
@@ -354,8 +377,7 @@ fn refuse(mut stream: TcpStream, holder: SocketAddr) {
         "E.retrovisor: a debugger is already attached from {holder}; only one gdb at a time can drive \
          the replay (detach or disconnect it first)"
     );
-    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
-    let _ = stream.write_all(format!("+${body}#{sum:02x}").as_bytes());
+    let _ = stream.write_all(&[b"+", &wire::frame(body.as_bytes())[..]].concat());
     // Give gdb a moment to read the reply before the connection closes under it.
     std::thread::sleep(std::time::Duration::from_millis(200));
 }

@@ -5,6 +5,7 @@
 use crate::arch::{in_long_mode, GuestArch};
 use crate::console;
 use crate::recover::{recover, Motion};
+use crate::wire::{recv_now, Wire};
 use gdbstub::common::Signal;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
@@ -168,6 +169,11 @@ impl<A: GuestArch> ReplayTarget<A> {
         self.peer = peer;
         self.refusal = None;
         self.refusal_explained = false;
+    }
+
+    /// Drops the target's clone of the session's connection, which would keep it open after the session.
+    pub(crate) fn end_session(&mut self) {
+        self.peer = None;
     }
 
     /// `monitor history`: every change of the watched bytes over the recording.
@@ -478,22 +484,9 @@ impl<A: GuestArch> ReplayTarget<A> {
     }
 }
 
-/// A decimal or 0x-prefixed hexadecimal icount.
-/// Whether gdb sent something (a Ctrl-C) while a monitor command runs: peeks without blocking and
-/// without changing the socket's mode, which gdbstub relies on.
+/// Whether gdb sent something (a Ctrl-C) while a monitor command runs: peeks, leaving it to be read.
 fn peeked(peer: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut byte = 0u8;
-    // SAFETY: recv into one byte we own; MSG_PEEK leaves it for gdbstub, MSG_DONTWAIT returns at once.
-    let n = unsafe {
-        libc::recv(
-            peer.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n > 0
+    matches!(recv_now(peer, &mut [0], libc::MSG_PEEK), Ok(Some(1)))
 }
 
 /// Bytes as a little-endian hex number (what a variable of that size holds).
@@ -502,6 +495,7 @@ fn hex_value(bytes: &[u8]) -> String {
     format!("0x{digits}")
 }
 
+/// A decimal or 0x-prefixed hexadecimal icount.
 fn parse_icount(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
@@ -727,21 +721,21 @@ impl<A: GuestArch> MonitorCmd for ReplayTarget<A> {
     }
 }
 
-/// gdbstub's blocking event loop over a TCP connection, for one register layout.
-pub(crate) struct EventLoop<A>(PhantomData<A>);
+/// gdbstub's blocking event loop over a gdb's connection, for one register layout.
+pub(crate) struct EventLoop<'w, A>(PhantomData<(&'w mut Wire, A)>);
 
-impl<A: GuestArch> BlockingEventLoop for EventLoop<A> {
+impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
     type Target = ReplayTarget<A>;
-    type Connection = TcpStream;
+    type Connection = &'w mut Wire;
     type StopReason = SingleThreadStopReason<A::Usize>;
 
     #[allow(clippy::type_complexity)] // the signature is gdbstub's
     fn wait_for_stop_reason(
         target: &mut ReplayTarget<A>,
-        conn: &mut TcpStream,
+        conn: &mut &'w mut Wire,
     ) -> Result<
         run_blocking::Event<Self::StopReason>,
-        WaitForStopReasonError<SearchError, <TcpStream as Connection>::Error>,
+        WaitForStopReasonError<SearchError, <&'w mut Wire as Connection>::Error>,
     > {
         // gdbstub only waits after a resume; should it ever ask otherwise, there is nothing to run.
         let Some(resume) = target.resume else {
@@ -764,13 +758,14 @@ impl<A: GuestArch> BlockingEventLoop for EventLoop<A> {
             Err(error) => match target.recover(error, resume.motion(), started) {
                 Ok(told) => {
                     target.resume = None;
-                    console::send(conn, &told).map_err(WaitForStopReasonError::Connection)?;
+                    console::send(conn.stream(), &told)
+                        .map_err(WaitForStopReasonError::Connection)?;
                     return Ok(run_blocking::Event::TargetStopped(resume.no_further()));
                 }
                 Err(error) => {
                     // The session ends; gdb shows why before "Remote connection closed".
                     let _ = console::send(
-                        conn,
+                        conn.stream(),
                         &format!("retrovisor: {error}\nretrovisor: the replay cannot go on\n"),
                     );
                     return Err(WaitForStopReasonError::Target(error));
@@ -780,7 +775,7 @@ impl<A: GuestArch> BlockingEventLoop for EventLoop<A> {
         target.resume = None;
         let told = target.take_console();
         if !told.is_empty() {
-            console::send(conn, &told).map_err(WaitForStopReasonError::Connection)?;
+            console::send(conn.stream(), &told).map_err(WaitForStopReasonError::Connection)?;
         }
         Ok(run_blocking::Event::TargetStopped(stop))
     }
