@@ -526,3 +526,130 @@ fn a_trace_whose_memory_map_this_build_would_not_give_is_refused() {
     std::fs::write(&header, good.replace("[0,654336,1]", "[0,655360,1]")).unwrap();
     assert_error(&replay(&trace, &[]), "this retrovisor builds");
 }
+
+/// Records timer.elf (which takes timer interrupts) into `dir`, and opens the trace.
+fn timer_trace(dir: &std::path::Path) -> (std::path::PathBuf, traces::TraceReader) {
+    let (trace, _) = record(dir, "timer", &["--checkpoint-every", "2000"]);
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    (trace, reader)
+}
+
+/// Asserts that `replay`, `info` and `info --verify` all refuse `trace` with an error containing
+/// `needle`: the trace is checked when it is read, whatever reads it.
+fn assert_refused_everywhere(trace: &std::path::Path, needle: &str) {
+    let t = trace.to_str().unwrap();
+    for args in [&["replay", t][..], &["info", t], &["info", "--verify", t]] {
+        let o = rv(args);
+        assert_error(&o, needle);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+    }
+}
+
+#[test]
+fn an_irq_on_a_line_the_pic_pair_lacks_is_refused_naming_the_event() {
+    let dir = scratch("irq-line");
+    let (_, reader) = timer_trace(&dir);
+    for line in [255u8, 33] {
+        let mut events = reader.events().to_vec();
+        let (index, event) = events
+            .iter_mut()
+            .enumerate()
+            .find(|(_, e)| matches!(e.kind, traces::EventKind::Irq { .. }))
+            .expect("timer.elf takes timer interrupts");
+        event.kind = traces::EventKind::Irq { line };
+        let position = event.icount;
+        let tampered = dir.join(format!("line{line}.rvt"));
+        rewrite(&reader, events, &tampered);
+        assert_refused_everywhere(
+            &tampered,
+            &format!("event {index} (irq at icount {position}, in chunk "),
+        );
+        assert_refused_everywhere(
+            &tampered,
+            &format!("IRQ line {line} does not exist: the PIC pair has lines 0 to 15"),
+        );
+    }
+}
+
+#[test]
+fn a_finished_trace_whose_stop_event_was_replaced_is_refused() {
+    let dir = scratch("stop-replaced");
+    let (_, reader) = timer_trace(&dir);
+    let mut events = reader.events().to_vec();
+    let last = events.last_mut().unwrap();
+    assert!(matches!(last.kind, traces::EventKind::Stop { .. }));
+    last.kind = traces::EventKind::Irq { line: 0 };
+    let tampered = dir.join("tampered.rvt");
+    rewrite(&reader, events, &tampered);
+    assert_refused_everywhere(
+        &tampered,
+        "the recording finished, so its last event must be its stop event",
+    );
+}
+
+#[test]
+fn a_duplicated_or_deleted_event_disagrees_with_the_summary_counts() {
+    let dir = scratch("duplicated");
+    let (_, reader) = timer_trace(&dir);
+    let irqs = reader
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, traces::EventKind::Irq { .. }))
+        .count();
+    let first = reader
+        .events()
+        .iter()
+        .position(|e| matches!(e.kind, traces::EventKind::Irq { .. }))
+        .unwrap();
+    for (name, more) in [("duplicated", true), ("deleted", false)] {
+        let mut events = reader.events().to_vec();
+        let held = if more {
+            events.insert(first, events[first].clone());
+            irqs + 1
+        } else {
+            events.remove(first);
+            irqs - 1
+        };
+        let tampered = dir.join(format!("{name}.rvt"));
+        rewrite(&reader, events, &tampered);
+        assert_refused_everywhere(
+            &tampered,
+            &format!("events_by_kind counts {irqs} irq events, but events.bin holds {held}"),
+        );
+    }
+}
+
+#[test]
+fn a_lowered_chunk_bound_is_refused() {
+    let dir = scratch("upto");
+    let (trace, reader) = timer_trace(&dir);
+    let path = trace.join("events.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Frame offsets and bounds, as FORMAT.md lays them out.
+    let mut frames = Vec::new();
+    let mut at = 16;
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        let upto = u64::from_le_bytes(bytes[at + 16..at + 24].try_into().unwrap());
+        frames.push((at, upto));
+        at += 32 + len;
+    }
+    assert!(frames.len() > 3, "{frames:?}");
+    // Frame 2 ends where frame 1 does, header CRC fixed up: its events, or the checkpoint the writer
+    // ended it at, now lie past it.
+    let (at, upto) = frames[2];
+    let lowered = frames[1].1;
+    assert!(lowered < upto && reader.checkpoints().iter().any(|c| c.icount == upto));
+    bytes[at + 16..at + 24].copy_from_slice(&lowered.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[at..at + 28]);
+    bytes[at + 28..at + 32].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let o = rv(&["info", trace.to_str().unwrap()]);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("lies past the chunk's own upto_icount {lowered}"))
+            || err.contains(&format!("no chunk ends at icount {upto}, where checkpoint")),
+        "{err}"
+    );
+    assert_refused_everywhere(&trace, "events.bin");
+}

@@ -20,6 +20,11 @@ use std::rc::Rc;
 use thiserror::Error;
 use traces::{Event, Index, StopReason, TraceReader};
 
+// Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
+// their limits must be this machine's.
+const _: () = assert!(traces::IRQ_LINES == machine::devices::pic::IRQ_LINES);
+const _: () = assert!(traces::UART_RX_FIFO_BYTES == machine::devices::serial::RX_FIFO_BYTES);
+
 /// Errors from replay.
 #[derive(Debug, Error)]
 pub enum ReplayError {
@@ -531,8 +536,8 @@ impl Replayer {
     pub fn restore_checkpoint(&mut self, index: usize) -> Result<usize, ReplayError> {
         let mut index = index;
         let (cp, pages) = loop {
-            match self.trace.try_restore_point(index) {
-                Ok(read) => break read,
+            match self.trace.restore_chain(index) {
+                Ok(read) => break (read.checkpoint, read.memory),
                 Err(e) if e.failed > 0 && e.failed <= index => {
                     let why = if e.failed == index {
                         e.source.to_string()
