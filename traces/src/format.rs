@@ -582,6 +582,12 @@ impl Summary {
     }
 }
 
+/// The content hash of a page (xxh3-128): what a checkpoint's page reference names, and what
+/// [`crate::ChainCursor::restored_hash`] gives.
+pub fn page_hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
 /// SHA-256 of `bytes` as lowercase hex, the form `image_sha256` and `output_sha256` take.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))

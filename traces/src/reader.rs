@@ -342,7 +342,7 @@ impl Backing {
             for (n, block) in source.chunks_exact(PAGE_SIZE).enumerate() {
                 if block.iter().any(|&b| b != 0) {
                     blocks
-                        .entry(xxhash_rust::xxh3::xxh3_128(block))
+                        .entry(crate::format::page_hash(block))
                         .or_insert((i, n * PAGE_SIZE));
                 }
             }
@@ -580,10 +580,17 @@ impl TraceReader {
         Ok(cursor)
     }
 
-    /// A cursor before the first checkpoint, to read them all in order with
-    /// [`TraceReader::read_next`].
-    pub fn chain_cursor(&self) -> ChainCursor {
-        ChainCursor::at(0)
+    /// A cursor at the start of checkpoint `index`'s chain: its last full checkpoint at or before
+    /// it (or `index` itself if there is none: reading it then says so). [`TraceReader::read_next`]
+    /// then reads the chain up to `index`, and on from there; from 0, every checkpoint in order.
+    pub fn chain_cursor(&self, index: usize) -> ChainCursor {
+        let end = (index + 1).min(self.checkpoints.len());
+        ChainCursor::at(
+            self.checkpoints[..end]
+                .iter()
+                .rposition(|c| c.full)
+                .unwrap_or(index),
+        )
     }
 
     /// Reads checkpoint [`ChainCursor::next`] and fully verifies it, as
@@ -883,7 +890,7 @@ impl PageContent {
                 // A reference is the xxh3-128 of the content it names.
                 self.restored.insert(*pfn, hash);
             } else if page.iter().any(|&b| b != 0) {
-                let hash = xxhash_rust::xxh3::xxh3_128(page);
+                let hash = crate::format::page_hash(page);
                 self.stored.insert(hash, page.clone());
                 self.restored.insert(*pfn, hash);
             } else {
@@ -932,8 +939,8 @@ impl ChainCursor {
         self.next
     }
 
-    /// The xxh3-128 of page `pfn` as restoring the last checkpoint read gives it, or `None` if that
-    /// page is zero.
+    /// The [`crate::page_hash`] of page `pfn` as restoring the last checkpoint read gives it, or
+    /// `None` if that page is zero.
     pub fn restored_hash(&self, pfn: u64) -> Option<u128> {
         self.content.restored.get(&pfn).copied()
     }

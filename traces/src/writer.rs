@@ -400,7 +400,7 @@ impl TraceWriter {
             .iter()
             .map(|&(_, bytes)| {
                 let bytes = bytes?;
-                let h = xxhash_rust::xxh3::xxh3_128(bytes);
+                let h = crate::format::page_hash(bytes);
                 (!known.insert(h)).then(|| h.to_le_bytes())
             })
             .collect();
@@ -470,8 +470,7 @@ impl TraceWriter {
         }
         for block in image.chunks_exact(crate::format::PAGE_SIZE) {
             if block.iter().any(|&b| b != 0) {
-                self.backing_pages
-                    .insert(xxhash_rust::xxh3::xxh3_128(block));
+                self.backing_pages.insert(crate::format::page_hash(block));
             }
         }
     }

@@ -1580,7 +1580,7 @@ fn checkpoints_read_in_order_resolve_their_references_and_say_what_restoring_giv
     // Checkpoint i > 0 gives page 3 new content and page 4 page 1's, as a reference.
     checkpoint_chain(&dir, 4);
     let r = TraceReader::open(&dir).unwrap();
-    let mut cursor = r.chain_cursor();
+    let mut cursor = r.chain_cursor(0);
     for i in 0..4 {
         assert_eq!(
             r.read_next(&mut cursor).unwrap(),
@@ -1588,7 +1588,7 @@ fn checkpoints_read_in_order_resolve_their_references_and_say_what_restoring_giv
         );
         assert_eq!(cursor.next(), i + 1);
     }
-    let hash = |p: Vec<u8>| Some(xxhash_rust::xxh3::xxh3_128(&p));
+    let hash = |p: Vec<u8>| Some(traces::page_hash(&p));
     assert_eq!(cursor.restored_hash(2), hash(page(2)));
     assert_eq!(cursor.restored_hash(3), hash(page(13)));
     assert_eq!(cursor.restored_hash(4), hash(page(1)));
@@ -1597,6 +1597,14 @@ fn checkpoints_read_in_order_resolve_their_references_and_say_what_restoring_giv
         r.read_next(&mut cursor),
         Err(ReadError::NoSuchCheckpoint { index: 4, .. })
     ));
+
+    // A cursor for checkpoint 2 starts at its chain's full checkpoint.
+    let mut cursor = r.chain_cursor(2);
+    assert_eq!(cursor.next(), 0);
+    assert_eq!(
+        r.read_next(&mut cursor).unwrap(),
+        r.read_checkpoint(0).unwrap()
+    );
 
     // A restore's cursor reads on from the checkpoint it restored.
     let mut cursor = r.restore_chain(1).unwrap().cursor;
