@@ -653,3 +653,210 @@ fn a_lowered_chunk_bound_is_refused() {
     );
     assert_refused_everywhere(&trace, "events.bin");
 }
+
+#[test]
+fn a_replay_from_boot_compares_what_each_checkpoint_stores_with_the_state_it_reached() {
+    let dir = scratch("checkpoint-contents");
+    let (_, reader) = timer_trace(&dir);
+    let victim = reader.checkpoints().len() / 2;
+    assert!(!reader.checkpoints()[victim].full);
+    let position = reader.checkpoints()[victim].icount;
+    let name = format!("{position:020}.ckpt");
+    // State bytes flipped: the first is the position's varint, so the state still decodes. A stored
+    // page changed. A written page left out, so restoring keeps its older content.
+    type Tamper = fn(&mut traces::Checkpoint);
+    let cases: [(&str, Tamper, String); 3] = [
+        (
+            "state",
+            |cp| cp.state[0] ^= 1,
+            format!("in its CPU and device state, icount is {position}, recorded "),
+        ),
+        (
+            "page",
+            |cp| cp.pages[0].1[100] ^= 0x80,
+            "guest memory differs in 1 page(s): page 0x".to_string(),
+        ),
+        (
+            "dropped",
+            |cp| {
+                cp.pages.remove(0);
+            },
+            "(restoring the checkpoint gives it other content)".to_string(),
+        ),
+    ];
+    for (what, tamper, needle) in cases {
+        let tampered = dir.join(format!("{what}.rvt"));
+        rewrite_with(&reader, reader.events().to_vec(), &tampered, |i, cp| {
+            if i == victim {
+                tamper(cp)
+            }
+        });
+        let before = reader.checkpoints()[victim - 2].icount.to_string();
+        // From boot, and from a checkpoint before it.
+        for extra in [&[][..], &["--from", &before]] {
+            let o = replay(&tampered, extra);
+            assert_error(
+                &o,
+                &format!(
+                    "{name}: checkpoint {victim} (icount {position}) does not store the state the \
+                     replay reached there, though that state matches the digest the checkpoint \
+                     records: "
+                ),
+            );
+            assert_error(&o, &needle);
+        }
+        // info --verify restores it and finds it does not hash to its digest.
+        let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+        assert_error(&o, "failed verification: 1 problem (listed above)");
+        assert!(
+            text(&o.stdout).contains(&format!(
+                "{name}: what this checkpoint stores (its CPU and device state, and the memory \
+                 restoring it gives) does not hash to the digest it records"
+            )),
+            "{what}: {}",
+            text(&o.stdout)
+        );
+    }
+}
+
+#[test]
+fn ranges_and_kinds_that_select_nothing_sensible_are_refused_saying_what_is_valid() {
+    let (trace, _) = record(&scratch("ranges"), "hello", &[]);
+    let t = trace.to_str().unwrap();
+    let end = traces::TraceReader::open(&trace)
+        .unwrap()
+        .summary()
+        .unwrap()
+        .end_icount;
+    let past = (end + 1).to_string();
+    for (args, needle) in [
+        (
+            vec!["replay", t, "--from", &past],
+            format!(
+                "--from {past} is past the end of the recording, which runs from icount 0 to icount \
+                 {end}: give --from at most {end}"
+            ),
+        ),
+        (
+            vec!["replay", t, "--to", "0"],
+            format!(
+                "--to 0 replays nothing: the replay starts at icount 0, the first checkpoint, so \
+                 --to must be after 0 (the recording ends at icount {end})"
+            ),
+        ),
+        (
+            vec!["events", t, "--kind", "bogus"],
+            "--kind bogus is not a kind of event: use one of serial_rx, clock, irq, interrupt, \
+             host_value, stop, kick, checkpoint"
+                .to_string(),
+        ),
+        (
+            vec!["events", t, "--from", "500", "--to", "100"],
+            "--to 100 is before --from 500".to_string(),
+        ),
+    ] {
+        let o = rv(&args);
+        assert_error(&o, &needle);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+    }
+    // Their valid neighbours still work.
+    let at_end = end.to_string();
+    assert_ne!(status(&rv(&["replay", t, "--from", &at_end])), 2);
+    assert_eq!(status(&rv(&["replay", t, "--to", "1"])), 0);
+    let o = rv(&[
+        "events",
+        t,
+        "--kind",
+        "checkpoint",
+        "--from",
+        "0",
+        "--to",
+        "0",
+    ]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("checkpoint"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn info_verify_refuses_what_replay_refuses() {
+    let dir = scratch("verify-like-replay");
+    let (trace, reader) = timer_trace(&dir);
+    let t = trace.to_str().unwrap();
+    let o = rv(&["info", "--verify", t]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("verify:        ok"),
+        "{}",
+        text(&o.stdout)
+    );
+
+    let header = trace.join("header.json");
+    let good = std::fs::read_to_string(&header).unwrap();
+    // A CPUID table KVM refuses: XSAVE features (leaf 0xd) no CPU has.
+    let xsave = good.find("[13,0,").unwrap();
+    let xsave = &good[xsave..xsave + good[xsave..].find(']').unwrap() + 1];
+    let rtc = guest("rtc");
+    let long_cmdline = format!("\"cmdline\":\"{}\"", "x".repeat(100_000));
+    let cases = [
+        (
+            ("\"clock\":\"step\"", "\"clock\":\"bogus\""),
+            "header.json: the trace was recorded with clock \"bogus\"",
+        ),
+        (
+            ("[0,654336,1]", "[0,655360,1]"),
+            "header.json: the trace's guest had the memory map",
+        ),
+        (
+            ("\"cmdline\":\"\"", long_cmdline.as_str()),
+            "header.json: kernel command line is 100000 bytes",
+        ),
+        (
+            (xsave, "[13,0,1,4294967295,832,832,4294967295]"),
+            "header.json: KVM KVM_SET_CPUID2 failed",
+        ),
+        (
+            (reader.header().image_path.as_str(), rtc.to_str().unwrap()),
+            "rtc.elf is not the one this trace recorded",
+        ),
+    ];
+    for ((from, to), needle) in cases {
+        assert!(good.contains(from), "{from}");
+        std::fs::write(&header, good.replacen(from, to, 1)).unwrap();
+        let o = rv(&["info", "--verify", t]);
+        assert_error(&o, "failed verification: 1 problem (listed above)");
+        assert!(
+            text(&o.stdout).contains(needle),
+            "{needle}: {}",
+            text(&o.stdout)
+        );
+        assert_eq!(status(&replay(&trace, &[])), 2, "{needle}");
+    }
+    std::fs::write(&header, &good).unwrap();
+
+    // A checkpoint whose state does not decode.
+    let victim = reader.checkpoints().len() / 2;
+    let tampered = dir.join("state.rvt");
+    rewrite_with(&reader, reader.events().to_vec(), &tampered, |i, cp| {
+        if i == victim {
+            cp.state.truncate(3);
+        }
+    });
+    let name = format!("{:020}.ckpt", reader.checkpoints()[victim].icount);
+    let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+    assert_error(&o, "failed verification: 1 problem (listed above)");
+    assert!(
+        text(&o.stdout).contains(&format!(
+            "{name}: this checkpoint cannot be restored: checkpoint machine state does not decode"
+        )),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_error(
+        &replay(&tampered, &[]),
+        "its CPU and device state does not decode",
+    );
+}
