@@ -859,4 +859,15 @@ fn info_verify_refuses_what_replay_refuses() {
         &replay(&tampered, &[]),
         "its CPU and device state does not decode",
     );
+
+    // A recording cut off before its first checkpoint: nothing to replay.
+    std::fs::remove_file(tampered.join("summary.json")).unwrap();
+    for file in checkpoint_files(&tampered) {
+        std::fs::remove_file(file).unwrap();
+    }
+    let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+    assert_error(&o, "failed verification: 1 problem (listed above)");
+    let nothing = "holds nothing replayable: it has no checkpoint";
+    assert!(text(&o.stdout).contains(nothing), "{}", text(&o.stdout));
+    assert_error(&replay(&tampered, &[]), nothing);
 }

@@ -64,6 +64,12 @@ pub fn verify(trace: &mut TraceReader, image: Option<&Path>) -> Result<Vec<Probl
         }
     };
     problems.extend(trace.verify().into_iter().map(Problem::Trace));
+    if trace.checkpoints().is_empty() {
+        // A recording cut off before its first checkpoint: replay has nowhere to start.
+        problems.push(Problem::Trace(ReadError::NoCheckpoints {
+            dir: trace.dir().to_owned(),
+        }));
+    }
     let Some(image) = image else {
         return Ok(problems);
     };
