@@ -74,7 +74,7 @@ struct IndexArgs {
 struct EventsArgs {
     /// Trace directory written by `record`.
     trace: PathBuf,
-    /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, kick, stop, checkpoint).
+    /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, stop, kick, checkpoint).
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
     /// Only events at or after this position.
@@ -221,10 +221,12 @@ struct ReplayArgs {
     /// Guest image to use instead of the path stored in the trace (its hash must match).
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
-    /// Start from the last checkpoint at or before this icount instead of from boot.
+    /// Start from the last checkpoint at or before this position (icount, or landmark in a landmark
+    /// trace) instead of from boot; at most the end of the recording.
     #[arg(long, value_name = "ICOUNT")]
     from: Option<u64>,
-    /// Stop at this icount instead of the end of the recording.
+    /// Stop at this position instead of the end of the recording; after the checkpoint the replay
+    /// starts from.
     #[arg(long, value_name = "ICOUNT")]
     to: Option<u64>,
     /// Instead of running to the end, wait for gdb on ADDR (HOST:PORT, :PORT or PORT; default
@@ -264,12 +266,18 @@ enum GdbArchArg {
 struct InfoArgs {
     /// Trace directory written by `record`.
     trace: PathBuf,
-    /// Also read and check everything replay may need: every checkpoint in full (CRC,
-    /// decompression, pages, the chain's page references) and every disk copy (SHA-256). Lists each
-    /// problem and exits with status 2 if there is any. Without it, info reads only the event stream
-    /// and the checkpoints' headers.
+    /// Also check everything a replay checks, with the code replay uses, without running the guest:
+    /// the guest image against the recorded hash, every checkpoint read in full (CRC,
+    /// decompression, pages, the chain's page references), every disk copy (SHA-256), the recorded
+    /// machine built (RAM, memory map, clock, command line, CPUID: needs KVM), and every checkpoint
+    /// restored into it with what it stores hashed against the digest it records. Lists each
+    /// problem with its file and exits with status 2 if there is any. Without it, info reads only
+    /// the header, the event stream (every event checked) and the checkpoints' headers.
     #[arg(long)]
     verify: bool,
+    /// Guest image for --verify instead of the path stored in the trace (its hash must match).
+    #[arg(long, value_name = "ELF", requires = "verify")]
+    kernel: Option<PathBuf>,
 }
 
 /// What can go wrong in a command, for the one-line error message.
@@ -329,7 +337,28 @@ enum CliError {
     Doctor(#[from] crate::doctor::DoctorError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: u64, to: u64 },
+    #[error("--from {from} is past the end of the recording, which runs from {unit} 0 to {unit} {end}: give --from at most {end}")]
+    FromPastEnd {
+        from: u64,
+        unit: &'static str,
+        end: u64,
+    },
+    #[error("--to {to} replays nothing: the replay starts at {unit} {start}, {starts}, so --to must be after {start} (the recording ends at {unit} {end})")]
+    EmptyReplay {
+        to: u64,
+        starts: String,
+        unit: &'static str,
+        start: u64,
+        end: u64,
+    },
+    #[error("--kind {kind} is not a kind of event: use one of {}, {CHECKPOINT_KIND}", traces::EVENT_KINDS.join(", "))]
+    UnknownKind { kind: String },
+    #[error("--to {to} is before --from {from}: events are listed in position order, so --to must be at or after --from")]
+    BackwardEvents { from: u64, to: u64 },
 }
+
+/// What `events` calls checkpoints, listed among the events and selected with `--kind` like them.
+const CHECKPOINT_KIND: &str = "checkpoint";
 
 /// Parses arguments, runs the command and returns the process exit status.
 pub fn main() -> i32 {
@@ -576,6 +605,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     if let Some(clock) = a.clock {
         r.set_clock(clock.clock())?;
     }
+    check_range(a, &r)?;
     r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
     if r.trace().cut_off() {
         say(format_args!(
@@ -634,6 +664,33 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
         Halt::End(None) | Halt::Target => 0,
     })
+}
+
+/// Refuses a `--from` or `--to` the replay could not honour: a start past the end of the recording
+/// (a replay would start at the last checkpoint and run to the end, as if asked for that), and an end
+/// at or before the checkpoint the replay starts from (it would run nothing). Positions are the
+/// trace's own, as `info` and `events` show them.
+fn check_range(a: &ReplayArgs, r: &Replayer) -> Result<(), CliError> {
+    let (unit, end) = (r.unit(), r.end_icount());
+    if let Some(from) = a.from.filter(|&f| f > end) {
+        return Err(CliError::FromPastEnd { from, unit, end });
+    }
+    if let Some(to) = a.to {
+        let start = r.checkpoint_positions()[r.checkpoint_before(a.from.unwrap_or(0))];
+        if to <= start {
+            return Err(CliError::EmptyReplay {
+                to,
+                starts: match a.from {
+                    Some(from) => format!("the last checkpoint at or before --from {from}"),
+                    None => "the first checkpoint".to_string(),
+                },
+                unit,
+                start,
+                end,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `record --verify`: replays the trace just written from boot to its end, which checks every checkpoint,
@@ -846,21 +903,8 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         per_m(event_bytes + checkpoint_bytes)
     );
     if a.verify {
-        let (page_backing, disks) = (h.page_backing, h.disks.len());
-        let (image_path, image_sha256) = (h.image_path.clone(), h.image_sha256.clone());
         let mut t = t;
-        if page_backing {
-            // Checkpoint pages may refer to blocks of the guest image, which the trace does not copy.
-            let image = traces::read_regular_file(Path::new(&image_path), traces::MAX_IMAGE_BYTES);
-            match image {
-                Ok(bytes) if traces::sha256_hex(&bytes) == image_sha256 => t.set_image(bytes),
-                _ => println!(
-                    "verify:        the guest image {image_path} is missing or not the recorded one: \
-                     checkpoint pages that refer to its blocks will read as dangling"
-                ),
-            }
-        }
-        let problems = t.verify();
+        let problems = replayer::verify::verify(&mut t, a.kernel.as_deref())?;
         if !problems.is_empty() {
             let s = if problems.len() == 1 { "" } else { "s" };
             println!("verify:        {} problem{s}:", problems.len());
@@ -873,9 +917,10 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
             });
         }
         println!(
-            "verify:        ok: every event chunk, checkpoint and disk copy read and checked ({} checkpoints, {} disk copies)",
+            "verify:        ok: the guest image matches, the recorded machine builds, every event, checkpoint and disk copy \
+             was read and checked, and every checkpoint restored into the machine matches its digest ({} checkpoints, {} disk copies)",
             t.checkpoints().len(),
-            disks
+            t.header().disks.len()
         );
     }
     Ok(0)
@@ -883,6 +928,18 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
 
 /// One line per event and checkpoint, in position order.
 fn events(a: &EventsArgs) -> Result<i32, CliError> {
+    if let (Some(from), Some(to)) = (a.from, a.to) {
+        if to < from {
+            return Err(CliError::BackwardEvents { from, to });
+        }
+    }
+    if let Some(kind) = a
+        .kind
+        .as_ref()
+        .filter(|k| !traces::EVENT_KINDS.contains(&k.as_str()) && *k != CHECKPOINT_KIND)
+    {
+        return Err(CliError::UnknownKind { kind: kind.clone() });
+    }
     let t = traces::TraceReader::open(&a.trace)?;
     let (from, to) = (a.from.unwrap_or(0), a.to.unwrap_or(u64::MAX));
     let unit = if t.header().clock == "landmark" {
@@ -906,7 +963,7 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
     let io = |e: std::io::Error| CliError::Output(e);
     for e in t.events() {
         while let Some(c) = checkpoints.next_if(|c| c.icount <= e.icount) {
-            line(c.icount, c.rip, "checkpoint", String::new()).map_err(io)?;
+            line(c.icount, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
         }
         let what = match &e.kind {
             traces::EventKind::SerialRx { bytes } => {
@@ -927,7 +984,7 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
         line(e.icount, e.rip, e.kind.name(), what).map_err(io)?;
     }
     for c in checkpoints {
-        line(c.icount, c.rip, "checkpoint", String::new()).map_err(io)?;
+        line(c.icount, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
     }
     Ok(0)
 }

@@ -558,3 +558,347 @@ fn a_trace_whose_memory_map_this_build_would_not_give_is_refused() {
     std::fs::write(&header, good.replace("[0,654336,1]", "[0,655360,1]")).unwrap();
     assert_error(&replay(&trace, &[]), "this retrovisor builds");
 }
+
+/// Records timer.elf (which takes timer interrupts) into `dir`, and opens the trace.
+fn timer_trace(dir: &std::path::Path) -> (std::path::PathBuf, traces::TraceReader) {
+    let (trace, _) = record(dir, "timer", &["--checkpoint-every", "2000"]);
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    (trace, reader)
+}
+
+/// Asserts that `replay`, `info` and `info --verify` all refuse `trace` with an error containing
+/// `needle`: the trace is checked when it is read, whatever reads it.
+fn assert_refused_everywhere(trace: &std::path::Path, needle: &str) {
+    let t = trace.to_str().unwrap();
+    for args in [&["replay", t][..], &["info", t], &["info", "--verify", t]] {
+        let o = rv(args);
+        assert_error(&o, needle);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+    }
+}
+
+#[test]
+fn an_irq_on_a_line_the_pic_pair_lacks_is_refused_naming_the_event() {
+    let dir = scratch("irq-line");
+    let (_, reader) = timer_trace(&dir);
+    for line in [255u8, 33] {
+        let mut events = reader.events().to_vec();
+        let (index, event) = events
+            .iter_mut()
+            .enumerate()
+            .find(|(_, e)| matches!(e.kind, traces::EventKind::Irq { .. }))
+            .expect("timer.elf takes timer interrupts");
+        event.kind = traces::EventKind::Irq { line };
+        let position = event.icount;
+        let tampered = dir.join(format!("line{line}.rvt"));
+        rewrite(&reader, events, &tampered);
+        assert_refused_everywhere(
+            &tampered,
+            &format!("event {index} (irq at icount {position}, in chunk "),
+        );
+        assert_refused_everywhere(
+            &tampered,
+            &format!("IRQ line {line} does not exist: the PIC pair has lines 0 to 15"),
+        );
+    }
+}
+
+#[test]
+fn a_finished_trace_whose_stop_event_was_replaced_is_refused() {
+    let dir = scratch("stop-replaced");
+    let (_, reader) = timer_trace(&dir);
+    let mut events = reader.events().to_vec();
+    let last = events.last_mut().unwrap();
+    assert!(matches!(last.kind, traces::EventKind::Stop { .. }));
+    last.kind = traces::EventKind::Irq { line: 0 };
+    let tampered = dir.join("tampered.rvt");
+    rewrite(&reader, events, &tampered);
+    assert_refused_everywhere(
+        &tampered,
+        "the recording finished, so its last event must be its stop event",
+    );
+}
+
+#[test]
+fn a_duplicated_or_deleted_event_disagrees_with_the_summary_counts() {
+    let dir = scratch("duplicated");
+    let (_, reader) = timer_trace(&dir);
+    let irqs = reader
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, traces::EventKind::Irq { .. }))
+        .count();
+    let first = reader
+        .events()
+        .iter()
+        .position(|e| matches!(e.kind, traces::EventKind::Irq { .. }))
+        .unwrap();
+    for (name, more) in [("duplicated", true), ("deleted", false)] {
+        let mut events = reader.events().to_vec();
+        let held = if more {
+            events.insert(first, events[first].clone());
+            irqs + 1
+        } else {
+            events.remove(first);
+            irqs - 1
+        };
+        let tampered = dir.join(format!("{name}.rvt"));
+        rewrite(&reader, events, &tampered);
+        assert_refused_everywhere(
+            &tampered,
+            &format!("events_by_kind counts {irqs} irq events, but events.bin holds {held}"),
+        );
+    }
+}
+
+#[test]
+fn a_lowered_chunk_bound_is_refused() {
+    let dir = scratch("upto");
+    let (trace, reader) = timer_trace(&dir);
+    let path = trace.join("events.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Frame offsets and bounds, as FORMAT.md lays them out.
+    let mut frames = Vec::new();
+    let mut at = 16;
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        let upto = u64::from_le_bytes(bytes[at + 16..at + 24].try_into().unwrap());
+        frames.push((at, upto));
+        at += 32 + len;
+    }
+    assert!(frames.len() > 3, "{frames:?}");
+    // Frame 2 ends where frame 1 does, header CRC fixed up: its events, or the checkpoint the writer
+    // ended it at, now lie past it.
+    let (at, upto) = frames[2];
+    let lowered = frames[1].1;
+    assert!(lowered < upto && reader.checkpoints().iter().any(|c| c.icount == upto));
+    bytes[at + 16..at + 24].copy_from_slice(&lowered.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[at..at + 28]);
+    bytes[at + 28..at + 32].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let o = rv(&["info", trace.to_str().unwrap()]);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("lies past the chunk's own upto_icount {lowered}"))
+            || err.contains(&format!("no chunk ends at icount {upto}, where checkpoint")),
+        "{err}"
+    );
+    assert_refused_everywhere(&trace, "events.bin");
+}
+
+#[test]
+fn a_replay_from_boot_compares_what_each_checkpoint_stores_with_the_state_it_reached() {
+    let dir = scratch("checkpoint-contents");
+    let (_, reader) = timer_trace(&dir);
+    let victim = reader.checkpoints().len() / 2;
+    assert!(!reader.checkpoints()[victim].full);
+    let position = reader.checkpoints()[victim].icount;
+    let name = format!("{position:020}.ckpt");
+    // State bytes flipped: the first is the position's varint, so the state still decodes. A stored
+    // page changed. A written page left out, so restoring keeps its older content.
+    type Tamper = fn(&mut traces::Checkpoint);
+    let cases: [(&str, Tamper, String); 3] = [
+        (
+            "state",
+            |cp| cp.state[0] ^= 1,
+            format!("in its CPU and device state, icount is {position}, recorded "),
+        ),
+        (
+            "page",
+            |cp| cp.pages[0].1[100] ^= 0x80,
+            "guest memory differs in 1 page(s): page 0x".to_string(),
+        ),
+        (
+            "dropped",
+            |cp| {
+                cp.pages.remove(0);
+            },
+            "(restoring the checkpoint gives it other content)".to_string(),
+        ),
+    ];
+    for (what, tamper, needle) in cases {
+        let tampered = dir.join(format!("{what}.rvt"));
+        rewrite_with(&reader, reader.events().to_vec(), &tampered, |i, cp| {
+            if i == victim {
+                tamper(cp)
+            }
+        });
+        let before = reader.checkpoints()[victim - 2].icount.to_string();
+        // From boot, and from a checkpoint before it.
+        for extra in [&[][..], &["--from", &before]] {
+            let o = replay(&tampered, extra);
+            assert_error(
+                &o,
+                &format!(
+                    "{name}: checkpoint {victim} (icount {position}) does not store the state the \
+                     replay reached there, though that state matches the digest the checkpoint \
+                     records: "
+                ),
+            );
+            assert_error(&o, &needle);
+        }
+        // info --verify restores it and finds it does not hash to its digest.
+        let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+        assert_error(&o, "failed verification: 1 problem (listed above)");
+        assert!(
+            text(&o.stdout).contains(&format!(
+                "{name}: what this checkpoint stores (its CPU and device state, and the memory \
+                 restoring it gives) does not hash to the digest it records"
+            )),
+            "{what}: {}",
+            text(&o.stdout)
+        );
+    }
+}
+
+#[test]
+fn ranges_and_kinds_that_select_nothing_sensible_are_refused_saying_what_is_valid() {
+    let (trace, _) = record(&scratch("ranges"), "hello", &[]);
+    let t = trace.to_str().unwrap();
+    let end = traces::TraceReader::open(&trace)
+        .unwrap()
+        .summary()
+        .unwrap()
+        .end_icount;
+    let past = (end + 1).to_string();
+    for (args, needle) in [
+        (
+            vec!["replay", t, "--from", &past],
+            format!(
+                "--from {past} is past the end of the recording, which runs from icount 0 to icount \
+                 {end}: give --from at most {end}"
+            ),
+        ),
+        (
+            vec!["replay", t, "--to", "0"],
+            format!(
+                "--to 0 replays nothing: the replay starts at icount 0, the first checkpoint, so \
+                 --to must be after 0 (the recording ends at icount {end})"
+            ),
+        ),
+        (
+            vec!["events", t, "--kind", "bogus"],
+            "--kind bogus is not a kind of event: use one of serial_rx, clock, irq, interrupt, \
+             host_value, stop, kick, checkpoint"
+                .to_string(),
+        ),
+        (
+            vec!["events", t, "--from", "500", "--to", "100"],
+            "--to 100 is before --from 500".to_string(),
+        ),
+    ] {
+        let o = rv(&args);
+        assert_error(&o, &needle);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+    }
+    // Their valid neighbours still work.
+    let at_end = end.to_string();
+    assert_ne!(status(&rv(&["replay", t, "--from", &at_end])), 2);
+    assert_eq!(status(&rv(&["replay", t, "--to", "1"])), 0);
+    let o = rv(&[
+        "events",
+        t,
+        "--kind",
+        "checkpoint",
+        "--from",
+        "0",
+        "--to",
+        "0",
+    ]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("checkpoint"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn info_verify_refuses_what_replay_refuses() {
+    let dir = scratch("verify-like-replay");
+    let (trace, reader) = timer_trace(&dir);
+    let t = trace.to_str().unwrap();
+    let o = rv(&["info", "--verify", t]);
+    assert_eq!(status(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("verify:        ok"),
+        "{}",
+        text(&o.stdout)
+    );
+
+    let header = trace.join("header.json");
+    let good = std::fs::read_to_string(&header).unwrap();
+    // A CPUID table KVM refuses: XSAVE features (leaf 0xd) no CPU has, put first.
+    let xsave = "\"cpuid\":[[13,0,1,4294967295,832,832,4294967295],";
+    let rtc = guest("rtc");
+    let long_cmdline = format!("\"cmdline\":\"{}\"", "x".repeat(100_000));
+    let cases = [
+        (
+            ("\"clock\":\"step\"", "\"clock\":\"bogus\""),
+            "header.json: the trace was recorded with clock \"bogus\"",
+        ),
+        (
+            ("[0,654336,1]", "[0,655360,1]"),
+            "header.json: the trace's guest had the memory map",
+        ),
+        (
+            ("\"cmdline\":\"\"", long_cmdline.as_str()),
+            "header.json: kernel command line is 100000 bytes",
+        ),
+        (
+            ("\"cpuid\":[", xsave),
+            "header.json: KVM KVM_SET_CPUID2 failed",
+        ),
+        (
+            (reader.header().image_path.as_str(), rtc.to_str().unwrap()),
+            "rtc.elf is not the one this trace recorded",
+        ),
+    ];
+    for ((from, to), needle) in cases {
+        assert!(good.contains(from), "{from}");
+        std::fs::write(&header, good.replacen(from, to, 1)).unwrap();
+        let o = rv(&["info", "--verify", t]);
+        assert_error(&o, "failed verification: 1 problem (listed above)");
+        assert!(
+            text(&o.stdout).contains(needle),
+            "{needle}: {}",
+            text(&o.stdout)
+        );
+        assert_eq!(status(&replay(&trace, &[])), 2, "{needle}");
+    }
+    std::fs::write(&header, &good).unwrap();
+
+    // A checkpoint whose state does not decode.
+    let victim = reader.checkpoints().len() / 2;
+    let tampered = dir.join("state.rvt");
+    rewrite_with(&reader, reader.events().to_vec(), &tampered, |i, cp| {
+        if i == victim {
+            cp.state.truncate(3);
+        }
+    });
+    let name = format!("{:020}.ckpt", reader.checkpoints()[victim].icount);
+    let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+    assert_error(&o, "failed verification: 1 problem (listed above)");
+    assert!(
+        text(&o.stdout).contains(&format!(
+            "{name}: this checkpoint cannot be restored: checkpoint machine state does not decode"
+        )),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_error(
+        &replay(&tampered, &[]),
+        "its CPU and device state does not decode",
+    );
+
+    // A recording cut off before its first checkpoint: nothing to replay.
+    std::fs::remove_file(tampered.join("summary.json")).unwrap();
+    for file in checkpoint_files(&tampered) {
+        std::fs::remove_file(file).unwrap();
+    }
+    let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
+    assert_error(&o, "failed verification: 1 problem (listed above)");
+    let nothing = "holds nothing replayable: it has no checkpoint";
+    assert!(text(&o.stdout).contains(nothing), "{}", text(&o.stdout));
+    assert_error(&replay(&tampered, &[]), nothing);
+}

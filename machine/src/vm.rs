@@ -1401,7 +1401,32 @@ impl Machine {
         if self.digest_of(recorded)?[..16] != digest[..16] {
             return Ok(false);
         }
-        Ok(self.canonical_state(recorded)? == self.state()?)
+        self.state_matches(recorded)
+    }
+
+    /// Decodes a state blob as restoring it would make it: canonical, and with this machine's disk
+    /// images attached (checkpoints do not hold them), so that it equals [`Machine::state`] when the
+    /// machine is in that state.
+    fn recorded_state(&self, blob: &[u8]) -> Result<MachineState, MachineError> {
+        let mut state = self.canonical_state(blob)?;
+        state.devices = self
+            .devices
+            .restored(state.devices)
+            .map_err(MachineError::BadDeviceState)?;
+        Ok(state)
+    }
+
+    /// Whether the CPU and device state now is the one `recorded` holds (a blob made by
+    /// [`Machine::state_blob`], as a checkpoint stores it), once both are canonical: what a replay that
+    /// reached a checkpoint's digest checks the state the checkpoint stores against.
+    pub fn state_matches(&self, recorded: &[u8]) -> Result<bool, MachineError> {
+        Ok(self.recorded_state(recorded)? == self.state()?)
+    }
+
+    /// The digest a checkpoint storing the state blob `state` and the RAM the machine holds now
+    /// has (see [`Machine::digest`]): its recorded digest, if what it stores is what was digested.
+    pub fn digest_with_state(&mut self, state: &[u8]) -> Result<[u8; 32], MachineError> {
+        self.digest_of(state)
     }
 
     /// What differs between the CPU and device state now and `recorded` (a blob made by

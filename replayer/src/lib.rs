@@ -6,6 +6,7 @@ mod log;
 pub mod position;
 pub mod search;
 mod snapshots;
+pub mod verify;
 
 pub use log::Divergence;
 use log::LogHost;
@@ -19,6 +20,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use thiserror::Error;
 use traces::{Event, Index, StopReason, TraceReader};
+
+// Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
+// their limits must be this machine's.
+const _: () = assert!(traces::IRQ_LINES == machine::devices::pic::IRQ_LINES);
+const _: () = assert!(traces::UART_RX_FIFO_BYTES == machine::devices::serial::RX_FIFO_BYTES);
 
 /// Errors from replay.
 #[derive(Debug, Error)]
@@ -73,6 +79,19 @@ pub enum ReplayError {
     /// Guest output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
+    /// A checkpoint stores another state than the one the replay reached at it, though that state
+    /// matches the digest the checkpoint records: restoring it would start from a wrong state.
+    #[error("{}: checkpoint {index} ({position}) does not store the state the replay reached there, though that state matches the digest the checkpoint records: {what}; the file was damaged, altered or written wrong, and a replay from it would start from a wrong state", path.display())]
+    CheckpointContent {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Its index.
+        index: usize,
+        /// Its position, as the user reads it ("icount N", "landmark N").
+        position: String,
+        /// What differs.
+        what: String,
+    },
 }
 
 /// What a forward run stopped on.
@@ -132,6 +151,14 @@ pub struct Replayer {
     /// Ranges of positions a free run passed through with breakpoints armed that did not fire: (the
     /// breakpoint rips, first position, end position exclusive).
     clear_runs: Vec<(Vec<u64>, u64, u64)>,
+    /// Reads the trace's checkpoints in order as the replay passes them, to compare what each stores
+    /// with the machine (see [`Replayer::check_contents`]); None until the first restore.
+    chain: Option<traces::ChainCursor>,
+    /// By checkpoint index: whether what it stores has been compared with the machine (restored from
+    /// it, or checked the first time the replay passed it).
+    contents_checked: Vec<bool>,
+    /// Checkpoints found unreadable, each said once in the notices (see [`Replayer::note_unreadable`]).
+    unreadable: BTreeSet<usize>,
     /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them (None:
     /// the checkpoint cannot be read).
     page_sets: std::collections::HashMap<usize, Option<Rc<BTreeSet<u64>>>>,
@@ -170,57 +197,70 @@ fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, Repl
     Ok(bytes)
 }
 
+/// Builds the machine the trace was recorded on, with `image` (checked against the header's hash)
+/// loaded: what replay checks before it restores anything. Disks and initrd come from the trace's own
+/// hashed copies; the header's clock, memory map, command line and CPUID must be ones this machine
+/// takes.
+fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayError> {
+    let h = trace.header();
+    // Disks come from the trace's own hashed copies, never from the user's image files.
+    let disks = (0..h.disks.len())
+        .map(|i| {
+            let path = PathBuf::from(&h.disks[i].path);
+            trace.read_disk(i).map(|bytes| DiskImage::new(bytes, path))
+        })
+        .collect::<Result<_, _>>()?;
+    let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
+        clock: h.clock.clone(),
+    })?;
+    let map = machine::memory::pc_memory_map(h.machine.ram_bytes);
+    if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
+        return Err(ReplayError::MemoryMap {
+            recorded: h.machine.memory_map.clone(),
+            built: map.to_vec(),
+        });
+    }
+    let config = MachineConfig {
+        ram_bytes: h.machine.ram_bytes,
+        cmdline: h.machine.cmdline.clone(),
+        // Like the disks, from the trace's own hashed copy.
+        initrd: trace.read_initrd()?,
+        disks,
+        hide_host_values: clock == Clock::Landmark,
+        trap_host_insns: h.host_traps,
+        cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
+        // Only for traces that kept no CPUID: they gave the guest the host's.
+        cpu: machine::CpuModel::Host,
+        answer_cpuid: h.vmm_cpuid,
+    };
+    let mut machine = Machine::new(&config, image)?;
+    if h.format_version == 1 {
+        machine.keep_stale_registers();
+    }
+    machine.set_digest_pages(h.digest == traces::DigestKind::Pages);
+    machine.set_positions(clock);
+    machine.set_clock(clock)?;
+    Ok(machine)
+}
+
 impl Replayer {
     /// Opens a trace and positions the replay at its first checkpoint.
     pub fn open(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
         let mut trace = TraceReader::open(dir)?;
         let image = load_image(&trace, image)?;
         trace.set_image(image.clone());
-        let h = trace.header();
-        // Disks come from the trace's own hashed copies, never from the user's image files.
-        let disks = (0..h.disks.len())
-            .map(|i| {
-                let path = PathBuf::from(&h.disks[i].path);
-                trace.read_disk(i).map(|bytes| DiskImage::new(bytes, path))
-            })
-            .collect::<Result<_, _>>()?;
-        let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
-            clock: h.clock.clone(),
-        })?;
-        let map = machine::memory::pc_memory_map(h.machine.ram_bytes);
-        if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
-            return Err(ReplayError::MemoryMap {
-                recorded: h.machine.memory_map.clone(),
-                built: map.to_vec(),
-            });
-        }
-        let config = MachineConfig {
-            ram_bytes: h.machine.ram_bytes,
-            cmdline: h.machine.cmdline.clone(),
-            // Like the disks, from the trace's own hashed copy.
-            initrd: trace.read_initrd()?,
-            disks,
-            hide_host_values: clock == Clock::Landmark,
-            trap_host_insns: h.host_traps,
-            cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
-            // Only for traces that kept no CPUID: they gave the guest the host's.
-            cpu: machine::CpuModel::Host,
-            answer_cpuid: h.vmm_cpuid,
-        };
-        let mut machine = Machine::new(&config, &image)?;
-        if h.format_version == 1 {
-            machine.keep_stale_registers();
-        }
-        machine.set_digest_pages(h.digest == traces::DigestKind::Pages);
-        machine.set_positions(clock);
-        machine.set_clock(clock)?;
+        let machine = build_machine(&trace, &image)?;
         let end = trace
             .summary()
             .map(|s| s.end_icount)
             .unwrap_or_else(|| trace.complete_upto());
         let events: Rc<[Event]> = trace.events().into();
         let checkpoint_positions = trace.checkpoints().iter().map(|c| c.icount).collect();
+        let contents_checked = vec![false; trace.checkpoints().len()];
         let mut replayer = Replayer {
+            chain: None,
+            contents_checked,
+            unreadable: BTreeSet::new(),
             host: LogHost::new(events),
             checkpoint_positions,
             indexed: false,
@@ -387,10 +427,7 @@ impl Replayer {
                         Ok(pages) => Some(Rc::new(pages.into_iter().collect())),
                         // A damaged checkpoint only costs a search its shortcut: it replays the range.
                         Err(e) => {
-                            self.notices.push(format!(
-                                "checkpoint {next} cannot be read ({e}); searches replay the \
-                                 instructions before it rather than skip them"
-                            ));
+                            self.note_unreadable(next, &e);
                             None
                         }
                     };
@@ -534,8 +571,14 @@ impl Replayer {
     pub fn restore_checkpoint(&mut self, index: usize) -> Result<usize, ReplayError> {
         let mut index = index;
         let (cp, pages) = loop {
-            match self.trace.try_restore_point(index) {
-                Ok(read) => break read,
+            match self.trace.restore_chain(index) {
+                Ok(read) => {
+                    // The machine holds what this checkpoint stores: its digest is checked when the
+                    // run starts, and the checkpoints after it are read on from here.
+                    self.chain = Some(read.cursor);
+                    self.contents_checked[index] = true;
+                    break (read.checkpoint, read.memory);
+                }
                 Err(e) if e.failed > 0 && e.failed <= index => {
                     let why = if e.failed == index {
                         e.source.to_string()
@@ -1051,11 +1094,131 @@ impl Replayer {
                 )
                 .into());
             }
+            if !self.contents_checked[self.next_verify] {
+                self.check_contents(self.next_verify, icount)?;
+                self.contents_checked[self.next_verify] = true;
+            }
             // Fingerprints digest the pages written since the last checkpoint, as the recorder saw them.
             self.machine.mark_checkpoint()?;
             self.next_verify += 1;
         }
         Ok(())
+    }
+
+    /// Tells the user, once per checkpoint, that checkpoint `index` cannot be read, and what that costs.
+    fn note_unreadable(&mut self, index: usize, e: &traces::ReadError) {
+        if self.unreadable.insert(index) {
+            self.notices.push(format!(
+                "checkpoint {index} cannot be read ({e}): what it stores is not compared with the \
+                 replay, and searches replay the instructions before it rather than skip them"
+            ));
+        }
+    }
+
+    /// Compares what checkpoint `index` stores (its CPU and device state, and the memory restoring it
+    /// gives) with the machine, which has just matched its recorded digest at `position`. The digest
+    /// alone proves the replay right, but not the file: state or pages changed after the digest was
+    /// taken pass it unnoticed, until a replay starts from them. Reading the checkpoints in order as
+    /// the replay passes them costs one file each; then only the pages the checkpoint stores and those
+    /// written since the checkpoint before it can differ. After a jump, the chain is read from its
+    /// last full checkpoint and all of memory compared.
+    fn check_contents(&mut self, index: usize, position: u64) -> Result<(), ReplayError> {
+        /// Enough to diagnose from the message alone, few enough to read.
+        const MAX_FIELDS: usize = 8;
+        const MAX_PAGES: usize = 8;
+        let sequential = self.chain.as_ref().is_some_and(|c| c.next() == index);
+        if !sequential {
+            self.chain = None;
+        }
+        let cursor = self
+            .chain
+            .get_or_insert_with(|| self.trace.chain_cursor(index));
+        let (mut checkpoint, mut unreadable) = (None, Vec::new());
+        while cursor.next() <= index {
+            let at = cursor.next();
+            match self.trace.read_next(cursor) {
+                Ok(cp) => checkpoint = (at == index).then_some(cp),
+                // Said when the checkpoint it builds on was read.
+                Err(traces::ReadError::BuildsOnBroken { .. }) => {}
+                Err(e) => unreadable.push((at, e)),
+            }
+        }
+        for (at, e) in unreadable {
+            self.note_unreadable(at, &e);
+        }
+        let Some(cp) = checkpoint else {
+            return Ok(());
+        };
+        let mut what = Vec::new();
+        match self.machine.state_matches(&cp.state) {
+            Ok(true) => {}
+            Ok(false) => {
+                let fields = self
+                    .machine
+                    .state_differences(&cp.state, MAX_FIELDS)
+                    .unwrap_or_default();
+                what.push(if fields.is_empty() {
+                    "its CPU or device state differs".to_string()
+                } else {
+                    format!("in its CPU and device state, {}", fields.join(", "))
+                });
+            }
+            Err(e) => what.push(format!("its CPU and device state does not decode: {e}")),
+        }
+        let cursor = self.chain.as_ref().expect("read above");
+        let memory = self.machine.memory();
+        let mut pages = Vec::new();
+        // The pages it stores, byte for byte (in full: references and zero markers are resolved).
+        let mut stored = BTreeSet::new();
+        for (pfn, data) in &cp.pages {
+            stored.insert(*pfn);
+            let now = memory.page(*pfn as usize);
+            if let Some(at) = now.iter().zip(data).position(|(a, b)| a != b) {
+                pages.push(format!(
+                    "page {pfn:#x} (first at {:#x}: {:#04x}, stored {:#04x})",
+                    pfn * machine::memory::PAGE_SIZE as u64 + at as u64,
+                    now[at],
+                    data[at]
+                ));
+            }
+        }
+        // The other pages a restore of it sets: all of them after a jump or at a full checkpoint,
+        // otherwise those the replay wrote since the checkpoint before (the rest were compared there).
+        let others: Vec<u64> = if sequential && !cp.full {
+            self.machine.dirty_since_checkpoint()?
+        } else {
+            (0..memory.pages() as u64).collect()
+        };
+        let memory = self.machine.memory();
+        for pfn in others.into_iter().filter(|p| !stored.contains(p)) {
+            let now = memory.page(pfn as usize);
+            let hash = now.iter().any(|&b| b != 0).then(|| traces::page_hash(now));
+            if hash != cursor.restored_hash(pfn) {
+                pages.push(format!(
+                    "page {pfn:#x} (restoring the checkpoint gives it other content)"
+                ));
+            }
+        }
+        if !pages.is_empty() {
+            let mut text = format!(
+                "guest memory differs in {} page(s): {}",
+                pages.len(),
+                pages[..pages.len().min(MAX_PAGES)].join(", ")
+            );
+            if pages.len() > MAX_PAGES {
+                text.push_str(&format!(" and {} more", pages.len() - MAX_PAGES));
+            }
+            what.push(text);
+        }
+        if what.is_empty() {
+            return Ok(());
+        }
+        Err(ReplayError::CheckpointContent {
+            path: self.trace.checkpoints()[index].path.clone(),
+            index,
+            position: self.describe(position),
+            what: what.join("; "),
+        })
     }
 
     /// Whether the machine is in checkpoint `index`'s state although its digest differs (see

@@ -363,19 +363,33 @@ pub fn position(text: &str) -> Option<u64> {
 /// Writes a copy of the trace `reader` holds to `dest`, with `events` instead of its events (the closing
 /// stop event among them, as the recorder writes it: without it, replay diverges at the end).
 pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &std::path::Path) {
+    rewrite_with(reader, events, dest, |_, _| {});
+}
+
+/// [`rewrite`], with `tamper` applied to each checkpoint (given its index) before it is written: as an
+/// attacker would change what one stores, keeping the digest it records and fixing up its CRC.
+pub fn rewrite_with(
+    reader: &traces::TraceReader,
+    events: Vec<traces::Event>,
+    dest: &std::path::Path,
+    mut tamper: impl FnMut(usize, &mut traces::Checkpoint),
+) {
     let mut w = traces::TraceWriter::create(dest, reader.header()).unwrap();
+    let mut write = |w: &mut traces::TraceWriter, index: usize| {
+        let mut cp = reader.read_checkpoint(index).unwrap();
+        tamper(index, &mut cp);
+        w.write_checkpoint(&cp).unwrap();
+    };
     let mut checkpoints = (0..reader.checkpoints().len()).peekable();
     for e in events {
         // Checkpoints go in icount order between the events, as the recorder writes them.
         while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
-            w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
-                .unwrap();
+            write(&mut w, cp);
         }
         w.push(e).unwrap();
     }
     for cp in checkpoints {
-        w.write_checkpoint(&reader.read_checkpoint(cp).unwrap())
-            .unwrap();
+        write(&mut w, cp);
     }
     w.finish(reader.summary().unwrap()).unwrap();
 }

@@ -235,10 +235,19 @@ mod tests {
             stored < 16 << 10,
             "a mostly-zero MiB should compress well: {stored}"
         );
+        // A finished recording ends with its stop event, which the summary counts.
+        w.push(crate::format::Event {
+            icount: 0,
+            rip: 0,
+            kind: crate::format::EventKind::Stop {
+                reason: StopReason::Halted,
+            },
+        })
+        .unwrap();
         w.finish(&Summary {
             end_icount: 0,
             stop: StopReason::Halted,
-            events_by_kind: Default::default(),
+            events_by_kind: [("stop".to_string(), 1)].into(),
             checkpoints: 0,
             output_bytes: 0,
             output_sha256: sha256_hex(b""),

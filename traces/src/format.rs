@@ -81,10 +81,27 @@ const ENCODED_BLOCK_OVERHEAD: u64 = 16;
 pub const MAX_RAM_BYTES: u64 = 3 << 30;
 /// Largest guest image a header may declare, and that `record` and `replay` read (1 GiB).
 pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
-/// Most bytes one `SerialRx` event may carry (256). The UART's receive FIFO holds 64 bytes and the
-/// recorder logs at most what the FIFO took at once, so real events are never longer than 64; the
-/// cap leaves room for a deeper FIFO and stops a hostile event from carrying megabytes.
+/// Most bytes a `SerialRx` event may declare before it is decoded (256): checked on the encoded
+/// length, so a hostile event cannot make the decoder allocate megabytes. Decoded events are then
+/// held to what the machine takes at once, [`UART_RX_FIFO_BYTES`].
 pub const MAX_SERIAL_RX_BYTES: usize = 256;
+/// Lines of the machine's interrupt controllers (the 8259A pair): an `Irq` event names one of
+/// `0 .. IRQ_LINES`.
+pub const IRQ_LINES: u8 = 16;
+/// Bytes the machine's UART (a 16550A) holds in its receive FIFO: the most one `SerialRx` event can
+/// carry, since the recorder logs what the FIFO took at once.
+pub const UART_RX_FIFO_BYTES: usize = 64;
+/// The names of the kinds of event ([`EventKind::name`]), in the order of their variants: the keys
+/// [`Summary::events_by_kind`] may have.
+pub const EVENT_KINDS: [&str; 7] = [
+    "serial_rx",
+    "clock",
+    "irq",
+    "interrupt",
+    "host_value",
+    "stop",
+    "kick",
+];
 /// Most memory a trace's decoded events may take (1 GiB), counting [`EVENT_MEMORY_COST`] per
 /// event and, for a `SerialRx` event, [`SERIAL_RX_MEMORY_COST`] plus its length. Event chunks
 /// compress well, so this is what stops a small hostile file from decoding into unbounded memory.
@@ -600,6 +617,12 @@ impl Summary {
     }
 }
 
+/// The content hash of a page (xxh3-128): what a checkpoint's page reference names, and what
+/// [`crate::ChainCursor::restored_hash`] gives.
+pub fn page_hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
 /// SHA-256 of `bytes` as lowercase hex, the form `image_sha256` and `output_sha256` take.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -690,6 +713,38 @@ mod tests {
         assert!(check_sha256("x", &h).is_ok());
         assert!(check_sha256("x", &h.to_uppercase()).is_err());
         assert!(check_sha256("x", "abc").is_err());
+    }
+
+    #[test]
+    fn every_kind_of_event_is_listed_under_its_name() {
+        let kinds = [
+            EventKind::SerialRx { bytes: vec![1] },
+            EventKind::Clock {
+                kind: ClockKind::Wall,
+                ns: 0,
+            },
+            EventKind::Irq { line: 0 },
+            EventKind::Interrupt { vector: 0x20 },
+            EventKind::HostValue {
+                insn: HostInsn::Rdtsc,
+                value: 0,
+                aux: 0,
+            },
+            EventKind::Stop {
+                reason: StopReason::Halted,
+            },
+            EventKind::Kick {
+                fingerprint: Fingerprint {
+                    rip: 0,
+                    rsp: 0,
+                    rflags: 2,
+                    regs: 0,
+                    memory: 0,
+                },
+            },
+        ];
+        let names: Vec<&str> = kinds.iter().map(EventKind::name).collect();
+        assert_eq!(names, EVENT_KINDS);
     }
 
     #[test]

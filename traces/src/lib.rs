@@ -15,11 +15,15 @@ mod files;
 mod format;
 mod index;
 mod reader;
+mod rules;
 mod writer;
 
 pub use codec::CodecError;
 pub use files::{host_memory, open_regular, read_regular_file};
 pub use format::*;
 pub use index::{Index, INDEX_FILE};
-pub use reader::{ChainError, CheckpointInfo, ReadError, TornTail, TraceReader};
+pub use reader::{
+    ChainCursor, ChainError, CheckpointInfo, ReadError, RestorePoint, TornTail, TraceReader,
+};
+pub use rules::EventError;
 pub use writer::{TraceWriter, WriteError};

@@ -5,7 +5,7 @@
 //! by a crash: a frame that ends past the end of `events.bin` is a torn tail (the last write was
 //! interrupted) and is dropped; anything wrong inside a complete frame is corruption and an error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -18,9 +18,10 @@ use crate::files;
 use crate::format::{
     parse_checkpoint_file_name, written_file_name, Checkpoint, Event, EventKind, FormatError,
     Header, Summary, CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, CHUNK_HEADER_LEN, CHUNK_MAGIC,
-    EVENTS_FILE, EVENTS_FILE_HEADER_LEN, EVENT_MEMORY_COST, FORMAT_VERSION, HEADER_FILE,
-    MAX_EVENT_MEMORY, MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
+    EVENTS_FILE, EVENTS_FILE_HEADER_LEN, EVENT_KINDS, EVENT_MEMORY_COST, FORMAT_VERSION,
+    HEADER_FILE, MAX_EVENT_MEMORY, MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
+use crate::rules::{EventError, EventRules};
 
 /// Errors from reading a trace.
 #[derive(Debug, Error)]
@@ -124,6 +125,26 @@ pub enum ReadError {
         /// What is out of order.
         reason: String,
     },
+    /// A complete event chunk holds an event the recorded machine could not have produced.
+    #[error("{path}: event {index} ({kind} at {unit} {position}, in chunk {chunk} at byte offset {offset}) cannot have been recorded: {source}")]
+    ImpossibleEvent {
+        /// The events file.
+        path: PathBuf,
+        /// Index of the event in the whole stream (0 = the first).
+        index: u64,
+        /// Its kind ([`EventKind::name`]).
+        kind: &'static str,
+        /// What positions count in this trace: "icount" or "landmark".
+        unit: &'static str,
+        /// Its position.
+        position: u64,
+        /// Index of the chunk holding it.
+        chunk: u64,
+        /// Byte offset of that chunk in the file.
+        offset: u64,
+        /// What is impossible about it (boxed: it would make every `ReadError` larger).
+        source: Box<EventError>,
+    },
     /// The trace's events would take more memory than a reader spends on them.
     #[error("{path}: event chunk {index} at byte offset {offset} takes the trace's decoded events past {limit} bytes of memory, more than this reader accepts")]
     TooManyEvents {
@@ -205,6 +226,16 @@ pub enum ReadError {
         bytes: u64,
         /// This host's memory.
         host_bytes: u64,
+    },
+    /// A checkpoint read after an earlier one of its chain could not be.
+    #[error(
+        "{path}: this checkpoint cannot be restored: it builds on {broken}, which cannot be read"
+    )]
+    BuildsOnBroken {
+        /// The checkpoint asked for.
+        path: PathBuf,
+        /// The broken checkpoint of its chain.
+        broken: PathBuf,
     },
     /// Checkpoints that cannot be restored because an earlier one of their chain is broken.
     #[error("{path}: this checkpoint and the {later} after it cannot be restored: they build on {broken}, which cannot be read")]
@@ -295,7 +326,7 @@ struct Backing {
     /// The copies.
     sources: Vec<Vec<u8>>,
     /// Each non-zero block's xxh3-128, with the source and offset of its first occurrence.
-    blocks: std::collections::HashMap<u128, (usize, usize)>,
+    blocks: HashMap<u128, (usize, usize)>,
 }
 
 impl std::fmt::Debug for Backing {
@@ -306,12 +337,12 @@ impl std::fmt::Debug for Backing {
 
 impl Backing {
     fn new(sources: Vec<Vec<u8>>) -> Backing {
-        let mut blocks = std::collections::HashMap::new();
+        let mut blocks = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
             for (n, block) in source.chunks_exact(PAGE_SIZE).enumerate() {
                 if block.iter().any(|&b| b != 0) {
                     blocks
-                        .entry(xxhash_rust::xxh3::xxh3_128(block))
+                        .entry(crate::format::page_hash(block))
                         .or_insert((i, n * PAGE_SIZE));
                 }
             }
@@ -352,7 +383,7 @@ impl TraceReader {
         }
         let limits = CheckpointLimits::of(&header);
         let events_path = dir.join(EVENTS_FILE);
-        let stream = read_events(&events_path, header.format_version, MAX_EVENT_MEMORY)?;
+        let stream = read_events(&events_path, &header, MAX_EVENT_MEMORY)?;
         let summary_path = dir.join(SUMMARY_FILE);
         let summary = read_summary(&summary_path)?;
 
@@ -393,6 +424,22 @@ impl TraceReader {
             checkpoints.retain(|c| c.icount <= complete_upto);
         }
         let ignored_checkpoints = listed - checkpoints.len();
+        // The writer ends a chunk at each checkpoint's position before it writes the checkpoint,
+        // so every checkpoint replay can reach lies where some chunk ends.
+        if let Some(cp) = checkpoints
+            .iter()
+            .find(|c| stream.uptos.binary_search(&c.icount).is_err())
+        {
+            let name = cp.path.file_name().unwrap_or_default().to_string_lossy();
+            return Err(ReadError::Inconsistent {
+                path: events_path,
+                reason: format!(
+                    "no chunk ends at icount {}, where checkpoint {name} lies, though the writer \
+                     ends one there before it writes a checkpoint: a chunk's upto_icount was changed",
+                    cp.icount
+                ),
+            });
+        }
 
         Ok(TraceReader {
             dir: dir.to_owned(),
@@ -503,9 +550,13 @@ impl TraceReader {
     }
 
     /// Reads the checkpoints from the last full one up to `index` in order, resolving page
-    /// references (content stored earlier in the chain), and hands each to `each`. An error says
-    /// which checkpoint of the chain failed.
-    fn read_chain(&self, index: usize, mut each: impl FnMut(Checkpoint)) -> Result<(), ChainError> {
+    /// references (content stored earlier in the chain), and hands each to `each`. Returns the
+    /// cursor past `index`; an error says which checkpoint of the chain failed.
+    fn read_chain(
+        &self,
+        index: usize,
+        mut each: impl FnMut(Checkpoint),
+    ) -> Result<ChainCursor, ChainError> {
         let at_index = |source| ChainError {
             failed: index,
             source,
@@ -519,17 +570,62 @@ impl TraceReader {
                     path: info.path.clone(),
                 })
             })?;
-        let mut content = PageContent::default();
-        let backing = self.backing().map_err(at_index)?;
+        let mut cursor = ChainCursor::at(base);
         for i in base..=index {
-            let at = |source| ChainError { failed: i, source };
-            let mut cp = self.read_raw(i).map_err(at)?;
-            content
-                .resolve(&mut cp, &self.checkpoints[i].path, backing)
-                .map_err(at)?;
+            let cp = self
+                .read_next(&mut cursor)
+                .map_err(|source| ChainError { failed: i, source })?;
             each(cp);
         }
-        Ok(())
+        Ok(cursor)
+    }
+
+    /// A cursor at the start of checkpoint `index`'s chain: its last full checkpoint at or before
+    /// it (or `index` itself if there is none: reading it then says so). [`TraceReader::read_next`]
+    /// then reads the chain up to `index`, and on from there; from 0, every checkpoint in order.
+    pub fn chain_cursor(&self, index: usize) -> ChainCursor {
+        let end = (index + 1).min(self.checkpoints.len());
+        ChainCursor::at(
+            self.checkpoints[..end]
+                .iter()
+                .rposition(|c| c.full)
+                .unwrap_or(index),
+        )
+    }
+
+    /// Reads checkpoint [`ChainCursor::next`] and fully verifies it, as
+    /// [`TraceReader::read_checkpoint`] does, resolving its page references with the chain the
+    /// cursor has read (a full checkpoint starts a new chain), and moves the cursor past it. Reading
+    /// in order costs one file per checkpoint, where [`TraceReader::read_checkpoint`] reads the
+    /// chain from its last full checkpoint. Once a checkpoint cannot be read, the incremental
+    /// checkpoints after it build on it: reading them is an error up to the next full one.
+    pub fn read_next(&self, cursor: &mut ChainCursor) -> Result<Checkpoint, ReadError> {
+        let index = cursor.next;
+        cursor.next += 1;
+        let info = self.checkpoint_info(index)?;
+        if info.full {
+            cursor.content = PageContent::default();
+            cursor.broken = None;
+        } else if let Some(broken) = &cursor.broken {
+            return Err(ReadError::BuildsOnBroken {
+                path: info.path.clone(),
+                broken: broken.clone(),
+            });
+        } else if index == 0 {
+            cursor.broken = Some(info.path.clone());
+            return Err(ReadError::NoFullCheckpoint {
+                path: info.path.clone(),
+            });
+        }
+        let read = self.backing().and_then(|backing| {
+            let mut cp = self.read_raw(index)?;
+            cursor.content.resolve(&mut cp, &info.path, backing)?;
+            Ok(cp)
+        });
+        if read.is_err() {
+            cursor.broken = Some(info.path.clone());
+        }
+        read
     }
 
     /// The blocks checkpoint pages may refer to, read once; None in traces without `page_backing`.
@@ -650,30 +746,34 @@ impl TraceReader {
         &self,
         index: usize,
     ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ReadError> {
-        self.try_restore_point(index).map_err(|e| e.source)
+        self.restore_chain(index)
+            .map(|p| (p.checkpoint, p.memory))
+            .map_err(|e| e.source)
     }
 
-    /// [`TraceReader::restore_point`], with an error that says which checkpoint of the chain
-    /// failed: a caller can fall back to the one before it ([`ChainError::failed`] - 1), the
-    /// latest that does not build on the broken one.
-    pub fn try_restore_point(
-        &self,
-        index: usize,
-    ) -> Result<(Checkpoint, BTreeMap<u64, Vec<u8>>), ChainError> {
+    /// [`TraceReader::restore_point`], with the cursor past checkpoint `index` (to read the
+    /// checkpoints after it one by one), and with an error that says which checkpoint of the chain
+    /// failed: a caller can fall back to the one before it ([`ChainError::failed`] - 1), the latest
+    /// that does not build on the broken one.
+    pub fn restore_chain(&self, index: usize) -> Result<RestorePoint, ChainError> {
         let mut memory = BTreeMap::new();
         let mut last = None;
-        self.read_chain(index, |mut cp| {
+        let cursor = self.read_chain(index, |mut cp| {
             memory.extend(std::mem::take(&mut cp.pages));
             last = Some(cp);
         })?;
-        let target = last.ok_or(ChainError {
+        let checkpoint = last.ok_or(ChainError {
             failed: index,
             source: ReadError::NoSuchCheckpoint {
                 index,
                 count: self.checkpoints.len(),
             },
         })?;
-        Ok((target, memory))
+        Ok(RestorePoint {
+            checkpoint,
+            memory,
+            cursor,
+        })
     }
 
     /// Reads and checks everything [`TraceReader::open`] does not: every checkpoint in full (CRC,
@@ -752,9 +852,14 @@ impl TraceReader {
 }
 
 /// The contents of the pages stored so far in a chain of checkpoints, by xxh3-128, to resolve the
-/// page references of later ones.
+/// page references of later ones; and what restoring the chain so far gives each page.
 #[derive(Default)]
-struct PageContent(std::collections::HashMap<u128, Vec<u8>>);
+struct PageContent {
+    /// Page contents stored in full, by their xxh3-128.
+    stored: HashMap<u128, Vec<u8>>,
+    /// The xxh3-128 of each non-zero page as restoring the checkpoints resolved so far gives it.
+    restored: HashMap<u64, u128>,
+}
 
 impl PageContent {
     /// Replaces each page reference of `cp` (read from `path`) by the content it names (a page stored
@@ -766,11 +871,15 @@ impl PageContent {
         path: &Path,
         backing: Option<&Backing>,
     ) -> Result<(), ReadError> {
+        if cp.full {
+            // A full checkpoint lists every non-zero page: the ones it leaves out are zero.
+            self.restored.clear();
+        }
         for (pfn, page) in cp.pages.iter_mut() {
             if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
                 let hash = u128::from_le_bytes(hash);
                 *page = self
-                    .0
+                    .stored
                     .get(&hash)
                     .cloned()
                     .or_else(|| backing?.block(hash).map(<[u8]>::to_vec))
@@ -778,13 +887,75 @@ impl PageContent {
                         path: path.to_owned(),
                         pfn: *pfn,
                     })?;
+                // A reference is the xxh3-128 of the content it names.
+                self.restored.insert(*pfn, hash);
             } else if page.iter().any(|&b| b != 0) {
-                self.0
-                    .insert(xxhash_rust::xxh3::xxh3_128(page), page.clone());
+                let hash = crate::format::page_hash(page);
+                self.stored.insert(hash, page.clone());
+                self.restored.insert(*pfn, hash);
+            } else {
+                self.restored.remove(pfn);
             }
         }
         Ok(())
     }
+}
+
+/// Where a reading of checkpoints one after another stands ([`TraceReader::read_next`]): the next
+/// checkpoint to read, and what the chain read so far holds, which that one's page references may
+/// name.
+pub struct ChainCursor {
+    /// Index of the next checkpoint to read.
+    next: usize,
+    content: PageContent,
+    /// The checkpoint of this chain that could not be read, if one could not: the incremental
+    /// checkpoints after it build on it.
+    broken: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ChainCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ChainCursor(next {}, {} pages stored)",
+            self.next,
+            self.content.stored.len()
+        )
+    }
+}
+
+impl ChainCursor {
+    /// A cursor at checkpoint `next`, which must be full (or it reads as broken).
+    fn at(next: usize) -> ChainCursor {
+        ChainCursor {
+            next,
+            content: PageContent::default(),
+            broken: None,
+        }
+    }
+
+    /// Index of the next checkpoint [`TraceReader::read_next`] reads.
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
+    /// The [`crate::page_hash`] of page `pfn` as restoring the last checkpoint read gives it, or
+    /// `None` if that page is zero.
+    pub fn restored_hash(&self, pfn: u64) -> Option<u128> {
+        self.content.restored.get(&pfn).copied()
+    }
+}
+
+/// A checkpoint read with the chain it builds on ([`TraceReader::restore_chain`]): what restoring
+/// it takes.
+#[derive(Debug)]
+pub struct RestorePoint {
+    /// The checkpoint, its `pages` moved into `memory`.
+    pub checkpoint: Checkpoint,
+    /// Guest memory at the checkpoint by page frame number; pages absent are zero.
+    pub memory: BTreeMap<u64, Vec<u8>>,
+    /// The cursor past the checkpoint.
+    pub cursor: ChainCursor,
 }
 
 /// Just the field every header version has, so a newer header that no longer parses as ours
@@ -865,12 +1036,76 @@ fn check_summary(summary: &Summary, path: &Path, stream: &EventStream) -> Result
             "an event at icount {} lies past end_icount {}",
             e.icount, summary.end_icount
         )
+    } else if let Some(reason) = stop_disagrees(summary, &stream.events) {
+        reason
+    } else if let Some(reason) = counts_disagree(summary, &stream.events) {
+        reason
     } else {
         return Ok(());
     };
     Err(ReadError::Inconsistent {
         path: path.to_owned(),
         reason,
+    })
+}
+
+/// Why a finished recording's events do not end with the stop the summary names, if they do not:
+/// the recorder's last event is its stop, at `end_icount`, for the reason the summary gives.
+fn stop_disagrees(summary: &Summary, events: &[Event]) -> Option<String> {
+    let Some(last) = events.last() else {
+        return Some(format!(
+            "the recording finished, yet {EVENTS_FILE} holds no event, not even its stop"
+        ));
+    };
+    let index = events.len() - 1;
+    let EventKind::Stop { reason } = &last.kind else {
+        return Some(format!(
+            "the recording finished, so its last event must be its stop event, but the last \
+             (event {index}, at icount {}) is an event of kind {}",
+            last.icount,
+            last.kind.name()
+        ));
+    };
+    if *reason != summary.stop {
+        return Some(format!(
+            "the stop event (event {index}) says the guest ended by {reason:?}, the summary by {:?}",
+            summary.stop
+        ));
+    }
+    (last.icount != summary.end_icount).then(|| {
+        format!(
+            "the stop event (event {index}) lies at icount {}, but end_icount is {}",
+            last.icount, summary.end_icount
+        )
+    })
+}
+
+/// Why the summary's count of events by kind differs from what the stream holds, if it does: the
+/// recorder counts every event it writes, so a count that differs means events were added,
+/// dropped or changed.
+fn counts_disagree(summary: &Summary, events: &[Event]) -> Option<String> {
+    if let Some(kind) = summary
+        .events_by_kind
+        .keys()
+        .find(|k| !EVENT_KINDS.contains(&k.as_str()))
+    {
+        return Some(format!(
+            "events_by_kind counts events of kind {kind:?}, which does not exist (the kinds are {})",
+            EVENT_KINDS.join(", ")
+        ));
+    }
+    let mut held = [0u64; EVENT_KINDS.len()];
+    for e in events {
+        let name = e.kind.name();
+        if let Some(at) = EVENT_KINDS.iter().position(|&k| k == name) {
+            held[at] += 1;
+        }
+    }
+    EVENT_KINDS.iter().zip(held).find_map(|(&kind, held)| {
+        let counted = summary.events_by_kind.get(kind).copied().unwrap_or(0);
+        (counted != held).then(|| {
+            format!("events_by_kind counts {counted} {kind} events, but {EVENTS_FILE} holds {held}")
+        })
     })
 }
 
@@ -937,6 +1172,8 @@ fn read_checkpoint_file(path: &Path, expected: u64) -> Result<Vec<u8>, ReadError
 struct EventStream {
     events: Vec<Event>,
     chunks: u64,
+    /// Each chunk's `upto_icount`, in file order (never decreasing).
+    uptos: Vec<u64>,
     complete_upto: u64,
     torn_tail: Option<TornTail>,
     file_size: u64,
@@ -954,9 +1191,18 @@ fn memory_cost(event: &Event) -> u64 {
     }
 }
 
-/// Reads and checks every chunk of `events.bin`, refusing a stream whose decoded events would
-/// take more than `memory_budget` bytes ([`memory_cost`]).
-fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStream, ReadError> {
+/// Reads and checks every chunk of `events.bin` of the trace `header` describes: the bytes, the
+/// order of events and chunk bounds, and each event against what the machine can produce
+/// ([`EventRules`]). A stream whose decoded events would take more than `memory_budget` bytes
+/// ([`memory_cost`]) is refused.
+fn read_events(path: &Path, header: &Header, memory_budget: u64) -> Result<EventStream, ReadError> {
+    let version = header.format_version;
+    let unit = if header.clock == "landmark" {
+        "landmark"
+    } else {
+        "icount"
+    };
+    let mut rules = EventRules::new(header);
     let io_err = |source| ReadError::Io {
         path: path.to_owned(),
         source,
@@ -967,6 +1213,7 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
     let mut stream = EventStream {
         events: Vec::new(),
         chunks: 0,
+        uptos: Vec::new(),
         complete_upto: 0,
         torn_tail: None,
         file_size,
@@ -1035,8 +1282,8 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
         }
         let mut raw_header = [0u8; CHUNK_HEADER_LEN];
         file.read_exact(&mut raw_header).map_err(io_err)?;
-        let header = match ChunkHeader::decode(&raw_header) {
-            Ok(header) => header,
+        let chunk = match ChunkHeader::decode(&raw_header) {
+            Ok(chunk) => chunk,
             Err(source) => {
                 // A system crash can leave the file extended with zeros where data never landed:
                 // that is a torn tail too, but only if nothing but zeros follows.
@@ -1054,7 +1301,7 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
         };
         // Every event costs at least EVENT_MEMORY_COST: a chunk that cannot fit is refused before
         // it is decoded.
-        if stream.memory + u64::from(header.event_count) * EVENT_MEMORY_COST > memory_budget {
+        if stream.memory + u64::from(chunk.event_count) * EVENT_MEMORY_COST > memory_budget {
             return Err(ReadError::TooManyEvents {
                 limit: memory_budget,
                 path: path.to_owned(),
@@ -1062,7 +1309,7 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
                 offset,
             });
         }
-        let frame_len = CHUNK_HEADER_LEN as u64 + u64::from(header.compressed_len);
+        let frame_len = CHUNK_HEADER_LEN as u64 + u64::from(chunk.compressed_len);
         if frame_len > left {
             // The header is intact (its CRC matched) but the payload was cut short.
             stream.torn_tail = Some(TornTail {
@@ -1072,15 +1319,29 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
             break;
         }
         // compressed_len is capped at 64 MiB by ChunkHeader::decode, and the bytes are present.
-        let mut payload = vec![0u8; header.compressed_len as usize];
+        let mut payload = vec![0u8; chunk.compressed_len as usize];
         file.read_exact(&mut payload).map_err(io_err)?;
-        let events = codec::decode_chunk_payload(&header, &payload).map_err(chunk_err)?;
-        check_chunk_order(&stream, &header, &events).map_err(|reason| ReadError::ChunkOrder {
+        let events = codec::decode_chunk_payload(&chunk, &payload).map_err(chunk_err)?;
+        check_chunk_order(&stream, &chunk, &events).map_err(|reason| ReadError::ChunkOrder {
             path: path.to_owned(),
             index,
             offset,
             reason,
         })?;
+        for (i, event) in events.iter().enumerate() {
+            rules
+                .check(event)
+                .map_err(|source| ReadError::ImpossibleEvent {
+                    path: path.to_owned(),
+                    index: (stream.events.len() + i) as u64,
+                    kind: event.kind.name(),
+                    unit,
+                    position: event.icount,
+                    chunk: index,
+                    offset,
+                    source: Box::new(source),
+                })?;
+        }
         stream.memory += events.iter().map(memory_cost).sum::<u64>();
         if stream.memory > memory_budget {
             return Err(ReadError::TooManyEvents {
@@ -1091,7 +1352,8 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
             });
         }
         stream.events.extend(events);
-        stream.complete_upto = header.upto_icount;
+        stream.complete_upto = chunk.upto_icount;
+        stream.uptos.push(chunk.upto_icount);
         stream.chunks += 1;
         offset += frame_len;
         index += 1;
@@ -1101,8 +1363,9 @@ fn read_events(path: &Path, version: u32, memory_budget: u64) -> Result<EventStr
     Ok(stream)
 }
 
-/// Checks a decoded chunk against the stream so far: events never go backward, never precede an
-/// earlier flush point, and flush points never decrease.
+/// Checks a decoded chunk against the stream so far and its own bound: events never go backward,
+/// never precede an earlier flush point nor lie past their own chunk's, and flush points never
+/// decrease.
 fn check_chunk_order(
     stream: &EventStream,
     header: &ChunkHeader,
@@ -1126,6 +1389,14 @@ fn check_chunk_order(
             return Err(format!(
                 "event {i} at icount {} lies before the previous chunk's upto_icount {}",
                 event.icount, stream.complete_upto
+            ));
+        }
+        // The writer closes a chunk at a point no later than its events: the next event's
+        // position, a checkpoint's, or the end.
+        if event.icount > header.upto_icount {
+            return Err(format!(
+                "event {i} at icount {} lies past the chunk's own upto_icount {}",
+                event.icount, header.upto_icount
             ));
         }
         previous = event.icount;
@@ -1272,11 +1543,8 @@ mod tests {
         let path = dir.join(EVENTS_FILE);
         // An Irq costs EVENT_MEMORY_COST; a 10-byte SerialRx that plus SERIAL_RX_MEMORY_COST + 10.
         let total = 2 * EVENT_MEMORY_COST + SERIAL_RX_MEMORY_COST + 10;
-        assert_eq!(
-            read_events(&path, FORMAT_VERSION, total).unwrap().memory,
-            total
-        );
-        match read_events(&path, FORMAT_VERSION, total - 1) {
+        assert_eq!(read_events(&path, &header, total).unwrap().memory, total);
+        match read_events(&path, &header, total - 1) {
             Err(ReadError::TooManyEvents {
                 index: 1, limit, ..
             }) => assert_eq!(limit, total - 1),

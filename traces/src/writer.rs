@@ -17,13 +17,13 @@ use crate::codec::{self, PageRef};
 use crate::format::{
     checkpoint_file_name, Checkpoint, Event, EventKind, FormatError, Header, Summary,
     CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, EVENTS_FILE, HEADER_FILE, MAX_CHECKPOINT_PAYLOAD,
-    MAX_EVENTS_PER_CHUNK, MAX_SERIAL_RX_BYTES, PAGE_SIZE, SUMMARY_FILE,
+    MAX_EVENTS_PER_CHUNK, PAGE_SIZE, SUMMARY_FILE, UART_RX_FIFO_BYTES,
 };
 
 /// Uncompressed size at which the writer starts a new chunk on its own. Well under the reader's
 /// 64 MiB caps, so even incompressible events (whose zstd output is slightly larger) always fit.
 const CHUNK_TARGET_BYTES: usize = 16 << 20;
-const _: () = assert!(MAX_SERIAL_RX_BYTES < CHUNK_TARGET_BYTES / 2);
+const _: () = assert!(UART_RX_FIFO_BYTES < CHUNK_TARGET_BYTES / 2);
 
 /// Errors from writing a trace.
 #[derive(Debug, Error)]
@@ -85,8 +85,8 @@ pub enum WriteError {
         /// The flush point.
         upto: u64,
     },
-    /// A `SerialRx` event carries more bytes than readers accept in one event.
-    #[error("SerialRx event at icount {icount} carries {len} bytes; one event may carry at most {MAX_SERIAL_RX_BYTES}")]
+    /// A `SerialRx` event carries more bytes than the UART takes at once, which readers refuse.
+    #[error("SerialRx event at icount {icount} carries {len} bytes; one event may carry at most {UART_RX_FIFO_BYTES}, what the UART's receive FIFO holds")]
     SerialRxTooLong {
         /// The event's icount.
         icount: u64,
@@ -325,7 +325,7 @@ impl TraceWriter {
         self.check_usable()?;
         let icount = event.icount;
         if let EventKind::SerialRx { bytes } = &event.kind {
-            if bytes.len() > MAX_SERIAL_RX_BYTES {
+            if bytes.len() > UART_RX_FIFO_BYTES {
                 return Err(WriteError::SerialRxTooLong {
                     icount,
                     len: bytes.len(),
@@ -400,7 +400,7 @@ impl TraceWriter {
             .iter()
             .map(|&(_, bytes)| {
                 let bytes = bytes?;
-                let h = xxhash_rust::xxh3::xxh3_128(bytes);
+                let h = crate::format::page_hash(bytes);
                 (!known.insert(h)).then(|| h.to_le_bytes())
             })
             .collect();
@@ -470,8 +470,7 @@ impl TraceWriter {
         }
         for block in image.chunks_exact(crate::format::PAGE_SIZE) {
             if block.iter().any(|&b| b != 0) {
-                self.backing_pages
-                    .insert(xxhash_rust::xxh3::xxh3_128(block));
+                self.backing_pages.insert(crate::format::page_hash(block));
             }
         }
     }

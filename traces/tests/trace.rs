@@ -69,16 +69,43 @@ fn header() -> Header {
     }
 }
 
-fn summary(end_icount: u64, checkpoints: u64) -> Summary {
+/// The summary of a recording that ended at `end_icount`, after `checkpoints` checkpoints, with
+/// `events` (its stop event last): it counts them by kind, as the recorder does.
+fn summary(end_icount: u64, checkpoints: u64, events: &[Event]) -> Summary {
+    let mut events_by_kind = BTreeMap::new();
+    for e in events {
+        *events_by_kind.entry(e.kind.name().to_string()).or_default() += 1;
+    }
     Summary {
         end_icount,
         stop: StopReason::GuestExit { status: 3 },
-        events_by_kind: BTreeMap::from([("irq".to_string(), 2), ("stop".to_string(), 1)]),
+        events_by_kind,
         checkpoints,
         output_bytes: 12,
         output_sha256: sha256_hex(b"hello world\n"),
         wall_secs: 1.5,
     }
+}
+
+/// The stop event a finished recording ends with, at `icount` (the reason [`summary`] gives).
+fn stop(icount: u64) -> Event {
+    ev(
+        icount,
+        EventKind::Stop {
+            reason: StopReason::GuestExit { status: 3 },
+        },
+    )
+}
+
+/// Ends a recording as the recorder does: its stop event at `end_icount`, then the summary, which
+/// counts `pushed` (the events pushed before) and the stop. Returns the summary.
+fn finish(mut w: TraceWriter, pushed: &[Event], end_icount: u64, checkpoints: u64) -> Summary {
+    let mut events = pushed.to_vec();
+    events.push(stop(end_icount));
+    w.push(stop(end_icount)).unwrap();
+    let summary = summary(end_icount, checkpoints, &events);
+    w.finish(&summary).unwrap();
+    summary
 }
 
 fn ev(icount: u64, kind: EventKind) -> Event {
@@ -187,12 +214,7 @@ fn round_trip_of_header_events_checkpoints_and_summary() {
                 ns: 42,
             },
         ),
-        ev(
-            400,
-            EventKind::Stop {
-                reason: StopReason::GuestExit { status: 3 },
-            },
-        ),
+        stop(400),
     ];
     for e in &events[..5] {
         w.push(e.clone()).unwrap();
@@ -216,12 +238,12 @@ fn round_trip_of_header_events_checkpoints_and_summary() {
         fs::metadata(dir.join("events.bin")).unwrap().len(),
         event_bytes
     );
-    w.finish(&summary(400, 2)).unwrap();
+    w.finish(&summary(400, 2, &events)).unwrap();
 
     let r = TraceReader::open(&dir).unwrap();
     assert_eq!(r.header(), &header());
     assert_eq!(r.events(), &events[..]);
-    assert_eq!(r.summary(), Some(&summary(400, 2)));
+    assert_eq!(r.summary(), Some(&summary(400, 2, &events)));
     assert_eq!(r.complete_upto(), 400);
     assert!(!r.cut_off());
     assert!(!r.truncated_tail());
@@ -656,7 +678,7 @@ fn restore_point_merges_full_and_incremental_checkpoints() {
         .unwrap();
     w.write_checkpoint(&checkpoint(500, false, vec![(6, page(0))]))
         .unwrap();
-    w.finish(&summary(600, 5)).unwrap();
+    finish(w, &[], 600, 5);
 
     let r = TraceReader::open(&dir).unwrap();
     let pages = |index| {
@@ -781,7 +803,7 @@ fn writer_refuses_out_of_order_input() {
         })
     ));
     assert!(matches!(
-        w.finish(&summary(70, 2)),
+        w.finish(&summary(70, 2, &[])),
         Err(WriteError::SummaryMismatch { .. })
     ));
 
@@ -844,12 +866,13 @@ fn summary_must_agree_with_the_event_stream() {
     let dir = tmp.trace();
     let mut w = TraceWriter::create(&dir, &header()).unwrap();
     w.push(irq(5)).unwrap();
-    w.finish(&summary(10, 0)).unwrap();
+    let events = [irq(5), stop(10)];
+    finish(w, &events[..1], 10, 0);
     TraceReader::open(&dir).unwrap();
 
     fs::write(
         dir.join("summary.json"),
-        serde_json::to_vec(&summary(11, 0)).unwrap(),
+        serde_json::to_vec(&summary(11, 0, &events)).unwrap(),
     )
     .unwrap();
     let text = err_text(TraceReader::open(&dir));
@@ -860,7 +883,7 @@ fn summary_must_agree_with_the_event_stream() {
 
     fs::write(
         dir.join("summary.json"),
-        serde_json::to_vec(&summary(10, 3)).unwrap(),
+        serde_json::to_vec(&summary(10, 3, &events)).unwrap(),
     )
     .unwrap();
     assert!(err_text(TraceReader::open(&dir)).contains("summary counts 3 checkpoints"));
@@ -872,7 +895,7 @@ fn large_bursts_are_split_into_chunks_the_reader_accepts() {
     let dir = tmp.trace();
     let mut w = TraceWriter::create(&dir, &header()).unwrap();
     // 20 MiB of the longest serial events there are, hard to compress.
-    let len = traces::MAX_SERIAL_RX_BYTES as u64;
+    let len = traces::UART_RX_FIFO_BYTES as u64;
     let events: Vec<Event> = (0..(20 << 20) / len)
         .map(|i| {
             let bytes = (0..len)
@@ -918,7 +941,7 @@ fn identical_pages_are_stored_once_and_read_back_whole() {
     // Page 5 gets content already stored in the full checkpoint; page 6 gets new content.
     w.write_checkpoint(&checkpoint(200, false, vec![(5, page(8)), (6, page(9))]))
         .unwrap();
-    w.finish(&summary(200, 2)).unwrap();
+    finish(w, &[], 200, 2);
 
     let r = TraceReader::open(&dir).unwrap();
     // Two distinct pages of data in the full checkpoint, one in the incremental: references are 16 bytes.
@@ -959,7 +982,7 @@ fn a_page_reference_to_content_stored_nowhere_is_an_error() {
         .unwrap();
     w.write_checkpoint(&checkpoint(200, false, vec![(2, page(7))]))
         .unwrap();
-    w.finish(&summary(200, 1 + 1)).unwrap();
+    finish(w, &[], 200, 2);
     // Replace the full checkpoint with one that never stored page 7's content.
     let other = tmp.0.join("other.rvt");
     let mut w = TraceWriter::create(&other, &header()).unwrap();
@@ -1074,7 +1097,7 @@ fn checkpoint_chain(dir: &Path, n: u64) {
         w.write_checkpoint(&checkpoint(i * 100, false, pages))
             .unwrap();
     }
-    w.finish(&summary(n * 100, n)).unwrap();
+    finish(w, &[], n * 100, n);
 }
 
 #[test]
@@ -1108,7 +1131,7 @@ fn verify_finds_a_flipped_byte_in_a_later_checkpoint_and_names_the_broken_link()
     );
     // Restoring any of them says which link of the chain failed, for a caller to fall back.
     for index in 4..8 {
-        let err = r.try_restore_point(index).unwrap_err();
+        let err = r.restore_chain(index).unwrap_err();
         assert_eq!(err.failed, 4, "{err}");
         assert!(err.to_string().contains("crc32"), "{err}");
     }
@@ -1128,7 +1151,7 @@ fn verify_checks_disk_copies() {
     let mut w = TraceWriter::create(&dir, &h).unwrap();
     w.write_disk(0, &image).unwrap();
     w.write_checkpoint(&checkpoint(0, true, vec![])).unwrap();
-    w.finish(&summary(100, 1)).unwrap();
+    finish(w, &[], 100, 1);
     assert!(TraceReader::open(&dir).unwrap().verify().is_empty());
 
     let copy = dir.join("disks/0.img.zst");
@@ -1150,12 +1173,12 @@ fn a_64_mib_serial_rx_is_refused_before_it_is_decoded() {
     let long = ev(
         5,
         EventKind::SerialRx {
-            bytes: vec![b'a'; traces::MAX_SERIAL_RX_BYTES + 1],
+            bytes: vec![b'a'; traces::UART_RX_FIFO_BYTES + 1],
         },
     );
     assert!(matches!(
         w.push(long),
-        Err(WriteError::SerialRxTooLong { len: 257, .. })
+        Err(WriteError::SerialRxTooLong { len: 65, .. })
     ));
     drop(w);
 
@@ -1332,4 +1355,281 @@ fn a_full_checkpoint_says_which_pages_were_written_before_it() {
     let list = dir.join("checkpoints").join(written_file_name(300));
     fs::write(&list, [1, 2, 3]).unwrap();
     assert_eq!(r.pages_written_before(2).unwrap(), vec![1, 2, 5, 6]);
+}
+
+#[test]
+fn events_the_machine_cannot_produce_are_refused_with_their_position() {
+    // IRQ lines 255 and 33, as a hostile run of mutated traces (CRCs fixed up) wrote them: the PIC
+    // pair has 16 lines.
+    for line in [255, 33, 16] {
+        let tmp = TempDir::new("irq-line");
+        let dir = tmp.trace();
+        let mut w = TraceWriter::create(&dir, &header()).unwrap();
+        w.write_checkpoint(&checkpoint(0, true, vec![])).unwrap();
+        let bad = ev(20, EventKind::Irq { line });
+        for e in [irq(10), bad.clone()] {
+            w.push(e).unwrap();
+        }
+        finish(w, &[irq(10), bad], 30, 1);
+        let text = err_text(TraceReader::open(&dir));
+        assert!(
+            text.contains("events.bin: event 1 (irq at icount 20, in chunk 1 at byte offset ")
+                && text.contains(&format!(
+                    "cannot have been recorded: IRQ line {line} does not exist: the PIC pair has \
+                     lines 0 to 15"
+                )),
+            "{text}"
+        );
+    }
+
+    // In a landmark trace, positions are landmarks.
+    let tmp = TempDir::new("kick-rflags");
+    let dir = tmp.trace();
+    let mut h = header();
+    h.clock = "landmark".into();
+    let mut w = TraceWriter::create(&dir, &h).unwrap();
+    let kick = ev(
+        5,
+        EventKind::Kick {
+            fingerprint: traces::Fingerprint {
+                rip: 0x10_0000,
+                rsp: 0x9000,
+                rflags: 0x10246,
+                regs: 1,
+                memory: 2,
+            },
+        },
+    );
+    w.push(kick).unwrap();
+    w.flush(5).unwrap();
+    drop(w);
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("event 0 (kick at landmark 5, in chunk 0") && text.contains("rflags 0x10246"),
+        "{text}"
+    );
+}
+
+/// Writes a finished recording into `dir`: `events` and then `summary`, whatever they say.
+fn finished(dir: &Path, events: &[Event], summary: &Summary) {
+    let mut w = TraceWriter::create(dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(0, true, vec![])).unwrap();
+    for e in events {
+        w.push(e.clone()).unwrap();
+    }
+    w.finish(summary).unwrap();
+}
+
+#[test]
+fn a_finished_recording_ends_with_the_stop_its_summary_names() {
+    let recorded = [irq(5), stop(10)];
+    let summary = summary(10, 1, &recorded);
+    let halted = ev(
+        10,
+        EventKind::Stop {
+            reason: StopReason::Halted,
+        },
+    );
+    let cases = [
+        (
+            vec![irq(5), irq(10)],
+            "its last event must be its stop event, but the last (event 1, at icount 10) is an \
+             event of kind irq",
+        ),
+        (
+            vec![irq(5), halted],
+            "the stop event (event 1) says the guest ended by Halted, the summary by GuestExit",
+        ),
+        (
+            vec![irq(5), stop(8)],
+            "the stop event (event 1) lies at icount 8, but end_icount is 10",
+        ),
+        (vec![], "holds no event, not even its stop"),
+        // A stop ends the recording, finished or cut off.
+        (
+            vec![stop(5), irq(10)],
+            "event 1 (irq at icount 10, in chunk 1 at byte offset ",
+        ),
+        (
+            vec![stop(5), irq(10)],
+            ") cannot have been recorded: it follows the stop event (event 0)",
+        ),
+    ];
+    for (events, needle) in cases {
+        let tmp = TempDir::new("stop");
+        let dir = tmp.trace();
+        finished(&dir, &events, &summary);
+        let text = err_text(TraceReader::open(&dir));
+        assert!(text.contains(needle), "{events:?}: {text}");
+    }
+    let tmp = TempDir::new("stop-ok");
+    finished(&tmp.trace(), &recorded, &summary);
+    TraceReader::open(&tmp.trace()).unwrap();
+}
+
+#[test]
+fn the_summary_counts_what_the_stream_holds() {
+    let recorded = [irq(5), irq(7), stop(10)];
+    let counted = summary(10, 1, &recorded);
+    let mut bogus = counted.clone();
+    bogus.events_by_kind.insert("bogus".into(), 1);
+    let cases = [
+        // Duplicated and deleted events.
+        (
+            vec![irq(5), irq(5), irq(7), stop(10)],
+            &counted,
+            "events_by_kind counts 2 irq events, but events.bin holds 3",
+        ),
+        (
+            vec![irq(5), stop(10)],
+            &counted,
+            "events_by_kind counts 2 irq events, but events.bin holds 1",
+        ),
+        (
+            vec![
+                irq(5),
+                irq(7),
+                ev(7, EventKind::Interrupt { vector: 0x20 }),
+                stop(10),
+            ],
+            &counted,
+            "counts 0 interrupt events, but events.bin holds 1",
+        ),
+        (
+            recorded.to_vec(),
+            &bogus,
+            "events_by_kind counts events of kind \"bogus\", which does not exist (the kinds are \
+             serial_rx, clock, irq, interrupt, host_value, stop, kick)",
+        ),
+    ];
+    for (events, summary, needle) in cases {
+        let tmp = TempDir::new("counts");
+        let dir = tmp.trace();
+        finished(&dir, &events, summary);
+        let text = err_text(TraceReader::open(&dir));
+        assert!(
+            text.contains("summary.json") && text.contains(needle),
+            "{events:?}: {text}"
+        );
+    }
+}
+
+/// Sets the `upto_icount` of the frame at `at` in an events file, fixing up its header CRC as an
+/// attacker would.
+fn set_upto(events_bin: &mut [u8], at: usize, upto: u64) {
+    events_bin[at + 16..at + 24].copy_from_slice(&upto.to_le_bytes());
+    let crc = crc32fast::hash(&events_bin[at..at + 28]);
+    events_bin[at + 28..at + 32].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn chunk_bounds_agree_with_their_events_and_the_checkpoints() {
+    let tmp = TempDir::new("bounds");
+    let dir = tmp.trace();
+    let mut w = TraceWriter::create(&dir, &header()).unwrap();
+    w.write_checkpoint(&checkpoint(0, true, vec![(1, page(1))]))
+        .unwrap();
+    w.push(irq(50)).unwrap();
+    w.write_checkpoint(&checkpoint(100, false, vec![(1, page(2))]))
+        .unwrap();
+    w.push(irq(150)).unwrap();
+    finish(w, &[irq(50), irq(150)], 200, 2);
+    TraceReader::open(&dir).unwrap();
+    let path = dir.join("events.bin");
+    let good = fs::read(&path).unwrap();
+    // Chunks: up to 0 (the first checkpoint), up to 100 with irq(50), up to 200 with the rest.
+    let offsets = frame_offsets(&good);
+    assert_eq!(offsets.len(), 3);
+
+    // Lowered below an event of its own.
+    let mut bytes = good.clone();
+    set_upto(&mut bytes, offsets[1], 40);
+    fs::write(&path, &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("event chunk 1")
+            && text.contains("event 0 at icount 50 lies past the chunk's own upto_icount 40"),
+        "{text}"
+    );
+
+    // Lowered, still above its events, but below the checkpoint the writer ended it at.
+    let mut bytes = good.clone();
+    set_upto(&mut bytes, offsets[1], 60);
+    fs::write(&path, &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains(
+            "events.bin: no chunk ends at icount 100, where checkpoint \
+                       00000000000000000100.ckpt lies"
+        ),
+        "{text}"
+    );
+
+    // The last chunk's bound is the end of a finished recording.
+    let mut bytes = good;
+    set_upto(&mut bytes, offsets[2], 190);
+    fs::write(&path, &bytes).unwrap();
+    let text = err_text(TraceReader::open(&dir));
+    assert!(
+        text.contains("icount 200 lies past the chunk's own upto_icount 190"),
+        "{text}"
+    );
+}
+
+#[test]
+fn checkpoints_read_in_order_resolve_their_references_and_say_what_restoring_gives() {
+    let tmp = TempDir::new("cursor");
+    let dir = tmp.trace();
+    // Checkpoint i > 0 gives page 3 new content and page 4 page 1's, as a reference.
+    checkpoint_chain(&dir, 4);
+    let r = TraceReader::open(&dir).unwrap();
+    let mut cursor = r.chain_cursor(0);
+    for i in 0..4 {
+        assert_eq!(
+            r.read_next(&mut cursor).unwrap(),
+            r.read_checkpoint(i).unwrap()
+        );
+        assert_eq!(cursor.next(), i + 1);
+    }
+    let hash = |p: Vec<u8>| Some(traces::page_hash(&p));
+    assert_eq!(cursor.restored_hash(2), hash(page(2)));
+    assert_eq!(cursor.restored_hash(3), hash(page(13)));
+    assert_eq!(cursor.restored_hash(4), hash(page(1)));
+    assert_eq!(cursor.restored_hash(5), None);
+    assert!(matches!(
+        r.read_next(&mut cursor),
+        Err(ReadError::NoSuchCheckpoint { index: 4, .. })
+    ));
+
+    // A cursor for checkpoint 2 starts at its chain's full checkpoint.
+    let mut cursor = r.chain_cursor(2);
+    assert_eq!(cursor.next(), 0);
+    assert_eq!(
+        r.read_next(&mut cursor).unwrap(),
+        r.read_checkpoint(0).unwrap()
+    );
+
+    // A restore's cursor reads on from the checkpoint it restored.
+    let mut cursor = r.restore_chain(1).unwrap().cursor;
+    assert_eq!(cursor.next(), 2);
+    assert_eq!(cursor.restored_hash(3), hash(page(11)));
+    assert_eq!(
+        r.read_next(&mut cursor).unwrap(),
+        r.read_checkpoint(2).unwrap()
+    );
+
+    // Past a checkpoint that cannot be read, the ones building on it cannot be either.
+    let path = r.checkpoints()[2].path.clone();
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let mut cursor = r.restore_chain(1).unwrap().cursor;
+    assert!(err_text(r.read_next(&mut cursor)).contains("crc32"));
+    let text = err_text(r.read_next(&mut cursor));
+    assert!(
+        text.contains("cannot be restored: it builds on")
+            && text.contains(&*path.to_string_lossy()),
+        "{text}"
+    );
 }

@@ -277,8 +277,14 @@ mod tests {
     fn positions_print_and_parse_in_the_trace_unit() {
         let p = Position::within(44, 102);
         assert_eq!(p.show(Clock::Landmark).to_string(), "landmark 44 + 102");
-        assert_eq!(Position::at(44).show(Clock::Landmark).to_string(), "landmark 44");
-        assert_eq!(Position::at(1234).show(Clock::Step).to_string(), "icount 1234");
+        assert_eq!(
+            Position::at(44).show(Clock::Landmark).to_string(),
+            "landmark 44"
+        );
+        assert_eq!(
+            Position::at(1234).show(Clock::Step).to_string(),
+            "icount 1234"
+        );
         for text in ["44+102", "44 + 102", "landmark 44 + 102"] {
             assert_eq!(text.parse::<Position>(), Ok(p), "{text}");
         }

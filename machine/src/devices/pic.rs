@@ -20,6 +20,8 @@ const ELCR_MASTER: u16 = 0x4D0;
 /// Edge/level control register for IRQ 8-15.
 const ELCR_SLAVE: u16 = 0x4D1;
 
+/// Lines of the pair: IRQ 0-7 on the master, 8-15 on the slave.
+pub const IRQ_LINES: u8 = 16;
 /// The master input the slave's INT output is wired to.
 const CASCADE_IR: u8 = 2;
 /// The IR line an 8259A reports when a request vanished before the acknowledge cycle.

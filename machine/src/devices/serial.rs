@@ -23,6 +23,10 @@ pub enum UartError {
     },
 }
 
+/// Bytes the receive FIFO holds (vm-superio's, which it does not export): the most
+/// [`Uart::push_rx`] takes at once.
+pub const RX_FIFO_BYTES: usize = 64;
+
 /// The UART's interrupt output, as an edge latch: vm-superio calls [`Trigger::trigger`] when an interrupt
 /// condition arises, and the machine collects it with [`Uart::take_irq`]. Several triggers between two
 /// collections make one edge, as they would at the edge-triggered PIC input.
@@ -227,6 +231,13 @@ mod tests {
         uart.io_write(LCR, 0x03);
         uart.io_write(2, 0xC7);
         uart.io_write(MCR, 0x0B);
+    }
+
+    #[test]
+    fn the_receive_fifo_holds_what_its_constant_says() {
+        let mut uart = Uart::new();
+        assert_eq!(uart.rx_room(), RX_FIFO_BYTES);
+        assert_eq!(uart.push_rx(&[b'x'; RX_FIFO_BYTES + 1]), RX_FIFO_BYTES);
     }
 
     #[test]
