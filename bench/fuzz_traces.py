@@ -441,10 +441,11 @@ def record_bases(work):
     image[:len(text)] = text
     open(disk, "wb").write(image)
     bases = {}
+    # The step clock: the mutations name positions by instruction, and --checkpoint-every needs it.
     for name, extra in [("hello", []), ("timer", ["--checkpoint-every", "5000"]),
                         ("echo", ["--serial-input", serial]), ("disk", ["--disk", disk, "--checkpoint-every", "5000"])]:
         trace = os.path.join(work, "base", name + ".rvt")
-        p = subprocess.run([BIN, "record", "--kernel", os.path.join(guests, name + ".elf"), "-o", trace] + extra,
+        p = subprocess.run([BIN, "record", "--clock", "step", "--kernel", os.path.join(guests, name + ".elf"), "-o", trace] + extra,
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if p.returncode in (2, 4) or p.returncode < 0:
             sys.exit(f"fuzz: recording {name} failed: {p.stderr.decode(errors='replace')}")
