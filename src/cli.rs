@@ -861,7 +861,7 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         ),
         None => match t.replayable_upto() {
             Some(upto) => {
-                println!("ended:         cut off (no clean end); replayable up to {unit} {upto}")
+                println!("ended:         cut off (no clean end); replayable up to {unit} {upto}");
             }
             None => println!(
                 "ended:         cut off (no clean end) before its first checkpoint: nothing replayable"

@@ -107,7 +107,7 @@ pub fn run(a: &TimelineArgs) -> Result<i32, TimelineError> {
         Some(replay::replay(&a.trace, a.kernel.as_deref()))
     };
     for notice in replayed.iter().flat_map(|r| &r.notices) {
-        crate::words::say(format_args!("retrovisor: warning: {notice}"));
+        words::say(format_args!("retrovisor: warning: {notice}"));
     }
     let picture = picture(&trace, replayed);
     std::fs::write(&a.output, svg::render(&picture)).map_err(|source| TimelineError::Write {
@@ -126,7 +126,7 @@ pub fn run(a: &TimelineArgs) -> Result<i32, TimelineError> {
         Verdict::Failed(why) => format!("not replayed: {why}"),
         Verdict::Skipped => "not replayed (--no-replay)".to_string(),
     };
-    crate::words::say(format_args!(
+    words::say(format_args!(
         "retrovisor: wrote {}: {} lanes over {} {}, {} events, {} output lines; {verdict}",
         a.output.display(),
         picture.lanes.len(),
@@ -199,7 +199,7 @@ fn picture(trace: &TraceReader, replayed: Option<replay::Replayed>) -> Picture {
         end: end.max(trace.events().last().map_or(0, |e| e.icount)),
         events: trace.events().len(),
         ended: match trace.summary() {
-            Some(s) => format!("guest {}", crate::words::describe_stop(&s.stop)),
+            Some(s) => format!("guest {}", words::describe_stop(&s.stop)),
             None => "cut off (no clean end)".into(),
         },
         lanes,

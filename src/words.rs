@@ -92,6 +92,6 @@ pub(crate) fn describe_stop(stop: &traces::StopReason) -> String {
 
 /// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
 /// cannot be written (say it is a file on a full disk): the exit status still tells what happened.
-pub(crate) fn say(line: std::fmt::Arguments) {
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }

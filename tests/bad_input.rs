@@ -441,7 +441,7 @@ fn a_recording_killed_at_once_says_nothing_was_recorded() {
     child.kill().unwrap();
     child.wait().unwrap();
     let checkpoints = std::fs::read_dir(trace.join("checkpoints"))
-        .map(|d| d.count())
+        .map(Iterator::count)
         .unwrap_or(0);
     if checkpoints > 0 {
         eprintln!(
@@ -720,7 +720,7 @@ fn a_replay_from_boot_compares_what_each_checkpoint_stores_with_the_state_it_rea
         let tampered = dir.join(format!("{what}.rvt"));
         rewrite_with(&reader, reader.events().to_vec(), &tampered, |i, cp| {
             if i == victim {
-                tamper(cp)
+                tamper(cp);
             }
         });
         let before = reader.checkpoints()[victim - 2].icount.to_string();

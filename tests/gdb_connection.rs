@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// A gdb remote-protocol packet with its checksum.
 fn packet(body: &str) -> Vec<u8> {
-    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+    let sum = body.bytes().fold(0u8, u8::wrapping_add);
     format!("${body}#{sum:02x}").into_bytes()
 }
 
@@ -64,7 +64,7 @@ fn wait_for_server(server: &GdbServer, needle: &str, times: usize) {
                 "{needle:?} not {times} times in retrovisor's stderr:\n{stderr}"
             ))
         }
-    })
+    });
 }
 
 /// demo.elf recorded (with checkpoints close together) in a fresh scratch directory `name`.

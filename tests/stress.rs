@@ -13,7 +13,7 @@ struct Hogs(Arc<AtomicBool>);
 impl Hogs {
     fn start() -> Hogs {
         let stop = Arc::new(AtomicBool::new(false));
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         for _ in 0..2 * cores {
             let stop = stop.clone();
             std::thread::spawn(move || {

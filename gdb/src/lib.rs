@@ -281,7 +281,7 @@ fn serve_as<A: GuestArch>(
             match stub.run_blocking::<EventLoop<'_, A>>(&mut target) {
                 Err(e) if !e.is_target_error() && !e.is_connection_error() => match wire.reject() {
                     Ok(Some(packet)) => {
-                        eprintln!("retrovisor: gdb: answered {packet} with an error ({e})")
+                        eprintln!("retrovisor: gdb: answered {packet} with an error ({e})");
                     }
                     _ => break Err(e),
                 },
@@ -322,7 +322,9 @@ fn serve_as<A: GuestArch>(
 
 /// The poison-tolerant lock of the attached peer (a panicking holder cannot leave it inconsistent).
 fn lock(attached: &Mutex<Option<SocketAddr>>) -> std::sync::MutexGuard<'_, Option<SocketAddr>> {
-    attached.lock().unwrap_or_else(|e| e.into_inner())
+    attached
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The doorman: hands each connection to the session loop when no gdb is attached, else refuses it.

@@ -241,7 +241,7 @@ impl<A: GuestArch> ReplayTarget<A> {
                 outputln!(
                     out,
                     "(stopped after {HISTORY_LIMIT} changes; there may be more)"
-                )
+                );
             }
             search::HistoryEnd::Interrupted => outputln!(out, "(interrupted)"),
         }

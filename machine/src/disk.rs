@@ -486,7 +486,7 @@ mod tests {
         let image = DiskImage::open(&path).unwrap();
         let mut disk = Disk::new(image);
         assert!(disk.write(4096, &[0xEE; 512]));
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
         disk.take_overlay().write_back(&file, 5000, &path).unwrap();
         let after = std::fs::read(&path).unwrap();
         assert_eq!(after.len(), 5000);

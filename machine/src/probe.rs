@@ -358,7 +358,7 @@ pub struct CpuidProbe {
     pub mixed_in: u32,
 }
 
-fn unexpected(probe: &'static str, exit: Result<VcpuExit, kvm_ioctls::Error>) -> ProbeError {
+fn unexpected(probe: &'static str, exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> ProbeError {
     ProbeError::Unexpected {
         probe,
         what: match exit {

@@ -1150,7 +1150,7 @@ impl Machine {
             match completion {
                 Completion::Done => {}
                 Completion::Exception(vector) | Completion::Fault(vector) => {
-                    self.inject_exception(vector)?
+                    self.inject_exception(vector)?;
                 }
             }
             return Ok(());

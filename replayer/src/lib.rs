@@ -652,8 +652,7 @@ impl Replayer {
         let fingerprint_pages = snap.dirty_since_checkpoint.clone();
         let (cursor, anchor) = (snap.cursor, snap.anchor);
         self.intact = false;
-        let mut pfns: std::collections::BTreeSet<u64> =
-            self.machine.take_dirty_pages()?.into_iter().collect();
+        let mut pfns: BTreeSet<u64> = self.machine.take_dirty_pages()?.into_iter().collect();
         pfns.extend(map_difference(&self.base_pages, &pages));
         for pfn in pfns {
             self.machine

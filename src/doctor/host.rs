@@ -115,7 +115,7 @@ const PERF_FLAGS: u64 = 1 | (1 << 5) | (1 << 6);
 pub fn pmu() -> Pmu {
     let attr = PerfEventAttr {
         type_: PERF_TYPE_HARDWARE,
-        size: std::mem::size_of::<PerfEventAttr>() as u32,
+        size: size_of::<PerfEventAttr>() as u32,
         config: PERF_COUNT_HW_INSTRUCTIONS,
         flags: PERF_FLAGS,
         ..Default::default()

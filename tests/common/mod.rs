@@ -91,11 +91,8 @@ pub fn rv_within(secs: u64, args: &[&str]) -> Output {
 pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {path:?}"
-    );
+    let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(made, 0, "mkfifo {path:?}");
 }
 
 /// The exit status of a finished process.
@@ -362,7 +359,7 @@ pub fn position(text: &str) -> Option<u64> {
 
 /// Writes a copy of the trace `reader` holds to `dest`, with `events` instead of its events (the closing
 /// stop event among them, as the recorder writes it: without it, replay diverges at the end).
-pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &std::path::Path) {
+pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &Path) {
     rewrite_with(reader, events, dest, |_, _| {});
 }
 
@@ -371,7 +368,7 @@ pub fn rewrite(reader: &traces::TraceReader, events: Vec<traces::Event>, dest: &
 pub fn rewrite_with(
     reader: &traces::TraceReader,
     events: Vec<traces::Event>,
-    dest: &std::path::Path,
+    dest: &Path,
     mut tamper: impl FnMut(usize, &mut traces::Checkpoint),
 ) {
     let mut w = traces::TraceWriter::create(dest, reader.header()).unwrap();
@@ -427,12 +424,12 @@ pub struct Hogs(Vec<std::process::Child>);
 impl Hogs {
     /// `per_core` busy loops for every online CPU.
     pub fn start(per_core: usize) -> Hogs {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         let hogs = (0..cores * per_core)
             .map(|_| {
-                std::process::Command::new("sh")
+                Command::new("sh")
                     .args(["-c", "while :; do :; done"])
-                    .stdin(std::process::Stdio::null())
+                    .stdin(Stdio::null())
                     .spawn()
                     .expect("cannot start a CPU hog (sh)")
             })

@@ -69,7 +69,9 @@ impl TraceWriter {
             enc.include_checksum(true)?;
             enc.set_pledged_src_size(Some(image.len() as u64))?;
             enc.write_all(image)?;
-            enc.finish()?.into_inner().map_err(|e| e.into_error())
+            enc.finish()?
+                .into_inner()
+                .map_err(io::IntoInnerError::into_error)
         };
         let file = compress().map_err(io_err("write", &tmp))?;
         file.sync_all().map_err(io_err("fsync", &tmp))?;
@@ -236,10 +238,10 @@ mod tests {
             "a mostly-zero MiB should compress well: {stored}"
         );
         // A finished recording ends with its stop event, which the summary counts.
-        w.push(crate::format::Event {
+        w.push(Event {
             icount: 0,
             rip: 0,
-            kind: crate::format::EventKind::Stop {
+            kind: EventKind::Stop {
                 reason: StopReason::Halted,
             },
         })

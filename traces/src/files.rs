@@ -189,7 +189,7 @@ mod tests {
     fn holes_are_skipped_and_data_is_read() {
         let dir = scratch("sparse");
         let path = dir.join("sparse");
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)

@@ -706,10 +706,10 @@ impl TraceReader {
         let info = self.checkpoint_info(index)?;
         if info.full {
             let path = info.path.with_file_name(written_file_name(info.icount));
-            let listed = std::fs::metadata(&path)
+            let listed = fs::metadata(&path)
                 .ok()
                 .filter(|m| m.is_file() && m.len() <= MAX_LIST_BYTES && m.len() % 8 == 0)
-                .and_then(|_| std::fs::read(&path).ok());
+                .and_then(|_| fs::read(&path).ok());
             if let Some(bytes) = listed {
                 return Ok(bytes
                     .chunks_exact(8)
@@ -821,7 +821,7 @@ impl TraceReader {
                 (Ok(()), Some((_, dependents))) => dependents.push(i),
                 // Content the broken checkpoint stored is unknown: a reference to it is expected.
                 (Err(ReadError::DanglingPageRef { .. }), Some((_, dependents))) => {
-                    dependents.push(i)
+                    dependents.push(i);
                 }
                 (Err(e), Some(_)) => problems.push(e),
                 (Err(e), None) => {
@@ -875,7 +875,7 @@ impl PageContent {
             // A full checkpoint lists every non-zero page: the ones it leaves out are zero.
             self.restored.clear();
         }
-        for (pfn, page) in cp.pages.iter_mut() {
+        for (pfn, page) in &mut cp.pages {
             if let Ok(hash) = <[u8; codec::PAGE_REF_LEN]>::try_from(&page[..]) {
                 let hash = u128::from_le_bytes(hash);
                 *page = self

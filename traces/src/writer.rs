@@ -468,7 +468,7 @@ impl TraceWriter {
         if !self.page_backing {
             return;
         }
-        for block in image.chunks_exact(crate::format::PAGE_SIZE) {
+        for block in image.chunks_exact(PAGE_SIZE) {
             if block.iter().any(|&b| b != 0) {
                 self.backing_pages.insert(crate::format::page_hash(block));
             }

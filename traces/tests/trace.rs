@@ -1117,7 +1117,7 @@ fn verify_finds_a_flipped_byte_in_a_later_checkpoint_and_names_the_broken_link()
     // Opening reads only checkpoint headers: it still succeeds, and so do checkpoints before it.
     let r = TraceReader::open(&dir).unwrap();
     assert!(r.restore_point(3).is_ok());
-    let problems: Vec<String> = r.verify().iter().map(|e| e.to_string()).collect();
+    let problems: Vec<String> = r.verify().iter().map(ToString::to_string).collect();
     assert_eq!(problems.len(), 2, "{problems:#?}");
     assert!(
         problems[0].contains(&path.display().to_string()) && problems[0].contains("crc32"),

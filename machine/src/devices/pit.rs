@@ -485,7 +485,7 @@ impl Pit {
 
     /// A guest write of `value` to `port` (0x40-0x43, 0x61) at `now_ns`.
     pub fn io_write(&mut self, port: u16, value: u8, now_ns: u64) {
-        self.io_write_with(port, value, &mut || now_ns)
+        self.io_write_with(port, value, &mut || now_ns);
     }
 
     /// Like [`Pit::io_read`], but calls `now` for the time only if the result depends on it (a live

@@ -167,7 +167,7 @@ impl Rtc {
 
     /// A guest write of `value` to `port` (0x70 or 0x71) with the host wall clock at `wall_ns`.
     pub fn io_write(&mut self, port: u16, value: u8, wall_ns: u64) {
-        self.io_write_with(port, value, &mut || wall_ns)
+        self.io_write_with(port, value, &mut || wall_ns);
     }
 
     /// Like [`Rtc::io_read`], but calls `wall` for the time only when a running clock register is read.
