@@ -518,8 +518,8 @@ fn record(
             cmdline: g.cmdline,
             initrd,
             disks: disks.clone(),
-            hide_host_values: clock == machine::Clock::Landmark,
-            trap_host_insns: clock == machine::Clock::Landmark,
+            hide_host_values: clock.runs_free(),
+            trap_host_insns: clock.runs_free(),
             cpuid: None,
             cpu: match g.cpu {
                 CpuArg::Portable => machine::CpuModel::Portable,

@@ -89,7 +89,7 @@ pub fn run() -> Result<i32, DoctorError> {
             "itself a virtual machine (the CPU flag hypervisor is set)",
         )?;
     }
-    let cpu = machine::HostCpu::detect();
+    let cpu = machine::host_cpu();
     field(&mut out, "CPU", &cpu.to_string())?;
     let portable = match kvm.portable_model() {
         Ok(()) => "portable: yes (the default: the same x86-64 CPU on every host, Intel or AMD)"

@@ -22,7 +22,7 @@
 //! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
-use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, Stop, RFLAGS_IF};
+use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, StopReason, RFLAGS_IF};
 use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -31,6 +31,7 @@ use kvm_bindings::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+pub use vocab::Fingerprint;
 
 /// What one [`Machine::advance`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,24 +46,7 @@ pub enum Advance {
     /// The guest is halted waiting for an interrupt; nothing ran.
     Idle,
     /// The guest ended.
-    Stopped(Stop),
-}
-
-/// A point between two landmarks, named by the state there: the general registers, RFLAGS (without RF,
-/// which only says how the point was reached) and a digest of every page written since the last checkpoint.
-/// Two points with the same fingerprint after the same landmark have the same future.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint {
-    /// Guest RIP.
-    pub rip: u64,
-    /// Guest RSP.
-    pub rsp: u64,
-    /// Guest RFLAGS without RF.
-    pub rflags: u64,
-    /// xxh3-64 of every general register and the segment and control registers.
-    pub regs: u64,
-    /// xxh3-64 of the pages written since the last checkpoint (frame number and contents).
-    pub memory: u64,
+    Stopped(StopReason),
 }
 
 /// How [`Machine::run_to_fingerprint`] ended.
@@ -265,7 +249,7 @@ impl Machine {
         Ok(match stop {
             Some(stop) => Advance::Stopped(stop),
             None if self.halted && self.regs.rflags & RFLAGS_IF == 0 => {
-                Advance::Stopped(Stop::Halted)
+                Advance::Stopped(StopReason::Halted)
             }
             None => Advance::Moved,
         })
@@ -277,7 +261,7 @@ impl Machine {
         &mut self,
         exit: Exit,
         host: &mut dyn Host,
-    ) -> Result<Option<Stop>, MachineError> {
+    ) -> Result<Option<StopReason>, MachineError> {
         let stop = match exit {
             // Completed at once, as the step clock does, so that inputs delivered at this landmark find
             // the instruction finished.
@@ -289,7 +273,7 @@ impl Machine {
                 self.halted = true;
                 None
             }
-            Exit::Shutdown => Some(Stop::TripleFault),
+            Exit::Shutdown => Some(StopReason::TripleFault),
             Exit::EmulationFailed => {
                 self.refresh_regs();
                 self.complete_failed_emulation(host)?;

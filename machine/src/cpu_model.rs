@@ -21,8 +21,8 @@
 //! and RDTSCP when they must be hidden), as retrovisor did before models existed.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vocab::HostCpu;
 
 /// A model the host cannot give the guest, or a trace whose CPU the host cannot give.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl CpuModel {
                     return Err(ModelError::Missing {
                         what: "portable model".into(),
                         missing,
-                        host: HostCpu::detect().to_string(),
+                        host: host_cpu().to_string(),
                     });
                 }
                 entries
@@ -289,83 +289,46 @@ fn portable_entries() -> Vec<kvm_cpuid_entry2> {
     entries
 }
 
-/// The host CPU: what a trace records it was made on, and what `doctor` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct HostCpu {
-    /// The vendor string, e.g. "GenuineIntel" or "AuthenticAMD".
-    pub vendor: String,
-    /// Display family (base plus extended family).
-    pub family: u32,
-    /// Display model (with the extended model).
-    pub model: u32,
-    /// Stepping.
-    pub stepping: u32,
-    /// The brand string, e.g. "AMD EPYC 7B13".
-    pub brand: String,
-}
-
-impl HostCpu {
-    /// Reads the CPU this process runs on.
-    pub fn detect() -> HostCpu {
-        // CPUID is available on every x86-64 CPU and has no side effects.
-        let leaf = core::arch::x86_64::__cpuid;
-        let l0 = leaf(0);
-        let vendor: Vec<u8> = [l0.ebx, l0.edx, l0.ecx]
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect();
-        let sig = leaf(1).eax;
-        let base_family = (sig >> 8) & 0xf;
-        let family = if base_family == 0xf {
-            base_family + ((sig >> 20) & 0xff)
-        } else {
-            base_family
-        };
-        let model = if base_family == 6 || base_family == 0xf {
-            ((sig >> 16) & 0xf) << 4 | (sig >> 4) & 0xf
-        } else {
-            (sig >> 4) & 0xf
-        };
-        let brand: Vec<u8> = if leaf(0x8000_0000).eax >= 0x8000_0004 {
-            (0x8000_0002..=0x8000_0004)
-                .flat_map(|l| {
-                    let r = leaf(l);
-                    [r.eax, r.ebx, r.ecx, r.edx]
-                })
-                .flat_map(u32::to_le_bytes)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        HostCpu {
-            vendor: String::from_utf8_lossy(&vendor).into_owned(),
-            family,
-            model,
-            stepping: sig & 0xf,
-            brand: String::from_utf8_lossy(&brand)
-                .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-                .to_string(),
-        }
-    }
-
-    /// Whether `other` is the same kind of CPU (vendor, family, model, stepping).
-    pub fn same_kind(&self, other: &HostCpu) -> bool {
-        (&self.vendor, self.family, self.model, self.stepping)
-            == (&other.vendor, other.family, other.model, other.stepping)
-    }
-}
-
-impl std::fmt::Display for HostCpu {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} family {} model {} stepping {}",
-            self.vendor, self.family, self.model, self.stepping
-        )?;
-        if !self.brand.is_empty() {
-            write!(f, ", {}", self.brand)?;
-        }
-        Ok(())
+/// The CPU this process runs on: what a trace records it was made on, and what `doctor` shows.
+pub fn host_cpu() -> HostCpu {
+    // CPUID is available on every x86-64 CPU and has no side effects.
+    let leaf = core::arch::x86_64::__cpuid;
+    let l0 = leaf(0);
+    let vendor: Vec<u8> = [l0.ebx, l0.edx, l0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    let sig = leaf(1).eax;
+    let base_family = (sig >> 8) & 0xf;
+    let family = if base_family == 0xf {
+        base_family + ((sig >> 20) & 0xff)
+    } else {
+        base_family
+    };
+    let model = if base_family == 6 || base_family == 0xf {
+        ((sig >> 16) & 0xf) << 4 | (sig >> 4) & 0xf
+    } else {
+        (sig >> 4) & 0xf
+    };
+    let brand: Vec<u8> = if leaf(0x8000_0000).eax >= 0x8000_0004 {
+        (0x8000_0002..=0x8000_0004)
+            .flat_map(|l| {
+                let r = leaf(l);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            })
+            .flat_map(u32::to_le_bytes)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    HostCpu {
+        vendor: String::from_utf8_lossy(&vendor).into_owned(),
+        family,
+        model,
+        stepping: sig & 0xf,
+        brand: String::from_utf8_lossy(&brand)
+            .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_string(),
     }
 }
 

@@ -19,8 +19,9 @@ pub mod symbols;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
-pub use cpu_model::{CpuModel, HostCpu};
+pub use cpu_model::{host_cpu, CpuModel};
 pub use vm::{
     Blocker, Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Snapshot, Step,
-    Stop,
+    StopReason,
 };
+pub use vocab::{HostCpu, Position};

@@ -157,7 +157,7 @@ impl KvmProbe {
             .map_err(|e| crate::cpu_model::ModelError::Missing {
                 what: "portable model".into(),
                 missing: vec![format!("any CPUID (KVM_GET_SUPPORTED_CPUID failed: {e})")],
-                host: crate::cpu_model::HostCpu::detect().to_string(),
+                host: crate::cpu_model::host_cpu().to_string(),
             })?;
         crate::cpu_model::CpuModel::Portable
             .cpuid(&supported, true)

@@ -27,6 +27,7 @@ use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 use thiserror::Error;
+pub use vocab::{Clock, HostInsn, StopReason};
 
 /// Errors from creating or running the machine.
 #[derive(Debug, Error)]
@@ -131,35 +132,11 @@ pub struct MachineConfig {
     pub trap_host_insns: bool,
 }
 
-/// Instructions whose result comes from the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostInsn {
-    /// Time-stamp counter.
-    Rdtsc,
-    /// Time-stamp counter and TSC_AUX.
-    Rdtscp,
-    /// Hardware random number.
-    Rdrand,
-    /// Hardware random seed.
-    Rdseed,
-}
-
 /// What the machine asks of its environment: time for device reads, and results of host-sourced instructions.
 /// The recorder answers from the host (and logs), the replayer from the trace.
 pub trait Host: TimeSource {
     /// The result of `insn`: the value (TSC or random number) and, for RDTSCP, TSC_AUX.
     fn host_value(&mut self, insn: HostInsn) -> (u64, u64);
-}
-
-/// Why the guest stopped for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// Written to isa-debug-exit: the process exit status `(v << 1) | 1`.
-    GuestExit(u32),
-    /// The vCPU shut down (triple fault).
-    TripleFault,
-    /// `hlt` with interrupts disabled: nothing can ever wake it.
-    Halted,
 }
 
 /// The result of one [`Machine::step`].
@@ -170,7 +147,7 @@ pub enum Step {
     /// The guest is halted waiting for an interrupt; nothing retired.
     Idle,
     /// The guest ended; nothing more will run.
-    Stopped(Stop),
+    Stopped(StopReason),
 }
 
 /// Machine state that is not guest RAM: serialized into checkpoints and hashed into digests.
@@ -199,42 +176,6 @@ pub struct Snapshot {
     pub written: Vec<u64>,
     /// Digest of the whole machine (see `Machine::digest`).
     pub digest: [u8; 32],
-}
-
-/// How the machine is driven, and what a position counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Clock {
-    /// Single-step every instruction; positions are instruction counts.
-    Step,
-    /// Run free between the guest's own exits; positions are landmark counts.
-    Landmark,
-}
-
-impl Clock {
-    /// The name traces and the command line use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Clock::Step => "step",
-            Clock::Landmark => "landmark",
-        }
-    }
-
-    /// What its positions are called in messages: "icount" or "landmark".
-    pub fn unit(self) -> &'static str {
-        match self {
-            Clock::Step => "icount",
-            Clock::Landmark => "landmark",
-        }
-    }
-
-    /// The clock a trace header names, if it is one this machine knows.
-    pub fn from_name(name: &str) -> Option<Clock> {
-        match name {
-            "step" => Some(Clock::Step),
-            "landmark" => Some(Clock::Landmark),
-            _ => None,
-        }
-    }
 }
 
 /// RFLAGS.IF: maskable interrupts enabled.
@@ -391,7 +332,7 @@ impl Machine {
                     return Err(ModelError::Missing {
                         what: "recorded CPU".into(),
                         missing,
-                        host: crate::cpu_model::HostCpu::detect().to_string(),
+                        host: crate::cpu_model::host_cpu().to_string(),
                     }
                     .into());
                 }
@@ -786,7 +727,7 @@ impl Machine {
                 // Free running, `hlt` is an exit: a landmark.
                 self.landmarks += 1;
                 if regs.rflags & RFLAGS_IF == 0 {
-                    return Ok(Some(Step::Stopped(Stop::Halted)));
+                    return Ok(Some(Step::Stopped(StopReason::Halted)));
                 }
                 self.halted = true;
             }
@@ -1063,18 +1004,21 @@ impl Machine {
     }
 
     /// Bookkeeping after the guest ran: device interrupts, output, exit requests, registers.
-    pub(crate) fn after_exit(&mut self, mut stop: Option<Stop>) -> Option<Stop> {
+    pub(crate) fn after_exit(&mut self, mut stop: Option<StopReason>) -> Option<StopReason> {
         self.devices.sync_irqs();
         self.output.extend(self.devices.uart.take_output());
         if let Some(status) = self.devices.debug_exit.take_exit() {
-            stop = Some(Stop::GuestExit(status));
+            stop = Some(StopReason::GuestExit { status });
         }
         self.refresh_regs();
         stop
     }
 
     /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
-    pub(crate) fn run_one(&mut self, host: &mut dyn Host) -> Result<Option<Stop>, MachineError> {
+    pub(crate) fn run_one(
+        &mut self,
+        host: &mut dyn Host,
+    ) -> Result<Option<StopReason>, MachineError> {
         if self.stale_shadow {
             self.clear_interrupt_shadow()?;
         }
@@ -1091,7 +1035,7 @@ impl Machine {
                     self.halted = true;
                     break None;
                 }
-                Exit::Shutdown => break Some(Stop::TripleFault),
+                Exit::Shutdown => break Some(StopReason::TripleFault),
                 Exit::EmulationFailed => {
                     self.refresh_regs();
                     self.complete_failed_emulation(host)?;

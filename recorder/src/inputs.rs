@@ -309,12 +309,6 @@ impl Host for HostEnv {
             }
             HostInsn::Rdrand | HostInsn::Rdseed => (host_random(), 0),
         };
-        let insn = match insn {
-            HostInsn::Rdtsc => traces::HostInsn::Rdtsc,
-            HostInsn::Rdtscp => traces::HostInsn::Rdtscp,
-            HostInsn::Rdrand => traces::HostInsn::Rdrand,
-            HostInsn::Rdseed => traces::HostInsn::Rdseed,
-        };
         self.log(EventKind::HostValue { insn, value, aux });
         (value, aux)
     }

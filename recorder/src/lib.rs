@@ -7,7 +7,7 @@ mod inputs;
 pub use inputs::{SerialInput, TimeSourceKind};
 
 use inputs::HostEnv;
-use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError, Stop};
+use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -224,7 +224,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 cpuid: machine.cpuid_table().to_vec(),
                 cpu_model: opts.machine.cpu.name().to_string(),
                 vmm_cpuid: opts.machine.answer_cpuid,
-                recorded_on: Some(recorded_on(&machine::HostCpu::detect())),
+                recorded_on: Some(machine::host_cpu()),
                 initrd: opts
                     .initrd_path
                     .as_ref()
@@ -361,9 +361,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     Some(StopReason::Halted)
                 }
             }
-            Advance::Stopped(Stop::GuestExit(status)) => Some(StopReason::GuestExit { status }),
-            Advance::Stopped(Stop::TripleFault) => Some(StopReason::TripleFault),
-            Advance::Stopped(Stop::Halted) => Some(StopReason::Halted),
+            Advance::Stopped(stop) => Some(stop),
         };
         for event in env.take_events() {
             *counts.entry(event.kind.name().to_string()).or_default() += 1;
@@ -384,9 +382,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         w.push(Event {
             icount: position,
             rip: machine.rip(),
-            kind: EventKind::Stop {
-                reason: stop.clone(),
-            },
+            kind: EventKind::Stop { reason: stop },
         })
         .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e))?;
         *counts.entry("stop".to_string()).or_default() += 1;
@@ -398,7 +394,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         let (dir, replayable) = (w.dir().to_owned(), w.replayable_upto());
         w.finish(&Summary {
             end_icount: position,
-            stop: stop.clone(),
+            stop,
             events_by_kind: counts.clone(),
             checkpoints,
             output_bytes,
@@ -416,17 +412,6 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         wall: started.elapsed(),
         disk_writes: take_disk_writes(&mut machine),
     })
-}
-
-/// The host CPU as a trace header names it.
-fn recorded_on(cpu: &machine::HostCpu) -> traces::HostCpu {
-    traces::HostCpu {
-        vendor: cpu.vendor.clone(),
-        family: cpu.family,
-        model: cpu.model,
-        stepping: cpu.stepping,
-        brand: cpu.brand.clone(),
-    }
 }
 
 /// Landmark clock: what to do about inputs that fall due while the guest computes without exits.
@@ -497,15 +482,7 @@ impl Between {
         }
         if recording {
             let fp = machine.fingerprint()?;
-            env.log(EventKind::Kick {
-                fingerprint: traces::Fingerprint {
-                    rip: fp.rip,
-                    rsp: fp.rsp,
-                    rflags: fp.rflags,
-                    regs: fp.regs,
-                    memory: fp.memory,
-                },
-            });
+            env.log(EventKind::Kick { fingerprint: fp });
         }
         Ok(true)
     }

@@ -11,7 +11,7 @@ pub mod verify;
 pub use log::Divergence;
 use log::LogHost;
 use machine::disk::DiskImage;
-use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search, Stop};
+use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
 use std::collections::BTreeSet;
@@ -226,7 +226,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
         // Like the disks, from the trace's own hashed copy.
         initrd: trace.read_initrd()?,
         disks,
-        hide_host_values: clock == Clock::Landmark,
+        hide_host_values: clock.runs_free(),
         trap_host_insns: h.host_traps,
         cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
         // Only for traces that kept no CPUID: they gave the guest the host's.
@@ -831,7 +831,7 @@ impl Replayer {
                  and shifts, the MXCSR_MASK that FXSAVE stores, CPUID run outside the image's code) can \
                  make a replay part from its recording; `retrovisor replay --clock step` on the trace \
                  stops at the instruction that differs",
-                machine::HostCpu::detect()
+                machine::host_cpu()
             ));
         }
         d
@@ -840,15 +840,8 @@ impl Replayer {
     /// The CPU the trace was recorded on, if it is not the kind this host has (traces recorded before
     /// it was kept do not say).
     fn recorded_elsewhere(&self) -> Option<String> {
-        let r = self.trace.header().recorded_on.as_ref()?;
-        let recorded = machine::HostCpu {
-            vendor: r.vendor.clone(),
-            family: r.family,
-            model: r.model,
-            stepping: r.stepping,
-            brand: r.brand.clone(),
-        };
-        (!recorded.same_kind(&machine::HostCpu::detect())).then(|| recorded.to_string())
+        let recorded = self.trace.header().recorded_on.as_ref()?;
+        (!recorded.same_kind(&machine::host_cpu())).then(|| recorded.to_string())
     }
 
     fn advance(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
@@ -933,12 +926,7 @@ impl Replayer {
                         .into());
                     }
                 }
-                Advance::Stopped(stop) => {
-                    let got = match stop {
-                        Stop::GuestExit(status) => StopReason::GuestExit { status },
-                        Stop::TripleFault => StopReason::TripleFault,
-                        Stop::Halted => StopReason::Halted,
-                    };
+                Advance::Stopped(got) => {
                     let now = self.icount();
                     match self
                         .host
@@ -986,20 +974,13 @@ impl Replayer {
     fn reach_kick(
         &mut self,
         position: u64,
-        fingerprint: &traces::Fingerprint,
+        fp: &machine::Fingerprint,
     ) -> Result<bool, ReplayError> {
-        let fp = machine::Fingerprint {
-            rip: fingerprint.rip,
-            rsp: fingerprint.rsp,
-            rflags: fingerprint.rflags,
-            regs: fingerprint.regs,
-            memory: fingerprint.memory,
-        };
         match self.machine.clock() {
-            Clock::Step => Ok(self.machine.matches(&fp)?),
+            Clock::Step => Ok(self.machine.matches(fp)?),
             Clock::Landmark => {
                 self.host.begin_step(position, self.machine.rip());
-                let search = self.machine.run_to_fingerprint(&fp, &mut self.host)?;
+                let search = self.machine.run_to_fingerprint(fp, &mut self.host)?;
                 // Running free, the instructions since the landmark went uncounted.
                 self.offset = position::UNKNOWN_OFFSET;
                 self.host.end_step(self.machine.position())?;
@@ -1046,7 +1027,7 @@ impl Replayer {
     }
 
     fn finish_at_end(&mut self, icount: u64) -> Result<(), ReplayError> {
-        let reason = self.trace.summary().map(|s| s.stop.clone());
+        let reason = self.trace.summary().map(|s| s.stop);
         match &reason {
             // The guest stops by itself in the step that reaches `end`; reaching it without stopping is a divergence.
             Some(StopReason::GuestExit { .. } | StopReason::TripleFault) => {

@@ -195,7 +195,7 @@ impl LogHost {
                 icount: i,
                 kind: EventKind::Stop { reason },
                 ..
-            }) if *i == icount => Some(reason.clone()),
+            }) if *i == icount => Some(*reason),
             _ => None,
         }
     }
@@ -289,14 +289,12 @@ impl TimeSource for LogHost {
 
 impl Host for LogHost {
     fn host_value(&mut self, insn: HostInsn) -> (u64, u64) {
-        let want = match insn {
-            HostInsn::Rdtsc => traces::HostInsn::Rdtsc,
-            HostInsn::Rdtscp => traces::HostInsn::Rdtscp,
-            HostInsn::Rdrand => traces::HostInsn::Rdrand,
-            HostInsn::Rdseed => traces::HostInsn::Rdseed,
-        };
-        self.next_value(&format!("a {want:?} result"), |k| match k {
-            EventKind::HostValue { insn, value, aux } if *insn == want => Some((*value, *aux)),
+        self.next_value(&format!("a {insn:?} result"), |k| match k {
+            EventKind::HostValue {
+                insn: logged,
+                value,
+                aux,
+            } if *logged == insn => Some((*value, *aux)),
             _ => None,
         })
     }

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+pub use vocab::{Fingerprint, HostCpu, HostInsn, StopReason};
 
 /// Version of the on-disk format this crate writes. Version 2 added the landmark clock (its positions,
 /// and `Kick` events).
@@ -319,22 +320,6 @@ fn is_host_model(model: &str) -> bool {
     model == "host"
 }
 
-/// A host CPU, as a header names the one a trace was recorded on.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct HostCpu {
-    /// The vendor string, e.g. "GenuineIntel" or "AuthenticAMD".
-    pub vendor: String,
-    /// Display family.
-    pub family: u32,
-    /// Display model.
-    pub model: u32,
-    /// Stepping.
-    pub stepping: u32,
-    /// The brand string.
-    #[serde(default)]
-    pub brand: String,
-}
-
 /// How a checkpoint's digest covers guest RAM (see FORMAT.md, "Checkpoints").
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -434,19 +419,6 @@ impl Header {
     }
 }
 
-/// Which instruction produced a host-sourced value.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HostInsn {
-    /// RDTSC.
-    Rdtsc,
-    /// RDTSCP (the event's `aux` holds TSC_AUX).
-    Rdtscp,
-    /// RDRAND.
-    Rdrand,
-    /// RDSEED.
-    Rdseed,
-}
-
 /// Which host clock a device read.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ClockKind {
@@ -454,25 +426,6 @@ pub enum ClockKind {
     Monotonic,
     /// Wall-clock time (the RTC).
     Wall,
-}
-
-/// Why a recording ended.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// The guest wrote to isa-debug-exit; `status` is the process status `(v << 1) | 1`.
-    GuestExit {
-        /// Exit status as the host process reports it.
-        status: u32,
-    },
-    /// The vCPU triple-faulted.
-    TripleFault,
-    /// `hlt` with interrupts disabled: the guest can never run again.
-    Halted,
-    /// The user stopped the recording (Ctrl-C or SIGTERM).
-    UserStop,
-    /// The recording reached the instruction limit it was given (`--max-instructions`). Last, so that
-    /// traces written before it existed read as they always did.
-    InstructionLimit,
 }
 
 /// What an event feeds into the guest.
@@ -521,22 +474,6 @@ pub enum EventKind {
         /// The state at the point.
         fingerprint: Fingerprint,
     },
-}
-
-/// A point between two landmarks, named by the state there (see the machine's clock): replay runs from
-/// the landmark to the first point with the same fingerprint.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fingerprint {
-    /// Guest RIP.
-    pub rip: u64,
-    /// Guest RSP.
-    pub rsp: u64,
-    /// Guest RFLAGS without RF.
-    pub rflags: u64,
-    /// Hash of the general, segment and control registers.
-    pub regs: u64,
-    /// Hash of the pages written since the last checkpoint.
-    pub memory: u64,
 }
 
 impl EventKind {

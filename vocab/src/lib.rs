@@ -36,6 +36,13 @@ impl Clock {
         }
     }
 
+    /// Whether the guest runs free between positions, so that what it reads from the host without an
+    /// exit (RDTSC, RDRAND, RDSEED, RDTSCP) never reaches the VMM unless the VMM traps it, and a guest
+    /// must not be told it has RDRAND, RDSEED or RDTSCP.
+    pub fn runs_free(self) -> bool {
+        self == Clock::Landmark
+    }
+
     /// The clock a trace header names, if it is one this version knows.
     pub fn from_name(name: &str) -> Option<Clock> {
         match name {
