@@ -3,13 +3,13 @@
 
 For each bundled guest, with both clocks: plain free run, record and replay wall time (median of several
 runs), record against the free run, replay against record, and trace bytes per million instructions (event
-stream and checkpoints separately). A landmark trace counts no instructions: its `index` (one stepped
-replay) gives them.
+stream and checkpoints separately). A landmark trace counts no instructions: one replay of it with the step
+clock counts them.
 
 --long adds the long guest: ledger.elf fed bench/ledger-long.txt (about 68 million instructions of serial
 commands, hashing, table updates and a 100 Hz timer), recorded and replayed with the landmark clock; its
-instruction count comes from its index unless --long-no-index (the index takes about ten minutes here, as
-recording it with the step clock would).
+instruction count comes from a replay with the step clock unless --long-no-count (about ten minutes here,
+as recording it with the step clock would take).
 
 --linux adds the Linux test guest (tests/linux/build.sh builds it once): a boot to /init and a short serial
 session, with the landmark clock: free run, record and replay, and the size of full and incremental
@@ -69,9 +69,11 @@ def step_instructions(trace):
     return int(re.search(r"^instructions:\s+(\d+)", info(trace), re.M).group(1))
 
 
-def indexed_instructions(trace):
-    out = subprocess.run([BIN, "index", trace], stderr=subprocess.PIPE, check=True).stderr.decode()
-    return int(re.search(r"are (\d+) instructions", out).group(1))
+def stepped_instructions(trace):
+    """A landmark trace's length in instructions: a replay with the step clock counts them."""
+    out = subprocess.run([BIN, "replay", "--clock", "step", trace], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL).stderr.decode()
+    return int(re.search(r"\((\d+) instructions, counted by stepping\)", out).group(1))
 
 
 def guest_args(name, work):
@@ -88,7 +90,7 @@ def guest_args(name, work):
     return []
 
 
-def measure(name, kernel, work, runs, clocks, index=True):
+def measure(name, kernel, work, runs, clocks, count=True):
     """Free run, then record and replay with each clock; prints the figures."""
     extra = guest_args(name, work)
     free = median_time([BIN, "run", "--kernel", kernel] + extra, runs)
@@ -103,8 +105,8 @@ def measure(name, kernel, work, runs, clocks, index=True):
         ev, ncp, cpb, kicks = trace_sizes(trace)
         if clock == "step":
             icount = step_instructions(trace)
-        elif index:
-            icount = indexed_instructions(trace)
+        elif count:
+            icount = stepped_instructions(trace)
         else:
             icount = None
         print(f"  {clock:<8} record {rec:8.3f}s = {rec / free:5.2f}x free run   replay {rep:8.3f}s = {rep / rec:5.2f}x record"
@@ -121,7 +123,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="repetitions per measurement (median is reported)")
     ap.add_argument("--guests", default="timer,demo,long64,ledger,disk", help="comma-separated guest names")
     ap.add_argument("--long", action="store_true", help="also the ~68M-instruction ledger guest (landmark clock)")
-    ap.add_argument("--long-no-index", action="store_true", help="skip indexing the long guest's trace")
+    ap.add_argument("--long-no-count", action="store_true", help="skip counting the long guest's instructions by stepping")
     ap.add_argument("--linux", action="store_true", help="also the Linux test guest: boot and a serial session")
     ap.add_argument("--search", action="store_true", help="also gdb's searches on the long guest's recording")
     ap.add_argument("--long-instructions", type=int, default=5_000_000,
@@ -136,7 +138,7 @@ def main():
             measure(name, os.path.join(guests, f"{name}.elf"), work, a.runs, ["landmark", "step"])
         if a.long:
             measure("ledger-long", os.path.join(guests, "ledger.elf"), work, 1, ["landmark"],
-                    index=not a.long_no_index)
+                    count=not a.long_no_count)
         if a.linux:
             linux(work, a.runs)
         if a.search:

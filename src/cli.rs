@@ -46,9 +46,6 @@ enum Command {
     Info(InfoArgs),
     /// List a trace's events (and checkpoints) with their positions, rips, kinds and values.
     Events(EventsArgs),
-    /// Give every position of a landmark trace its instruction count: one replay with the step clock
-    /// (about 10x slower than the recording), kept in the trace as index.zst.
-    Index(IndexArgs),
     /// Draw a trace as an SVG timeline: a lane per kind of input, checkpoints, the guest's output lines
     /// and any divergence (found by replaying it), over the trace's positions.
     Timeline(crate::timeline::TimelineArgs),
@@ -59,15 +56,6 @@ enum Command {
     /// POS (move the replay and make gdb re-read registers and memory), rv-when and rv-help. To keep it,
     /// or to use it with a gdb on another machine: `retrovisor gdb-script > retrovisor.gdb`.
     GdbScript,
-}
-
-#[derive(Args)]
-struct IndexArgs {
-    /// Trace directory written by `record --clock landmark`.
-    trace: PathBuf,
-    /// Guest image to use instead of the path stored in the trace (its hash must match).
-    #[arg(long, value_name = "ELF")]
-    kernel: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -321,8 +309,6 @@ enum CliError {
     Gdb(#[from] gdb::GdbError),
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
-    #[error("cannot keep the index in the trace: {0}")]
-    IndexWrite(#[from] traces::WriteError),
     #[error("{given} does not apply to the {clock} clock: use {instead}")]
     CheckpointUnit {
         given: &'static str,
@@ -403,7 +389,6 @@ pub fn main() -> i32 {
         Command::Replay(a) => replay(&a),
         Command::Info(a) => info(&a),
         Command::Events(a) => events(&a),
-        Command::Index(a) => index(&a).map(|_| 0),
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
         Command::Doctor => crate::doctor::run().map_err(CliError::from),
         Command::GdbScript => std::io::stdout()
@@ -652,8 +637,19 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     stdout.flush().ok();
     // From boot to the clean end, the replayer has checked the checkpoints it passed and the whole output.
     if let (None, Halt::End(Some(_)), Some(s)) = (a.from, &halt, r.trace().summary()) {
+        // A landmark trace replayed by stepping has counted its instructions on the way.
+        let stepped = if r.positions() == machine::Clock::Landmark
+            && r.machine().clock() == machine::Clock::Step
+        {
+            format!(
+                " ({} instructions, counted by stepping)",
+                r.machine().icount()
+            )
+        } else {
+            String::new()
+        };
         say(format_args!(
-            "retrovisor: replay matched the recording: {} {}, output identical ({} bytes, sha256 {})",
+            "retrovisor: replay matched the recording: {} {}{stepped}, output identical ({} bytes, sha256 {})",
             r.end_icount(),
             words::counted(Some(r.positions())),
             s.output_bytes,
@@ -722,35 +718,6 @@ fn verify_recording(dir: &Path) -> Result<(), CliError> {
         words::counted(Some(r.positions())),
     ));
     Ok(())
-}
-
-/// `retrovisor index`: builds the index and keeps it in the trace.
-fn index(a: &IndexArgs) -> Result<traces::Index, CliError> {
-    let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
-    let index = build_index(&mut r)?;
-    say(format_args!(
-        "retrovisor: indexed {}: {} landmarks are {} instructions; kept in {}",
-        a.trace.display(),
-        r.trace()
-            .summary()
-            .map_or(r.trace().complete_upto(), |s| s.end_icount),
-        index.end,
-        a.trace.join(traces::INDEX_FILE).display()
-    ));
-    Ok(index)
-}
-
-/// Builds a landmark trace's index with a progress bar and writes it into the trace.
-fn build_index(r: &mut Replayer) -> Result<traces::Index, CliError> {
-    let bar = progress_bar(None, "indexing");
-    let b = bar.clone();
-    r.set_progress(Some(Box::new(move |landmark, _| b.set_position(landmark))));
-    let index = r.build_index();
-    r.set_progress(None);
-    bar.finish_and_clear();
-    let index = index?;
-    index.write(r.trace().dir())?;
-    Ok(index)
 }
 
 /// Prints what the replay worked around (a corrupt checkpoint) as warnings.

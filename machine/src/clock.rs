@@ -107,12 +107,6 @@ impl Machine {
         self.landmarks
     }
 
-    /// Sets the instruction count (a replay that knows it from an index, after restoring a checkpoint of a
-    /// landmark trace, whose state holds the landmark count instead).
-    pub fn set_icount(&mut self, icount: u64) {
-        self.icount = icount;
-    }
-
     /// Programs KVM's guest debugging for the clock and the armed stops, plus `extra`, one more
     /// execution breakpoint at a linear address (a kick search's), in the last register.
     fn apply_debug(&mut self, extra: Option<u64>) -> Result<(), MachineError> {

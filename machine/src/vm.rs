@@ -516,11 +516,6 @@ impl Machine {
         emulate::paging_mode(&self.sregs).translate(&self.mem, addr)
     }
 
-    /// Whether the guest is halted waiting for an interrupt.
-    pub fn is_halted(&self) -> bool {
-        self.halted
-    }
-
     /// Serial output the guest produced since the last call.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.output)

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use thiserror::Error;
-use traces::{Event, Index, StopReason, TraceReader};
+use traces::{Event, StopReason, TraceReader};
 
 // Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
 // their limits must be this machine's.
@@ -73,9 +73,9 @@ pub enum ReplayError {
     /// A step trace names its positions by instruction counts, which only the step clock finds.
     #[error("a trace recorded with the step clock replays only with the step clock")]
     StepTraceNeedsStepClock,
-    /// Only a landmark trace has positions an index maps to instruction counts.
-    #[error("only a trace recorded with the landmark clock has an index: a step trace's positions are instruction counts already")]
-    NothingToIndex,
+    /// Only a landmark trace has positions within landmarks.
+    #[error("only a trace recorded with the landmark clock has positions within landmarks: a step trace's positions are instruction counts already")]
+    NotALandmarkTrace,
     /// Guest output could not be written.
     #[error("cannot write guest output: {0}")]
     Output(std::io::Error),
@@ -137,8 +137,6 @@ pub struct Replayer {
     last_intact: u64,
     /// The position of each checkpoint, in this replay's unit (see [`Replayer::icount`]).
     checkpoint_positions: Vec<u64>,
-    /// A landmark trace replayed through its index: positions are instruction counts.
-    indexed: bool,
     /// A landmark trace replayed with instruction positions relative to landmarks (see
     /// [`position::encode`]): free running to a landmark, single-stepping from there.
     stepping_within: bool,
@@ -146,8 +144,6 @@ pub struct Replayer {
     offset: u64,
     /// Which hardware stop of a free run fired (see [`Replayer::run_free_with`]).
     free_stop: Option<usize>,
-    /// What an index being built has learned so far.
-    index_build: Option<Index>,
     /// Ranges of positions a free run passed through with breakpoints armed that did not fire: (the
     /// breakpoint rips, first position, end position exclusive).
     clear_runs: Vec<(Vec<u64>, u64, u64)>,
@@ -263,11 +259,9 @@ impl Replayer {
             unreadable: BTreeSet::new(),
             host: LogHost::new(events),
             checkpoint_positions,
-            indexed: false,
             stepping_within: false,
             offset: 0,
             free_stop: None,
-            index_build: None,
             page_sets: std::collections::HashMap::new(),
             clear_runs: Vec::new(),
             trace,
@@ -305,12 +299,9 @@ impl Replayer {
         Ok(self.machine.digest()?)
     }
 
-    /// Current position: instructions retired (step traces, and landmark traces replayed through their
-    /// index) or landmarks passed (landmark traces).
+    /// Current position: instructions retired (step traces) or landmarks passed (landmark traces).
     pub fn icount(&self) -> u64 {
-        if self.indexed {
-            self.machine.icount()
-        } else if self.stepping_within {
+        if self.stepping_within {
             position::encode(self.machine.landmarks(), self.offset)
         } else {
             self.machine.position()
@@ -319,11 +310,7 @@ impl Replayer {
 
     /// What positions count in this replay: "icount" or "landmark".
     pub fn unit(&self) -> &'static str {
-        if self.indexed {
-            Clock::Step.unit()
-        } else {
-            self.positions().unit()
-        }
+        self.positions().unit()
     }
 
     /// Whether positions are (landmark, instructions since it), encoded by [`position::encode`].
@@ -349,8 +336,8 @@ impl Replayer {
     /// landmark of a target, then single-steps to it; so moving by single instructions, backwards too,
     /// costs no more than the instructions since the landmark before. Restarts at the first checkpoint.
     pub fn step_within_landmarks(&mut self) -> Result<(), ReplayError> {
-        if self.positions() != Clock::Landmark || self.indexed {
-            return Err(ReplayError::NothingToIndex);
+        if self.positions() != Clock::Landmark {
+            return Err(ReplayError::NotALandmarkTrace);
         }
         self.checkpoint_positions = self
             .trace
@@ -504,61 +491,6 @@ impl Replayer {
         Ok(self.machine.set_clock(clock)?)
     }
 
-    /// Replays a landmark trace once with the step clock from boot to its end, counting instructions,
-    /// and returns the icount of every event, checkpoint and the end: the trace's [`Index`]. The replay is
-    /// checked as any other (a divergence is an error). It runs at the step clock's speed.
-    pub fn build_index(&mut self) -> Result<Index, ReplayError> {
-        if self.positions() != Clock::Landmark || self.indexed {
-            return Err(ReplayError::NothingToIndex);
-        }
-        self.set_clock(Clock::Step)?;
-        self.restore_checkpoint(0)?;
-        self.machine.set_icount(0);
-        self.index_build = Some(Index {
-            events: vec![u64::MAX; self.trace.events().len()],
-            checkpoints: vec![u64::MAX; self.trace.checkpoints().len()],
-            end: 0,
-        });
-        let ran = self.run_to(u64::MAX, &mut std::io::sink());
-        let mut index = self.index_build.take().expect("set above");
-        ran?;
-        index.end = self.machine.icount();
-        // The closing stop event (and any checkpoint a cut-off recording could not reach) lies at the end.
-        for slot in index.events.iter_mut().chain(&mut index.checkpoints) {
-            if *slot == u64::MAX {
-                *slot = index.end;
-            }
-        }
-        Ok(index)
-    }
-
-    /// Replays a landmark trace through its index from now on: with the step clock, and with positions
-    /// that are instruction counts, as in a step trace (what reverse execution works in). Restarts at the
-    /// first checkpoint.
-    pub fn use_index(&mut self, index: &Index) -> Result<(), ReplayError> {
-        if self.positions() != Clock::Landmark {
-            return Err(ReplayError::NothingToIndex);
-        }
-        let events: Rc<[Event]> = self
-            .trace
-            .events()
-            .iter()
-            .zip(&index.events)
-            .map(|(e, &icount)| Event {
-                icount,
-                ..e.clone()
-            })
-            .collect();
-        self.host = LogHost::new(events);
-        self.checkpoint_positions = index.checkpoints.clone();
-        self.end = index.end;
-        self.indexed = true;
-        self.cache = SnapshotCache::new(self.cache.cap_bytes());
-        self.set_clock(Clock::Step)?;
-        self.restore_checkpoint(0)?;
-        Ok(())
-    }
-
     /// The last instruction boundary of the recording.
     pub fn end_icount(&self) -> u64 {
         self.end
@@ -606,10 +538,6 @@ impl Replayer {
                 .collect(),
         );
         let position = self.checkpoint_positions[index];
-        if self.indexed {
-            // The checkpoint's state holds its landmark; the index knows its instruction count.
-            self.machine.set_icount(position);
-        }
         self.offset = 0;
         self.after_restore(position);
         Ok(index)
@@ -659,9 +587,6 @@ impl Replayer {
                 .restore_page(pfn, pages.get(&pfn).map(|p| &p[..]))?;
         }
         self.machine.restore_state(&state)?;
-        if self.indexed {
-            self.machine.set_icount(at);
-        }
         self.machine.set_dirty_since_checkpoint(&fingerprint_pages);
         self.base_pages = pages;
         self.after_restore(at);
@@ -860,7 +785,6 @@ impl Replayer {
             }
             // Where the log is: the replay's position, or its landmark when stepping within landmarks.
             let at = self.event_position(position);
-            let consumed = self.host.cursor();
             self.host.apply_inputs(&mut self.machine, at)?;
             if let Some(fingerprint) = self.host.kick_here(at) {
                 if self.reach_kick(at, &fingerprint)? {
@@ -871,7 +795,6 @@ impl Replayer {
                     return Ok(());
                 }
             }
-            self.note_consumed(consumed, self.machine.icount());
             if let Some(reason) = self.host.stop_here(at) {
                 // Only the user or the instruction limit ends a recording without the guest doing
                 // something; anything else the guest must reproduce itself (checked below when its step
@@ -884,7 +807,6 @@ impl Replayer {
             // Values the machine asks for on the way are logged with the rip where the recorder last stood
             // at a position or kick: with the landmark clock, the start of the run that made the exit.
             self.host.begin_step(at, self.anchor.1);
-            let (consumed, start) = (self.host.cursor(), self.machine.icount());
             let landmarks = self.machine.landmarks();
             let advance = self.machine.advance(&mut self.host)?;
             if self.machine.landmarks() != landmarks {
@@ -894,7 +816,6 @@ impl Replayer {
             }
             let now = self.event_position(self.icount());
             self.host.end_step(now)?;
-            self.note_consumed(consumed, start);
             let output = self.machine.take_output();
             // Output of positions before `printed_upto` has been printed already (after a jump back).
             if !output.is_empty() && position >= self.printed_upto {
@@ -1018,14 +939,6 @@ impl Replayer {
         }
     }
 
-    /// Index building: the events consumed since cursor `from` applied at instruction count `icount`
-    /// (boundary inputs there, or values asked for in the step that starts there).
-    fn note_consumed(&mut self, from: usize, icount: u64) {
-        if let Some(build) = self.index_build.as_mut() {
-            build.events[from..self.host.cursor()].fill(icount);
-        }
-    }
-
     fn finish_at_end(&mut self, icount: u64) -> Result<(), ReplayError> {
         let reason = self.trace.summary().map(|s| s.stop);
         match &reason {
@@ -1051,9 +964,6 @@ impl Replayer {
         }
         if cps.get(self.next_verify) == Some(&icount) {
             let info = &self.trace.checkpoints()[self.next_verify];
-            if let Some(build) = self.index_build.as_mut() {
-                build.checkpoints[self.next_verify] = self.machine.icount();
-            }
             let recorded = info.digest;
             let digest = self.machine.digest()?;
             if digest != recorded && !self.equivalent_to_checkpoint(self.next_verify, &recorded) {

@@ -13,7 +13,6 @@ mod codec;
 mod disks;
 mod files;
 mod format;
-mod index;
 mod reader;
 mod rules;
 mod writer;
@@ -21,7 +20,6 @@ mod writer;
 pub use codec::CodecError;
 pub use files::{host_memory, open_regular, read_regular_file};
 pub use format::*;
-pub use index::{Index, INDEX_FILE};
 pub use reader::{
     ChainCursor, ChainError, CheckpointInfo, ReadError, RestorePoint, TornTail, TraceReader,
 };
