@@ -287,8 +287,8 @@ enum CliError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Disk(#[from] machine::disk::DiskError),
-    #[error("--disk given {0} times; a machine has at most {max} disks", max = machine::devices::MAX_DISKS)]
+    Disk(#[from] devices::disk::DiskError),
+    #[error("--disk given {0} times; a machine has at most {max} disks", max = devices::MAX_DISKS)]
     TooManyDisks(usize),
     #[error("cannot open disk image {path} for --disk-writeback: {source}")]
     WritebackOpen {
@@ -420,15 +420,15 @@ pub fn main() -> i32 {
 fn open_disks(
     paths: &[PathBuf],
     writeback: bool,
-) -> Result<(Vec<machine::disk::DiskImage>, Vec<std::fs::File>), CliError> {
-    if paths.len() > machine::devices::MAX_DISKS {
+) -> Result<(Vec<devices::disk::DiskImage>, Vec<std::fs::File>), CliError> {
+    if paths.len() > devices::MAX_DISKS {
         return Err(CliError::TooManyDisks(paths.len()));
     }
     let mut images = Vec::new();
     let mut files = Vec::new();
     for p in paths {
         let path = std::fs::canonicalize(p).unwrap_or(p.clone());
-        images.push(machine::disk::DiskImage::open(&path)?);
+        images.push(devices::disk::DiskImage::open(&path)?);
         if writeback {
             if images[..images.len() - 1].iter().any(|d| d.path() == path) {
                 return Err(CliError::WritebackTwice(path));

@@ -281,7 +281,7 @@ fn no_interrupt_is_queued_beside_the_breakpoint_exception_of_an_int3() {
     // delivered at an entry host preemption picks. None may be: the recording has none where the #BP
     // returns to (the landmark's rip).
     let image = std::fs::read(guest("int3loop.sym")).unwrap();
-    let (after_int3, _) = machine::symbols::Symbols::from_elf(&image)
+    let (after_int3, _) = boot::symbols::Symbols::from_elf(&image)
         .find("after_int3")
         .expect("int3loop.sym.elf names after_int3");
     let interrupts = text(&rv(&["events", trace.to_str().unwrap(), "--kind", "interrupt"]).stdout);

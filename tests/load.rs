@@ -9,7 +9,7 @@
 
 mod common;
 use common::*;
-use machine::devices::TimeSource;
+use devices::TimeSource;
 use machine::{Advance, Clock, Host, HostInsn, Kicker, Machine, MachineConfig};
 use std::time::Duration;
 

@@ -28,8 +28,8 @@ mod target;
 mod wire;
 
 use arch::{GuestArch, I386, X86_64};
+use boot::symbols::Symbols;
 use gdbstub::stub::{DisconnectReason, GdbStub};
-use machine::symbols::Symbols;
 use replayer::search::SearchError;
 use replayer::Replayer;
 use std::io::Write;

@@ -6,6 +6,7 @@ use crate::arch::{in_long_mode, GuestArch};
 use crate::console;
 use crate::recover::{recover, Motion};
 use crate::wire::{recv_now, Wire};
+use boot::symbols::Symbols;
 use gdbstub::common::Signal;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
@@ -26,7 +27,6 @@ use gdbstub::target::ext::monitor_cmd::{
     output, outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps,
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
-use machine::symbols::Symbols;
 use replayer::search::{self, Access, Hit, Outcome, SearchError, StopSet, Watch};
 use replayer::Replayer;
 use std::collections::BTreeSet;

@@ -6,10 +6,10 @@
 //! the same way in record and replay, so the result is deterministic and nothing new is logged. Anything
 //! we cannot complete is reported with its bytes.
 
-use crate::memory::GuestMemory;
 use crate::paging::{PagingError, PagingMode};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use memory::GuestMemory;
 use thiserror::Error;
 
 /// Why an instruction could not be completed by the VMM.

@@ -18,9 +18,9 @@
 //! functions, and padding decodes as `int3` or `nop`, so it stays in step. What the scan cannot see is
 //! code the guest makes at run time (modules, BPF) or runs in user mode: the limits are in the README.
 
-use crate::elf::{program_headers, section_headers, PT_LOAD};
-use crate::memory::{GuestMemory, MemoryError};
+use boot::elf::{program_headers, section_headers, PT_LOAD};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use memory::{GuestMemory, MemoryError};
 use std::collections::BTreeMap;
 
 /// The port a trapped `rdtsc` writes (0xe0-0xef are free in the PC/AT map). Linux's alternatives copy

@@ -1,21 +1,15 @@
-//! The deterministic PC: guest RAM, the KVM VM and vCPU, userspace devices, the boot loaders (Multiboot, PVH),
-//! CPU-state capture and restore, guest-virtual address translation and the execution clock; and probes of
-//! what the host's KVM can do.
+//! The deterministic PC: the KVM VM and its vCPU over guest RAM (the `memory` crate), the userspace
+//! devices (`devices`) and an image the boot loaders put in place (`boot`); the guest's CPU model, CPU-state
+//! capture and restore, guest-virtual address translation, the instructions the VMM completes itself,
+//! and the execution clock; and probes of what the host's KVM can do.
 
 pub mod clock;
 pub mod cpu;
 pub mod cpu_model;
-pub mod devices;
-pub mod disk;
-pub mod elf;
 pub mod emulate;
 pub mod host_traps;
-pub mod loader;
-pub mod memory;
 pub mod paging;
 pub mod probe;
-pub mod pvh;
-pub mod symbols;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};

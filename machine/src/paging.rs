@@ -3,7 +3,7 @@
 //! Used to decode the instruction at RIP before stepping it and, by the debugger, to read memory at the
 //! addresses gdb names. Supports paging off, 32-bit (with 4 MiB pages), PAE and 4-level long mode.
 
-use crate::memory::GuestMemory;
+use memory::GuestMemory;
 use thiserror::Error;
 
 /// Why an address could not be translated.

@@ -12,18 +12,18 @@
 
 use crate::cpu::{CpuError, CpuState, XsaveLayout};
 use crate::cpu_model::{CpuModel, ModelError};
-use crate::devices::{Devices, TimeSource, MAX_DISKS};
-use crate::disk::DiskImage;
 use crate::emulate::{self, hex_bytes, set_gpr, Completion, EmulateError};
 use crate::host_traps::{self, HostTraps};
-use crate::loader::{self, LoaderError};
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use boot::loader::{self, LoaderError};
+use devices::disk::DiskImage;
+use devices::{Devices, TimeSource, MAX_DISKS};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use memory::{GuestMemory, MemoryError, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 use thiserror::Error;

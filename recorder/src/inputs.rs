@@ -1,7 +1,7 @@
 //! The host side of a recording: where time, serial input and random numbers come from, and the log of
 //! every value handed to the guest.
 
-use machine::devices::TimeSource;
+use devices::TimeSource;
 use machine::{Host, HostInsn, Machine};
 use std::collections::VecDeque;
 use std::io::Read;

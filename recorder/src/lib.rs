@@ -96,11 +96,11 @@ pub struct Outcome {
     /// Wall time.
     pub wall: Duration,
     /// What the guest wrote to each disk (the overlays, disk 0 first), for `run --disk-writeback`.
-    pub disk_writes: Vec<machine::disk::Overlay>,
+    pub disk_writes: Vec<devices::disk::Overlay>,
 }
 
 /// Takes the disks' overlays out of the machine at the end of a run.
-fn take_disk_writes(machine: &mut Machine) -> Vec<machine::disk::Overlay> {
+fn take_disk_writes(machine: &mut Machine) -> Vec<devices::disk::Overlay> {
     machine
         .devices
         .disks
@@ -199,7 +199,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 machine: traces::MachineConfig {
                     ram_bytes: machine.ram_bytes(),
                     cmdline: opts.machine.cmdline.clone(),
-                    memory_map: machine::memory::pc_memory_map(machine.ram_bytes()).to_vec(),
+                    memory_map: memory::pc_memory_map(machine.ram_bytes()).to_vec(),
                 },
                 clock: opts.clock.name().to_string(),
                 time_mode: opts.time.mode(),

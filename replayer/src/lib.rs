@@ -8,9 +8,9 @@ pub mod search;
 mod snapshots;
 pub mod verify;
 
+use devices::disk::DiskImage;
 pub use log::Divergence;
 use log::LogHost;
-use machine::disk::DiskImage;
 use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search};
 use sha2::{Digest, Sha256};
 use snapshots::{PageMap, Snap, SnapshotCache};
@@ -23,8 +23,8 @@ use traces::{Event, StopReason, TraceReader};
 
 // Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
 // their limits must be this machine's.
-const _: () = assert!(traces::IRQ_LINES == machine::devices::pic::IRQ_LINES);
-const _: () = assert!(traces::UART_RX_FIFO_BYTES == machine::devices::serial::RX_FIFO_BYTES);
+const _: () = assert!(traces::IRQ_LINES == devices::pic::IRQ_LINES);
+const _: () = assert!(traces::UART_RX_FIFO_BYTES == devices::serial::RX_FIFO_BYTES);
 
 /// Errors from replay.
 #[derive(Debug, Error)]
@@ -209,7 +209,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
     let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
         clock: h.clock.clone(),
     })?;
-    let map = machine::memory::pc_memory_map(h.machine.ram_bytes);
+    let map = memory::pc_memory_map(h.machine.ram_bytes);
     if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
         return Err(ReplayError::MemoryMap {
             recorded: h.machine.memory_map.clone(),
@@ -620,7 +620,7 @@ impl Replayer {
             icount,
             state: self.machine.state_blob()?,
             pages: self.base_pages.clone(),
-            own_bytes: dirty.len() * machine::memory::PAGE_SIZE,
+            own_bytes: dirty.len() * memory::PAGE_SIZE,
             dirty_since_checkpoint: self.machine.dirty_since_checkpoint()?,
             cursor: self.host.cursor(),
             anchor: self.anchor,
@@ -1066,7 +1066,7 @@ impl Replayer {
             if let Some(at) = now.iter().zip(data).position(|(a, b)| a != b) {
                 pages.push(format!(
                     "page {pfn:#x} (first at {:#x}: {:#04x}, stored {:#04x})",
-                    pfn * machine::memory::PAGE_SIZE as u64 + at as u64,
+                    pfn * memory::PAGE_SIZE as u64 + at as u64,
                     now[at],
                     data[at]
                 ));
@@ -1156,7 +1156,7 @@ impl Replayer {
             Err(e) => parts.push(format!("the recorded CPU state does not decode: {e}")),
         }
         let memory = self.machine.memory();
-        let zero = [0u8; machine::memory::PAGE_SIZE];
+        let zero = [0u8; memory::PAGE_SIZE];
         let differing: Vec<String> = (0..memory.pages() as u64)
             .filter_map(|pfn| {
                 let now = memory.page(pfn as usize);
@@ -1164,7 +1164,7 @@ impl Replayer {
                 let at = now.iter().zip(then).position(|(a, b)| a != b)?;
                 Some(format!(
                     "page {pfn:#x} (first at {:#x}: {:#04x}, recorded {:#04x})",
-                    pfn * machine::memory::PAGE_SIZE as u64 + at as u64,
+                    pfn * memory::PAGE_SIZE as u64 + at as u64,
                     now[at],
                     then[at]
                 ))

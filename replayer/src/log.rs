@@ -1,7 +1,7 @@
 //! The replay side of the machine's environment: every time reading, random number and input comes from
 //! the trace, and must be asked for at exactly the icount and rip it was recorded at.
 
-use machine::devices::TimeSource;
+use devices::TimeSource;
 use machine::{Host, HostInsn, Machine};
 use std::rc::Rc;
 use thiserror::Error;

@@ -17,7 +17,7 @@
 //! driver resets it by writing 0 to Status.
 
 use crate::disk::{Disk, SECTOR_SIZE};
-use crate::memory::GuestMemory;
+use memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
 /// Bytes of MMIO space the device decodes: the registers (0x000-0x0ff) and config space (0x100-0x1ff).

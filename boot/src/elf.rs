@@ -28,7 +28,7 @@ pub(crate) fn u64_at(b: &[u8], off: usize) -> Result<u64, ElfError> {
 
 /// One ELF program header: the fields the loaders use.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ProgramHeader {
+pub struct ProgramHeader {
     /// Segment type (PT_LOAD, PT_NOTE, ...).
     pub ptype: u32,
     /// Offset of its bytes in the file.
@@ -53,12 +53,12 @@ impl ProgramHeader {
 }
 
 /// Segment type of a loadable segment.
-pub(crate) const PT_LOAD: u32 = 1;
+pub const PT_LOAD: u32 = 1;
 /// Segment type of a segment of notes.
 pub(crate) const PT_NOTE: u32 = 4;
 
 /// The entry point and program headers of an ELF image (32- or 64-bit, little-endian).
-pub(crate) fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), ElfError> {
+pub fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), ElfError> {
     if image.get(0..4) != Some(b"\x7fELF") {
         return Err(ElfError(
             "no ELF magic and no a.out kludge in the multiboot header",
@@ -115,7 +115,7 @@ pub(crate) fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>),
 
 /// One ELF section header: the fields retrovisor reads.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct SectionHeader {
+pub struct SectionHeader {
     /// Section type (SHT_SYMTAB, ...).
     pub kind: u32,
     /// Flags (SHF_EXECINSTR, ...).
@@ -132,7 +132,7 @@ pub(crate) struct SectionHeader {
 
 /// The section headers of an ELF image (32- or 64-bit, little-endian); None if it is not an ELF or its
 /// table lies outside the file.
-pub(crate) fn section_headers(b: &[u8]) -> Option<Vec<SectionHeader>> {
+pub fn section_headers(b: &[u8]) -> Option<Vec<SectionHeader>> {
     if b.get(..4)? != b"\x7fELF" {
         return None;
     }

@@ -4,8 +4,8 @@
 //! tries them in the same order.
 
 use crate::elf::{program_headers, u32_at, ElfError, PT_LOAD};
-use crate::memory::{pc_memory_map, GuestMemory, MemoryError};
 use crate::pvh::{self, PvhError};
+use memory::{pc_memory_map, GuestMemory, MemoryError};
 use thiserror::Error;
 
 /// Magic value the kernel finds in EAX at its entry.

@@ -13,7 +13,7 @@
 //! - `hvm_memmap_table_entry` (24 bytes): addr u64, size u64, type u32, reserved u32.
 
 use crate::elf::{program_headers, u32_at, u64_at, PT_NOTE};
-use crate::memory::{pc_memory_map, GuestMemory, MemoryError, PAGE_SIZE};
+use memory::{pc_memory_map, GuestMemory, MemoryError, PAGE_SIZE};
 use thiserror::Error;
 
 /// `hvm_start_info.magic`.

@@ -6,6 +6,7 @@
 //! depends on it, because every reading may be an event in the trace.
 
 pub mod debug_exit;
+pub mod disk;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
@@ -13,7 +14,7 @@ pub mod serial;
 pub mod virtio_blk;
 
 use crate::disk::{Disk, DiskImage};
-use crate::memory::GuestMemory;
+use memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
 pub use debug_exit::DebugExit;
