@@ -194,8 +194,7 @@ impl Arch for I386 {
 
 /// Whether `machine` is in long mode (EFER.LMA set).
 pub(crate) fn in_long_mode(machine: &Machine) -> bool {
-    const EFER_LMA: u64 = 1 << 10;
-    machine.sregs().efer & EFER_LMA != 0
+    machine::arch::long_mode(machine.sregs())
 }
 
 /// The segment selectors.

@@ -22,7 +22,10 @@
 //! that opened after `sti` was reported at the guest's next I/O instead), so it names no point. An
 //! interrupt the guest cannot take yet waits for the next landmark or kick at which it can.
 
-use crate::vm::{Clock, Exit, Host, Machine, MachineError, Queued, Step, StopReason, RFLAGS_IF};
+use crate::arch::{RFLAGS_IF, RFLAGS_RF};
+use crate::exits::Exit;
+use crate::interrupts::Queued;
+use crate::vm::{Clock, Host, Machine, MachineError, Step, StopReason};
 use iced_x86::FlowControl;
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -71,8 +74,6 @@ pub const MAX_SEARCH_HITS: u64 = 1_000_000;
 /// data breakpoint (a probe writing to a watched address ran on unstopped).
 pub const DEBUG_REGISTERS: usize = 4;
 
-/// RFLAGS.RF: set or not depending on how the instruction was reached (a breakpoint resumes with it).
-const RFLAGS_RF: u64 = 1 << 16;
 /// DR7 bits KVM expects set whatever else is (GE and the reserved bit 10).
 const DR7_FIXED: u64 = 0x600;
 
@@ -247,35 +248,6 @@ impl Machine {
             }
             None => Advance::Moved,
         })
-    }
-
-    /// Completes what an exit left pending (the I/O, or an instruction KVM could not emulate) and does the
-    /// bookkeeping; returns the stop if the guest ended.
-    fn finish_exit(
-        &mut self,
-        exit: Exit,
-        host: &mut dyn Host,
-    ) -> Result<Option<StopReason>, MachineError> {
-        let stop = match exit {
-            // Completed at once, as the step clock does, so that inputs delivered at this landmark find
-            // the instruction finished.
-            Exit::Io => {
-                self.complete_io(host)?;
-                None
-            }
-            Exit::Hlt => {
-                self.halted = true;
-                None
-            }
-            Exit::Shutdown => Some(StopReason::TripleFault),
-            Exit::EmulationFailed => {
-                self.refresh_regs();
-                self.complete_failed_emulation(host)?;
-                None
-            }
-            Exit::Ran | Exit::Interrupted => None,
-        };
-        Ok(self.after_exit(stop))
     }
 
     /// Where to deliver an interrupt that falls due while the guest computes in a loop, so that replay

@@ -3,19 +3,23 @@
 //! capture and restore, guest-virtual address translation, the instructions the VMM completes itself,
 //! and the execution clock; and probes of what the host's KVM can do.
 
+pub mod arch;
 pub mod clock;
 pub mod cpu;
 pub mod cpu_model;
+pub mod dirty;
 pub mod emulate;
+pub mod exits;
 pub mod host_traps;
+pub mod interrupts;
 pub mod paging;
 pub mod probe;
+pub mod snapshot;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
 pub use cpu_model::{host_cpu, CpuModel};
-pub use vm::{
-    Blocker, Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Snapshot, Step,
-    StopReason,
-};
+pub use interrupts::{Blocker, Queued};
+pub use snapshot::Snapshot;
+pub use vm::{Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Step, StopReason};
 pub use vocab::{HostCpu, Position};

@@ -49,7 +49,7 @@ impl PagingMode {
             mem.read_u64(table + index * 8)
                 .map_err(|_| PagingError::TableOutsideRam(linear))
         };
-        if self.efer & (1 << 10) != 0 {
+        if self.efer & crate::arch::EFER_LMA != 0 {
             // 4-level (5-level LA57 guests are not supported by our small guests; treat as 4-level).
             let mut table = self.cr3 & ADDR_MASK;
             for level in (0..4).rev() {

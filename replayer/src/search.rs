@@ -21,7 +21,7 @@
 //! there is not hit, and read watchpoints in those steps look at the instruction that was at RIP before the step.
 
 use crate::{Halt, ReplayError, Replayer};
-use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{Instruction, InstructionInfoFactory, OpAccess, Register};
 use machine::{Machine, DEBUG_REGISTERS};
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -162,33 +162,6 @@ fn changed(
         .map(|(w, _)| *w)
 }
 
-/// Decodes the instruction at CS:RIP, or None if its bytes are unreadable or invalid.
-fn decode_at_rip(m: &Machine) -> Option<Instruction> {
-    let (regs, sregs) = (m.regs(), m.sregs());
-    let bitness = if sregs.efer & (1 << 10) != 0 && sregs.cs.l == 1 {
-        64
-    } else if sregs.cs.db == 1 {
-        32
-    } else {
-        16
-    };
-    let linear = sregs.cs.base.wrapping_add(regs.rip);
-    let mut bytes = [0u8; 15];
-    // The instruction may end on a page the guest has not mapped: then decode what is readable.
-    let first = (4096 - (linear & 0xfff) as usize).min(15);
-    m.read_virtual(linear, &mut bytes[..first]).ok()?;
-    let len = if m
-        .read_virtual(linear + first as u64, &mut bytes[first..])
-        .is_ok()
-    {
-        15
-    } else {
-        first
-    };
-    let insn = Decoder::with_ip(bitness, &bytes[..len], regs.rip, DecoderOptions::NONE).decode();
-    (!insn.is_invalid()).then_some(insn)
-}
-
 /// The value of a register iced asks for when computing a memory operand's address.
 fn register_value(m: &Machine, insn: &Instruction, reg: Register) -> Option<u64> {
     let (r, s) = (m.regs(), m.sregs());
@@ -231,7 +204,7 @@ fn read_hit(m: &Machine, stops: &StopSet, info: &mut InstructionInfoFactory) -> 
     if !stops.has_read_watches() {
         return None;
     }
-    let insn = decode_at_rip(m)?;
+    let insn = m.decode_at(m.rip())?;
     let used = info.info(&insn).used_memory().to_vec();
     used.iter()
         .filter(|u| {
