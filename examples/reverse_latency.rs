@@ -1,9 +1,10 @@
 //! Reverse-execution latency on a recorded trace: reverse-stepi (seek to the previous instruction) at
-//! random positions, and seeking back over growing distances.
+//! random positions, and seeking back over growing distances. A step trace: its positions are
+//! instruction counts.
 //!
 //! Usage: cargo run --release --example reverse_latency -- TRACE [STEPS]
 
-use replayer::Replayer;
+use replayer::{Position, Timeline};
 use std::time::Instant;
 
 /// A small deterministic generator, so runs are comparable.
@@ -27,11 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let trace = args.next().ok_or("usage: reverse_latency TRACE [STEPS]")?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(200);
-    let mut r = Replayer::open(std::path::Path::new(&trace), None)?;
-    let end = r.end_icount();
+    let mut r = Timeline::open(std::path::Path::new(&trace), None)?;
+    let end = r.replay().end().count();
     let mut sink = std::io::sink();
     let t = Instant::now();
-    r.run_to(end, &mut sink)?;
+    r.run_to(Position::at(end), &mut sink)?;
     println!(
         "trace: {end} instructions, replayed in {:.2}s ({:.0} k instructions/s)",
         t.elapsed().as_secs_f64(),
@@ -43,10 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut lat = Vec::new();
     while lat.len() < steps {
         let p = 1 + rng.below(end - 10);
-        r.seek(p + 5, &mut sink)?;
+        r.seek(Position::at(p + 5), &mut sink)?;
         for back in 1..=5 {
             let t = Instant::now();
-            r.seek(p + 5 - back, &mut sink)?;
+            r.seek(Position::at(p + 5 - back), &mut sink)?;
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -59,11 +60,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lat.last().copied().unwrap_or(0.0)
     );
     // Consecutive reverse-stepi from one place (what a user stepping backward does).
-    r.seek(end / 2, &mut sink)?;
+    r.seek(Position::at(end / 2), &mut sink)?;
     let mut lat = Vec::new();
     for i in 1..=100 {
         let t = Instant::now();
-        r.seek(end / 2 - i, &mut sink)?;
+        r.seek(Position::at(end / 2 - i), &mut sink)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
     lat.sort_by(f64::total_cmp);
@@ -78,9 +79,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if distance >= end {
             continue;
         }
-        r.seek(end, &mut sink)?;
+        r.seek(Position::at(end), &mut sink)?;
         let t = Instant::now();
-        r.seek(end - distance, &mut sink)?;
+        r.seek(Position::at(end - distance), &mut sink)?;
         println!(
             "seek back {distance:>9} instructions: {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3

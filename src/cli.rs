@@ -4,7 +4,7 @@ use crate::words::{describe_stop, say};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recorder::{Options, SerialInput, TimeSourceKind};
-use replayer::{Halt, ReplayError, Replayer};
+use replayer::{Halt, Position, ReplayError, Replayer, Shown, Timeline};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -24,7 +24,7 @@ const EXIT_DIVERGENCE: i32 = 4;
     long_about = "Record-and-replay time-travel debugger for KVM virtual machines.\n\n\
         `record` runs a Multiboot guest under KVM and logs every nondeterministic input (serial input, \
         clock readings, interrupts, RDTSC/RDRAND results) with periodic checkpoints; `replay` re-executes \
-        it instruction for instruction from the trace alone and reports any divergence with its icount.",
+        it instruction for instruction from the trace alone and reports any divergence with its position.",
     after_help = "Exit status: the guest's isa-debug-exit status ((v<<1)|1) when it exits that way; 0 when it halts \
         for good; 6 after a triple fault; 8 at the --max-instructions limit; 130 when stopped by Ctrl-C; 2 on an \
         error; 4 when replay diverges."
@@ -65,12 +65,13 @@ struct EventsArgs {
     /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, stop, kick, checkpoint).
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
-    /// Only events at or after this position.
+    /// Only events at or after this position: an instruction count (step traces) or a landmark
+    /// (landmark traces), as the listing shows them.
     #[arg(long, value_name = "POSITION")]
-    from: Option<u64>,
+    from: Option<Position>,
     /// Only events at or before this position.
     #[arg(long, value_name = "POSITION")]
-    to: Option<u64>,
+    to: Option<Position>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -209,14 +210,16 @@ struct ReplayArgs {
     /// Guest image to use instead of the path stored in the trace (its hash must match).
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,
-    /// Start from the last checkpoint at or before this position (icount, or landmark in a landmark
-    /// trace) instead of from boot; at most the end of the recording.
-    #[arg(long, value_name = "ICOUNT")]
-    from: Option<u64>,
+    /// Start from the last checkpoint at or before this position instead of from boot; at most the end
+    /// of the recording. Positions are the trace's own, as `info`, `events` and divergences show them:
+    /// an instruction count (step traces: `12345`) or a landmark (landmark traces: `44`); with --gdb on
+    /// a landmark trace also a landmark and the instructions after it (`44+102`).
+    #[arg(long, value_name = "POSITION")]
+    from: Option<Position>,
     /// Stop at this position instead of the end of the recording; after the checkpoint the replay
     /// starts from.
-    #[arg(long, value_name = "ICOUNT")]
-    to: Option<u64>,
+    #[arg(long, value_name = "POSITION")]
+    to: Option<Position>,
     /// Instead of running to the end, wait for gdb on ADDR (HOST:PORT, :PORT or PORT; default
     /// 127.0.0.1:1234) and let it drive the replay forward and backward. Exits 0 when gdb detaches or kills.
     /// The gdb command line it prints also sources retrovisor's gdb commands (rv-seek, rv-when, rv-help;
@@ -322,25 +325,32 @@ enum CliError {
     #[error(transparent)]
     Doctor(#[from] crate::doctor::DoctorError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
-    BackwardRange { from: u64, to: u64 },
-    #[error("--from {from} is past the end of the recording, which runs from {unit} 0 to {unit} {end}: give --from at most {end}")]
+    BackwardRange { from: Position, to: Position },
+    #[error("--from {from} is past the end of the recording, which runs from {start} to {end}: give --from at most {last}")]
     FromPastEnd {
-        from: u64,
-        unit: &'static str,
-        end: u64,
+        from: Position,
+        start: Shown,
+        end: Shown,
+        last: Position,
     },
-    #[error("--to {to} replays nothing: the replay starts at {unit} {start}, {starts}, so --to must be after {start} (the recording ends at {unit} {end})")]
+    #[error("--to {to} replays nothing: the replay starts at {start}, {starts}, so --to must be after {start_at} (the recording ends at {end})")]
     EmptyReplay {
-        to: u64,
+        to: Position,
         starts: String,
-        unit: &'static str,
-        start: u64,
-        end: u64,
+        start: Shown,
+        start_at: Position,
+        end: Shown,
+    },
+    #[error("{flag} {position} is not a position of this replay: {why}")]
+    NotAPosition {
+        flag: &'static str,
+        position: Position,
+        why: &'static str,
     },
     #[error("--kind {kind} is not a kind of event: use one of {}, {CHECKPOINT_KIND}", traces::EVENT_KINDS.join(", "))]
     UnknownKind { kind: String },
     #[error("--to {to} is before --from {from}: events are listed in position order, so --to must be at or after --from")]
-    BackwardEvents { from: u64, to: u64 },
+    BackwardEvents { from: Position, to: Position },
 }
 
 /// What `events` calls checkpoints, listed among the events and selected with `--kind` like them.
@@ -581,58 +591,30 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
-    if let (Some(from), Some(to)) = (a.from, a.to) {
-        if to < from {
-            return Err(CliError::BackwardRange { from, to });
-        }
+    if a.gdb.is_some() {
+        return replay_under_gdb(a);
     }
     let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
     if let Some(clock) = a.clock {
         r.set_clock(clock.clock())?;
     }
     check_range(a, &r)?;
-    r.set_snapshot_memory((a.snapshot_memory << 20) as usize);
-    if r.trace().cut_off() {
-        say(format_args!(
-            "retrovisor: warning: the recording was cut off (no clean end); replaying up to {} {}",
-            r.unit(),
-            r.end_icount()
-        ));
-    }
-    if a.gdb.is_some() && r.positions() == machine::Clock::Landmark {
-        // gdb moves by single instructions, backwards too: positions within landmarks.
-        r.step_within_landmarks()?;
-    }
+    warn_if_cut_off(&r);
     if let Some(from) = a.from {
         let index = r.checkpoint_before(from);
         r.restore_checkpoint(index)?;
-        warn_notices(&mut r);
+        warn_notices(r.take_notices());
     }
-    if let Some(addr) = &a.gdb {
-        let opts = gdb::GdbOptions {
-            addr: addr.clone(),
-            allow_remote: a.gdb_allow_remote,
-            arch: match a.gdb_arch {
-                GdbArchArg::Auto => gdb::ArchChoice::Auto,
-                GdbArchArg::I386 => gdb::ArchChoice::I386,
-                GdbArchArg::X86_64 => gdb::ArchChoice::X86_64,
-            },
-            trace: a.trace.clone(),
-            image: a.kernel.clone(),
-        };
-        gdb::serve(r, &opts, Box::new(std::io::stdout()))?;
-        return Ok(0);
-    }
-    let bar = progress_bar(Some(r.end_icount()), "replaying");
+    let bar = progress_bar(Some(r.end().count()), "replaying");
     let b = bar.clone();
-    r.set_progress(Some(Box::new(move |icount, target| {
-        b.set_length(target);
-        b.set_position(icount);
+    r.set_progress(Some(Box::new(move |at, target| {
+        b.set_length(target.count());
+        b.set_position(at.count());
     })));
     let mut stdout = std::io::stdout().lock();
-    let halt = r.run_to(a.to.unwrap_or(u64::MAX), &mut stdout);
+    let halt = r.run_to(a.to.unwrap_or(Position::END), &mut stdout);
     bar.finish_and_clear();
-    warn_notices(&mut r);
+    warn_notices(r.take_notices());
     let halt = halt?;
     stdout.flush().ok();
     // From boot to the clean end, the replayer has checked the checkpoints it passed and the whole output.
@@ -650,7 +632,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         };
         say(format_args!(
             "retrovisor: replay matched the recording: {} {}{stepped}, output identical ({} bytes, sha256 {})",
-            r.end_icount(),
+            r.end().count(),
             words::counted(Some(r.positions())),
             s.output_bytes,
             s.output_sha256
@@ -662,17 +644,89 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     })
 }
 
-/// Refuses a `--from` or `--to` the replay could not honour: a start past the end of the recording
-/// (a replay would start at the last checkpoint and run to the end, as if asked for that), and an end
-/// at or before the checkpoint the replay starts from (it would run nothing). Positions are the
-/// trace's own, as `info` and `events` show them.
+/// `replay --gdb`: serves the replay to gdb, which moves it backward as well as forward.
+fn replay_under_gdb(a: &ReplayArgs) -> Result<i32, CliError> {
+    let mut t = Timeline::open(&a.trace, a.kernel.as_deref())?;
+    if let Some(clock) = a.clock {
+        t.set_clock(clock.clock())?;
+    }
+    t.set_snapshot_memory((a.snapshot_memory << 20) as usize);
+    if t.replay().positions() == machine::Clock::Landmark {
+        // gdb moves by single instructions, backwards too: positions within landmarks.
+        t.step_within_landmarks()?;
+    }
+    check_range(a, t.replay())?;
+    warn_if_cut_off(t.replay());
+    if let Some(from) = a.from {
+        let index = t.replay().checkpoint_before(from);
+        t.restore_checkpoint(index)?;
+        warn_notices(t.take_notices());
+    }
+    let Some(addr) = &a.gdb else {
+        unreachable!("called for --gdb only");
+    };
+    let opts = gdb::GdbOptions {
+        addr: addr.clone(),
+        allow_remote: a.gdb_allow_remote,
+        arch: match a.gdb_arch {
+            GdbArchArg::Auto => gdb::ArchChoice::Auto,
+            GdbArchArg::I386 => gdb::ArchChoice::I386,
+            GdbArchArg::X86_64 => gdb::ArchChoice::X86_64,
+        },
+        trace: a.trace.clone(),
+        image: a.kernel.clone(),
+    };
+    gdb::serve(t, &opts, Box::new(std::io::stdout()))?;
+    Ok(0)
+}
+
+/// Warns that a trace cut off by a crash replays only as far as it goes.
+fn warn_if_cut_off(r: &Replayer) {
+    if r.trace().cut_off() {
+        say(format_args!(
+            "retrovisor: warning: the recording was cut off (no clean end); replaying up to {}",
+            r.show(r.end())
+        ));
+    }
+}
+
+/// Refuses a `--from` or `--to` the replay could not honour: one it has no such position for (within a
+/// landmark, unless gdb drives a landmark trace), a range that runs backward, a start past the end of
+/// the recording (a replay would start at the last checkpoint and run to the end, as if asked for
+/// that), and an end at or before the checkpoint the replay starts from (it would run nothing).
+/// Positions are the trace's own, as `info` and `events` show them.
 fn check_range(a: &ReplayArgs, r: &Replayer) -> Result<(), CliError> {
-    let (unit, end) = (r.unit(), r.end_icount());
+    for (flag, position) in [("--from", a.from), ("--to", a.to)] {
+        if let Some(position) = position.filter(|&p| !r.can_reach(p)) {
+            return Err(CliError::NotAPosition {
+                flag,
+                position,
+                why: if r.positions() == machine::Clock::Step {
+                    "a step trace's positions are instruction counts, with nothing after the `+`"
+                } else {
+                    "instructions within a landmark are counted only when gdb drives the replay \
+                     (--gdb); give a landmark"
+                },
+            });
+        }
+    }
+    if let (Some(from), Some(to)) = (a.from, a.to) {
+        if to < from {
+            return Err(CliError::BackwardRange { from, to });
+        }
+    }
+    let end = r.end();
     if let Some(from) = a.from.filter(|&f| f > end) {
-        return Err(CliError::FromPastEnd { from, unit, end });
+        return Err(CliError::FromPastEnd {
+            from,
+            start: r.show(Position::START),
+            end: r.show(end),
+            last: end,
+        });
     }
     if let Some(to) = a.to {
-        let start = r.checkpoint_positions()[r.checkpoint_before(a.from.unwrap_or(0))];
+        let start =
+            r.checkpoint_positions()[r.checkpoint_before(a.from.unwrap_or(Position::START))];
         if to <= start {
             return Err(CliError::EmptyReplay {
                 to,
@@ -680,9 +734,9 @@ fn check_range(a: &ReplayArgs, r: &Replayer) -> Result<(), CliError> {
                     Some(from) => format!("the last checkpoint at or before --from {from}"),
                     None => "the first checkpoint".to_string(),
                 },
-                unit,
-                start,
-                end,
+                start: r.show(start),
+                start_at: start,
+                end: r.show(end),
             });
         }
     }
@@ -697,15 +751,15 @@ fn verify_recording(dir: &Path) -> Result<(), CliError> {
         dir.display()
     ));
     let mut r = Replayer::open(dir, None)?;
-    let bar = progress_bar(Some(r.end_icount()), "verifying");
+    let bar = progress_bar(Some(r.end().count()), "verifying");
     let b = bar.clone();
-    r.set_progress(Some(Box::new(move |position, target| {
-        b.set_length(target);
-        b.set_position(position);
+    r.set_progress(Some(Box::new(move |at, target| {
+        b.set_length(target.count());
+        b.set_position(at.count());
     })));
-    let halt = r.run_to(u64::MAX, &mut std::io::sink());
+    let halt = r.run_to(Position::END, &mut std::io::sink());
     bar.finish_and_clear();
-    warn_notices(&mut r);
+    warn_notices(r.take_notices());
     halt.map_err(|source| CliError::NotVerified {
         dir: dir.to_owned(),
         source,
@@ -714,15 +768,15 @@ fn verify_recording(dir: &Path) -> Result<(), CliError> {
     say(format_args!(
         "retrovisor: verified: {} replays exactly ({} {}, {checkpoints} checkpoints matched, output identical)",
         dir.display(),
-        r.end_icount(),
+        r.end().count(),
         words::counted(Some(r.positions())),
     ));
     Ok(())
 }
 
 /// Prints what the replay worked around (a corrupt checkpoint) as warnings.
-fn warn_notices(r: &mut Replayer) {
-    for notice in r.take_notices() {
+fn warn_notices(notices: Vec<String>) {
+    for notice in notices {
         eprintln!("retrovisor: warning: {notice}");
     }
 }
@@ -734,7 +788,7 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
     let (event_bytes, checkpoint_bytes) = t.sizes();
     let end = t
         .summary()
-        .map(|s| s.end_icount)
+        .map(|s| s.end)
         .unwrap_or_else(|| t.complete_upto());
     println!("trace:         {}", dir.display());
     println!(
@@ -895,11 +949,6 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
 
 /// One line per event and checkpoint, in position order.
 fn events(a: &EventsArgs) -> Result<i32, CliError> {
-    if let (Some(from), Some(to)) = (a.from, a.to) {
-        if to < from {
-            return Err(CliError::BackwardEvents { from, to });
-        }
-    }
     if let Some(kind) = a
         .kind
         .as_ref()
@@ -908,17 +957,20 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
         return Err(CliError::UnknownKind { kind: kind.clone() });
     }
     let t = traces::TraceReader::open(&a.trace)?;
-    let (from, to) = (a.from.unwrap_or(0), a.to.unwrap_or(u64::MAX));
-    let unit = if t.header().clock == "landmark" {
-        "landmark"
-    } else {
-        "icount"
-    };
+    let clock = machine::Clock::from_name(&t.header().clock).unwrap_or(machine::Clock::Step);
+    let (from, to) = (
+        a.from.unwrap_or(Position::START),
+        a.to.unwrap_or(Position::END),
+    );
+    if to < from {
+        return Err(CliError::BackwardEvents { from, to });
+    }
+    let unit = clock.unit();
     let wanted = |kind: &str| a.kind.as_deref().is_none_or(|k| k == kind);
     let mut checkpoints = t.checkpoints().iter().peekable();
     let mut out = std::io::stdout().lock();
     let mut line = |position: u64, rip: u64, kind: &str, what: String| {
-        if (from..=to).contains(&position) && wanted(kind) {
+        if (from..=to).contains(&Position::at(position)) && wanted(kind) {
             writeln!(
                 out,
                 "{unit} {position:>12}  rip {rip:#010x}  {kind:<11} {what}"
@@ -929,8 +981,8 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
     };
     let io = |e: std::io::Error| CliError::Output(e);
     for e in t.events() {
-        while let Some(c) = checkpoints.next_if(|c| c.icount <= e.icount) {
-            line(c.icount, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
+        while let Some(c) = checkpoints.next_if(|c| c.at <= e.at) {
+            line(c.at, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
         }
         let what = match &e.kind {
             traces::EventKind::SerialRx { bytes } => {
@@ -948,10 +1000,10 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
                 f.rip, f.rsp, f.rflags, f.regs, f.memory
             ),
         };
-        line(e.icount, e.rip, e.kind.name(), what).map_err(io)?;
+        line(e.at, e.rip, e.kind.name(), what).map_err(io)?;
     }
     for c in checkpoints {
-        line(c.icount, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
+        line(c.at, c.rip, CHECKPOINT_KIND, String::new()).map_err(io)?;
     }
     Ok(0)
 }

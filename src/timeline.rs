@@ -144,7 +144,7 @@ fn picture(trace: &TraceReader, replayed: Option<replay::Replayed>) -> Picture {
     let clock = words::clock_of(h);
     let end = trace
         .summary()
-        .map(|s| s.end_icount)
+        .map(|s| s.end)
         .unwrap_or_else(|| trace.complete_upto());
     let (output, verdict) = match replayed {
         Some(r) => (r.lines, r.verdict),
@@ -175,7 +175,7 @@ fn picture(trace: &TraceReader, replayed: Option<replay::Replayed>) -> Picture {
             .checkpoints()
             .iter()
             .map(|c| Mark {
-                position: c.icount,
+                position: c.at,
                 detail: format!(
                     "{} checkpoint, rip {:#x}",
                     if c.full { "full" } else { "incremental" },
@@ -196,7 +196,7 @@ fn picture(trace: &TraceReader, replayed: Option<replay::Replayed>) -> Picture {
             Some(machine::Clock::Landmark) => "exits the guest caused since boot",
             _ => "instructions retired since boot",
         },
-        end: end.max(trace.events().last().map_or(0, |e| e.icount)),
+        end: end.max(trace.events().last().map_or(0, |e| e.at)),
         events: trace.events().len(),
         ended: match trace.summary() {
             Some(s) => format!("guest {}", words::describe_stop(&s.stop)),
@@ -270,7 +270,7 @@ fn event_lanes(trace: &TraceReader) -> Vec<Lane> {
             marks: Vec::new(),
         });
         lane.marks.push(Mark {
-            position: e.icount,
+            position: e.at,
             detail: format!("{detail} (rip {:#x})", e.rip),
             tall: false,
         });

@@ -127,8 +127,8 @@ fn tampered_event_is_detected_as_divergence_with_its_icount() {
         .iter()
         .position(|e| matches!(e.kind, traces::EventKind::Interrupt { .. }))
         .expect("no interrupt recorded");
-    events[i].icount += 1;
-    let moved_to = events[i].icount;
+    events[i].at += 1;
+    let moved_to = events[i].at;
     let tampered = dir.join("tampered.rvt");
     rewrite(&reader, events, &tampered);
     let o = replay(&tampered, &[]);
@@ -589,7 +589,7 @@ fn an_irq_on_a_line_the_pic_pair_lacks_is_refused_naming_the_event() {
             .find(|(_, e)| matches!(e.kind, traces::EventKind::Irq { .. }))
             .expect("timer.elf takes timer interrupts");
         event.kind = traces::EventKind::Irq { line };
-        let position = event.icount;
+        let position = event.at;
         let tampered = dir.join(format!("line{line}.rvt"));
         rewrite(&reader, events, &tampered);
         assert_refused_everywhere(
@@ -671,7 +671,7 @@ fn a_lowered_chunk_bound_is_refused() {
     // ended it at, now lie past it.
     let (at, upto) = frames[2];
     let lowered = frames[1].1;
-    assert!(lowered < upto && reader.checkpoints().iter().any(|c| c.icount == upto));
+    assert!(lowered < upto && reader.checkpoints().iter().any(|c| c.at == upto));
     bytes[at + 16..at + 24].copy_from_slice(&lowered.to_le_bytes());
     let crc = crc32fast::hash(&bytes[at..at + 28]);
     bytes[at + 28..at + 32].copy_from_slice(&crc.to_le_bytes());
@@ -692,7 +692,7 @@ fn a_replay_from_boot_compares_what_each_checkpoint_stores_with_the_state_it_rea
     let (_, reader) = timer_trace(&dir);
     let victim = reader.checkpoints().len() / 2;
     assert!(!reader.checkpoints()[victim].full);
-    let position = reader.checkpoints()[victim].icount;
+    let position = reader.checkpoints()[victim].at;
     let name = format!("{position:020}.ckpt");
     // State bytes flipped: the first is the position's varint, so the state still decodes. A stored
     // page changed. A written page left out, so restoring keeps its older content.
@@ -723,7 +723,7 @@ fn a_replay_from_boot_compares_what_each_checkpoint_stores_with_the_state_it_rea
                 tamper(cp);
             }
         });
-        let before = reader.checkpoints()[victim - 2].icount.to_string();
+        let before = reader.checkpoints()[victim - 2].at.to_string();
         // From boot, and from a checkpoint before it.
         for extra in [&[][..], &["--from", &before]] {
             let o = replay(&tampered, extra);
@@ -759,7 +759,7 @@ fn ranges_and_kinds_that_select_nothing_sensible_are_refused_saying_what_is_vali
         .unwrap()
         .summary()
         .unwrap()
-        .end_icount;
+        .end;
     let past = (end + 1).to_string();
     for (args, needle) in [
         (
@@ -876,7 +876,7 @@ fn info_verify_refuses_what_replay_refuses() {
             cp.state.truncate(3);
         }
     });
-    let name = format!("{:020}.ckpt", reader.checkpoints()[victim].icount);
+    let name = format!("{:020}.ckpt", reader.checkpoints()[victim].at);
     let o = rv(&["info", "--verify", tampered.to_str().unwrap()]);
     assert_error(&o, "failed verification: 1 problem (listed above)");
     assert!(

@@ -41,11 +41,11 @@ fn a_divergence_on_a_step_trace_stops_gdb_where_the_replay_was_intact() {
             .iter()
             .position(|e| {
                 matches!(e.kind, traces::EventKind::Interrupt { .. })
-                    && (1..=1997).contains(&(e.icount % 2000))
+                    && (1..=1997).contains(&(e.at % 2000))
             })
             .expect("no interrupt away from the checkpoints recorded");
-        events[i].icount += 1;
-        events[i].icount
+        events[i].at += 1;
+        events[i].at
     });
     let mut server = GdbServer::start(&trace, &[]);
     let out = gdb_batch(
@@ -110,7 +110,7 @@ fn a_divergence_on_a_landmark_trace_stops_gdb_at_its_landmark() {
     let (trace, landmark) = tampered(&trace, &dir, |events| {
         let i = first_interrupt(events);
         events[i].rip ^= 1;
-        events[i].icount
+        events[i].at
     });
     let mut server = GdbServer::start(&trace, &[]);
     let out = gdb_batch(

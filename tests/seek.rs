@@ -3,21 +3,21 @@
 
 mod common;
 use common::*;
-use replayer::Replayer;
+use replayer::{Position, Timeline};
 
 #[test]
 fn seeking_backward_and_forward_reaches_identical_states() {
     let dir = scratch("seek");
     let (trace, _) = record(&dir, "timer", &["--checkpoint-every", "30000"]);
-    let mut r = Replayer::open(&trace, None).unwrap();
-    let end = r.end_icount();
+    let mut r = Timeline::open(&trace, None).unwrap();
+    let end = r.replay().end().count();
     let points: Vec<u64> = (1..=24).map(|i| end * i / 25 + i).collect();
     let mut sink = Vec::new();
     let mut expected = Vec::new();
     for &p in &points {
-        r.run_to(p, &mut sink).unwrap();
-        assert_eq!(r.icount(), p);
-        expected.push((p, r.digest().unwrap(), r.machine().rip()));
+        r.run_to(Position::at(p), &mut sink).unwrap();
+        assert_eq!(r.position(), Position::at(p));
+        expected.push((p, r.digest().unwrap(), r.replay().machine().rip()));
     }
     let (snaps, _) = r.snapshot_stats();
     assert!(
@@ -31,17 +31,21 @@ fn seeking_backward_and_forward_reaches_identical_states() {
     }
     for &i in &order {
         let (p, digest, rip) = expected[i];
-        r.seek(p, &mut sink).unwrap();
-        assert_eq!(r.icount(), p);
-        assert_eq!(r.machine().rip(), rip, "rip differs after seeking to {p}");
+        r.seek(Position::at(p), &mut sink).unwrap();
+        assert_eq!(r.position(), Position::at(p));
+        assert_eq!(
+            r.replay().machine().rip(),
+            rip,
+            "rip differs after seeking to {p}"
+        );
         assert_eq!(
             r.digest().unwrap(),
             digest,
             "state differs after seeking to {p}"
         );
         // One instruction back from here, then forward again, lands on the same state.
-        r.seek(p - 1, &mut sink).unwrap();
-        r.seek(p, &mut sink).unwrap();
+        r.seek(Position::at(p - 1), &mut sink).unwrap();
+        r.seek(Position::at(p), &mut sink).unwrap();
         assert_eq!(
             r.digest().unwrap(),
             digest,

@@ -238,7 +238,7 @@ fn a_divergence_is_marked_where_replay_reports_it_with_its_message() {
         .iter()
         .position(|e| matches!(e.kind, traces::EventKind::Interrupt { .. }))
         .expect("no interrupt recorded");
-    events[first].icount += 1;
+    events[first].at += 1;
     let tampered = dir.join("tampered.rvt");
     rewrite(&reader, events, &tampered);
     let replayed = text(&replay(&tampered, &[]).stderr);

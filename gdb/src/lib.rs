@@ -31,7 +31,7 @@ use arch::{GuestArch, I386, X86_64};
 use boot::symbols::Symbols;
 use gdbstub::stub::{DisconnectReason, GdbStub};
 use replayer::search::SearchError;
-use replayer::Replayer;
+use replayer::{Replayer, Timeline};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -120,14 +120,14 @@ pub struct GdbOptions {
     pub image: Option<PathBuf>,
 }
 
-/// Serves `replayer` to gdb from its current position until gdb detaches or kills it. Guest serial output
+/// Serves `timeline` to gdb from its current position until gdb detaches or kills it. Guest serial output
 /// produced while gdb runs the guest goes to `out` (each piece once, even when execution goes back over it).
-pub fn serve(replayer: Replayer, opts: &GdbOptions, out: Box<dyn Write>) -> Result<(), GdbError> {
+pub fn serve(timeline: Timeline, opts: &GdbOptions, out: Box<dyn Write>) -> Result<(), GdbError> {
     let addrs = resolve(&opts.addr, opts.allow_remote)?;
     let image = opts
         .image
         .clone()
-        .unwrap_or_else(|| PathBuf::from(&replayer.trace().header().image_path));
+        .unwrap_or_else(|| PathBuf::from(&timeline.replay().trace().header().image_path));
     let (elf64, symbols) = read_image(&image)?;
     let x86_64 = match opts.arch {
         ArchChoice::I386 => false,
@@ -146,14 +146,14 @@ pub fn serve(replayer: Replayer, opts: &GdbOptions, out: Box<dyn Write>) -> Resu
     };
     if x86_64 {
         serve_as::<X86_64>(
-            ReplayTarget::new(replayer, out, symbols),
+            ReplayTarget::new(timeline, out, symbols),
             &listener,
             &image,
             hint,
         )
     } else {
         serve_as::<I386>(
-            ReplayTarget::new(replayer, out, symbols),
+            ReplayTarget::new(timeline, out, symbols),
             &listener,
             &image,
             hint,
@@ -208,7 +208,7 @@ fn ends_in_long_mode(opts: &GdbOptions) -> bool {
         let mut r = Replayer::open(&opts.trace, opts.image.as_deref())?;
         let last = r.trace().checkpoints().len().saturating_sub(1);
         r.restore_checkpoint(last)?;
-        let end = r.end_icount();
+        let end = r.end();
         r.run_to(end, &mut std::io::sink())?;
         Ok(arch::in_long_mode(r.machine()))
     };

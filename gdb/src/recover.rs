@@ -3,7 +3,7 @@
 //! position it reached intact, and the user is told what failed and where they are.
 
 use replayer::search::{self, SearchError};
-use replayer::Replayer;
+use replayer::{Position, Timeline};
 use std::io::Write;
 
 /// Which way the command that failed was moving: where it is best to stop.
@@ -22,13 +22,13 @@ pub(crate) enum Motion {
 /// reached intact and returns the lines that tell the user (each ending in a newline). Err with `error`
 /// if no such position can be reached again: then the replay cannot go on.
 pub(crate) fn recover(
-    r: &mut Replayer,
+    t: &mut Timeline,
     error: SearchError,
     motion: Motion,
-    started: u64,
+    started: Position,
     out: &mut dyn Write,
 ) -> Result<String, SearchError> {
-    let last = r.last_intact();
+    let last = t.replay().last_intact();
     let target = match motion {
         Motion::Forward if last >= started => last,
         Motion::Seek => last,
@@ -37,11 +37,11 @@ pub(crate) fn recover(
     // Where the command started was reached once already, so it is the fallback.
     let reached = [target, started]
         .into_iter()
-        .find(|&p| search::seek(r, p, out).is_ok() && r.icount() == p);
+        .find(|&p| search::seek(t, p, out).is_ok() && t.position() == p);
     let Some(at) = reached else {
         return Err(error);
     };
-    let here = r.describe(at);
+    let here = t.replay().show(at);
     let whereabouts = match motion {
         Motion::Forward if at == target => format!(
             "stopped at {here}, the last position the replay reached intact; it cannot run on past the \

@@ -1,4 +1,4 @@
-//! The gdbstub target: a [`Replayer`] that gdb drives forward and backward, with breakpoints and watchpoints
+//! The gdbstub target: a [`Timeline`] that gdb drives forward and backward, with breakpoints and watchpoints
 //! checked by the replayer (never written into guest memory), reads by guest-virtual address, refused writes,
 //! and `monitor` commands. Also the blocking event loop that runs it and watches the connection for Ctrl-C.
 
@@ -28,7 +28,7 @@ use gdbstub::target::ext::monitor_cmd::{
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
 use replayer::search::{self, Access, Hit, Outcome, SearchError, StopSet, Watch};
-use replayer::Replayer;
+use replayer::{Position, Timeline};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::marker::PhantomData;
@@ -92,7 +92,7 @@ enum Resume {
 
 /// The replay as gdb sees it.
 pub(crate) struct ReplayTarget<A> {
-    replayer: Replayer,
+    timeline: Timeline,
     /// Where guest serial output goes.
     out: Box<dyn Write>,
     /// Breakpoints gdb set with `Z0` (`break`) and `Z1` (`hbreak`): both are address compares, kept apart
@@ -137,10 +137,10 @@ impl Resume {
 }
 
 impl<A: GuestArch> ReplayTarget<A> {
-    /// `replayer` at its current position, with guest serial output going to `out`.
-    pub(crate) fn new(replayer: Replayer, out: Box<dyn Write>, symbols: Symbols) -> Self {
+    /// `timeline` at its current position, with guest serial output going to `out`.
+    pub(crate) fn new(timeline: Timeline, out: Box<dyn Write>, symbols: Symbols) -> Self {
         ReplayTarget {
-            replayer,
+            timeline,
             out,
             sw: BTreeSet::new(),
             hw: BTreeSet::new(),
@@ -155,8 +155,8 @@ impl<A: GuestArch> ReplayTarget<A> {
     }
 
     /// The current position, as the user reads it ("icount 12345", "landmark 44 + 102").
-    pub(crate) fn position(&self) -> String {
-        self.replayer.describe(self.replayer.icount())
+    pub(crate) fn position(&self) -> replayer::Shown {
+        self.timeline.replay().show(self.timeline.position())
     }
 
     /// Forgets what a previous gdb session set up: a new session inserts its own breakpoints, and a run that
@@ -206,7 +206,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             peer.as_ref().is_some_and(peeked)
         };
         let (changes, end) = search::history(
-            &mut self.replayer,
+            &mut self.timeline,
             (addr, len),
             HISTORY_LIMIT,
             &mut *self.out,
@@ -229,7 +229,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             outputln!(
                 out,
                 "  {:<24} rip {:#x}{function}: {} -> {}",
-                self.replayer.describe(c.position),
+                self.timeline.replay().show(c.position),
                 c.rip,
                 hex_value(&c.old),
                 hex_value(&c.new)
@@ -251,9 +251,9 @@ impl<A: GuestArch> ReplayTarget<A> {
     /// An address and length from `monitor history`'s words: a number, or a name from the image's symbols
     /// with or without `&`.
     fn resolve(&self, what: &str, len: &str) -> Option<(u64, u64)> {
-        let len = parse_icount(len).filter(|&l| (1..=MAX_WATCH_LEN).contains(&l))?;
+        let len = parse_number(len).filter(|&l| (1..=MAX_WATCH_LEN).contains(&l))?;
         let name = what.strip_prefix('&').unwrap_or(what);
-        let addr = parse_icount(what).or_else(|| self.symbols.find(name).map(|(a, _)| a))?;
+        let addr = parse_number(what).or_else(|| self.symbols.find(name).map(|(a, _)| a))?;
         Some((addr, len))
     }
 
@@ -266,12 +266,12 @@ impl<A: GuestArch> ReplayTarget<A> {
             );
             return Ok(());
         };
-        let Ok(physical) = self.replayer.machine().translate(addr) else {
+        let Ok(physical) = self.timeline.replay().machine().translate(addr) else {
             outputln!(out, "monitor history-page: {addr:#x} is not mapped here");
             return Ok(());
         };
         let pfn = physical >> 12;
-        let bounds = self.replayer.checkpoint_positions().to_vec();
+        let bounds = self.timeline.replay().checkpoint_positions().to_vec();
         outputln!(
             out,
             "page {:#x} (physical {:#x}) is written between these checkpoints:",
@@ -280,13 +280,13 @@ impl<A: GuestArch> ReplayTarget<A> {
         );
         let mut listed = 0;
         for pair in bounds.windows(2) {
-            let written = self.replayer.pages_written(pair[0], pair[1]);
+            let written = self.timeline.pages_written(pair[0], pair[1]);
             if written.is_some_and(|w| w.contains(&pfn)) {
                 outputln!(
                     out,
                     "  {} .. {}",
-                    self.replayer.describe(pair[0]),
-                    self.replayer.describe(pair[1])
+                    self.timeline.replay().show(pair[0]),
+                    self.timeline.replay().show(pair[1])
                 );
                 listed += 1;
             }
@@ -295,7 +295,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             outputln!(
                 out,
                 "  ({listed} interval(s); after {} the trace does not say)",
-                self.replayer.describe(last)
+                self.timeline.replay().show(last)
             );
         }
         Ok(())
@@ -321,7 +321,7 @@ impl<A: GuestArch> ReplayTarget<A> {
     /// write was refused. Each piece once.
     fn take_console(&mut self) -> String {
         let mut text: String = self
-            .replayer
+            .timeline
             .take_notices()
             .into_iter()
             .map(|notice| format!("retrovisor: warning: {notice}\n"))
@@ -336,9 +336,9 @@ impl<A: GuestArch> ReplayTarget<A> {
         &mut self,
         error: SearchError,
         motion: Motion,
-        started: u64,
+        started: Position,
     ) -> Result<String, SearchError> {
-        let told = recover(&mut self.replayer, error, motion, started, &mut *self.out)?;
+        let told = recover(&mut self.timeline, error, motion, started, &mut *self.out)?;
         Ok(self.take_console() + &told)
     }
 
@@ -386,7 +386,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<Outcome, SearchError> {
         let stops = self.stops();
-        let (r, out) = (&mut self.replayer, &mut *self.out);
+        let (r, out) = (&mut self.timeline, &mut *self.out);
         match resume {
             Resume::Continue => search::run_forward(r, &stops, None, out, interrupted),
             Resume::Range(start, end) => {
@@ -409,8 +409,8 @@ impl<A: GuestArch> ReplayTarget<A> {
             ["when"] => outputln!(
                 out,
                 "{} (the recording ends at {})",
-                self.replayer.describe(self.replayer.icount()),
-                self.replayer.describe(self.replayer.end_icount())
+                self.timeline.replay().show(self.timeline.position()),
+                self.timeline.replay().show(self.timeline.replay().end())
             ),
             ["seek", rest @ ..] => self.monitor_seek(&rest.join(" "), true, out)?,
             ["rv-seek", rest @ ..] => self.monitor_seek(&rest.join(" "), false, out)?,
@@ -430,8 +430,8 @@ impl<A: GuestArch> ReplayTarget<A> {
         advice: bool,
         out: &mut ConsoleOutput<'_>,
     ) -> Result<(), SearchError> {
-        let Some(target) = parse_position(position, &self.replayer) else {
-            if self.replayer.steps_within_landmarks() {
+        let Some(target) = parse_position(position, &self.timeline) else {
+            if self.timeline.replay().steps_within_landmarks() {
                 outputln!(
                     out,
                     "monitor seek: {position:?} is not a position of this landmark trace (a landmark such \
@@ -445,8 +445,8 @@ impl<A: GuestArch> ReplayTarget<A> {
             }
             return Ok(());
         };
-        let started = self.replayer.icount();
-        let outcome = match search::seek(&mut self.replayer, target, &mut *self.out) {
+        let started = self.timeline.position();
+        let outcome = match search::seek(&mut self.timeline, target, &mut *self.out) {
             Ok(outcome) => outcome,
             Err(error) => {
                 return match self.recover(error, Motion::Seek, started) {
@@ -468,7 +468,7 @@ impl<A: GuestArch> ReplayTarget<A> {
         outputln!(
             out,
             "now at {}",
-            self.replayer.describe(self.replayer.icount())
+            self.timeline.replay().show(self.timeline.position())
         );
         if outcome == Outcome::End {
             outputln!(out, "(the end of the recording)");
@@ -495,26 +495,18 @@ fn hex_value(bytes: &[u8]) -> String {
     format!("0x{digits}")
 }
 
-/// A decimal or 0x-prefixed hexadecimal icount.
-fn parse_icount(s: &str) -> Option<u64> {
+/// A decimal or 0x-prefixed hexadecimal number.
+fn parse_number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),
     }
 }
 
-/// A position as `monitor seek` takes it: an icount, or for a landmark trace a landmark with an optional
-/// `+ instructions` (as `monitor when` prints it, with or without the word "landmark").
-fn parse_position(s: &str, replayer: &Replayer) -> Option<u64> {
-    if !replayer.steps_within_landmarks() {
-        return parse_icount(s.trim());
-    }
-    let s = s.trim().trim_start_matches("landmark").trim();
-    let (landmark, offset) = match s.split_once('+') {
-        Some((l, o)) => (parse_icount(l.trim())?, parse_icount(o.trim())?),
-        None => (parse_icount(s)?, 0),
-    };
-    (offset < 1 << 32).then(|| replayer::position::encode(landmark, offset))
+/// A position as `monitor seek` takes it: as `monitor when` prints it, with or without its unit word
+/// (`icount 12345`, `0x3039`, and for a landmark trace `landmark 1234`, `1234+56`), if the replay has it.
+fn parse_position(s: &str, timeline: &Timeline) -> Option<Position> {
+    s.parse().ok().filter(|&p| timeline.replay().can_reach(p))
 }
 
 impl<A: GuestArch> Target for ReplayTarget<A> {
@@ -534,7 +526,7 @@ impl<A: GuestArch> Target for ReplayTarget<A> {
 
 impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
     fn read_registers(&mut self, regs: &mut A::Registers) -> TargetResult<(), Self> {
-        let machine = self.replayer.machine();
+        let machine = self.timeline.replay().machine();
         let fpu = machine.fpu().map_err(|e| {
             eprintln!("retrovisor: gdb: cannot read the guest's FPU registers: {e}");
             TargetError::NonFatal
@@ -548,7 +540,7 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
     }
 
     fn read_addrs(&mut self, start: A::Usize, data: &mut [u8]) -> TargetResult<usize, Self> {
-        let machine = self.replayer.machine();
+        let machine = self.timeline.replay().machine();
         let start = A::from_gdb(start);
         // Without long mode, linear addresses are 32 bits wide: wider ones do not exist (rather than wrap).
         let long_mode = in_long_mode(machine);
@@ -743,7 +735,7 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
                 SingleThreadStopReason::DoneStep,
             ));
         };
-        let started = target.replayer.icount();
+        let started = target.timeline.position();
         // Anything from gdb while running (normally the Ctrl-C byte) interrupts the run; a broken connection
         // counts as data too, so that the read below reports it.
         let ran = target.run(resume, &mut || conn.peek().map_or(true, |b| b.is_some()));

@@ -142,7 +142,7 @@ impl HostEnv {
     /// Logs an event at the current position.
     pub fn log(&mut self, kind: EventKind) {
         self.events.push(Event {
-            icount: self.icount,
+            at: self.icount,
             rip: self.rip,
             kind,
         });

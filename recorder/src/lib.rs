@@ -278,7 +278,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     let full = checkpoints.is_multiple_of(schedule.full_every());
                     let snap = machine.snapshot(full)?;
                     w.write_checkpoint(&Checkpoint {
-                        icount: position,
+                        at: position,
                         rip: snap.rip,
                         full,
                         digest: snap.digest,
@@ -380,7 +380,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     let mut trace_bytes = (0, 0);
     if let Some(mut w) = writer {
         w.push(Event {
-            icount: position,
+            at: position,
             rip: machine.rip(),
             kind: EventKind::Stop { reason: stop },
         })
@@ -393,7 +393,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         trace_bytes = w.bytes_written();
         let (dir, replayable) = (w.dir().to_owned(), w.replayable_upto());
         w.finish(&Summary {
-            end_icount: position,
+            end: position,
             stop,
             events_by_kind: counts.clone(),
             checkpoints,

@@ -1,11 +1,12 @@
 //! Replay: rebuilds the recorded machine from the trace and the guest image alone, restores a checkpoint
-//! and runs forward with every logged input re-applied at exactly its instruction count. Any disagreement
-//! between the replay and the log is a divergence, reported with its icount and what differed.
+//! and runs forward with every logged input re-applied at exactly its position. Any disagreement
+//! between the replay and the log is a divergence, reported with its position and what differed.
+//!
+//! A [`Replayer`] goes forward only, checking the machine against the log; a [`Timeline`] drives one
+//! to any position, backward too, and owns the searches ([`search`]).
 
 mod log;
-pub mod position;
-pub mod search;
-mod snapshots;
+pub mod timeline;
 pub mod verify;
 
 use devices::disk::DiskImage;
@@ -13,13 +14,14 @@ pub use log::Divergence;
 use log::LogHost;
 use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search};
 use sha2::{Digest, Sha256};
-use snapshots::{PageMap, Snap, SnapshotCache};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use thiserror::Error;
+pub use timeline::{search, Timeline, DEFAULT_SNAPSHOT_MEMORY};
 use traces::{Event, StopReason, TraceReader};
+pub use vocab::{Position, Shown};
 
 // Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
 // their limits must be this machine's.
@@ -88,7 +90,7 @@ pub enum ReplayError {
         /// Its index.
         index: usize,
         /// Its position, as the user reads it ("icount N", "landmark N").
-        position: String,
+        position: Shown,
         /// What differs.
         what: String,
     },
@@ -97,56 +99,48 @@ pub enum ReplayError {
 /// What a forward run stopped on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Halt {
-    /// Reached the requested icount.
+    /// Reached the requested position.
     Target,
     /// The recording ends here, with this reason (None: the trace was cut off here).
     End(Option<StopReason>),
 }
 
-/// A replay in progress.
+/// A replay in progress, going forward.
 pub struct Replayer {
     trace: TraceReader,
     machine: Machine,
     host: LogHost,
-    /// Where replay ends: the recording's last instruction boundary.
-    end: u64,
+    /// Where replay ends: the recording's last position.
+    end: Position,
     /// Index of the next checkpoint whose digest to verify.
     next_verify: usize,
     /// Hash of all output printed since boot (None once a jump forward skipped some).
     output_hash: Option<Sha256>,
-    /// Output of instructions before this icount has been printed already: after a jump back, re-executed
+    /// Output of positions before this one has been printed already: after a jump back, re-executed
     /// instructions print nothing, so the user sees the guest's output once, in order.
-    printed_upto: u64,
+    printed_upto: Position,
     finished: Option<Halt>,
-    /// In-memory snapshots taken while replaying, for fast moves backward.
-    cache: SnapshotCache,
-    /// Guest RAM as of the last restore or snapshot: the base the next snapshot's dirty pages apply to.
-    base_pages: Rc<PageMap>,
-    /// The position the user is looking at: snapshots are densest around it.
-    focus: u64,
-    /// The current position and the rip where the machine stood when it got there (or at the kick taken
+    /// The trace position and the rip where the machine stood when it got there (or at the kick taken
     /// since): what the recorder tagged the values asked for until the next position with.
     anchor: (u64, u64),
     /// Problems worked around, for the user (see [`Replayer::take_notices`]).
     notices: Vec<String>,
     /// Whether the machine is where the replay put it without error: false from a failed step or restore
-    /// until the next restore succeeds, since a failure can leave it anywhere (see [`Replayer::seek`]).
+    /// until the next restore succeeds, since a failure can leave it anywhere (see [`Timeline::seek`]).
     intact: bool,
     /// The position the last step started from, or the last restore reached: the latest the replay
     /// reached intact (see [`Replayer::last_intact`]).
-    last_intact: u64,
-    /// The position of each checkpoint, in this replay's unit (see [`Replayer::icount`]).
-    checkpoint_positions: Vec<u64>,
-    /// A landmark trace replayed with instruction positions relative to landmarks (see
-    /// [`position::encode`]): free running to a landmark, single-stepping from there.
+    last_intact: Position,
+    /// The position of each checkpoint.
+    checkpoint_positions: Vec<Position>,
+    /// A landmark trace replayed with positions within landmarks: free running to a landmark,
+    /// single-stepping from there.
     stepping_within: bool,
-    /// With `stepping_within`: instructions stepped since the current landmark.
+    /// With `stepping_within`: instructions stepped since the current landmark
+    /// ([`Position::UNKNOWN_OFFSET`] after a free run stopped between landmarks).
     offset: u64,
     /// Which hardware stop of a free run fired (see [`Replayer::run_free_with`]).
     free_stop: Option<usize>,
-    /// Ranges of positions a free run passed through with breakpoints armed that did not fire: (the
-    /// breakpoint rips, first position, end position exclusive).
-    clear_runs: Vec<(Vec<u64>, u64, u64)>,
     /// Reads the trace's checkpoints in order as the replay passes them, to compare what each stores
     /// with the machine (see [`Replayer::check_contents`]); None until the first restore.
     chain: Option<traces::ChainCursor>,
@@ -155,20 +149,44 @@ pub struct Replayer {
     contents_checked: Vec<bool>,
     /// Checkpoints found unreadable, each said once in the notices (see [`Replayer::note_unreadable`]).
     unreadable: BTreeSet<usize>,
-    /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them (None:
-    /// the checkpoint cannot be read).
-    page_sets: std::collections::HashMap<usize, Option<Rc<BTreeSet<u64>>>>,
     progress: Option<Progress>,
 }
 
-/// A progress callback: (current icount, target icount).
-pub type Progress = Box<dyn FnMut(u64, u64)>;
+/// What the replay needs, besides guest RAM, to resume at a position it passed: the machine's CPU and
+/// device state, the pages written since the checkpoint before (what fingerprints digest), and where
+/// it stood in the log.
+pub(crate) struct ResumePoint {
+    at: Position,
+    state: Vec<u8>,
+    dirty_since_checkpoint: Vec<u64>,
+    cursor: usize,
+    anchor: (u64, u64),
+}
 
-/// How often (in instructions) long runs report progress.
+impl ResumePoint {
+    /// Bytes of state it holds.
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.state.len()
+    }
+
+    /// A resume point holding `state` alone, for the snapshot cache's tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(at: Position, state: Vec<u8>) -> ResumePoint {
+        ResumePoint {
+            at,
+            state,
+            dirty_since_checkpoint: Vec::new(),
+            cursor: 0,
+            anchor: (0, 0),
+        }
+    }
+}
+
+/// A progress callback: (current position, target position).
+pub type Progress = Box<dyn FnMut(Position, Position)>;
+
+/// How often (in positions) long runs report progress.
 const PROGRESS_EVERY: u64 = 16_384;
-
-/// Default memory cap of the snapshot cache.
-pub const DEFAULT_SNAPSHOT_MEMORY: u64 = 512 << 20;
 
 /// Opens the guest image named in the trace header (or `image` if given) and checks its hash.
 fn load_image(trace: &TraceReader, image: Option<&Path>) -> Result<Vec<u8>, ReplayError> {
@@ -242,18 +260,29 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
 impl Replayer {
     /// Opens a trace and positions the replay at its first checkpoint.
     pub fn open(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
+        let mut replayer = Replayer::load(dir, image)?;
+        replayer.restore_checkpoint(0)?;
+        Ok(replayer)
+    }
+
+    /// Opens a trace and builds its machine, without restoring a checkpoint yet.
+    pub(crate) fn load(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
         let mut trace = TraceReader::open(dir)?;
         let image = load_image(&trace, image)?;
         trace.set_image(image.clone());
         let machine = build_machine(&trace, &image)?;
         let end = trace
             .summary()
-            .map(|s| s.end_icount)
+            .map(|s| s.end)
             .unwrap_or_else(|| trace.complete_upto());
         let events: Rc<[Event]> = trace.events().into();
-        let checkpoint_positions = trace.checkpoints().iter().map(|c| c.icount).collect();
+        let checkpoint_positions = trace
+            .checkpoints()
+            .iter()
+            .map(|c| Position::at(c.at))
+            .collect();
         let contents_checked = vec![false; trace.checkpoints().len()];
-        let mut replayer = Replayer {
+        Ok(Replayer {
             chain: None,
             contents_checked,
             unreadable: BTreeSet::new(),
@@ -262,26 +291,19 @@ impl Replayer {
             stepping_within: false,
             offset: 0,
             free_stop: None,
-            page_sets: std::collections::HashMap::new(),
-            clear_runs: Vec::new(),
             trace,
             machine,
-            end,
+            end: Position::at(end),
             next_verify: 0,
             output_hash: Some(Sha256::new()),
-            printed_upto: 0,
+            printed_upto: Position::START,
             finished: None,
-            cache: SnapshotCache::new(DEFAULT_SNAPSHOT_MEMORY as usize),
-            base_pages: Rc::new(PageMap::new()),
-            focus: 0,
             anchor: (u64::MAX, 0),
             notices: Vec::new(),
             intact: false,
-            last_intact: 0,
+            last_intact: Position::START,
             progress: None,
-        };
-        replayer.restore_checkpoint(0)?;
-        Ok(replayer)
+        })
     }
 
     /// The trace being replayed.
@@ -299,62 +321,48 @@ impl Replayer {
         Ok(self.machine.digest()?)
     }
 
-    /// Current position: instructions retired (step traces) or landmarks passed (landmark traces).
-    pub fn icount(&self) -> u64 {
+    /// The current position: instructions retired (step traces), landmarks passed (landmark traces), and
+    /// the instructions since the landmark when stepping within landmarks.
+    pub fn position(&self) -> Position {
         if self.stepping_within {
-            position::encode(self.machine.landmarks(), self.offset)
+            Position::within(self.machine.landmarks(), self.offset)
         } else {
-            self.machine.position()
+            Position::at(self.machine.position())
         }
     }
 
-    /// What positions count in this replay: "icount" or "landmark".
-    pub fn unit(&self) -> &'static str {
-        self.positions().unit()
+    /// A position as the user reads it: "icount N", "landmark N" or "landmark N + K".
+    pub fn show(&self, position: Position) -> Shown {
+        position.show(self.positions())
     }
 
-    /// Whether positions are (landmark, instructions since it), encoded by [`position::encode`].
+    /// Whether positions have instructions within landmarks (see [`Replayer::step_within_landmarks`]).
     pub fn steps_within_landmarks(&self) -> bool {
         self.stepping_within
     }
 
-    /// A position as the user reads it: "icount N", "landmark N" or "landmark N + K".
-    pub fn describe(&self, position: u64) -> String {
-        if self.stepping_within {
-            let (landmark, offset) = position::decode(position);
-            match offset {
-                0 => format!("landmark {landmark}"),
-                _ => format!("landmark {landmark} + {offset}"),
-            }
-        } else {
-            format!("{} {position}", self.unit())
-        }
+    /// Whether `position` names a position of this replay: a step trace's, or a landmark trace's with
+    /// no instructions past the landmark unless the replay steps within landmarks.
+    pub fn can_reach(&self, position: Position) -> bool {
+        position.offset() == 0 || self.stepping_within
     }
 
-    /// Replays a landmark trace with instruction positions from now on, without an index: a position is
-    /// a landmark and the instructions since it ([`position::encode`]). Runs free (landmark clock) to the
-    /// landmark of a target, then single-steps to it; so moving by single instructions, backwards too,
-    /// costs no more than the instructions since the landmark before. Restarts at the first checkpoint.
+    /// Replays a landmark trace with positions within landmarks from now on: a landmark and the
+    /// instructions since it. Runs free (landmark clock) to the landmark of a target, then single-steps
+    /// to it; so moving by single instructions, backwards too, costs no more than the instructions
+    /// since the landmark before. Call it at a landmark (a checkpoint restored).
     pub fn step_within_landmarks(&mut self) -> Result<(), ReplayError> {
         if self.positions() != Clock::Landmark {
             return Err(ReplayError::NotALandmarkTrace);
         }
-        self.checkpoint_positions = self
-            .trace
-            .checkpoints()
-            .iter()
-            .map(|c| position::encode(c.icount, 0))
-            .collect();
-        self.end = position::encode(self.end, 0);
         self.stepping_within = true;
-        self.cache = SnapshotCache::new(self.cache.cap_bytes());
-        self.restore_checkpoint(0)?;
+        self.offset = 0;
         Ok(())
     }
 
     /// Stepping within landmarks: runs free (landmark clock) to the next landmark with `breakpoints` (rips)
     /// in the debug registers. Returns which one fired first, if one did: the machine is then where it fired,
-    /// at a point whose position is unknown until [`Replayer::locate`]. Otherwise it is at the next
+    /// at a point whose position is unknown until [`Timeline::locate`]. Otherwise it is at the next
     /// landmark (or the end of the recording).
     pub fn run_free_with(
         &mut self,
@@ -370,68 +378,34 @@ impl Replayer {
         Ok(self.free_stop.take())
     }
 
-    /// After a free run stopped between landmarks ([`Replayer::run_free_with`]): finds the position of
-    /// the point the machine is at, by stepping from its landmark to the first point with the same
-    /// fingerprint (which has the same future), and leaves the replay there.
-    pub fn locate(&mut self, out: &mut dyn Write) -> Result<u64, ReplayError> {
-        let fingerprint = self.machine.fingerprint()?;
-        let landmark = self.machine.landmarks();
-        self.seek(position::encode(landmark, 0), out)?;
-        self.use_clock(Clock::Step)?;
-        while !self.machine.matches(&fingerprint)? {
-            if self.finished.is_some() || self.machine.landmarks() != landmark {
-                return Err(Divergence::new(
-                    landmark,
-                    format!(
-                        "a free run stopped at rip {:#x} after landmark {landmark}, but stepping from the \
-                         landmark never reached that state",
-                        fingerprint.rip
-                    ),
-                )
-                .into());
-            }
-            self.step(out)?;
-        }
-        Ok(self.icount())
+    /// The state that names the point the machine is at (see [`Machine::fingerprint`]).
+    pub(crate) fn fingerprint(&mut self) -> Result<machine::Fingerprint, ReplayError> {
+        Ok(self.machine.fingerprint()?)
     }
 
-    /// The guest-physical pages written between positions `from` and `to` (by the guest or a device), as a
-    /// superset: the union of what the trace's checkpoints list for the checkpoint intervals that overlap
-    /// the range. None where the trace cannot tell (after its last checkpoint, or where a checkpoint's list
-    /// cannot be read: that is in [`Replayer::take_notices`]).
-    pub fn pages_written(&mut self, from: u64, to: u64) -> Option<Rc<BTreeSet<u64>>> {
-        let first = self.checkpoint_before(from);
-        let last = self.checkpoint_positions.partition_point(|&c| c < to);
-        if last >= self.checkpoint_positions.len() {
-            return None;
-        }
-        let mut union = BTreeSet::new();
-        for next in first + 1..=last {
-            let pages = match self.page_sets.get(&next) {
-                Some(pages) => pages.clone()?,
-                None => {
-                    let pages = match self.trace.pages_written_before(next) {
-                        Ok(pages) => Some(Rc::new(pages.into_iter().collect())),
-                        // A damaged checkpoint only costs a search its shortcut: it replays the range.
-                        Err(e) => {
-                            self.note_unreadable(next, &e);
-                            None
-                        }
-                    };
-                    self.page_sets.insert(next, pages.clone());
-                    pages?
-                }
-            };
-            if first + 1 == last {
-                return Some(pages);
-            }
-            union.extend(pages.iter().copied());
-        }
-        Some(Rc::new(union))
+    /// Whether the machine is at the point `fingerprint` names.
+    pub(crate) fn matches(
+        &mut self,
+        fingerprint: &machine::Fingerprint,
+    ) -> Result<bool, ReplayError> {
+        Ok(self.machine.matches(fingerprint)?)
     }
 
-    /// The positions of the trace's checkpoints, in this replay's unit.
-    pub fn checkpoint_positions(&self) -> &[u64] {
+    /// The pages checkpoint `index` lists as written since the one before (None if it cannot be read:
+    /// that is in the notices).
+    pub(crate) fn pages_written_before(&mut self, index: usize) -> Option<Rc<BTreeSet<u64>>> {
+        match self.trace.pages_written_before(index) {
+            Ok(pages) => Some(Rc::new(pages.into_iter().collect())),
+            // A damaged checkpoint only costs a search its shortcut: it replays the range.
+            Err(e) => {
+                self.note_unreadable(index, &e);
+                None
+            }
+        }
+    }
+
+    /// The positions of the trace's checkpoints.
+    pub fn checkpoint_positions(&self) -> &[Position] {
         &self.checkpoint_positions
     }
 
@@ -441,49 +415,14 @@ impl Replayer {
         Ok(self.machine.wrote_since_probe(pfns)?)
     }
 
-    /// Notes that positions `from..to` hold no hit of the breakpoints at `rips`: a free run passed through
-    /// them with those armed. (Positions are the recording's: this holds whatever the replay does later.)
-    pub fn note_clear(&mut self, rips: &[u64], from: u64, to: u64) {
-        if from < to {
-            self.clear_runs.push((rips.to_vec(), from, to));
-        }
-    }
-
-    /// Whether positions `from..to` are known to hold no hit of the breakpoint at `rip`.
-    pub fn known_clear(&self, rip: u64, from: u64, to: u64) -> bool {
-        self.clear_runs
-            .iter()
-            .any(|(rips, a, b)| rips.contains(&rip) && *a <= from && to <= *b)
-    }
-
-    /// The position just before `position` (> 0): one instruction earlier. At the start of a landmark
-    /// that is the last position of the landmark before, found by stepping through it.
-    pub fn previous(&mut self, position: u64, out: &mut dyn Write) -> Result<u64, ReplayError> {
-        if !self.stepping_within {
-            return Ok(position - 1);
-        }
-        let (landmark, offset) = position::decode(position);
-        if offset > 0 {
-            return Ok(position - 1);
-        }
-        // Step through landmark - 1 from its start until the step that makes `landmark`.
-        self.seek(position::encode(landmark - 1, 0), out)?;
-        let mut last = self.icount();
-        while self.machine.landmarks() < landmark && self.finished.is_none() {
-            last = self.icount();
-            self.step(out)?;
-        }
-        Ok(last)
-    }
-
     /// The clock the trace was recorded with: what its positions count.
     pub fn positions(&self) -> Clock {
         Clock::from_name(&self.trace.header().clock).unwrap_or(Clock::Step)
     }
 
     /// Replays with `clock` from now on. A landmark trace replays with either clock: the step clock finds
-    /// every recorded point by single-stepping (slow, and the same answer), which is how `index` counts
-    /// its instructions. A step trace needs the step clock.
+    /// every recorded point by single-stepping (slow, and the same answer). A step trace needs the step
+    /// clock.
     pub fn set_clock(&mut self, clock: Clock) -> Result<(), ReplayError> {
         if clock == Clock::Landmark && self.positions() == Clock::Step {
             return Err(ReplayError::StepTraceNeedsStepClock);
@@ -491,9 +430,19 @@ impl Replayer {
         Ok(self.machine.set_clock(clock)?)
     }
 
-    /// The last instruction boundary of the recording.
-    pub fn end_icount(&self) -> u64 {
+    /// The last position of the recording.
+    pub fn end(&self) -> Position {
         self.end
+    }
+
+    /// Whether the replay has reached the end of the recording.
+    pub fn finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    /// Whether the machine is where the replay put it without error (see [`Replayer::last_intact`]).
+    pub fn is_intact(&self) -> bool {
+        self.intact
     }
 
     /// Restores checkpoint `index` (0 is boot); subsequent runs verify later checkpoints' digests. A
@@ -501,6 +450,14 @@ impl Replayer {
     /// earlier one can stand in: the latest good one is restored instead, and the replay runs on from
     /// there. Returns the index restored; the reason for any fallback is in [`Replayer::take_notices`].
     pub fn restore_checkpoint(&mut self, index: usize) -> Result<usize, ReplayError> {
+        Ok(self.restore_checkpoint_pages(index)?.0)
+    }
+
+    /// [`Replayer::restore_checkpoint`], returning also the memory it restored (page frame, data).
+    pub(crate) fn restore_checkpoint_pages(
+        &mut self,
+        index: usize,
+    ) -> Result<(usize, BTreeMap<u64, Vec<u8>>), ReplayError> {
         let mut index = index;
         let (cp, pages) = loop {
             match self.trace.restore_chain(index) {
@@ -531,16 +488,10 @@ impl Replayer {
             &cp.state,
             pages.iter().map(|(&pfn, data)| (pfn, data.as_slice())),
         )?;
-        self.base_pages = Rc::new(
-            pages
-                .into_iter()
-                .map(|(pfn, data)| (pfn, Rc::from(data)))
-                .collect(),
-        );
         let position = self.checkpoint_positions[index];
         self.offset = 0;
         self.after_restore(position);
-        Ok(index)
+        Ok((index, pages))
     }
 
     /// Messages about problems the replay worked around (a corrupt checkpoint it could not use), oldest
@@ -550,142 +501,103 @@ impl Replayer {
     }
 
     /// Bookkeeping shared by every kind of restore: event cursor, checkpoint verification, output.
-    fn after_restore(&mut self, icount: u64) {
+    fn after_restore(&mut self, position: Position) {
         self.intact = true;
-        self.last_intact = icount;
+        self.last_intact = position;
         self.anchor = (u64::MAX, 0);
-        let trace_position = if self.stepping_within {
-            position::decode(icount).0
-        } else {
-            icount
-        };
-        self.host.seek_to(trace_position);
-        self.next_verify = self.checkpoint_positions.partition_point(|&c| c < icount);
-        if icount > self.printed_upto {
+        self.host.seek_to(position.count());
+        self.next_verify = self.checkpoint_positions.partition_point(|&c| c < position);
+        if position > self.printed_upto {
             // Jumping ahead: the output in between is never printed, so the whole-output check is off.
             self.output_hash = None;
-            self.printed_upto = icount;
+            self.printed_upto = position;
         }
         self.finished = None;
     }
 
-    /// Restores an in-memory snapshot, rewriting only the pages that differ from RAM as it is: those the
-    /// guest wrote since the last restore or snapshot, and those where the two page maps differ.
-    fn restore_snapshot(&mut self, icount: u64) -> Result<(), ReplayError> {
-        let snap = self
-            .cache
-            .before(icount)
-            .expect("caller checked a snapshot exists");
-        let (pages, state, at) = (snap.pages.clone(), snap.state.clone(), snap.icount);
-        let fingerprint_pages = snap.dirty_since_checkpoint.clone();
-        let (cursor, anchor) = (snap.cursor, snap.anchor);
-        self.intact = false;
-        let mut pfns: BTreeSet<u64> = self.machine.take_dirty_pages()?.into_iter().collect();
-        pfns.extend(map_difference(&self.base_pages, &pages));
-        for pfn in pfns {
-            self.machine
-                .restore_page(pfn, pages.get(&pfn).map(|p| &p[..]))?;
-        }
-        self.machine.restore_state(&state)?;
-        self.machine.set_dirty_since_checkpoint(&fingerprint_pages);
-        self.base_pages = pages;
-        self.after_restore(at);
-        // Within a landmark, the events consumed so far and the anchor are the snapshot's, not what the
-        // position alone implies.
-        self.host.set_cursor(cursor);
-        self.anchor = anchor;
-        self.offset = position::decode(at).1;
-        Ok(())
+    /// The page frames written since the last restore or resume point.
+    pub(crate) fn take_dirty_pages(&mut self) -> Result<Vec<u64>, ReplayError> {
+        Ok(self.machine.take_dirty_pages()?)
     }
 
-    /// Takes an in-memory snapshot here if the cache wants one (called at fresh instruction boundaries).
-    fn maybe_snapshot(&mut self) -> Result<(), ReplayError> {
-        let icount = self.icount();
-        self.focus = self.focus.max(icount);
-        if !self.cache.wants(icount, self.focus) {
-            return Ok(());
-        }
-        let dirty = self.machine.take_dirty_pages()?;
-        let mut pages = (*self.base_pages).clone();
-        for &pfn in &dirty {
-            let data = self.machine.memory().page(pfn as usize);
-            if data.iter().all(|&b| b == 0) {
-                pages.remove(&pfn);
-            } else {
-                pages.insert(pfn, Rc::from(data));
-            }
-        }
-        self.base_pages = Rc::new(pages);
-        let snap = Snap {
-            icount,
+    /// Where the replay stands, to resume here later with [`Replayer::restore_snapshot`].
+    pub(crate) fn resume_point(&mut self) -> Result<ResumePoint, ReplayError> {
+        Ok(ResumePoint {
+            at: self.position(),
             state: self.machine.state_blob()?,
-            pages: self.base_pages.clone(),
-            own_bytes: dirty.len() * memory::PAGE_SIZE,
             dirty_since_checkpoint: self.machine.dirty_since_checkpoint()?,
             cursor: self.host.cursor(),
             anchor: self.anchor,
-        };
-        self.cache.insert(snap, self.focus);
+        })
+    }
+
+    /// Resumes at `resume`, a point this replay passed, with `pages` (page frame, contents; None: zero)
+    /// rewritten: those that differ between RAM now and RAM there.
+    pub(crate) fn restore_snapshot<'a>(
+        &mut self,
+        pages: impl Iterator<Item = (u64, Option<&'a [u8]>)>,
+        resume: &ResumePoint,
+    ) -> Result<(), ReplayError> {
+        self.intact = false;
+        for (pfn, data) in pages {
+            self.machine.restore_page(pfn, data)?;
+        }
+        self.machine.restore_state(&resume.state)?;
+        self.machine
+            .set_dirty_since_checkpoint(&resume.dirty_since_checkpoint);
+        self.after_restore(resume.at);
+        // Within a landmark, the events consumed so far and the anchor are the snapshot's, not what the
+        // position alone implies.
+        self.host.set_cursor(resume.cursor);
+        self.anchor = resume.anchor;
+        self.offset = resume.at.offset();
         Ok(())
     }
 
-    /// Sets the memory cap of the in-memory snapshot cache.
-    pub fn set_snapshot_memory(&mut self, bytes: usize) {
-        self.cache = SnapshotCache::new(bytes);
-    }
-
-    /// Number of in-memory snapshots and the bytes they hold.
-    pub fn snapshot_stats(&self) -> (usize, usize) {
-        (self.cache.len(), self.cache.bytes())
-    }
-
-    /// Index of the last checkpoint at or before `icount`.
-    pub fn checkpoint_before(&self, icount: u64) -> usize {
+    /// Index of the last checkpoint at or before `position`.
+    pub fn checkpoint_before(&self, position: Position) -> usize {
         self.checkpoint_positions
-            .partition_point(|&c| c <= icount)
+            .partition_point(|&c| c <= position)
             .saturating_sub(1)
     }
 
-    /// Moves to `target` (clamped to the recording): restores the last checkpoint at or before it when it
-    /// lies behind, or when a checkpoint is nearer than the current position, then runs forward. After a
-    /// failed step or restore it always restores: the machine may be anywhere.
-    pub fn seek(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
-        let target = target.min(self.end);
-        self.focus = target;
-        // Start from whichever is latest at or before the target: where we are, or a restore point.
-        let here = Some(self.icount()).filter(|&i| self.intact && i <= target);
-        let (start, from_snapshot) = self.restore_source_before(target);
-        if here.is_none_or(|h| h < start) {
-            if from_snapshot {
-                self.restore_snapshot(target)?;
-            } else {
-                self.restore_checkpoint(self.checkpoint_before(target))?;
-            }
-        }
-        self.run_to(target, out)
-    }
-    /// Runs forward until `target` icount or the end of the recording, writing guest output to `out`.
-    pub fn run_to(&mut self, target: u64, out: &mut dyn Write) -> Result<Halt, ReplayError> {
+    /// Runs forward until `target` or the end of the recording, writing guest output to `out`.
+    pub fn run_to(&mut self, target: Position, out: &mut dyn Write) -> Result<Halt, ReplayError> {
         loop {
-            if let Some(h) = &self.finished {
-                return Ok(h.clone());
+            if let Some(halt) = self.reached(target) {
+                return Ok(halt);
             }
-            let icount = self.icount();
-            if icount >= target {
-                return Ok(Halt::Target);
-            }
-            if self.stepping_within {
-                // Free to the target's landmark, then one instruction at a time.
-                let before = self.machine.landmarks() < position::decode(target).0;
-                self.use_clock(if before { Clock::Landmark } else { Clock::Step })?;
-            }
-            if icount.is_multiple_of(PROGRESS_EVERY) {
-                if let Some(p) = self.progress.as_mut() {
-                    p(icount, target.min(self.end));
-                }
-            }
-            self.advance_explained(out)?;
+            self.advance_toward(target, out)?;
         }
+    }
+
+    /// How a run to `target` ends here, if it does: the end of the recording, or the target.
+    pub(crate) fn reached(&self, target: Position) -> Option<Halt> {
+        if let Some(h) = &self.finished {
+            return Some(h.clone());
+        }
+        (self.position() >= target).then_some(Halt::Target)
+    }
+
+    /// One advance of a run to `target`: stepping within landmarks, free to the target's landmark and then
+    /// one instruction at a time.
+    pub(crate) fn advance_toward(
+        &mut self,
+        target: Position,
+        out: &mut dyn Write,
+    ) -> Result<(), ReplayError> {
+        let position = self.position();
+        if self.stepping_within {
+            let before = self.machine.landmarks() < target.count();
+            self.use_clock(if before { Clock::Landmark } else { Clock::Step })?;
+        }
+        if (position.count() + position.offset()).is_multiple_of(PROGRESS_EVERY) {
+            let end = self.end;
+            if let Some(p) = self.progress.as_mut() {
+                p(position, target.min(end));
+            }
+        }
+        self.advance_explained(out)
     }
 
     fn use_clock(&mut self, clock: Clock) -> Result<(), ReplayError> {
@@ -695,7 +607,7 @@ impl Replayer {
         Ok(())
     }
 
-    /// Installs a callback that long runs call now and then with (current icount, target icount).
+    /// Installs a callback that long runs call now and then with (current position, target position).
     pub fn set_progress(&mut self, progress: Option<Progress>) {
         self.progress = progress;
     }
@@ -713,7 +625,7 @@ impl Replayer {
     /// [`Replayer::advance`] with divergences explained, keeping track of where the replay stood intact.
     fn advance_explained(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
         if self.intact {
-            self.last_intact = self.icount();
+            self.last_intact = self.position();
         }
         self.intact = false;
         self.advance(out).map_err(|e| match e {
@@ -725,29 +637,26 @@ impl Replayer {
     }
 
     /// The latest position the replay reached without error: after a failed step (a divergence, a
-    /// checkpoint that cannot be read), the position that step started from, to [`Replayer::seek`] back
+    /// checkpoint that cannot be read), the position that step started from, to [`Timeline::seek`] back
     /// to. (Within a landmark whose instructions a free run did not count, the landmark's start.)
-    pub fn last_intact(&self) -> u64 {
-        let (landmark, offset) = position::decode(self.last_intact);
-        if self.stepping_within && offset == position::UNKNOWN_OFFSET {
-            position::encode(landmark, 0)
-        } else {
+    pub fn last_intact(&self) -> Position {
+        if self.last_intact.located() {
             self.last_intact
+        } else {
+            Position::at(self.last_intact.count())
         }
     }
 
-    /// Says what a divergence in a landmark trace most likely means, and names positions as landmarks.
+    /// Says what a divergence in a landmark trace most likely means, and names positions as the trace does.
     fn explain(&self, mut d: Divergence) -> Divergence {
-        if self.positions() == Clock::Landmark {
-            d.unit = "landmark";
-            if self.machine.clock() == Clock::Landmark && d.host_value_hint {
-                d.what.push_str(
-                    "; running free, the landmark clock logs RDTSC, RDRAND and RDSEED only where the guest \
-                     image has them (the VMM traps them when it loads the image): if the guest reads them in \
-                     code it makes at run time or runs in user mode, record it with --clock step \
-                     (`retrovisor replay --clock step` on this trace stops at the instruction that differs)",
-                );
-            }
+        d.clock = self.positions();
+        if self.machine.clock().runs_free() && d.host_value_hint {
+            d.what.push_str(
+                "; running free, the landmark clock logs RDTSC, RDRAND and RDSEED only where the guest \
+                 image has them (the VMM traps them when it loads the image): if the guest reads them in \
+                 code it makes at run time or runs in user mode, record it with --clock step \
+                 (`retrovisor replay --clock step` on this trace stops at the instruction that differs)",
+            );
         }
         if let Some(recorded) = self.recorded_elsewhere() {
             d.what.push_str(&format!(
@@ -770,11 +679,8 @@ impl Replayer {
     }
 
     fn advance(&mut self, out: &mut dyn Write) -> Result<(), ReplayError> {
-        if self.finished.is_none() && self.icount() < self.end {
-            self.maybe_snapshot()?;
-        }
         loop {
-            let position = self.icount();
+            let position = self.position();
             self.verify_checkpoint(position)?;
             if position >= self.end {
                 return self.finish_at_end(position);
@@ -784,7 +690,7 @@ impl Replayer {
                 self.anchor = (self.machine.position(), self.machine.rip());
             }
             // Where the log is: the replay's position, or its landmark when stepping within landmarks.
-            let at = self.event_position(position);
+            let at = position.count();
             self.host.apply_inputs(&mut self.machine, at)?;
             if let Some(fingerprint) = self.host.kick_here(at) {
                 if self.reach_kick(at, &fingerprint)? {
@@ -812,9 +718,9 @@ impl Replayer {
             if self.machine.landmarks() != landmarks {
                 self.offset = 0;
             } else if advance == Advance::Moved {
-                self.offset += 1;
+                self.offset = self.offset.saturating_add(1);
             }
-            let now = self.event_position(self.icount());
+            let now = self.position().count();
             self.host.end_step(now)?;
             let output = self.machine.take_output();
             // Output of positions before `printed_upto` has been printed already (after a jump back).
@@ -826,7 +732,7 @@ impl Replayer {
                     h.update(&output);
                 }
             }
-            self.printed_upto = self.printed_upto.max(self.icount());
+            self.printed_upto = self.printed_upto.max(self.position());
             match advance {
                 Advance::Moved => return Ok(()),
                 // Only the recorder kicks; a kick here is a signal meant for something else.
@@ -834,7 +740,7 @@ impl Replayer {
                 // A stop of a free run (see `run_free_with`).
                 Advance::Breakpoint => {
                     self.free_stop = self.machine.stop_hit();
-                    self.offset = position::UNKNOWN_OFFSET;
+                    self.offset = Position::UNKNOWN_OFFSET;
                     return Ok(());
                 }
                 Advance::Idle => {
@@ -848,10 +754,10 @@ impl Replayer {
                     }
                 }
                 Advance::Stopped(got) => {
-                    let now = self.icount();
+                    let now = self.position();
                     match self
                         .host
-                        .stop_here(self.event_position(now))
+                        .stop_here(now.count())
                         .or_else(|| self.host.stop_here(at))
                     {
                         Some(expected) if expected == got => {
@@ -861,7 +767,7 @@ impl Replayer {
                         }
                         other => {
                             return Err(Divergence::new(
-                                self.event_position(now),
+                                now.count(),
                                 format!(
                                     "the guest stopped ({got:?}) but the recording {}",
                                     match other {
@@ -875,16 +781,6 @@ impl Replayer {
                     }
                 }
             }
-        }
-    }
-
-    /// The position the event log names for replay position `position`: the same, or its landmark when
-    /// stepping within landmarks.
-    fn event_position(&self, position: u64) -> u64 {
-        if self.stepping_within {
-            position::decode(position).0
-        } else {
-            position
         }
     }
 
@@ -903,7 +799,7 @@ impl Replayer {
                 self.host.begin_step(position, self.machine.rip());
                 let search = self.machine.run_to_fingerprint(fp, &mut self.host)?;
                 // Running free, the instructions since the landmark went uncounted.
-                self.offset = position::UNKNOWN_OFFSET;
+                self.offset = Position::UNKNOWN_OFFSET;
                 self.host.end_step(self.machine.position())?;
                 match search {
                     Search::Found => Ok(true),
@@ -939,13 +835,13 @@ impl Replayer {
         }
     }
 
-    fn finish_at_end(&mut self, icount: u64) -> Result<(), ReplayError> {
+    fn finish_at_end(&mut self, position: Position) -> Result<(), ReplayError> {
         let reason = self.trace.summary().map(|s| s.stop);
         match &reason {
             // The guest stops by itself in the step that reaches `end`; reaching it without stopping is a divergence.
             Some(StopReason::GuestExit { .. } | StopReason::TripleFault) => {
                 return Err(Divergence::new(
-                    self.event_position(icount),
+                    position.count(),
                     format!("the recording ended here ({reason:?}) but the replayed guest did not"),
                 )
                 .into());
@@ -957,12 +853,12 @@ impl Replayer {
         Ok(())
     }
 
-    fn verify_checkpoint(&mut self, icount: u64) -> Result<(), ReplayError> {
+    fn verify_checkpoint(&mut self, position: Position) -> Result<(), ReplayError> {
         let cps = &self.checkpoint_positions;
-        while self.next_verify < cps.len() && cps[self.next_verify] < icount {
+        while self.next_verify < cps.len() && cps[self.next_verify] < position {
             self.next_verify += 1;
         }
-        if cps.get(self.next_verify) == Some(&icount) {
+        if cps.get(self.next_verify) == Some(&position) {
             let info = &self.trace.checkpoints()[self.next_verify];
             let recorded = info.digest;
             let digest = self.machine.digest()?;
@@ -979,13 +875,13 @@ impl Replayer {
                 }
                 let what = self.describe_mismatch(self.next_verify, digest);
                 return Err(Divergence::new(
-                    self.event_position(icount),
+                    position.count(),
                     format!("at checkpoint {}: {what}", self.next_verify),
                 )
                 .into());
             }
             if !self.contents_checked[self.next_verify] {
-                self.check_contents(self.next_verify, icount)?;
+                self.check_contents(self.next_verify, position)?;
                 self.contents_checked[self.next_verify] = true;
             }
             // Fingerprints digest the pages written since the last checkpoint, as the recorder saw them.
@@ -1012,7 +908,7 @@ impl Replayer {
     /// the replay passes them costs one file each; then only the pages the checkpoint stores and those
     /// written since the checkpoint before it can differ. After a jump, the chain is read from its
     /// last full checkpoint and all of memory compared.
-    fn check_contents(&mut self, index: usize, position: u64) -> Result<(), ReplayError> {
+    fn check_contents(&mut self, index: usize, position: Position) -> Result<(), ReplayError> {
         /// Enough to diagnose from the message alone, few enough to read.
         const MAX_FIELDS: usize = 8;
         const MAX_PAGES: usize = 8;
@@ -1106,7 +1002,7 @@ impl Replayer {
         Err(ReplayError::CheckpointContent {
             path: self.trace.checkpoints()[index].path.clone(),
             index,
-            position: self.describe(position),
+            position: self.show(position),
             what: what.join("; "),
         })
     }
@@ -1195,72 +1091,12 @@ impl Replayer {
             let got = traces::hex(&h.finalize());
             if got != summary.output_sha256 {
                 return Err(Divergence::new(
-                    self.event_position(self.icount()),
+                    self.position().count(),
                     "the guest's serial output differs from the recording's",
                 )
                 .into());
             }
         }
         Ok(())
-    }
-}
-
-/// Page frames where two page maps differ (present in one only, or different pages).
-fn map_difference(a: &PageMap, b: &PageMap) -> Vec<u64> {
-    let mut out = Vec::new();
-    let (mut x, mut y) = (a.iter().peekable(), b.iter().peekable());
-    loop {
-        match (x.peek(), y.peek()) {
-            (Some((pa, da)), Some((pb, db))) => {
-                if pa == pb {
-                    if !Rc::ptr_eq(da, db) && da[..] != db[..] {
-                        out.push(**pa);
-                    }
-                    x.next();
-                    y.next();
-                } else if pa < pb {
-                    out.push(**pa);
-                    x.next();
-                } else {
-                    out.push(**pb);
-                    y.next();
-                }
-            }
-            (Some((pa, _)), None) => {
-                out.push(**pa);
-                x.next();
-            }
-            (None, Some((pb, _))) => {
-                out.push(**pb);
-                y.next();
-            }
-            (None, None) => return out,
-        }
-    }
-}
-
-/// For backward searches ([`search`]), which scan forward from the nearest position a seek reaches without
-/// replaying: in-memory snapshots make those scans short near the position the user is looking at.
-impl Replayer {
-    /// The latest position at or before `icount` that [`Replayer::seek`] restores directly: an in-memory
-    /// snapshot or a checkpoint of the trace (0 if there is none).
-    pub fn restore_point_before(&self, icount: u64) -> u64 {
-        self.restore_source_before(icount).0
-    }
-
-    /// The latest restore point at or before `icount`, and whether it is an in-memory snapshot (rather than
-    /// a trace checkpoint; a snapshot wins a tie, being cheaper to restore).
-    fn restore_source_before(&self, icount: u64) -> (u64, bool) {
-        let snapshot = self.cache.before(icount).map(|s| s.icount);
-        let checkpoint = self
-            .checkpoint_positions
-            .get(self.checkpoint_before(icount))
-            .copied()
-            .filter(|&i| i <= icount)
-            .unwrap_or(0);
-        match snapshot {
-            Some(s) if s >= checkpoint => (s, true),
-            _ => (checkpoint, false),
-        }
     }
 }

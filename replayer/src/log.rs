@@ -1,20 +1,22 @@
 //! The replay side of the machine's environment: every time reading, random number and input comes from
-//! the trace, and must be asked for at exactly the icount and rip it was recorded at.
+//! the trace, and must be asked for at exactly the position and rip it was recorded at. Positions here
+//! are the trace's own counts (instructions, or landmarks), as its events name them.
 
 use devices::TimeSource;
 use machine::{Host, HostInsn, Machine};
 use std::rc::Rc;
 use thiserror::Error;
 use traces::{ClockKind, Event, EventKind, StopReason};
+use vocab::{Clock, Position};
 
 /// Replay and recording disagree: the replayed guest did something the recording did not.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("replay diverged from the recording at {unit} {icount}: {what}")]
+#[error("replay diverged from the recording at {}: {what}", at.show(*clock))]
 pub struct Divergence {
-    /// Position where it was noticed.
-    pub icount: u64,
-    /// What positions count: "icount" or "landmark".
-    pub unit: &'static str,
+    /// Position where it was noticed (the trace's own: at an event, the landmark it names).
+    pub at: Position,
+    /// What the trace's positions count.
+    pub clock: Clock,
     /// What differed.
     pub what: String,
     /// Whether a host value the landmark clock could not see (an RDTSC in code made at run time) may
@@ -24,22 +26,22 @@ pub struct Divergence {
 }
 
 impl Divergence {
-    /// A divergence at position `icount` (an instruction count until the replayer says otherwise).
-    pub fn new(icount: u64, what: impl Into<String>) -> Divergence {
+    /// A divergence at trace position `at` (an instruction count until the replayer says otherwise).
+    pub fn new(at: u64, what: impl Into<String>) -> Divergence {
         Divergence {
-            icount,
-            unit: "icount",
+            at: Position::at(at),
+            clock: Clock::Step,
             what: what.into(),
             host_value_hint: true,
         }
     }
 
     /// The recording delivered an interrupt where the replayed guest cannot take it.
-    fn blocked(icount: u64, vector: u8, blocker: machine::Blocker) -> Divergence {
+    fn blocked(at: u64, vector: u8, blocker: machine::Blocker) -> Divergence {
         Divergence {
             host_value_hint: false,
             ..Divergence::new(
-                icount,
+                at,
                 format!(
                     "the recording injected vector {vector:#x} here but the guest cannot take an \
                      interrupt: {blocker}"
@@ -61,7 +63,8 @@ fn is_boundary_input(kind: &EventKind) -> bool {
 pub struct LogHost {
     events: Rc<[Event]>,
     cursor: usize,
-    icount: u64,
+    /// The position and rip the current step is tagged with (see [`LogHost::begin_step`]).
+    at: u64,
     rip: u64,
     /// The first disagreement seen during a step (the machine's callbacks cannot return errors).
     error: Option<Divergence>,
@@ -75,7 +78,7 @@ impl LogHost {
         LogHost {
             events,
             cursor: 0,
-            icount: 0,
+            at: 0,
             rip: 0,
             error: None,
             step_used: 0,
@@ -84,7 +87,7 @@ impl LogHost {
 
     /// Moves to the first event at or after `position` (after restoring a checkpoint there).
     pub fn seek_to(&mut self, position: u64) {
-        self.cursor = self.events.partition_point(|e| e.icount < position);
+        self.cursor = self.events.partition_point(|e| e.at < position);
         self.error = None;
     }
 
@@ -99,27 +102,27 @@ impl LogHost {
         self.error = None;
     }
 
-    /// Applies the boundary inputs logged at `icount` (the machine's position), in order, checking rip
+    /// Applies the boundary inputs logged at `at` (the machine's position), in order, checking rip
     /// and that the guest can take each interrupt. Stops at a kick (see [`LogHost::kick_here`]).
-    pub fn apply_inputs(&mut self, machine: &mut Machine, icount: u64) -> Result<(), Divergence> {
-        if let Some(e) = self.events.get(self.cursor).filter(|e| e.icount < icount) {
+    pub fn apply_inputs(&mut self, machine: &mut Machine, at: u64) -> Result<(), Divergence> {
+        if let Some(e) = self.events.get(self.cursor).filter(|e| e.at < at) {
             return Err(Divergence::new(
-                icount,
+                at,
                 format!(
                     "the replay passed position {} without reaching the recorded {} event there (rip {:#x})",
-                    e.icount,
+                    e.at,
                     e.kind.name(),
                     e.rip
                 ),
             ));
         }
         while let Some(e) = self.events.get(self.cursor) {
-            if e.icount != icount || !is_boundary_input(&e.kind) {
+            if e.at != at || !is_boundary_input(&e.kind) {
                 break;
             }
             if e.rip != machine.rip() {
                 return Err(Divergence::new(
-                    icount,
+                    at,
                     format!(
                         "rip is {:#x} but the recorded {} event was at rip {:#x}",
                         machine.rip(),
@@ -133,7 +136,7 @@ impl LogHost {
                     let taken = machine.push_serial_rx(bytes);
                     if taken != bytes.len() {
                         return Err(Divergence::new(
-                            icount,
+                            at,
                             format!(
                                 "the UART took {taken} of {} recorded input bytes",
                                 bytes.len()
@@ -144,16 +147,16 @@ impl LogHost {
                 EventKind::Irq { line } => machine.pulse_irq(*line),
                 EventKind::Interrupt { vector } => {
                     if let Some(blocker) = machine.interrupt_blocker() {
-                        return Err(Divergence::blocked(icount, *vector, blocker));
+                        return Err(Divergence::blocked(at, *vector, blocker));
                     }
                     if !machine.interrupt_ready() {
-                        return Err(Divergence::new(icount, format!("the recording injected vector {vector:#x} here but the PIC holds no interrupt")));
+                        return Err(Divergence::new(at, format!("the recording injected vector {vector:#x} here but the PIC holds no interrupt")));
                     }
                     let got = machine
                         .inject_interrupt()
-                        .map_err(|e| Divergence::new(icount, e.to_string()))?;
+                        .map_err(|e| Divergence::new(at, e.to_string()))?;
                     if got != Some(*vector) {
-                        return Err(Divergence::new(icount, format!("the PIC delivers {got:?} but the recording injected vector {vector:#x}")));
+                        return Err(Divergence::new(at, format!("the PIC delivers {got:?} but the recording injected vector {vector:#x}")));
                     }
                 }
                 _ => unreachable!("filtered by is_boundary_input"),
@@ -163,11 +166,11 @@ impl LogHost {
         Ok(())
     }
 
-    /// Whether a boundary input is still logged at `icount` (one that can wake a halted guest).
-    pub fn has_inputs_at(&self, icount: u64) -> bool {
+    /// Whether a boundary input is still logged at `at` (one that can wake a halted guest).
+    pub fn has_inputs_at(&self, at: u64) -> bool {
         self.events
             .get(self.cursor)
-            .is_some_and(|e| e.icount == icount && is_boundary_input(&e.kind))
+            .is_some_and(|e| e.at == at && is_boundary_input(&e.kind))
     }
 
     /// The fingerprint of the point a kick stopped the recording at, if the next event is a kick at
@@ -175,10 +178,10 @@ impl LogHost {
     pub fn kick_here(&self, position: u64) -> Option<traces::Fingerprint> {
         match self.events.get(self.cursor) {
             Some(Event {
-                icount,
+                at,
                 kind: EventKind::Kick { fingerprint },
                 ..
-            }) if *icount == position => Some(*fingerprint),
+            }) if *at == position => Some(*fingerprint),
             _ => None,
         }
     }
@@ -188,21 +191,21 @@ impl LogHost {
         self.cursor += 1;
     }
 
-    /// The stop logged at `icount`, if the next event is one.
-    pub fn stop_here(&self, icount: u64) -> Option<StopReason> {
+    /// The stop logged at `at`, if the next event is one.
+    pub fn stop_here(&self, at: u64) -> Option<StopReason> {
         match self.events.get(self.cursor) {
             Some(Event {
-                icount: i,
+                at: i,
                 kind: EventKind::Stop { reason },
                 ..
-            }) if *i == icount => Some(*reason),
+            }) if *i == at => Some(*reason),
             _ => None,
         }
     }
 
-    /// Prepares for a step at (icount, rip): the values it may ask for are the events logged there.
-    pub fn begin_step(&mut self, icount: u64, rip: u64) {
-        self.icount = icount;
+    /// Prepares for a step at (at, rip): the values it may ask for are the events logged there.
+    pub fn begin_step(&mut self, at: u64, rip: u64) {
+        self.at = at;
         self.rip = rip;
         self.error = None;
         self.step_used = 0;
@@ -218,10 +221,10 @@ impl LogHost {
         if let Some(e) = self
             .events
             .get(self.cursor)
-            .filter(|e| e.icount == self.icount && now > self.icount && !is_boundary_input(&e.kind))
+            .filter(|e| e.at == self.at && now > self.at && !is_boundary_input(&e.kind))
         {
             if !matches!(e.kind, EventKind::Stop { .. } | EventKind::Kick { .. }) {
-                return Err(Divergence::new(self.icount, format!("the recording has a {} event here that the replayed instruction did not ask for", e.kind.name())));
+                return Err(Divergence::new(self.at, format!("the recording has a {} event here that the replayed instruction did not ask for", e.kind.name())));
             }
         }
         Ok(())
@@ -233,7 +236,7 @@ impl LogHost {
         matches: impl Fn(&EventKind) -> Option<(u64, u64)>,
     ) -> (u64, u64) {
         let index = self.cursor + self.step_used;
-        let found = self.events.get(index).filter(|e| e.icount == self.icount);
+        let found = self.events.get(index).filter(|e| e.at == self.at);
         match found.and_then(|e| matches(&e.kind).map(|v| (v, e.rip))) {
             Some((v, rip)) if rip == self.rip => {
                 self.step_used += 1;
@@ -258,7 +261,7 @@ impl LogHost {
 
     fn fail(&mut self, what: String) {
         if self.error.is_none() {
-            self.error = Some(Divergence::new(self.icount, what));
+            self.error = Some(Divergence::new(self.at, what));
         }
     }
 }

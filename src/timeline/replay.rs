@@ -1,7 +1,7 @@
 //! Replays a trace to learn what only a replay knows: where the guest printed each line of output, and
 //! whether (and where) the replay diverged from the recording.
 
-use replayer::{Halt, ReplayError, Replayer};
+use replayer::{Halt, Position, ReplayError, Replayer};
 use std::path::Path;
 
 /// A line the guest printed, and the position at which its last byte had been written.
@@ -64,8 +64,8 @@ pub fn replay(dir: &Path, image: Option<&Path>) -> Replayed {
     let mut last_byte_at = 0;
     found.verdict = loop {
         // One position per call, so that each byte of output is placed where it was written.
-        let halt = r.run_to(r.icount() + 1, &mut written);
-        let position = r.icount();
+        let halt = r.run_to(Position::at(r.position().count() + 1), &mut written);
+        let position = r.position().count();
         if !written.is_empty() {
             last_byte_at = position;
         }
@@ -86,7 +86,7 @@ pub fn replay(dir: &Path, image: Option<&Path>) -> Replayed {
             Ok(Halt::End(None)) => break Verdict::CutOff,
             Err(ReplayError::Divergence(d)) => {
                 break Verdict::Diverged {
-                    position: d.icount,
+                    position: d.at.count(),
                     message: d.to_string(),
                 }
             }

@@ -380,7 +380,7 @@ pub fn rewrite_with(
     let mut checkpoints = (0..reader.checkpoints().len()).peekable();
     for e in events {
         // Checkpoints go in icount order between the events, as the recorder writes them.
-        while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].icount <= e.icount) {
+        while let Some(cp) = checkpoints.next_if(|&c| reader.checkpoints()[c].at <= e.at) {
             write(&mut w, cp);
         }
         w.push(e).unwrap();

@@ -473,7 +473,7 @@ pub(crate) fn encode_checkpoint(
     let mut file = Vec::with_capacity(CHECKPOINT_HEADER_LEN + compressed.len());
     file.extend_from_slice(&CHECKPOINT_MAGIC);
     file.extend_from_slice(&[0; 4]); // CRC, filled in below once everything it covers is in place.
-    file.extend_from_slice(&cp.icount.to_le_bytes());
+    file.extend_from_slice(&cp.at.to_le_bytes());
     file.extend_from_slice(&cp.rip.to_le_bytes());
     file.push(u8::from(cp.full));
     file.extend_from_slice(&cp.digest);
@@ -565,7 +565,7 @@ pub(crate) fn decode_checkpoint(
         return Err(CodecError::TrailingBytes { count: rest.len() });
     }
     Ok(Checkpoint {
-        icount: header.icount,
+        at: header.icount,
         rip: header.rip,
         full: header.full,
         digest: header.digest,
@@ -686,7 +686,7 @@ mod tests {
         // FORMAT.md: icount varint, rip varint, variant index, fields. Pinned here because
         // reordering enum variants would silently change the format.
         let event = Event {
-            icount: 300,
+            at: 300,
             rip: 1,
             kind: EventKind::HostValue {
                 insn: crate::format::HostInsn::Rdtscp,
@@ -699,7 +699,7 @@ mod tests {
             [0xac, 0x02, 0x01, 4, 1, 5, 7]
         );
         let stop = Event {
-            icount: 1,
+            at: 1,
             rip: 2,
             kind: EventKind::Stop {
                 reason: crate::format::StopReason::GuestExit { status: 3 },
@@ -707,7 +707,7 @@ mod tests {
         };
         assert_eq!(postcard::to_stdvec(&stop).unwrap(), [1, 2, 5, 0, 3]);
         let rx = Event {
-            icount: 0,
+            at: 0,
             rip: 0,
             kind: EventKind::SerialRx {
                 bytes: b"hi".to_vec(),
@@ -720,12 +720,12 @@ mod tests {
     fn chunk_payload_is_a_postcard_vec_of_events() {
         let events = vec![
             Event {
-                icount: 5,
+                at: 5,
                 rip: 0x1000,
                 kind: EventKind::Irq { line: 0 },
             },
             Event {
-                icount: 9,
+                at: 9,
                 rip: 0x1004,
                 kind: EventKind::Clock {
                     kind: ClockKind::Wall,
@@ -749,7 +749,7 @@ mod tests {
     fn checkpoint_payload_is_postcard_of_state_and_pages() {
         let page = vec![7u8; PAGE_SIZE];
         let cp = Checkpoint {
-            icount: 1,
+            at: 1,
             rip: 2,
             full: false,
             digest: [3; 32],
@@ -807,7 +807,7 @@ mod tests {
     #[test]
     fn a_long_serial_rx_is_refused_before_it_is_decoded() {
         let rx = |len: usize| Event {
-            icount: 300,
+            at: 300,
             rip: 0x1234_5678,
             kind: EventKind::SerialRx {
                 bytes: vec![b'x'; len],
@@ -834,7 +834,7 @@ mod tests {
         ));
         // Other kinds pass through.
         let irq = Event {
-            icount: 1,
+            at: 1,
             rip: 2,
             kind: EventKind::Irq { line: 0xff },
         };

@@ -239,7 +239,7 @@ mod tests {
         );
         // A finished recording ends with its stop event, which the summary counts.
         w.push(Event {
-            icount: 0,
+            at: 0,
             rip: 0,
             kind: EventKind::Stop {
                 reason: StopReason::Halted,
@@ -247,7 +247,7 @@ mod tests {
         })
         .unwrap();
         w.finish(&Summary {
-            end_icount: 0,
+            end: 0,
             stop: StopReason::Halted,
             events_by_kind: [("stop".to_string(), 1)].into(),
             checkpoints: 0,

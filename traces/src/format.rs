@@ -468,7 +468,7 @@ pub enum EventKind {
         reason: StopReason,
     },
     /// Landmark clock only: the events after this one (until the next event of another position) apply
-    /// at a point between landmark `icount` and the next, which a kick stopped at; the point is named by
+    /// at a point between landmark `at` and the next, which a kick stopped at; the point is named by
     /// the state there.
     Kick {
         /// The state at the point.
@@ -494,8 +494,11 @@ impl EventKind {
 /// One input from outside the guest, pinned to the moment it applies.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// Instructions retired before the event applies.
-    pub icount: u64,
+    /// Where the event applies, counted by the trace's clock: instructions retired before it (step),
+    /// or landmarks passed (landmark; a kick event right before it names the point after that
+    /// landmark). The serialized field keeps its old name.
+    #[serde(rename = "icount")]
+    pub at: u64,
     /// Guest rip at that moment; replay checks it to detect divergence.
     pub rip: u64,
     /// What happened.
@@ -505,8 +508,10 @@ pub struct Event {
 /// A machine checkpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// Instructions retired when the checkpoint was taken.
-    pub icount: u64,
+    /// Where the checkpoint was taken, counted by the trace's clock (instructions retired, or
+    /// landmarks passed). The serialized field keeps its old name.
+    #[serde(rename = "icount")]
+    pub at: u64,
     /// Guest rip at that moment.
     pub rip: u64,
     /// True if `pages` holds every non-zero page of RAM; false if only pages changed since the
@@ -525,8 +530,10 @@ pub struct Checkpoint {
 /// Only `PartialEq`: `wall_secs` is an `f64`, which cannot honestly be `Eq`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Summary {
-    /// icount at which the recording ended.
-    pub end_icount: u64,
+    /// Where the recording ended, counted by the trace's clock (instructions retired, or landmarks
+    /// passed). The JSON field keeps its old name.
+    #[serde(rename = "end_icount")]
+    pub end: u64,
     /// Why it ended.
     pub stop: StopReason,
     /// Number of events per [`EventKind::name`].

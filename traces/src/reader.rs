@@ -260,8 +260,8 @@ pub enum ReadError {
 /// What [`TraceReader::open`] learns about a checkpoint from its fixed header alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointInfo {
-    /// icount of the checkpoint.
-    pub icount: u64,
+    /// Where the checkpoint was taken, counted by the trace's clock.
+    pub at: u64,
     /// Guest rip at the checkpoint.
     pub rip: u64,
     /// Whether it holds all non-zero pages (else only pages changed since the previous one).
@@ -390,7 +390,7 @@ impl TraceReader {
         let complete_upto = match &summary {
             Some(summary) => {
                 check_summary(summary, &summary_path, &stream)?;
-                summary.end_icount
+                summary.end
             }
             None => stream.complete_upto,
         };
@@ -408,7 +408,7 @@ impl TraceReader {
                     ),
                 });
             }
-            if let Some(last) = checkpoints.last().filter(|c| c.icount > complete_upto) {
+            if let Some(last) = checkpoints.last().filter(|c| c.at > complete_upto) {
                 return Err(ReadError::Inconsistent {
                     path: last.path.clone(),
                     reason: format!(
@@ -421,14 +421,14 @@ impl TraceReader {
             // if the system crashed before buffered event writes reached the disk, or the trace was
             // tampered with. Such a checkpoint cannot be reached by replaying the surviving events
             // (and its state may depend on events that are lost), so it is left out.
-            checkpoints.retain(|c| c.icount <= complete_upto);
+            checkpoints.retain(|c| c.at <= complete_upto);
         }
         let ignored_checkpoints = listed - checkpoints.len();
         // The writer ends a chunk at each checkpoint's position before it writes the checkpoint,
         // so every checkpoint replay can reach lies where some chunk ends.
         if let Some(cp) = checkpoints
             .iter()
-            .find(|c| stream.uptos.binary_search(&c.icount).is_err())
+            .find(|c| stream.uptos.binary_search(&c.at).is_err())
         {
             let name = cp.path.file_name().unwrap_or_default().to_string_lossy();
             return Err(ReadError::Inconsistent {
@@ -436,7 +436,7 @@ impl TraceReader {
                 reason: format!(
                     "no chunk ends at icount {}, where checkpoint {name} lies, though the writer \
                      ends one there before it writes a checkpoint: a chunk's upto_icount was changed",
-                    cp.icount
+                    cp.at
                 ),
             });
         }
@@ -686,11 +686,11 @@ impl TraceReader {
             }
         })?;
         // The file may have changed since open; the name check must hold for what was read.
-        if cp.icount != info.icount {
+        if cp.at != info.at {
             return Err(ReadError::CheckpointName {
                 path: path.clone(),
-                name_icount: info.icount,
-                header_icount: cp.icount,
+                name_icount: info.at,
+                header_icount: cp.at,
             });
         }
         Ok(cp)
@@ -705,7 +705,7 @@ impl TraceReader {
         const MAX_LIST_BYTES: u64 = 8 << 20;
         let info = self.checkpoint_info(index)?;
         if info.full {
-            let path = info.path.with_file_name(written_file_name(info.icount));
+            let path = info.path.with_file_name(written_file_name(info.at));
             let listed = fs::metadata(&path)
                 .ok()
                 .filter(|m| m.is_file() && m.len() <= MAX_LIST_BYTES && m.len() % 8 == 0)
@@ -1022,19 +1022,15 @@ fn check_summary(summary: &Summary, path: &Path, stream: &EventStream) -> Result
         )
     } else if stream.chunks == 0 {
         format!("the recording finished, yet {EVENTS_FILE} holds no chunks")
-    } else if stream.complete_upto != summary.end_icount {
+    } else if stream.complete_upto != summary.end {
         format!(
             "end_icount is {} but the last event chunk is complete up to icount {}",
-            summary.end_icount, stream.complete_upto
+            summary.end, stream.complete_upto
         )
-    } else if let Some(e) = stream
-        .events
-        .last()
-        .filter(|e| e.icount > summary.end_icount)
-    {
+    } else if let Some(e) = stream.events.last().filter(|e| e.at > summary.end) {
         format!(
             "an event at icount {} lies past end_icount {}",
-            e.icount, summary.end_icount
+            e.at, summary.end
         )
     } else if let Some(reason) = stop_disagrees(summary, &stream.events) {
         reason
@@ -1062,7 +1058,7 @@ fn stop_disagrees(summary: &Summary, events: &[Event]) -> Option<String> {
         return Some(format!(
             "the recording finished, so its last event must be its stop event, but the last \
              (event {index}, at icount {}) is an event of kind {}",
-            last.icount,
+            last.at,
             last.kind.name()
         ));
     };
@@ -1072,10 +1068,10 @@ fn stop_disagrees(summary: &Summary, events: &[Event]) -> Option<String> {
             summary.stop
         ));
     }
-    (last.icount != summary.end_icount).then(|| {
+    (last.at != summary.end).then(|| {
         format!(
             "the stop event (event {index}) lies at icount {}, but end_icount is {}",
-            last.icount, summary.end_icount
+            last.at, summary.end
         )
     })
 }
@@ -1336,7 +1332,7 @@ fn read_events(path: &Path, header: &Header, memory_budget: u64) -> Result<Event
                     index: (stream.events.len() + i) as u64,
                     kind: event.kind.name(),
                     unit,
-                    position: event.icount,
+                    position: event.at,
                     chunk: index,
                     offset,
                     source: Box::new(source),
@@ -1377,29 +1373,29 @@ fn check_chunk_order(
             header.upto_icount, stream.complete_upto
         ));
     }
-    let mut previous = stream.events.last().map_or(0, |e| e.icount);
+    let mut previous = stream.events.last().map_or(0, |e| e.at);
     for (i, event) in events.iter().enumerate() {
-        if event.icount < previous {
+        if event.at < previous {
             return Err(format!(
                 "event {i} at icount {} follows an event at icount {previous}",
-                event.icount
+                event.at
             ));
         }
-        if event.icount < stream.complete_upto {
+        if event.at < stream.complete_upto {
             return Err(format!(
                 "event {i} at icount {} lies before the previous chunk's upto_icount {}",
-                event.icount, stream.complete_upto
+                event.at, stream.complete_upto
             ));
         }
         // The writer closes a chunk at a point no later than its events: the next event's
         // position, a checkpoint's, or the end.
-        if event.icount > header.upto_icount {
+        if event.at > header.upto_icount {
             return Err(format!(
                 "event {i} at icount {} lies past the chunk's own upto_icount {}",
-                event.icount, header.upto_icount
+                event.at, header.upto_icount
             ));
         }
-        previous = event.icount;
+        previous = event.at;
     }
     Ok(())
 }
@@ -1433,7 +1429,7 @@ fn list_checkpoints(
         };
         checkpoints.push(checkpoint_info(&entry.path(), name_icount, limits)?);
     }
-    checkpoints.sort_by_key(|c| c.icount);
+    checkpoints.sort_by_key(|c| c.at);
     Ok(checkpoints)
 }
 
@@ -1483,7 +1479,7 @@ fn checkpoint_info(
         });
     }
     Ok(CheckpointInfo {
-        icount: header.icount,
+        at: header.icount,
         rip: header.rip,
         full: header.full,
         digest: header.digest,
@@ -1532,7 +1528,7 @@ mod tests {
         let rx = EventKind::SerialRx { bytes: vec![7; 10] };
         for (icount, kind) in [(1, EventKind::Irq { line: 0 }), (2, rx)] {
             w.push(Event {
-                icount,
+                at: icount,
                 rip: 0,
                 kind,
             })

@@ -236,7 +236,7 @@ mod tests {
         let mut rules = EventRules::new(&header(clock));
         kinds.into_iter().try_for_each(|kind| {
             rules.check(&Event {
-                icount: 1,
+                at: 1,
                 rip: 0x10_0000,
                 kind,
             })

@@ -323,7 +323,7 @@ impl TraceWriter {
     /// flush point. A chunk is written on its own when the buffer gets large.
     pub fn push(&mut self, event: Event) -> Result<(), WriteError> {
         self.check_usable()?;
-        let icount = event.icount;
+        let icount = event.at;
         if let EventKind::SerialRx { bytes } = &event.kind {
             if bytes.len() > UART_RX_FIFO_BYTES {
                 return Err(WriteError::SerialRxTooLong {
@@ -379,7 +379,7 @@ impl TraceWriter {
     /// file's size on disk.
     pub fn write_checkpoint(&mut self, cp: &Checkpoint) -> Result<u64, WriteError> {
         self.check_usable()?;
-        let icount = cp.icount;
+        let icount = cp.at;
         match self.last_checkpoint {
             Some(previous) if icount <= previous => {
                 return Err(WriteError::CheckpointOutOfOrder { icount, previous });
@@ -483,11 +483,11 @@ impl TraceWriter {
         summary
             .validate()
             .map_err(|source| WriteError::InvalidSummary { source })?;
-        if self.last_icount > summary.end_icount {
+        if self.last_icount > summary.end {
             return Err(WriteError::SummaryMismatch {
                 reason: format!(
                     "end_icount {} is before the last event (icount {})",
-                    summary.end_icount, self.last_icount
+                    summary.end, self.last_icount
                 ),
             });
         }
@@ -500,8 +500,8 @@ impl TraceWriter {
             });
         }
         // Unless the caller just flushed up to the end, the last events still have to go out.
-        if self.pending_count > 0 || self.chunks == 0 || self.complete_upto != summary.end_icount {
-            self.flush(summary.end_icount)?;
+        if self.pending_count > 0 || self.chunks == 0 || self.complete_upto != summary.end {
+            self.flush(summary.end)?;
         }
         self.events_file
             .sync_all()
@@ -568,7 +568,7 @@ impl TraceWriter {
     /// Validates a checkpoint's pages and returns them sorted by pfn, with all-zero pages dropped
     /// (full checkpoint) or turned into zero-page markers (incremental).
     fn checkpoint_pages<'a>(&self, cp: &'a Checkpoint) -> Result<Vec<PageRef<'a>>, WriteError> {
-        let icount = cp.icount;
+        let icount = cp.at;
         let mut pages = Vec::with_capacity(cp.pages.len());
         for (pfn, bytes) in &cp.pages {
             let pfn = *pfn;

@@ -77,7 +77,7 @@ fn summary(end_icount: u64, checkpoints: u64, events: &[Event]) -> Summary {
         *events_by_kind.entry(e.kind.name().to_string()).or_default() += 1;
     }
     Summary {
-        end_icount,
+        end: end_icount,
         stop: StopReason::GuestExit { status: 3 },
         events_by_kind,
         checkpoints,
@@ -110,7 +110,7 @@ fn finish(mut w: TraceWriter, pushed: &[Event], end_icount: u64, checkpoints: u6
 
 fn ev(icount: u64, kind: EventKind) -> Event {
     Event {
-        icount,
+        at: icount,
         rip: 0x10_0000 + icount,
         kind,
     }
@@ -126,7 +126,7 @@ fn page(fill: u8) -> Vec<u8> {
 
 fn checkpoint(icount: u64, full: bool, pages: Vec<(u64, Vec<u8>)>) -> Checkpoint {
     Checkpoint {
-        icount,
+        at: icount,
         rip: 0x2000 + icount,
         full,
         digest: [icount as u8; 32],
@@ -256,11 +256,11 @@ fn round_trip_of_header_events_checkpoints_and_summary() {
     let infos = r.checkpoints();
     assert_eq!(infos.len(), 2);
     assert_eq!(
-        (infos[0].icount, infos[0].rip, infos[0].full),
+        (infos[0].at, infos[0].rip, infos[0].full),
         (100, 0x2064, true)
     );
     assert_eq!(
-        (infos[1].icount, infos[1].full, infos[1].digest),
+        (infos[1].at, infos[1].full, infos[1].digest),
         (200, false, [200; 32])
     );
     assert_eq!(infos[0].bytes_on_disk, full_size);
@@ -683,8 +683,8 @@ fn restore_point_merges_full_and_incremental_checkpoints() {
     let r = TraceReader::open(&dir).unwrap();
     let pages = |index| {
         let (cp, memory) = r.restore_point(index).unwrap();
-        assert_eq!(cp.icount, r.checkpoints()[index].icount);
-        assert_eq!(cp.state, vec![1, 2, 3, cp.icount as u8]);
+        assert_eq!(cp.at, r.checkpoints()[index].at);
+        assert_eq!(cp.state, vec![1, 2, 3, cp.at as u8]);
         memory
     };
     assert_eq!(

@@ -115,11 +115,33 @@ impl Position {
         }
     }
 
+    /// The latest position before this one (which must be past [`Position::START`]), for searches that
+    /// look for the last thing at or before it: one instruction back within a landmark; at a landmark,
+    /// past every instruction of the landmark before.
+    pub const fn just_before(self) -> Position {
+        if self.offset > 0 {
+            Position::within(self.count, self.offset - 1)
+        } else {
+            Position::within(self.count - 1, u64::MAX)
+        }
+    }
+
     /// This position as `clock` names it, for messages: `icount 1234`, `landmark 44 + 102`.
     pub fn show(self, clock: Clock) -> Shown {
         Shown {
             position: self,
             clock,
+        }
+    }
+}
+
+/// The bare form the command line and `monitor seek` take: `1234`, or `44+102` within a landmark.
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.offset == 0 || !self.located() {
+            write!(f, "{}", self.count)
+        } else {
+            write!(f, "{}+{}", self.count, self.offset)
         }
     }
 }
@@ -162,8 +184,8 @@ impl std::error::Error for BadPosition {}
 impl std::str::FromStr for Position {
     type Err = BadPosition;
 
-    /// `N` or `N+M` (spaces allowed around `+`), with an optional unit word first (`icount`,
-    /// `landmark`), as [`Shown`] prints them.
+    /// `N` or `N+M` (spaces allowed around `+`; numbers decimal or `0x` hexadecimal), with an optional
+    /// unit word first (`icount`, `landmark`), as [`Shown`] prints them.
     fn from_str(s: &str) -> Result<Position, BadPosition> {
         let bad = || BadPosition(s.to_string());
         let t = s.trim();
@@ -172,7 +194,14 @@ impl std::str::FromStr for Position {
             .or_else(|| t.strip_prefix("icount"))
             .unwrap_or(t)
             .trim();
-        let number = |n: &str| n.trim().parse::<u64>().map_err(|_| bad());
+        let number = |n: &str| {
+            let n = n.trim();
+            match n.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => n.parse::<u64>(),
+            }
+            .map_err(|_| bad())
+        };
         match t.split_once('+') {
             Some((count, offset)) => Ok(Position::within(number(count)?, number(offset)?)),
             None => Ok(Position::at(number(t)?)),
@@ -278,6 +307,11 @@ mod tests {
         assert!(Position::within(7, 4_000_000) < Position::at(8));
         assert!(Position::within(7, Position::UNKNOWN_OFFSET) < Position::at(8));
         assert!(Position::at(8) < Position::END);
+        for p in [Position::at(8), Position::within(8, 3)] {
+            assert!(p.just_before() < p);
+            assert!(Position::within(7, 4_000_000) <= p.just_before());
+        }
+        assert_eq!(Position::within(8, 3).just_before(), Position::within(8, 2));
     }
 
     #[test]
@@ -296,6 +330,8 @@ mod tests {
             assert_eq!(text.parse::<Position>(), Ok(p), "{text}");
         }
         assert_eq!("icount 1234".parse::<Position>(), Ok(Position::at(1234)));
+        assert_eq!(p.to_string().parse::<Position>(), Ok(p));
+        assert_eq!("0x3039".parse::<Position>(), Ok(Position::at(12345)));
         assert!("44+".parse::<Position>().is_err());
         assert!("-3".parse::<Position>().is_err());
     }

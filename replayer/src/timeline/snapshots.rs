@@ -5,8 +5,10 @@
 //! dense near the position the user is looking at and thin out exponentially farther away (as rr thins its
 //! checkpoints), under a memory cap.
 
+use crate::ResumePoint;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use vocab::{Clock, Position};
 
 /// Guest RAM as a map of non-zero pages; absent pages are zero.
 pub type PageMap = BTreeMap<u64, Rc<[u8]>>;
@@ -14,63 +16,92 @@ pub type PageMap = BTreeMap<u64, Rc<[u8]>>;
 /// One cached machine state.
 pub struct Snap {
     /// Position.
-    pub icount: u64,
-    /// CPU and device state blob.
-    pub state: Vec<u8>,
+    pub at: Position,
+    /// The machine's CPU and device state and the replay's own, to resume there.
+    pub resume: ResumePoint,
     /// Every non-zero page.
     pub pages: Rc<PageMap>,
     /// Bytes of page data this snapshot added (pages it does not share with the one it was made from).
     pub own_bytes: usize,
-    /// The pages written since the last checkpoint (what fingerprints digest), to put back on restore.
-    pub dirty_since_checkpoint: Vec<u64>,
-    /// Events consumed from the log.
-    pub cursor: usize,
-    /// The replay's anchor (trace position and rip) at the snapshot.
-    pub anchor: (u64, u64),
+}
+
+impl Snap {
+    /// Bytes it holds of its own.
+    fn bytes(&self) -> usize {
+        self.own_bytes + self.resume.state_bytes()
+    }
 }
 
 /// Instructions between snapshots near the focus: about 10 ms of replay at this machine's single-step rate.
 /// A power of two, so that the spacings (its multiples by powers of two) also fit positions that count
-/// landmarks in their upper bits (see [`crate::position`]): landmark starts fall on every spacing.
+/// landmarks in their upper bits (see [`SnapshotCache::key`]): landmark starts fall on every spacing.
 pub const BASE_INTERVAL: u64 = 2_048;
 /// How many base intervals around the focus keep full density before spacing starts doubling.
 const DENSE_SPAN: u64 = 16;
 
-/// The cache, ordered by icount.
+/// Bits of a [`SnapshotCache::key`] that count instructions within a landmark.
+const OFFSET_BITS: u32 = 32;
+
+/// The cache, ordered by position.
 pub struct SnapshotCache {
     snaps: BTreeMap<u64, Snap>,
     bytes: usize,
     cap_bytes: usize,
+    /// What the positions count: instructions (step), or landmarks and the instructions since them.
+    unit: Clock,
 }
 
 impl SnapshotCache {
-    /// An empty cache holding at most about `cap_bytes` of snapshot data.
-    pub fn new(cap_bytes: usize) -> SnapshotCache {
+    /// An empty cache holding at most about `cap_bytes` of snapshot data, for positions counted by
+    /// `unit` (the step clock's instructions, or landmarks with the instructions since them).
+    pub fn new(cap_bytes: usize, unit: Clock) -> SnapshotCache {
         SnapshotCache {
             snaps: BTreeMap::new(),
             bytes: 0,
             cap_bytes,
+            unit,
         }
     }
 
-    /// The latest snapshot at or before `icount`.
-    pub fn before(&self, icount: u64) -> Option<&Snap> {
-        self.snaps.range(..=icount).next_back().map(|(_, s)| s)
+    /// What its positions count.
+    pub fn unit(&self) -> Clock {
+        self.unit
     }
 
-    /// Whether a snapshot should be taken at `icount` when the user is interested in `focus`: at multiples
+    /// A position as one number that orders as positions do and measures the distances that space
+    /// snapshots: instructions; within landmarks, a landmark weighs 2^32 instructions, so that snapshots
+    /// thin out by landmarks far from the focus and by instructions near it.
+    fn key(&self, at: Position) -> u64 {
+        match self.unit {
+            Clock::Step => at.count(),
+            Clock::Landmark => {
+                (at.count() << OFFSET_BITS) | at.offset().min((1 << OFFSET_BITS) - 1)
+            }
+        }
+    }
+
+    /// The latest snapshot at or before `at`.
+    pub fn before(&self, at: Position) -> Option<&Snap> {
+        self.snaps
+            .range(..=self.key(at))
+            .next_back()
+            .map(|(_, s)| s)
+    }
+
+    /// Whether a snapshot should be taken at `at` when the user is interested in `focus`: at multiples
     /// of a spacing that doubles with the distance from the focus, and only where none exists yet.
-    pub fn wants(&self, icount: u64, focus: u64) -> bool {
-        icount.is_multiple_of(spacing(icount.abs_diff(focus))) && !self.snaps.contains_key(&icount)
+    pub fn wants(&self, at: Position, focus: Position) -> bool {
+        let (key, focus) = (self.key(at), self.key(focus));
+        key.is_multiple_of(spacing(key.abs_diff(focus))) && !self.snaps.contains_key(&key)
     }
 
     /// Adds a snapshot, then thins the cache around `focus`.
-    pub fn insert(&mut self, snap: Snap, focus: u64) {
-        self.bytes += snap.own_bytes + snap.state.len();
-        if let Some(old) = self.snaps.insert(snap.icount, snap) {
-            self.bytes -= old.own_bytes + old.state.len();
+    pub fn insert(&mut self, snap: Snap, focus: Position) {
+        self.bytes += snap.bytes();
+        if let Some(old) = self.snaps.insert(self.key(snap.at), snap) {
+            self.bytes -= old.bytes();
         }
-        self.thin(focus);
+        self.thin(self.key(focus));
     }
 
     /// Number of snapshots held.
@@ -114,9 +145,9 @@ impl SnapshotCache {
         }
     }
 
-    fn remove(&mut self, icount: u64) {
-        if let Some(s) = self.snaps.remove(&icount) {
-            self.bytes -= s.own_bytes + s.state.len();
+    fn remove(&mut self, key: u64) {
+        if let Some(s) = self.snaps.remove(&key) {
+            self.bytes -= s.bytes();
         }
     }
 }
@@ -134,21 +165,22 @@ mod tests {
 
     fn snap(icount: u64) -> Snap {
         Snap {
-            icount,
-            state: vec![0; 10],
+            at: Position::at(icount),
+            resume: ResumePoint::for_test(Position::at(icount), vec![0; 10]),
             pages: Rc::new(PageMap::new()),
             own_bytes: 100,
-            dirty_since_checkpoint: Vec::new(),
-            cursor: 0,
-            anchor: (0, 0),
         }
+    }
+
+    fn at(icount: u64) -> Position {
+        Position::at(icount)
     }
 
     #[test]
     fn dense_near_the_focus_and_thin_far_away() {
-        let mut c = SnapshotCache::new(usize::MAX);
+        let mut c = SnapshotCache::new(usize::MAX, Clock::Step);
         for i in 0..500 {
-            c.insert(snap(i * BASE_INTERVAL), 499 * BASE_INTERVAL);
+            c.insert(snap(i * BASE_INTERVAL), at(499 * BASE_INTERVAL));
         }
         let near = c
             .snaps
@@ -162,31 +194,31 @@ mod tests {
         assert!(far <= 4, "far away only a few remain, found {far}");
         assert!(c.len() < 60, "{} snapshots kept", c.len());
         assert_eq!(
-            c.before(499 * BASE_INTERVAL + 5).unwrap().icount,
-            499 * BASE_INTERVAL
+            c.before(at(499 * BASE_INTERVAL + 5)).unwrap().at,
+            at(499 * BASE_INTERVAL)
         );
-        assert!(c.wants(500 * BASE_INTERVAL, 500 * BASE_INTERVAL));
+        assert!(c.wants(at(500 * BASE_INTERVAL), at(500 * BASE_INTERVAL)));
         assert!(
-            !c.wants(499 * BASE_INTERVAL, 500 * BASE_INTERVAL),
+            !c.wants(at(499 * BASE_INTERVAL), at(500 * BASE_INTERVAL)),
             "already held"
         );
         assert!(
-            !c.wants(BASE_INTERVAL, 500 * BASE_INTERVAL),
+            !c.wants(at(BASE_INTERVAL), at(500 * BASE_INTERVAL)),
             "too far from the focus for this spacing"
         );
     }
 
     #[test]
     fn memory_cap_drops_the_farthest() {
-        let mut c = SnapshotCache::new(550);
+        let mut c = SnapshotCache::new(550, Clock::Step);
         for i in 0..10 {
-            c.insert(snap(i * BASE_INTERVAL), 9 * BASE_INTERVAL);
+            c.insert(snap(i * BASE_INTERVAL), at(9 * BASE_INTERVAL));
         }
         assert!(c.bytes() <= 550);
         assert_eq!(c.len(), 5);
         assert!(
-            c.before(4 * BASE_INTERVAL).is_none()
-                || c.before(4 * BASE_INTERVAL).unwrap().icount >= 5 * BASE_INTERVAL
+            c.before(at(4 * BASE_INTERVAL)).is_none()
+                || c.before(at(4 * BASE_INTERVAL)).unwrap().at >= at(5 * BASE_INTERVAL)
         );
     }
 }

@@ -1,6 +1,7 @@
-//! Breakpoint- and watchpoint-aware execution over a [`Replayer`], forward and backward.
+//! Breakpoint- and watchpoint-aware execution over a [`Timeline`], forward and backward.
 //!
-//! A *position* is an icount: the machine state after that many instructions, before the next one runs.
+//! A *position* ([`Position`]) is the machine state at an instruction boundary, before the next
+//! instruction runs: instructions since boot (step traces), or a landmark and the instructions since it.
 //! - A breakpoint at address A is hit at a position whose RIP is A (checked before the instruction runs;
 //!   breakpoints are never written into guest memory).
 //! - A watchpoint is hit by the instruction that accesses the watched bytes. Writes are found by comparing the
@@ -10,9 +11,9 @@
 //!   (the state the access is about to change), which is where gdb expects a reverse watchpoint stop and
 //!   where it shows the source line that did the access.
 //!
-//! Backward execution only uses [`Replayer::seek`] and [`Replayer::step`]: a reverse continue scans the
+//! Backward execution only uses [`Timeline::seek`] and [`Timeline::step`]: a reverse continue scans the
 //! intervals between restore points (in-memory snapshots and trace checkpoints, see
-//! [`Replayer::restore_point_before`]) before the current position one by one, latest first, running each
+//! [`Timeline::restore_point_before`]) before the current position one by one, latest first, running each
 //! forward and keeping the last hit; so the denser the restore points near the position, the shorter the scans.
 //!
 //! Caveat of the step clock on this host (see PLATFORM.md): the step that delivers an interrupt also runs the
@@ -20,12 +21,14 @@
 //! position apart; the address of the second instruction of each pair is never a position's RIP, so a breakpoint
 //! there is not hit, and read watchpoints in those steps look at the instruction that was at RIP before the step.
 
-use crate::{Halt, ReplayError, Replayer};
+use super::Timeline;
+use crate::{Halt, ReplayError};
 use iced_x86::{Instruction, InstructionInfoFactory, OpAccess, Register};
 use machine::{Machine, DEBUG_REGISTERS};
 use std::collections::BTreeSet;
 use std::io::Write;
 use thiserror::Error;
+use vocab::{Position, Shown};
 
 /// How many steps run between two calls of the interrupt callback: rare enough to cost nothing next to a
 /// KVM single-step, frequent enough that Ctrl-C answers within a few tens of milliseconds.
@@ -40,12 +43,12 @@ pub enum SearchError {
     #[error(transparent)]
     Replay(#[from] ReplayError),
     /// A seek stopped before the position it was asked for: the recording ended earlier than it claims.
-    #[error("replay cannot reach icount {target}: it stops at icount {reached}")]
+    #[error("replay cannot reach {target}: it stops at {reached}")]
     Unreachable {
         /// The position asked for.
-        target: u64,
+        target: Shown,
         /// Where the replay stopped.
-        reached: u64,
+        reached: Shown,
     },
 }
 
@@ -126,7 +129,7 @@ pub enum Outcome {
     Done,
     /// At the end of the recording: nothing more to run forward.
     End,
-    /// At icount 0: nothing more to run backward.
+    /// At the start of the recording: nothing more to run backward.
     Begin,
     /// The interrupt callback asked to stop. Forward runs stop where they are; backward runs stop at a
     /// position from which no stop lies between it and where the run began, so a repeated request is exact.
@@ -164,24 +167,24 @@ fn changed(
 
 /// The value of a register iced asks for when computing a memory operand's address.
 fn register_value(m: &Machine, insn: &Instruction, reg: Register) -> Option<u64> {
-    let (r, s) = (m.regs(), m.sregs());
+    let (t, s) = (m.regs(), m.sregs());
     let value = match reg.full_register() {
-        Register::RAX => r.rax,
-        Register::RCX => r.rcx,
-        Register::RDX => r.rdx,
-        Register::RBX => r.rbx,
-        Register::RSP => r.rsp,
-        Register::RBP => r.rbp,
-        Register::RSI => r.rsi,
-        Register::RDI => r.rdi,
-        Register::R8 => r.r8,
-        Register::R9 => r.r9,
-        Register::R10 => r.r10,
-        Register::R11 => r.r11,
-        Register::R12 => r.r12,
-        Register::R13 => r.r13,
-        Register::R14 => r.r14,
-        Register::R15 => r.r15,
+        Register::RAX => t.rax,
+        Register::RCX => t.rcx,
+        Register::RDX => t.rdx,
+        Register::RBX => t.rbx,
+        Register::RSP => t.rsp,
+        Register::RBP => t.rbp,
+        Register::RSI => t.rsi,
+        Register::RDI => t.rdi,
+        Register::R8 => t.r8,
+        Register::R9 => t.r9,
+        Register::R10 => t.r10,
+        Register::R11 => t.r11,
+        Register::R12 => t.r12,
+        Register::R13 => t.r13,
+        Register::R14 => t.r14,
+        Register::R15 => t.r15,
         Register::RIP => insn.next_ip(),
         Register::ES => s.es.base,
         Register::CS => s.cs.base,
@@ -234,14 +237,14 @@ struct Checked {
 
 /// What a forward step ends a run with, if anything: the end of the recording, the watchpoint the
 /// instruction accessed, or a breakpoint where it left RIP.
-fn step_outcome(r: &Replayer, stops: &StopSet, step: Checked) -> Option<Outcome> {
+fn step_outcome(t: &Timeline, stops: &StopSet, step: Checked) -> Option<Outcome> {
     if !step.advanced {
         return Some(Outcome::End);
     }
     if let Some(w) = step.watch {
         return Some(Outcome::Hit(Hit::Watch(w)));
     }
-    let rip = r.machine().rip();
+    let rip = t.replay().machine().rip();
     stops
         .breakpoints
         .contains(&rip)
@@ -250,35 +253,35 @@ fn step_outcome(r: &Replayer, stops: &StopSet, step: Checked) -> Option<Outcome>
 
 /// Runs the instruction at the current position, checking it against the watchpoints.
 fn step_checked(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     info: &mut InstructionInfoFactory,
     out: &mut dyn Write,
 ) -> Result<Checked, SearchError> {
-    let start = r.icount();
-    if start >= r.end_icount() {
+    let start = t.position();
+    if start >= t.replay().end() {
         return Ok(Checked {
             advanced: false,
             watch: None,
         });
     }
-    let read = read_hit(r.machine(), stops, info);
-    let before = watched_bytes(r.machine(), stops);
-    r.step(out)?;
-    let after = watched_bytes(r.machine(), stops);
+    let read = read_hit(t.replay().machine(), stops, info);
+    let before = watched_bytes(t.replay().machine(), stops);
+    t.step(out)?;
+    let after = watched_bytes(t.replay().machine(), stops);
     Ok(Checked {
-        advanced: r.icount() > start,
+        advanced: t.position() > start,
         watch: read.or_else(|| changed(stops, &before, &after)),
     })
 }
 
 /// Moves to exactly `target`, which must lie within the recording.
-fn seek_exact(r: &mut Replayer, target: u64, out: &mut dyn Write) -> Result<(), SearchError> {
-    r.seek(target, out)?;
-    if r.icount() != target {
+fn seek_exact(t: &mut Timeline, target: Position, out: &mut dyn Write) -> Result<(), SearchError> {
+    t.seek(target, out)?;
+    if t.position() != target {
         return Err(SearchError::Unreachable {
-            target,
-            reached: r.icount(),
+            target: t.replay().show(target),
+            reached: t.replay().show(t.position()),
         });
     }
     Ok(())
@@ -288,12 +291,12 @@ fn seek_exact(r: &mut Replayer, target: u64, out: &mut dyn Write) -> Result<(), 
 /// recording ends here, else [`Outcome::Done`]. (A breakpoint at the new position is not a hit: like a
 /// hardware single-step, the stop is the step's.)
 pub fn step_forward(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     out: &mut dyn Write,
 ) -> Result<Outcome, SearchError> {
     let mut info = InstructionInfoFactory::new();
-    let step = step_checked(r, stops, &mut info, out)?;
+    let step = step_checked(t, stops, &mut info, out)?;
     Ok(match step {
         Checked {
             advanced: false, ..
@@ -307,25 +310,25 @@ pub fn step_forward(
 /// leaves `range` ([`Outcome::Done`]). The current position's own breakpoint does not stop the run: it is
 /// where the run resumes from. `interrupted` is asked every few thousand steps whether to stop.
 pub fn run_forward(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     range: Option<std::ops::Range<u64>>,
     out: &mut dyn Write,
     interrupted: &mut dyn FnMut() -> bool,
 ) -> Result<Outcome, SearchError> {
     if range.is_none() {
-        if let Some(hw) = hardware_stops(r, stops) {
-            return run_forward_free(r, stops, &hw, out, interrupted);
+        if let Some(hw) = hardware_stops(t, stops) {
+            return run_forward_free(t, stops, &hw, out, interrupted);
         }
     }
     let mut info = InstructionInfoFactory::new();
     let mut steps = 0u64;
     loop {
-        let step = step_checked(r, stops, &mut info, out)?;
-        if let Some(outcome) = step_outcome(r, stops, step) {
+        let step = step_checked(t, stops, &mut info, out)?;
+        if let Some(outcome) = step_outcome(t, stops, step) {
             return Ok(outcome);
         }
-        let rip = r.machine().rip();
+        let rip = t.replay().machine().rip();
         if range.as_ref().is_some_and(|range| !range.contains(&rip)) {
             return Ok(Outcome::Done);
         }
@@ -341,8 +344,8 @@ pub fn run_forward(
 /// sees no reads), and no more breakpoints than the debug registers a kick search leaves. Write watchpoints
 /// are not given to debug registers: PVM never reports a data breakpoint (a probe writing to a watched
 /// address ran on unstopped), so a free run compares the watched bytes at every landmark instead.
-fn hardware_stops(r: &Replayer, stops: &StopSet) -> Option<Vec<u64>> {
-    let fits = r.steps_within_landmarks()
+fn hardware_stops(t: &Timeline, stops: &StopSet) -> Option<Vec<u64>> {
+    let fits = t.replay().steps_within_landmarks()
         && !stops.has_read_watches()
         && stops.breakpoints.len() < DEBUG_REGISTERS;
     fits.then(|| stops.breakpoints.iter().copied().collect())
@@ -352,7 +355,7 @@ fn hardware_stops(r: &Replayer, stops: &StopSet) -> Option<Vec<u64>> {
 /// comparing the watched bytes at every landmark; only the stretch from the last landmark to a stop is
 /// single-stepped, to find its exact position.
 fn run_forward_free(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     hw: &[u64],
     out: &mut dyn Write,
@@ -361,25 +364,25 @@ fn run_forward_free(
     // The first instruction is stepped: the current position's own breakpoint does not stop the run, and
     // on PVM a breakpoint armed where the guest stands would fire at once.
     let mut info = InstructionInfoFactory::new();
-    let step = step_checked(r, stops, &mut info, out)?;
-    if let Some(outcome) = step_outcome(r, stops, step) {
+    let step = step_checked(t, stops, &mut info, out)?;
+    if let Some(outcome) = step_outcome(t, stops, step) {
         return Ok(outcome);
     }
     // Where the watched bytes were last seen, and what they were.
-    let (mut from, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
+    let (mut from, mut before) = (t.position(), watched_bytes(t.replay().machine(), stops));
     let free_from = from;
     let mut last_poll = std::time::Instant::now();
     loop {
-        if r.icount() >= r.end_icount() {
+        if t.position() >= t.replay().end() {
             return Ok(Outcome::End);
         }
-        let fired = r.run_free_with(hw, out)?;
-        let after = watched_bytes(r.machine(), stops);
+        let fired = t.run_free_with(hw, out)?;
+        let after = watched_bytes(t.replay().machine(), stops);
         if changed(stops, &before, &after).is_some() {
             // Written since `from` (by an instruction, or by a device's DMA): step there to the write.
-            seek_exact(r, from, out)?;
+            seek_exact(t, from, out)?;
             loop {
-                let step = step_checked(r, stops, &mut info, out)?;
+                let step = step_checked(t, stops, &mut info, out)?;
                 if let Some(w) = step.watch {
                     return Ok(Outcome::Hit(Hit::Watch(w)));
                 }
@@ -389,12 +392,12 @@ fn run_forward_free(
             }
         }
         if let Some(i) = fired {
-            r.locate(out)?;
+            t.locate(out)?;
             // No breakpoint fired from where the free run began to here: later searches need not look.
-            r.note_clear(hw, free_from, r.icount());
+            t.note_clear(hw, free_from, t.position());
             return Ok(Outcome::Hit(Hit::Breakpoint(hw[i])));
         }
-        (from, before) = (r.icount(), after);
+        (from, before) = (t.position(), after);
         if last_poll.elapsed() >= POLL_INTERVAL {
             last_poll = std::time::Instant::now();
             if interrupted() {
@@ -404,36 +407,37 @@ fn run_forward_free(
     }
 }
 
-/// Moves one instruction backward: [`Outcome::Begin`] at icount 0, [`Outcome::Hit`] if the instruction
+/// Moves one instruction backward: [`Outcome::Begin`] at the start, [`Outcome::Hit`] if the instruction
 /// stepped back over accessed a watchpoint, else [`Outcome::Done`].
 pub fn step_backward(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     out: &mut dyn Write,
 ) -> Result<Outcome, SearchError> {
-    let now = r.icount();
-    if now == 0 {
+    let now = t.position();
+    if now == Position::START {
         return Ok(Outcome::Begin);
     }
-    let after = watched_bytes(r.machine(), stops);
-    let previous = r.previous(now, out)?;
-    seek_exact(r, previous, out)?;
-    let before = watched_bytes(r.machine(), stops);
+    let after = watched_bytes(t.replay().machine(), stops);
+    let previous = t.previous(now, out)?;
+    seek_exact(t, previous, out)?;
+    let before = watched_bytes(t.replay().machine(), stops);
     let mut info = InstructionInfoFactory::new();
-    let watch = read_hit(r.machine(), stops, &mut info).or_else(|| changed(stops, &before, &after));
+    let watch = read_hit(t.replay().machine(), stops, &mut info)
+        .or_else(|| changed(stops, &before, &after));
     Ok(watch.map_or(Outcome::Done, |w| Outcome::Hit(Hit::Watch(w))))
 }
 
-/// The start of the interval of positions that a backward search scans before position `before` (> 0): the
+/// The start of the interval of positions that a backward search scans before position `before` (past the start): the
 /// last restore point (in-memory snapshot or trace checkpoint) strictly before it.
-fn interval_start(r: &Replayer, before: u64) -> u64 {
-    r.restore_point_before(before - 1)
+fn interval_start(t: &Timeline, before: Position) -> Position {
+    t.restore_point_before(before.just_before())
 }
 
 /// Result of scanning one interval forward.
 enum Scan {
     /// The last hit in the interval: its position and what it was.
-    Found(u64, Hit),
+    Found(Position, Hit),
     /// No hit in the interval.
     Nothing,
     /// The interrupt callback asked to stop.
@@ -443,19 +447,19 @@ enum Scan {
 /// Scans positions `from..to` (forward from `from`) and returns the last one that hits, with backward
 /// semantics: a breakpoint at the position's RIP, or a watchpoint accessed by the instruction run from it.
 fn scan(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
-    (from, to): (u64, u64),
+    (from, to): (Position, Position),
     out: &mut dyn Write,
     poll: &mut Poll<'_>,
 ) -> Result<Scan, SearchError> {
     let mut info = InstructionInfoFactory::new();
-    seek_exact(r, from, out)?;
+    seek_exact(t, from, out)?;
     let mut last = None;
-    while r.icount() < to {
-        let position = r.icount();
-        let rip = r.machine().rip();
-        let step = step_checked(r, stops, &mut info, out)?;
+    while t.position() < to {
+        let position = t.position();
+        let rip = t.replay().machine().rip();
+        let step = step_checked(t, stops, &mut info, out)?;
         if let Some(w) = step.watch {
             last = Some((position, Hit::Watch(w)));
         } else if stops.breakpoints.contains(&rip) {
@@ -477,44 +481,44 @@ fn scan(
 /// watched bytes; then only those stretches, latest first, and the interval's last stretch up to `to`,
 /// are single-stepped (by [`scan`]) to find the last hit.
 fn scan_free(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     hw: &[u64],
-    (from, to): (u64, u64),
+    (from, to): (Position, Position),
     out: &mut dyn Write,
     poll: &mut Poll<'_>,
 ) -> Result<Scan, SearchError> {
-    let to_landmark = crate::position::encode(crate::position::decode(to).0, 0);
-    seek_exact(r, from, out)?;
-    let pages = watched_page_list(r.machine(), stops);
-    r.wrote_since_probe(&pages)?;
+    let to_landmark = Position::at(to.count());
+    seek_exact(t, from, out)?;
+    let pages = watched_page_list(t.replay().machine(), stops);
+    t.wrote_since_probe(&pages)?;
     // The last breakpoint stop seen, and the stretches [start, end) that may hold a watch hit.
     let mut breakpoint = None;
     let mut candidates = Vec::new();
     let mut info = InstructionInfoFactory::new();
-    let (mut start, mut before) = (r.icount(), watched_bytes(r.machine(), stops));
-    while r.icount() < to_landmark {
+    let (mut start, mut before) = (t.position(), watched_bytes(t.replay().machine(), stops));
+    while t.position() < to_landmark {
         // A breakpoint at the very position the run resumes from would fire at once: step over it first.
-        if stops.breakpoints.contains(&r.machine().rip()) {
-            breakpoint = Some((r.icount(), r.machine().rip()));
-            let step = step_checked(r, stops, &mut info, out)?;
+        if stops.breakpoints.contains(&t.replay().machine().rip()) {
+            breakpoint = Some((t.position(), t.replay().machine().rip()));
+            let step = step_checked(t, stops, &mut info, out)?;
             if !step.advanced {
                 break;
             }
         }
-        let fired = r.run_free_with(hw, out)?;
+        let fired = t.run_free_with(hw, out)?;
         if let Some(i) = fired {
-            r.locate(out)?;
-            if r.icount() < to {
-                breakpoint = Some((r.icount(), hw[i]));
+            t.locate(out)?;
+            if t.position() < to {
+                breakpoint = Some((t.position(), hw[i]));
             }
         }
-        let after = watched_bytes(r.machine(), stops);
-        if r.wrote_since_probe(&pages)? || changed(stops, &before, &after).is_some() {
-            candidates.push((start, r.icount().min(to)));
+        let after = watched_bytes(t.replay().machine(), stops);
+        if t.wrote_since_probe(&pages)? || changed(stops, &before, &after).is_some() {
+            candidates.push((start, t.position().min(to)));
         }
-        (start, before) = (r.icount(), after);
-        if r.icount() >= r.end_icount() {
+        (start, before) = (t.position(), after);
+        if t.position() >= t.replay().end() {
             break;
         }
         if poll.due_now() {
@@ -522,9 +526,9 @@ fn scan_free(
         }
     }
     // The interval's last landmark stretch, up to `to`, stepped.
-    if r.icount() < to {
+    if t.position() < to {
         if let found @ (Scan::Found(..) | Scan::Interrupted) =
-            scan(r, stops, (r.icount(), to), out, poll)?
+            scan(t, stops, (t.position(), to), out, poll)?
         {
             return Ok(found);
         }
@@ -535,7 +539,7 @@ fn scan_free(
             break;
         }
         if let found @ (Scan::Found(..) | Scan::Interrupted) =
-            scan(r, stops, (start, end), out, poll)?
+            scan(t, stops, (start, end), out, poll)?
         {
             return Ok(found);
         }
@@ -554,7 +558,7 @@ fn watched_page_list(m: &Machine, stops: &StopSet) -> Vec<u64> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// The position just before the instruction that made it.
-    pub position: u64,
+    pub position: Position,
     /// That instruction's address.
     pub rip: u64,
     /// The bytes before.
@@ -580,13 +584,13 @@ pub enum HistoryEnd {
 /// the dirty log read at every landmark, and only the stretches between landmarks that wrote a watched
 /// page are single-stepped. Writes that leave the value as it was are not changes.
 pub fn history(
-    r: &mut Replayer,
+    t: &mut Timeline,
     (addr, len): (u64, u64),
     limit: usize,
     out: &mut dyn Write,
     interrupted: &mut dyn FnMut() -> bool,
 ) -> Result<(Vec<Change>, HistoryEnd), SearchError> {
-    let here = r.icount();
+    let here = t.position();
     let stops = StopSet {
         breakpoints: BTreeSet::new(),
         watches: vec![Watch {
@@ -595,50 +599,47 @@ pub fn history(
             access: Access::Write,
         }],
     };
-    let pages = watched_page_list(r.machine(), &stops);
+    let pages = watched_page_list(t.replay().machine(), &stops);
     let mut changes = Vec::new();
     let mut end = HistoryEnd::Complete;
-    let mut bounds = r.checkpoint_positions().to_vec();
-    bounds.push(r.end_icount());
+    let mut bounds = t.replay().checkpoint_positions().to_vec();
+    bounds.push(t.replay().end());
     'intervals: for pair in bounds.windows(2) {
         let (from, to) = (pair[0], pair[1]);
         if !pages.is_empty()
-            && r.pages_written(from, to)
+            && t.pages_written(from, to)
                 .is_some_and(|written| pages.iter().all(|p| !written.contains(p)))
         {
             continue;
         }
-        seek_exact(r, from, out)?;
-        r.wrote_since_probe(&pages)?;
+        seek_exact(t, from, out)?;
+        t.wrote_since_probe(&pages)?;
         let mut info = InstructionInfoFactory::new();
-        while r.icount() < to {
+        while t.position() < to {
             // The stretch to step: one instruction (step traces), or up to the next landmark if it
             // wrote a watched page (landmark traces, run free first).
-            let start = r.icount();
-            let before = watched_bytes(r.machine(), &stops);
-            if r.steps_within_landmarks() {
-                r.run_free_with(&[], out)?;
-                let after = watched_bytes(r.machine(), &stops);
-                if !r.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
+            let start = t.position();
+            let before = watched_bytes(t.replay().machine(), &stops);
+            if t.replay().steps_within_landmarks() {
+                t.run_free_with(&[], out)?;
+                let after = watched_bytes(t.replay().machine(), &stops);
+                if !t.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
                     if interrupted() {
                         end = HistoryEnd::Interrupted;
                         break 'intervals;
                     }
                     continue;
                 }
-                seek_exact(r, start, out)?;
+                seek_exact(t, start, out)?;
             }
-            let stop = if r.steps_within_landmarks() {
-                crate::position::encode(crate::position::decode(start).0 + 1, 0).min(to)
-            } else {
-                start + 1
-            };
-            while r.icount() < stop {
-                let (position, rip) = (r.icount(), r.machine().rip());
-                let old = watched_bytes(r.machine(), &stops);
-                let step = step_checked(r, &stops, &mut info, out)?;
+            // Both end where the next landmark (or instruction count) begins.
+            let stop = Position::at(start.count() + 1).min(to);
+            while t.position() < stop {
+                let (position, rip) = (t.position(), t.replay().machine().rip());
+                let old = watched_bytes(t.replay().machine(), &stops);
+                let step = step_checked(t, &stops, &mut info, out)?;
                 if step.watch.is_some() {
-                    let new = watched_bytes(r.machine(), &stops);
+                    let new = watched_bytes(t.replay().machine(), &stops);
                     changes.push(Change {
                         position,
                         rip,
@@ -660,7 +661,7 @@ pub fn history(
             }
         }
     }
-    seek_exact(r, here, out)?;
+    seek_exact(t, here, out)?;
     Ok((changes, end))
 }
 
@@ -695,21 +696,21 @@ impl Poll<'_> {
     }
 }
 
-/// Runs backward to the latest earlier position that hits a breakpoint or watchpoint, or to icount 0
+/// Runs backward to the latest earlier position that hits a breakpoint or watchpoint, or to the start
 /// ([`Outcome::Begin`]). The intervals between restore points before the current position are scanned latest
 /// first, each forward from its start, and the last hit in the first interval that has one wins.
 /// `interrupted` is asked every few thousand steps whether to stop (see [`Outcome::Interrupted`]).
 pub fn run_backward(
-    r: &mut Replayer,
+    t: &mut Timeline,
     stops: &StopSet,
     out: &mut dyn Write,
     interrupted: &mut dyn FnMut() -> bool,
 ) -> Result<Outcome, SearchError> {
-    let start = r.icount();
-    let hw = hardware_stops(r, stops);
+    let start = t.position();
+    let hw = hardware_stops(t, stops);
     // Pages the watchpoints watch: an interval that wrote none of them cannot change them.
     let watched_pages = (!stops.has_read_watches())
-        .then(|| watched_pages(r.machine(), stops))
+        .then(|| watched_pages(t.replay().machine(), stops))
         .flatten();
     let mut poll = Poll {
         steps: 0,
@@ -718,17 +719,17 @@ pub fn run_backward(
     // Positions from `clear` up to the start have been scanned and hold no hit.
     let mut clear = start;
     if !stops.is_empty() {
-        while clear > 0 {
-            let from = interval_start(r, clear);
+        while clear > Position::START {
+            let from = interval_start(t, clear);
             // Skipped without replaying: no watched page written in it, and every breakpoint known
             // not to be hit there (a free run forward passed through it with them armed).
             if let Some(pages) = &watched_pages {
                 let breakpoints_clear = stops
                     .breakpoints
                     .iter()
-                    .all(|&rip| r.known_clear(rip, from, clear));
+                    .all(|&rip| t.known_clear(rip, from, clear));
                 if breakpoints_clear
-                    && r.pages_written(from, clear)
+                    && t.pages_written(from, clear)
                         .is_some_and(|written| pages.is_disjoint(&written))
                 {
                     clear = from;
@@ -736,31 +737,35 @@ pub fn run_backward(
                 }
             }
             let scanned = match &hw {
-                Some(hw) => scan_free(r, stops, hw, (from, clear), out, &mut poll)?,
-                None => scan(r, stops, (from, clear), out, &mut poll)?,
+                Some(hw) => scan_free(t, stops, hw, (from, clear), out, &mut poll)?,
+                None => scan(t, stops, (from, clear), out, &mut poll)?,
             };
             match scanned {
                 Scan::Found(position, hit) => {
-                    seek_exact(r, position, out)?;
+                    seek_exact(t, position, out)?;
                     return Ok(Outcome::Hit(hit));
                 }
                 Scan::Interrupted => {
-                    seek_exact(r, clear, out)?;
+                    seek_exact(t, clear, out)?;
                     return Ok(Outcome::Interrupted);
                 }
                 Scan::Nothing => clear = from,
             }
         }
     }
-    seek_exact(r, 0, out)?;
+    seek_exact(t, Position::START, out)?;
     Ok(Outcome::Begin)
 }
 
 /// Moves to `target` (clamped to the recording) and says whether that is the end of the recording.
-pub fn seek(r: &mut Replayer, target: u64, out: &mut dyn Write) -> Result<Outcome, SearchError> {
-    Ok(match r.seek(target, out)? {
+pub fn seek(
+    t: &mut Timeline,
+    target: Position,
+    out: &mut dyn Write,
+) -> Result<Outcome, SearchError> {
+    Ok(match t.seek(target, out)? {
         Halt::End(_) => Outcome::End,
-        Halt::Target if r.icount() >= r.end_icount() => Outcome::End,
+        Halt::Target if t.position() >= t.replay().end() => Outcome::End,
         Halt::Target => Outcome::Done,
     })
 }
