@@ -3,18 +3,9 @@
 
 use crate::arch::{self, CR0_PE, RFLAGS_IF, RFLAGS_TF};
 use crate::emulate::{self};
-use crate::vm::{kvm_err, Machine, MachineError};
+use crate::vm::{kvm_err, Machine, MachineError, Queued};
 use std::os::fd::AsRawFd;
 use thiserror::Error;
-
-/// An event queued in the vCPU for delivery at the next entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
-    /// An interrupt from the PIC ([`Machine::inject_interrupt`]).
-    Interrupt,
-    /// An exception of an instruction the VMM completed (the #BP of an `int3`).
-    Exception,
-}
 
 /// What keeps the CPU from taking an interrupt ([`Machine::interrupt_blocker`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]

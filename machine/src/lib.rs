@@ -19,7 +19,9 @@ pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
 pub use cpu_model::{host_cpu, CpuModel};
-pub use interrupts::{Blocker, Queued};
+pub use interrupts::Blocker;
 pub use snapshot::Snapshot;
-pub use vm::{Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Step, StopReason};
+pub use vm::{
+    Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Step, StopReason,
+};
 pub use vocab::{HostCpu, Position};

@@ -2,7 +2,7 @@
 //! it (in canonical form), and naming what differs.
 
 use crate::cpu::CpuState;
-use crate::interrupts::Queued;
+use crate::vm::Queued;
 use crate::vm::{Clock, Machine, MachineError};
 use devices::Devices;
 use memory::PAGE_SIZE;

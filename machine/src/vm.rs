@@ -8,7 +8,6 @@ use crate::cpu::{CpuError, XsaveLayout};
 use crate::cpu_model::{CpuModel, ModelError};
 use crate::emulate::{self, EmulateError};
 use crate::host_traps::HostTraps;
-use crate::interrupts::Queued;
 use boot::loader::{self, LoaderError};
 use devices::disk::DiskImage;
 use devices::{Devices, TimeSource, MAX_DISKS};
@@ -20,6 +19,15 @@ use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
 use memory::{GuestMemory, MemoryError};
 use thiserror::Error;
 pub use vocab::{Clock, HostInsn, StopReason};
+
+/// An event queued in the vCPU for delivery at the next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// An interrupt from the PIC ([`Machine::inject_interrupt`], in `interrupts.rs`).
+    Interrupt,
+    /// An exception of an instruction the VMM completed (the #BP of an `int3`).
+    Exception,
+}
 
 /// Errors from creating or running the machine.
 #[derive(Debug, Error)]
