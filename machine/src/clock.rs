@@ -14,7 +14,7 @@
 //!   A matching state has an identical future, so replay is exact even when a loop passes that rip often.
 //!
 //! Both clocks count landmarks the same way, so a landmark trace can be replayed by the step clock (that is
-//! how `index` gives every landmark its icount): each exit counts once per element transferred (a string
+//! how `replay --clock step` counts a landmark trace's instructions): each exit counts once per element transferred (a string
 //! I/O that KVM batches into one exit counts as the exits stepping would see), and `hlt` counts whether KVM
 //! reports it or the step clock executes it.
 //!
