@@ -7,6 +7,7 @@
 
 pub mod debug_exit;
 pub mod disk;
+pub mod lapic;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
