@@ -8,6 +8,7 @@
 pub mod debug_exit;
 pub mod disk;
 pub mod ioapic;
+pub mod lapic;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
