@@ -1,5 +1,7 @@
 //! The userspace PC devices: 8259A PIC pair, 8254 PIT, MC146818 RTC/CMOS, 16550A UART on COM1 and
-//! QEMU's isa-debug-exit, at their standard ports, and up to four virtio-mmio block devices.
+//! QEMU's isa-debug-exit, at their standard ports, and up to four virtio-mmio block devices. The local
+//! APIC ([`lapic`]) and the IOAPIC ([`ioapic`]) are modelled for the machine with several vCPUs to
+//! come; no machine wires them in yet.
 //!
 //! Every device is a deterministic function of its state and its inputs. They never read a clock: the
 //! time comes from the caller through a [`TimeSource`], which is asked only when an access really
