@@ -591,8 +591,8 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
-    if a.gdb.is_some() {
-        return replay_under_gdb(a);
+    if let Some(addr) = &a.gdb {
+        return replay_under_gdb(a, addr);
     }
     let mut r = Replayer::open(&a.trace, a.kernel.as_deref())?;
     if let Some(clock) = a.clock {
@@ -644,8 +644,8 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     })
 }
 
-/// `replay --gdb`: serves the replay to gdb, which moves it backward as well as forward.
-fn replay_under_gdb(a: &ReplayArgs) -> Result<i32, CliError> {
+/// `replay --gdb ADDR`: serves the replay to gdb on `addr`, which moves it backward as well as forward.
+fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
     let mut t = Timeline::open(&a.trace, a.kernel.as_deref())?;
     if let Some(clock) = a.clock {
         t.set_clock(clock.clock())?;
@@ -662,11 +662,8 @@ fn replay_under_gdb(a: &ReplayArgs) -> Result<i32, CliError> {
         t.restore_checkpoint(index)?;
         warn_notices(t.take_notices());
     }
-    let Some(addr) = &a.gdb else {
-        unreachable!("called for --gdb only");
-    };
     let opts = gdb::GdbOptions {
-        addr: addr.clone(),
+        addr: addr.to_string(),
         allow_remote: a.gdb_allow_remote,
         arch: match a.gdb_arch {
             GdbArchArg::Auto => gdb::ArchChoice::Auto,

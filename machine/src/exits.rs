@@ -266,8 +266,10 @@ impl Machine {
                 });
             }
         };
-        // Every exit, a signal's included, leaves the events in kvm_run (SyncReg::VcpuEvents).
-        let events = self.vcpu.sync_regs().events;
+        // Every exit, a signal's included, leaves the events and registers in kvm_run (SyncReg): one
+        // copy of them serves both questions below.
+        let sync = self.vcpu.sync_regs();
+        let events = sync.events;
         let held = events.exception.injected != 0
             || events.exception.pending != 0
             || events.interrupt.injected != 0
@@ -280,8 +282,7 @@ impl Machine {
         // waiting still. Wrongly waiting costs only this point as a place to deliver input; wrongly
         // delivered, an interrupt queued beside a #BP still in flight made a recording that did not
         // replay (int3loop, a kick at the int3's return address, once in a full test suite's load).
-        let now = &self.vcpu.sync_regs().regs;
-        let unmoved = (now.rip, now.rsp) == entered_at;
+        let unmoved = (sync.regs.rip, sync.regs.rsp) == entered_at;
         if matches!(exit, Exit::Interrupted)
             && queued.is_some()
             && (held || unmoved || self.in_flight())

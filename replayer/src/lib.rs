@@ -591,7 +591,12 @@ impl Replayer {
             let before = self.machine.landmarks() < target.count();
             self.use_clock(if before { Clock::Landmark } else { Clock::Step })?;
         }
-        if (position.count() + position.offset()).is_multiple_of(PROGRESS_EVERY) {
+        // A cadence only: the offset is u64::MAX where a free run did not count it, so wrap.
+        if position
+            .count()
+            .wrapping_add(position.offset())
+            .is_multiple_of(PROGRESS_EVERY)
+        {
             let end = self.end;
             if let Some(p) = self.progress.as_mut() {
                 p(position, target.min(end));
