@@ -124,6 +124,13 @@ struct GuestArgs {
     /// every feature it had.
     #[arg(long, value_enum, default_value = "portable")]
     cpu: CpuArg,
+    /// vCPUs (1 to 8). With more than one, the machine has a local APIC per vCPU (xAPIC, at 0xFEE00000)
+    /// and an IOAPIC (0xFEC00000), application processors wait for INIT and STARTUP IPIs, and the vCPUs
+    /// run one at a time on one host thread, switching when one halts or its time slice ends: the
+    /// interleaving is recorded, so races replay exactly. With one, the PC has no APIC, as before.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=machine::MAX_CPUS as i64))]
+    cpus: u8,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,6 +199,15 @@ struct RecordArgs {
     /// not replay exits with status 4. Costs about as long again as the recording.
     #[arg(long)]
     verify: bool,
+    /// Chaos mode, for hunting races on a machine with several vCPUs: time slices of widely varying
+    /// length (many very short), switches wherever a kick stops a vCPU rather than where a loop ends,
+    /// a random next vCPU, and windows in which one vCPU starves. Drawn from --seed (random if not
+    /// given, and printed); the seed is kept in the trace, but replay does not need it.
+    #[arg(long)]
+    chaos: bool,
+    /// Chaos mode's seed: the same seed draws the same slices and choices.
+    #[arg(long, value_name = "S", requires = "chaos")]
+    seed: Option<u64>,
 }
 
 /// Default checkpoint interval, from measurement (README): a checkpoint costs ~4 ms, i.e. <2% at ~220k
@@ -370,7 +386,7 @@ pub fn main() -> i32 {
             } else {
                 machine::Clock::Landmark
             };
-            record(a.guest, None, clock, a.disk_writeback)
+            record(a.guest, None, clock, a.disk_writeback, None)
         }
         Command::Record(a) => {
             let clock = a.clock.clock();
@@ -390,7 +406,10 @@ pub fn main() -> i32 {
                 }
                 (machine::Clock::Landmark, None, ms) => Ok(ms.unwrap_or(DEFAULT_CHECKPOINT_MS)),
             }
-            .and_then(|every| record(a.guest, Some((a.output.clone(), every)), clock, false))
+            .and_then(|every| {
+                let seed = a.chaos.then(|| a.seed.unwrap_or_else(chaos_seed));
+                record(a.guest, Some((a.output.clone(), every)), clock, false, seed)
+            })
             .and_then(|status| match a.verify {
                 true => verify_recording(&a.output).map(|()| status),
                 false => Ok(status),
@@ -470,11 +489,22 @@ fn serial_input(arg: Option<&Path>) -> Result<SerialInput, CliError> {
     })
 }
 
+/// A chaos seed drawn from the host's randomness, said on stderr so a run can be drawn again.
+fn chaos_seed() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    eprintln!("retrovisor: chaos seed {seed}");
+    seed
+}
+
 fn record(
     g: GuestArgs,
     trace: Option<(PathBuf, u64)>,
     clock: machine::Clock,
     disk_writeback: bool,
+    chaos_seed: Option<u64>,
 ) -> Result<i32, CliError> {
     // Only a regular file: a FIFO would block and a device would read forever.
     let image =
@@ -522,6 +552,7 @@ fn record(
             },
             // Only the VMM can show this host's guests a CPU other than the host's (see answer_cpuid).
             answer_cpuid: g.cpu == CpuArg::Portable,
+            cpus: usize::from(g.cpus),
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,
@@ -534,6 +565,7 @@ fn record(
         max_instructions: g.max_instructions,
         clock,
         progress: None,
+        chaos_seed,
     };
     let bar = progress_bar(g.max_instructions, "recording");
     if clock == machine::Clock::Step {
@@ -992,6 +1024,8 @@ fn events(a: &EventsArgs) -> Result<i32, CliError> {
                 format!("{insn:?} {value:#x} aux {aux:#x}")
             }
             traces::EventKind::Stop { reason } => format!("{reason:?}"),
+            traces::EventKind::Switch { cpu } => format!("vCPU {cpu} runs"),
+            traces::EventKind::ApicTimer { cpu, ns } => format!("vCPU {cpu} at {ns} ns"),
             traces::EventKind::Kick { fingerprint: f } => format!(
                 "at rip {:#x} rsp {:#x} rflags {:#x} regs {:016x} memory {:016x}",
                 f.rip, f.rsp, f.rflags, f.regs, f.memory

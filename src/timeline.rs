@@ -256,6 +256,19 @@ fn event_lanes(trace: &TraceReader) -> Vec<Lane> {
             EventKind::Kick { fingerprint } => {
                 (5, 0, None, format!("kicked at rip {:#x}", fingerprint.rip))
             }
+            // A lane per vCPU: a mark where it takes over (it runs until the next mark on another lane).
+            EventKind::Switch { cpu } => (
+                6,
+                u16::from(*cpu),
+                Some(cpu.to_string()),
+                format!("vCPU {cpu} takes over"),
+            ),
+            EventKind::ApicTimer { cpu, ns } => (
+                7,
+                u16::from(*cpu),
+                Some(cpu.to_string()),
+                format!("vCPU {cpu}'s APIC timer expires ({ns} ns)"),
+            ),
             EventKind::Stop { .. } => continue,
         };
         let kind = e.kind.name();
@@ -263,6 +276,8 @@ fn event_lanes(trace: &TraceReader) -> Vec<Lane> {
             kind,
             label: match &key_text {
                 Some(k) if kind == "interrupt" => format!("interrupt {k}"),
+                Some(k) if kind == "switch" => format!("vCPU {k} runs"),
+                Some(k) if kind == "apic_timer" => format!("vCPU {k} APIC timer"),
                 Some(k) => format!("irq line {k}"),
                 None => lane_label(kind).into(),
             },

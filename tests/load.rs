@@ -93,6 +93,7 @@ fn whether_an_interrupt_can_be_taken_follows_from_the_state_alone() {
         cpu: machine::CpuModel::Portable,
         answer_cpuid: true,
         trap_host_insns: true,
+        cpus: 1,
     };
     let mut m = Machine::new(&config, &image).unwrap();
     m.set_clock(Clock::Landmark).unwrap();
@@ -109,7 +110,7 @@ fn whether_an_interrupt_can_be_taken_follows_from_the_state_alone() {
             _ => {}
         }
         if m.landmarks().is_multiple_of(3) {
-            m.pulse_irq(0);
+            m.pulse_irq(0).unwrap();
         }
         out.extend(m.take_output());
         let (enabled, blocker) = (m.interrupts_enabled(), m.interrupt_blocker());

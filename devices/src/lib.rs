@@ -235,15 +235,20 @@ impl Devices {
 
     /// Moves interrupt edges raised by devices into the PIC; the machine calls it after every I/O and
     /// after feeding the UART.
-    pub fn sync_irqs(&mut self) {
+    /// Returns the lines it pulsed (bit n for IRQ n), for a machine that also has an IOAPIC.
+    pub fn sync_irqs(&mut self) -> u16 {
+        let mut lines = 0;
         if self.uart.take_irq() {
             self.pic.pulse_irq(COM1_IRQ);
+            lines |= 1 << COM1_IRQ;
         }
         for (disk, irq) in self.disks.iter_mut().zip(VIRTIO_BLK_IRQS) {
             if disk.take_irq() {
                 self.pic.pulse_irq(irq);
+                lines |= 1 << irq;
             }
         }
+        lines
     }
 }
 

@@ -110,7 +110,7 @@ impl Machine {
 
     /// Programs KVM's guest debugging for the clock and the armed stops, plus `extra`, one more
     /// execution breakpoint at a linear address (a kick search's), in the last register.
-    fn apply_debug(&mut self, extra: Option<u64>) -> Result<(), MachineError> {
+    pub(crate) fn apply_debug(&mut self, extra: Option<u64>) -> Result<(), MachineError> {
         let mut debug = kvm_guest_debug::default();
         match self.clock {
             Clock::Step => debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
@@ -120,7 +120,7 @@ impl Machine {
                 let mut dr7 = DR7_FIXED;
                 let extra = extra.map(|linear| (DEBUG_REGISTERS - 1, linear));
                 let armed = self.breakpoints.iter().enumerate();
-                let armed = armed.map(|(i, &rip)| (i, self.sregs.cs.base.wrapping_add(rip)));
+                let armed = armed.map(|(i, &rip)| (i, self.cpu.sregs.cs.base.wrapping_add(rip)));
                 // An execution breakpoint: enabled (L bit), RW = LEN = 0.
                 for (slot, linear) in armed.chain(extra) {
                     debug.arch.debugreg[slot] = linear;
@@ -129,7 +129,8 @@ impl Machine {
                 debug.arch.debugreg[7] = dr7;
             }
         }
-        self.vcpu
+        self.cpu
+            .fd
             .set_guest_debug(&debug)
             .map_err(|source| MachineError::Kvm {
                 what: "KVM_SET_GUEST_DEBUG",
@@ -143,7 +144,8 @@ impl Machine {
             control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
             ..Default::default()
         };
-        self.vcpu
+        self.cpu
+            .fd
             .set_guest_debug(&debug)
             .map_err(|source| MachineError::Kvm {
                 what: "KVM_SET_GUEST_DEBUG",
@@ -175,14 +177,14 @@ impl Machine {
 
     /// The armed stop DR6 says fired, if any (bits 0-3 name the debug registers that matched).
     fn fired_stop(&self) -> Option<usize> {
-        (0..self.breakpoints.len()).find(|&i| self.last_dr6 & (1 << i) != 0)
+        (0..self.breakpoints.len()).find(|&i| self.cpu.last_dr6 & (1 << i) != 0)
     }
 
     /// The landmarks an exit makes (see the module documentation).
     pub(crate) fn landmarks_in(&mut self, exit: &Exit) -> u64 {
         match exit {
             Exit::Io => {
-                let run = self.vcpu.get_kvm_run();
+                let run = self.cpu.fd.get_kvm_run();
                 if run.exit_reason == KVM_EXIT_IO {
                     // SAFETY: for KVM_EXIT_IO the `io` member of the exit union is the one KVM filled in.
                     u64::from(unsafe { run.__bindgen_anon_1.io.count }).max(1)
@@ -210,10 +212,10 @@ impl Machine {
 
     /// Runs free until the guest's next exit, or until a kick interrupts it.
     fn run_to_landmark(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
-        if self.halted {
+        if self.cpu.halted {
             return Ok(Advance::Idle);
         }
-        if self.stale_shadow {
+        if self.cpu.stale_shadow {
             self.clear_interrupt_shadow()?;
         }
         // PVM quirk (seen here, about once in a hundred disk-guest runs): when a signal interrupts the
@@ -223,17 +225,17 @@ impl Machine {
         // bound it instead leaves a stray #DB in the guest on this host.) A run delivering an exception
         // may be kicked: it lasts to the guest's next exit, which after an `int3` can be far away, and
         // held kicks would starve the timer all that while.
-        let _held = (self.queued == Some(Queued::Interrupt)).then(KicksHeld::new);
+        let _held = (self.cpu.queued == Some(Queued::Interrupt)).then(KicksHeld::new);
         let exit = self.enter(host)?;
         match exit {
             Exit::Interrupted => {
-                self.after_exit(None);
+                self.after_exit(None)?;
                 return Ok(Advance::Kicked);
             }
             Exit::Ran => {
                 // Only an armed stop makes a debug exit while running free. Disarm them: on PVM, resuming
                 // onto an armed breakpoint triggers it again forever.
-                self.after_exit(None);
+                self.after_exit(None)?;
                 self.stop_fired = self.fired_stop();
                 self.disarm()?;
                 return Ok(Advance::Breakpoint);
@@ -243,7 +245,10 @@ impl Machine {
         let stop = self.finish_exit(exit, host)?;
         Ok(match stop {
             Some(stop) => Advance::Stopped(stop),
-            None if self.halted && self.regs.rflags & RFLAGS_IF == 0 => {
+            None if self.cpu.halted
+                && self.cpu.regs.rflags & RFLAGS_IF == 0
+                && !self.is_multiprocessor() =>
+            {
                 Advance::Stopped(StopReason::Halted)
             }
             None => Advance::Moved,
@@ -260,7 +265,7 @@ impl Machine {
     pub fn loop_exit(&self) -> Option<u64> {
         /// How far to decode: loops whose latch lies farther away are not worth waiting for.
         const MAX_INSNS: usize = 64;
-        let start = self.regs.rip;
+        let start = self.cpu.regs.rip;
         let mut ip = start;
         for _ in 0..MAX_INSNS {
             let insn = self.decode_at(ip)?;
@@ -296,8 +301,8 @@ impl Machine {
     /// (PLATFORM.md). Not at a repeated string instruction: a kick may stop one between two iterations,
     /// and a breakpoint fires only before the first.
     pub fn kick_point_findable(&self) -> bool {
-        let user_mode = self.sregs.cs.selector & 3 != 0;
-        let in_rep = self.decode_at(self.regs.rip).is_some_and(|i| {
+        let user_mode = self.cpu.sregs.cs.selector & 3 != 0;
+        let in_rep = self.decode_at(self.cpu.regs.rip).is_some_and(|i| {
             i.is_string_instruction() && (i.has_rep_prefix() || i.has_repne_prefix())
         });
         !user_mode && !in_rep
@@ -312,7 +317,7 @@ impl Machine {
 
     /// The fingerprint without the memory digest (which costs a dirty-log read).
     fn register_fingerprint(&self) -> Fingerprint {
-        let (r, s) = (&self.regs, &self.sregs);
+        let (r, s) = (&self.cpu.regs, &self.cpu.sregs);
         let rflags = r.rflags & !RFLAGS_RF;
         let words = [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
@@ -379,7 +384,7 @@ impl Machine {
         if self.matches(fp)? {
             return Ok(Search::Found);
         }
-        let linear = self.sregs.cs.base.wrapping_add(fp.rip);
+        let linear = self.cpu.sregs.cs.base.wrapping_add(fp.rip);
         let result = self.search_with_breakpoint(fp, linear, host);
         // Back to plain free running with the stops, whatever happened (a stop that fired is off).
         if result.as_ref().is_ok_and(|&r| r == Search::Stopped) {
@@ -405,8 +410,8 @@ impl Machine {
             match self.enter(host)? {
                 Exit::Interrupted => continue,
                 Exit::Ran => {
-                    self.after_exit(None);
-                    if self.regs.rip == fp.rip && self.matches(fp)? {
+                    self.after_exit(None)?;
+                    if self.cpu.regs.rip == fp.rip && self.matches(fp)? {
                         return Ok(Search::Found);
                     }
                     if let Some(stop) = self.fired_stop() {
@@ -430,7 +435,7 @@ impl Machine {
                         self.finish_exit(exit, host)?;
                         return Ok(Search::Passed);
                     }
-                    self.after_exit(None);
+                    self.after_exit(None)?;
                     if self.matches(fp)? {
                         return Ok(Search::Found);
                     }

@@ -39,7 +39,7 @@ impl Machine {
     /// Executes exactly one guest instruction (or reports that the guest is idle or stopped). Landmarks
     /// are counted as the landmark clock would see them (see [`crate::clock`]).
     pub fn step(&mut self, host: &mut dyn Host) -> Result<Step, MachineError> {
-        if self.halted {
+        if self.cpu.halted {
             return Ok(Step::Idle);
         }
         let insn = self.decode_at_rip();
@@ -49,6 +49,7 @@ impl Machine {
             }
         }
         let flags_slot = self
+            .cpu
             .queued
             .is_some()
             .then(|| self.pushed_flags_slot())
@@ -63,15 +64,15 @@ impl Machine {
 
     /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
     pub(crate) fn decode_at_rip(&self) -> Option<Instruction> {
-        self.decode_at(self.regs.rip)
+        self.decode_at(self.cpu.regs.rip)
     }
 
     /// Decodes the instruction at CS:`rip` in the current mode, or None if its bytes are not readable or
     /// not an instruction.
     pub fn decode_at(&self, rip: u64) -> Option<Instruction> {
-        let bitness = arch::code_bits(&self.sregs);
-        let linear = self.sregs.cs.base.wrapping_add(rip);
-        let paging = emulate::paging_mode(&self.sregs);
+        let bitness = arch::code_bits(&self.cpu.sregs);
+        let linear = self.cpu.sregs.cs.base.wrapping_add(rip);
+        let paging = emulate::paging_mode(&self.cpu.sregs);
         let mut bytes = [0u8; 15];
         // The instruction may end on a page the guest has not mapped: then decode what is readable.
         let first = (4096 - (linear & 0xfff) as usize).min(15);
@@ -97,15 +98,17 @@ impl Machine {
         insn: &Instruction,
         host: &mut dyn Host,
     ) -> Result<Option<Step>, MachineError> {
-        let mut regs = self.regs;
+        let mut regs = self.cpu.regs;
         match insn.mnemonic() {
             Mnemonic::Hlt => {
                 // Free running, `hlt` is an exit: a landmark.
                 self.landmarks += 1;
-                if regs.rflags & RFLAGS_IF == 0 {
+                // With interrupts off, a uniprocessor stops for good; one vCPU of several only parks
+                // (the others run on, and the machine stops when none can).
+                if regs.rflags & RFLAGS_IF == 0 && !self.is_multiprocessor() {
                     return Ok(Some(Step::Stopped(StopReason::Halted)));
                 }
-                self.halted = true;
+                self.cpu.halted = true;
             }
             Mnemonic::Rdtsc
             | Mnemonic::Rdtscp
@@ -137,7 +140,7 @@ impl Machine {
         insn: &Instruction,
         host: &mut dyn Host,
     ) -> Result<bool, MachineError> {
-        let mut regs = self.regs;
+        let mut regs = self.cpu.regs;
         match insn.mnemonic() {
             Mnemonic::Rdtsc | Mnemonic::Rdtscp => {
                 let which = if insn.mnemonic() == Mnemonic::Rdtsc {
@@ -200,17 +203,26 @@ impl Machine {
         };
         let mut out = find(leaf, subleaf).map_or([0; 4], |e| [e[3], e[4], e[5], e[6]]);
         if leaf == 1 {
-            if self.sregs.apic_base & APIC_BASE_ENABLE == 0 {
+            if self.cpu.sregs.apic_base & APIC_BASE_ENABLE == 0 {
                 out[3] &= !(1 << 9);
             }
-            out[2] = out[2] & !(1 << 27) | u32::from(self.sregs.cr4 & CR4_OSXSAVE != 0) << 27;
+            out[2] = out[2] & !(1 << 27) | u32::from(self.cpu.sregs.cr4 & CR4_OSXSAVE != 0) << 27;
+            if self.is_multiprocessor() {
+                out[1] = out[1] & 0x00ff_ffff | u32::from(self.cpu.id) << 24;
+            }
+        }
+        if leaf == 0xb && self.is_multiprocessor() {
+            out[3] = u32::from(self.cpu.id);
         }
         out
     }
 
     pub(crate) fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
-        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        self.regs = regs;
+        self.cpu
+            .fd
+            .set_regs(&regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        self.cpu.regs = regs;
         self.publish_regs();
         self.completed_instruction();
         Ok(())
@@ -219,11 +231,12 @@ impl Machine {
     /// Enters the guest once and hands any I/O to the devices.
     pub(crate) fn enter(&mut self, host: &mut dyn Host) -> Result<Exit, MachineError> {
         // An entry delivers what was queued, unless a signal ended KVM_RUN before the guest ran.
-        let queued = self.queued.take();
-        let entered_at = (self.regs.rip, self.regs.rsp);
-        let exit = match self.vcpu.run() {
+        let queued = self.cpu.queued.take();
+        let entered_at = (self.cpu.regs.rip, self.cpu.regs.rsp);
+        let mut mmio_write = None;
+        let exit = match self.cpu.fd.run() {
             Ok(VcpuExit::Debug(debug)) => {
-                self.last_dr6 = debug.dr6;
+                self.cpu.last_dr6 = debug.dr6;
                 Exit::Ran
             }
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -232,7 +245,7 @@ impl Machine {
                     host_traps::RDTSC_PORT | host_traps::TRAP_PORT | host_traps::CPUID_PORT
                 );
                 if trap && !self.host_traps.is_empty() {
-                    self.host_trap_hit = Some(port);
+                    self.cpu.host_trap_hit = Some(port);
                 } else {
                     self.devices.io_out(port, data, host);
                 }
@@ -242,13 +255,30 @@ impl Machine {
                 self.devices.io_in(port, data, host);
                 Exit::Io
             }
-            // The virtio disks; elsewhere, like an empty bus, reads float high and writes are dropped.
+            // The APICs of a multiprocessor machine and the virtio disks; elsewhere, like an empty bus,
+            // reads float high and writes are dropped.
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.devices.mmio_read(addr, data);
+                match self
+                    .ioapic
+                    .as_ref()
+                    .and_then(|io| apic_window(addr).map(|w| (io, w)))
+                {
+                    Some((_, ApicWindow::Local(offset))) => {
+                        self.cpu
+                            .lapic
+                            .read_with(offset, data, &mut || host.monotonic_ns());
+                    }
+                    Some((ioapic, ApicWindow::Io(offset))) => ioapic.read(offset, data),
+                    None => self.devices.mmio_read(addr, data),
+                }
                 Exit::Io
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                self.devices.mmio_write(addr, data, &mut self.mem);
+                // Handled once the exit's borrow of the vCPU ends: an APIC write may reach other vCPUs.
+                let mut bytes = [0u8; 8];
+                let len = data.len().min(bytes.len());
+                bytes[..len].copy_from_slice(&data[..len]);
+                mmio_write = Some((addr, bytes, len));
                 Exit::Io
             }
             Ok(VcpuExit::Hlt) => Exit::Hlt,
@@ -261,21 +291,24 @@ impl Machine {
                 self.refresh_regs();
                 return Err(MachineError::UnexpectedExit {
                     icount: self.icount,
-                    rip: self.regs.rip,
+                    rip: self.cpu.regs.rip,
                     what,
                 });
             }
         };
+        if let Some((addr, bytes, len)) = mmio_write {
+            self.mmio_write(addr, &bytes[..len], host)?;
+        }
         // Every exit, a signal's included, leaves the events and registers in kvm_run (SyncReg): one
         // copy of them serves both questions below.
-        let sync = self.vcpu.sync_regs();
+        let sync = self.cpu.fd.sync_regs();
         let events = sync.events;
         let held = events.exception.injected != 0
             || events.exception.pending != 0
             || events.interrupt.injected != 0
             || events.nmi.injected != 0;
-        self.shadow = events.interrupt.shadow != 0;
-        self.stale_shadow = false;
+        self.cpu.shadow = events.interrupt.shadow != 0;
+        self.cpu.stale_shadow = false;
         // A signal that cut short the entry meant to deliver our event leaves it delivered or not,
         // and KVM does not always say which: its events may show it, `in_flight` may, and where the
         // guest stands where it entered (the handler would have moved RIP and RSP) it is taken as
@@ -288,28 +321,46 @@ impl Machine {
             && (held || unmoved || self.in_flight())
         {
             // Still waiting in the vCPU: it is ours, not KVM's.
-            self.queued = queued;
-            self.kvm_event = false;
+            self.cpu.queued = queued;
+            self.cpu.kvm_event = false;
         } else {
-            self.kvm_event = held;
+            self.cpu.kvm_event = held;
         }
         self.landmarks += self.landmarks_in(&exit);
         Ok(exit)
     }
 
+    /// A guest MMIO write: to the running vCPU's local APIC or the IOAPIC on a multiprocessor machine,
+    /// else to the disks.
+    fn mmio_write(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        host: &mut dyn Host,
+    ) -> Result<(), MachineError> {
+        match self.ioapic.is_some().then(|| apic_window(addr)).flatten() {
+            Some(ApicWindow::Local(offset)) => self.lapic_write(offset, data, host),
+            Some(ApicWindow::Io(offset)) => self.ioapic_write(offset, data),
+            None => {
+                self.devices.mmio_write(addr, data, &mut self.mem);
+                Ok(())
+            }
+        }
+    }
+
     /// Completes a pending I/O without running further: with `immediate_exit` KVM finishes the operation and
     /// returns before the guest executes anything else (a string I/O may need more rounds).
     pub(crate) fn complete_io(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
-        self.vcpu.set_kvm_immediate_exit(1);
+        self.cpu.fd.set_kvm_immediate_exit(1);
         let result = loop {
             match self.enter(host) {
                 Ok(Exit::Io) => continue,
                 other => break other.map(|_| ()),
             }
         };
-        self.vcpu.set_kvm_immediate_exit(0);
+        self.cpu.fd.set_kvm_immediate_exit(0);
         result?;
-        if let Some(port) = self.host_trap_hit.take() {
+        if let Some(port) = self.cpu.host_trap_hit.take() {
             self.complete_host_trap(port, host)?;
         }
         Ok(())
@@ -324,29 +375,32 @@ impl Machine {
         host: &mut dyn Host,
     ) -> Result<(), MachineError> {
         self.refresh_regs();
-        let end = self.sregs.cs.base.wrapping_add(self.regs.rip);
-        let Ok(end) = emulate::paging_mode(&self.sregs).translate(&self.mem, end) else {
+        let end = self.cpu.sregs.cs.base.wrapping_add(self.cpu.regs.rip);
+        let Ok(end) = emulate::paging_mode(&self.cpu.sregs).translate(&self.mem, end) else {
             return Ok(());
         };
         let Some(original) = self.host_traps.original_ending_at(port, end) else {
             return Ok(());
         };
-        let bitness = arch::code_bits(&self.sregs);
-        let rip = self.regs.rip.wrapping_sub(2);
+        let bitness = arch::code_bits(&self.cpu.sregs);
+        let rip = self.cpu.regs.rip.wrapping_sub(2);
         let insn = Decoder::with_ip(bitness, original, rip, DecoderOptions::NONE).decode();
         self.execute_host_insn(&insn, host)?;
         Ok(())
     }
 
     /// Bookkeeping after the guest ran: device interrupts, output, exit requests, registers.
-    pub(crate) fn after_exit(&mut self, mut stop: Option<StopReason>) -> Option<StopReason> {
-        self.devices.sync_irqs();
+    pub(crate) fn after_exit(
+        &mut self,
+        mut stop: Option<StopReason>,
+    ) -> Result<Option<StopReason>, MachineError> {
+        self.sync_irqs()?;
         self.output.extend(self.devices.uart.take_output());
         if let Some(status) = self.devices.debug_exit.take_exit() {
             stop = Some(StopReason::GuestExit { status });
         }
         self.refresh_regs();
-        stop
+        Ok(stop)
     }
 
     /// Runs the vCPU for one single-step, handling the exit; returns the stop if the guest ended.
@@ -354,7 +408,7 @@ impl Machine {
         &mut self,
         host: &mut dyn Host,
     ) -> Result<Option<StopReason>, MachineError> {
-        if self.stale_shadow {
+        if self.cpu.stale_shadow {
             self.clear_interrupt_shadow()?;
         }
         let exit = loop {
@@ -383,7 +437,7 @@ impl Machine {
                 None
             }
             Exit::Hlt => {
-                self.halted = true;
+                self.cpu.halted = true;
                 None
             }
             Exit::Shutdown => Some(StopReason::TripleFault),
@@ -394,13 +448,13 @@ impl Machine {
             }
             Exit::Ran | Exit::Interrupted => None,
         };
-        Ok(self.after_exit(stop))
+        self.after_exit(stop)
     }
 
     pub(crate) fn refresh_regs(&mut self) {
-        let sync = self.vcpu.sync_regs_mut();
-        self.regs = sync.regs;
-        self.sregs = sync.sregs;
+        let sync = self.cpu.fd.sync_regs_mut();
+        self.cpu.regs = sync.regs;
+        self.cpu.sregs = sync.sregs;
     }
 
     /// KVM gave up on the instruction at RIP: complete it ourselves if it is one we know (protected-mode
@@ -419,9 +473,9 @@ impl Machine {
                 return Ok(());
             }
         }
-        let protected = self.sregs.cr0 & CR0_PE != 0 && !arch::long_mode(&self.sregs);
-        let mut regs = self.regs;
-        let mut sregs = self.sregs;
+        let protected = self.cpu.sregs.cr0 & CR0_PE != 0 && !arch::long_mode(&self.cpu.sregs);
+        let mut regs = self.cpu.regs;
+        let mut sregs = self.cpu.sregs;
         let simple = match &insn {
             Some(insn) => emulate::complete_simple(insn, &mut self.mem, &mut regs, &sregs),
             None => Ok(None),
@@ -431,11 +485,11 @@ impl Machine {
             source,
         })?;
         if let Some(insn) = insn.filter(|_| simple.is_none()) {
-            let mut fpu = self.vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+            let mut fpu = self.cpu.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
             let fsw = fpu.fsw;
             simple = emulate::complete_x87(&insn, &mut fpu.fsw, sregs.cr0, &mut regs);
             if fpu.fsw != fsw {
-                self.vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+                self.cpu.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
             }
         }
         if let Some(completion) = simple {
@@ -457,8 +511,8 @@ impl Machine {
             }
             _ => {
                 let mut bytes = [0u8; 15];
-                let linear = self.sregs.cs.base.wrapping_add(self.regs.rip);
-                let n = if emulate::paging_mode(&self.sregs)
+                let linear = self.cpu.sregs.cs.base.wrapping_add(self.cpu.regs.rip);
+                let n = if emulate::paging_mode(&self.cpu.sregs)
                     .read_linear(&self.mem, linear, &mut bytes)
                     .is_ok()
                 {
@@ -467,7 +521,7 @@ impl Machine {
                     0
                 };
                 Err(EmulateError::Unsupported {
-                    rip: self.regs.rip,
+                    rip: self.cpu.regs.rip,
                     bytes: hex_bytes(&bytes[..n]),
                 })
             }
@@ -476,12 +530,16 @@ impl Machine {
             icount: self.icount,
             source,
         })?;
-        self.vcpu
+        self.cpu
+            .fd
             .set_sregs(&sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        self.regs = regs;
-        self.sregs = sregs;
+        self.cpu
+            .fd
+            .set_regs(&regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        self.cpu.regs = regs;
+        self.cpu.sregs = sregs;
         self.publish_regs();
         self.completed_instruction();
         Ok(())
@@ -495,8 +553,27 @@ impl Machine {
         if self.legacy_stale_regs {
             return;
         }
-        let sync = self.vcpu.sync_regs_mut();
-        sync.regs = self.regs;
-        sync.sregs = self.sregs;
+        let sync = self.cpu.fd.sync_regs_mut();
+        sync.regs = self.cpu.regs;
+        sync.sregs = self.cpu.sregs;
+    }
+}
+
+/// Which APIC register window a guest-physical address falls in, on a multiprocessor machine.
+enum ApicWindow {
+    /// The running vCPU's local APIC page, at this offset.
+    Local(u64),
+    /// The IOAPIC's window, at this offset.
+    Io(u64),
+}
+
+fn apic_window(addr: u64) -> Option<ApicWindow> {
+    use devices::{ioapic, lapic};
+    if (lapic::APIC_BASE..lapic::APIC_BASE + lapic::APIC_SIZE).contains(&addr) {
+        Some(ApicWindow::Local(addr - lapic::APIC_BASE))
+    } else if (ioapic::BASE..ioapic::BASE + ioapic::MMIO_SIZE).contains(&addr) {
+        Some(ApicWindow::Io(addr - ioapic::BASE))
+    } else {
+        None
     }
 }

@@ -33,7 +33,7 @@ const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
 impl Machine {
     /// Whether an interrupt is waiting at the PIC and the CPU would take it now.
     pub fn interrupt_ready(&self) -> bool {
-        self.interrupts_enabled() && self.devices.pic.has_interrupt()
+        self.interrupts_enabled() && self.pending_vector()
     }
 
     /// Whether the CPU would take an interrupt now (IF set, no interrupt shadow), whatever the PIC holds.
@@ -48,20 +48,20 @@ impl Machine {
     /// the kind of exit that filled them in: after a debug exit they said "not ready" where the kick's
     /// exit had said "ready", and recordings made under load did not replay.)
     pub fn interrupt_blocker(&self) -> Option<Blocker> {
-        if self.regs.rflags & RFLAGS_IF == 0 {
+        if self.cpu.regs.rflags & RFLAGS_IF == 0 {
             return Some(Blocker::InterruptFlag);
         }
         // Not while an exception (a completed int3's #BP) or an interrupt waits for the next entry: KVM
         // enters with that one and keeps a second for a later entry, and which entry that is depends on
         // host exits (preemption), not on the guest. A timer interrupt queued beside the #BP of Linux's
         // int3 self-test was taken at different points of the handler from run to run under load.
-        if let Some(queued) = self.queued {
+        if let Some(queued) = self.cpu.queued {
             return Some(Blocker::Queued(queued));
         }
-        if self.kvm_event {
+        if self.cpu.kvm_event {
             return Some(Blocker::KvmEvent);
         }
-        if self.shadow {
+        if self.cpu.shadow {
             return Some(Blocker::Shadow);
         }
         None
@@ -70,10 +70,10 @@ impl Machine {
     /// Acknowledges the PIC's pending interrupt and queues it in the vCPU: the next step delivers it.
     /// Returns the vector, or None if the PIC withdrew it. Only call when [`Machine::interrupt_ready`].
     pub fn inject_interrupt(&mut self) -> Result<Option<u8>, MachineError> {
-        let Some(vector) = self.devices.pic.acknowledge() else {
+        let Some(vector) = self.acknowledge_vector() else {
             return Ok(None);
         };
-        if self.stale_shadow {
+        if self.cpu.stale_shadow {
             self.clear_interrupt_shadow()?;
         }
         let irq = kvm_bindings::kvm_interrupt {
@@ -81,19 +81,19 @@ impl Machine {
         };
         // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which refers to a live local; the
         // fd is our vCPU. (kvm-ioctls has no wrapper for this ioctl, which only exists without an in-kernel irqchip.)
-        let ret = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq) };
+        let ret = unsafe { libc::ioctl(self.cpu.fd.as_raw_fd(), KVM_INTERRUPT, &irq) };
         if ret < 0 {
             return Err(kvm_err("KVM_INTERRUPT")(kvm_ioctls::Error::last()));
         }
-        self.halted = false;
-        self.queued = Some(Queued::Interrupt);
+        self.cpu.halted = false;
+        self.cpu.queued = Some(Queued::Interrupt);
         Ok(Some(vector))
     }
 
     /// Where the interrupt about to be delivered will push the flags (a linear address and their width),
     /// for a ring-0 guest or a 64-bit one entering ring 0 from ring 3: the cases the guests we run meet.
     pub(crate) fn pushed_flags_slot(&self) -> Option<(u64, usize)> {
-        let (r, s) = (&self.regs, &self.sregs);
+        let (r, s) = (&self.cpu.regs, &self.cpu.sregs);
         let long = arch::long_mode(s);
         if long {
             // 64-bit delivery aligns the stack to 16 and pushes SS, RSP, RFLAGS, CS, RIP; from ring 3 it
@@ -125,7 +125,7 @@ impl Machine {
     /// TF, and a free run after it would take a debug trap the recording never did. So the step clock
     /// clears TF in the pushed image (at `slot`, if it is there and has it set).
     pub(crate) fn clear_pushed_trap_flag(&mut self, (linear, width): (u64, usize)) {
-        let paging = emulate::paging_mode(&self.sregs);
+        let paging = emulate::paging_mode(&self.cpu.sregs);
         let mut image = [0u8; 8];
         if paging
             .read_linear(&self.mem, linear, &mut image[..width])
@@ -144,38 +144,42 @@ impl Machine {
     /// We completed an instruction ourselves: any STI/MOV SS shadow KVM still holds is over (and cleared
     /// in KVM before the next entry).
     pub(crate) fn completed_instruction(&mut self) {
-        self.stale_shadow |= self.shadow;
-        self.shadow = false;
+        self.cpu.stale_shadow |= self.cpu.shadow;
+        self.cpu.shadow = false;
     }
 
     /// Queues exception `vector` (one without an error code) for delivery at the next entry, with the
     /// return address the current RIP.
     pub(crate) fn inject_exception(&mut self, vector: u8) -> Result<(), MachineError> {
         let mut events = self
-            .vcpu
+            .cpu
+            .fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
-        self.vcpu
+        self.cpu
+            .fd
             .set_vcpu_events(&events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-        self.queued = Some(Queued::Exception);
+        self.cpu.queued = Some(Queued::Exception);
         Ok(())
     }
 
     pub(crate) fn clear_interrupt_shadow(&mut self) -> Result<(), MachineError> {
         let mut events = self
-            .vcpu
+            .cpu
+            .fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         events.interrupt.shadow = 0;
-        self.vcpu
+        self.cpu
+            .fd
             .set_vcpu_events(&events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
-        self.stale_shadow = false;
+        self.cpu.stale_shadow = false;
         Ok(())
     }
 
@@ -187,9 +191,9 @@ impl Machine {
     /// shadow blocks. (Only this question is asked of that exit-dependent field: whether an interrupt
     /// can be taken is decided from the state, see [`Machine::interrupt_blocker`].)
     pub(crate) fn in_flight(&mut self) -> bool {
-        let run = self.vcpu.get_kvm_run();
+        let run = self.cpu.fd.get_kvm_run();
         run.ready_for_interrupt_injection == 0
-            && self.vcpu.sync_regs().regs.rflags & RFLAGS_IF != 0
-            && !self.shadow
+            && self.cpu.fd.sync_regs().regs.rflags & RFLAGS_IF != 0
+            && !self.cpu.shadow
     }
 }

@@ -14,7 +14,9 @@ pub mod host_traps;
 pub mod interrupts;
 pub mod paging;
 pub mod probe;
+pub mod smp;
 pub mod snapshot;
+pub mod vcpu;
 pub mod vm;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
@@ -22,6 +24,6 @@ pub use cpu_model::{host_cpu, CpuModel};
 pub use interrupts::Blocker;
 pub use snapshot::Snapshot;
 pub use vm::{
-    Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Step, StopReason,
+    Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Step, StopReason, MAX_CPUS,
 };
 pub use vocab::{HostCpu, Position};

@@ -2,6 +2,7 @@
 //! it (in canonical form), and naming what differs.
 
 use crate::cpu::CpuState;
+use crate::smp::SmpState;
 use crate::vm::Queued;
 use crate::vm::{Clock, Machine, MachineError};
 use devices::Devices;
@@ -16,6 +17,47 @@ pub(crate) struct MachineState {
     pub(crate) halted: bool,
     pub(crate) cpu: CpuState,
     pub(crate) devices: Devices,
+}
+
+/// The whole state outside RAM: the uniprocessor part (with vCPU 0), and on a machine with several
+/// vCPUs the rest. Its blob is the uniprocessor part's, followed by the rest's when there is one, so a
+/// uniprocessor checkpoint is byte for byte what it was before machines had several vCPUs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FullState {
+    pub(crate) uni: MachineState,
+    pub(crate) smp: Option<SmpState>,
+}
+
+impl FullState {
+    fn encode(&self) -> Result<Vec<u8>, MachineError> {
+        let mut blob = postcard::to_allocvec(&self.uni).map_err(MachineError::BadState)?;
+        if let Some(smp) = &self.smp {
+            blob.extend(postcard::to_allocvec(smp).map_err(MachineError::BadState)?);
+        }
+        Ok(blob)
+    }
+
+    fn decode(blob: &[u8]) -> Result<FullState, MachineError> {
+        let (uni, rest) = postcard::take_from_bytes(blob).map_err(MachineError::BadState)?;
+        let smp = if rest.is_empty() {
+            None
+        } else {
+            Some(postcard::from_bytes(rest).map_err(MachineError::BadState)?)
+        };
+        Ok(FullState { uni, smp })
+    }
+}
+
+/// The event a captured CPU state holds queued for the next entry, as [`Queued`] names it.
+pub(crate) fn queued_in(cpu: &CpuState) -> Option<Queued> {
+    let events = &cpu.events;
+    if events.exception.injected != 0 {
+        Some(Queued::Exception)
+    } else if events.interrupt.injected != 0 {
+        Some(Queued::Interrupt)
+    } else {
+        None
+    }
 }
 
 /// A checkpoint of the machine as the trace stores it.
@@ -37,18 +79,22 @@ pub struct Snapshot {
 }
 
 impl Machine {
-    pub(crate) fn state(&self) -> Result<MachineState, MachineError> {
-        Ok(MachineState {
-            icount: self.position(),
-            halted: self.halted,
-            cpu: CpuState::capture(&self.vcpu, &self.xsave_layout)?,
-            devices: self.devices.clone(),
+    pub(crate) fn state(&self) -> Result<FullState, MachineError> {
+        let first = self.vcpu(0);
+        Ok(FullState {
+            uni: MachineState {
+                icount: self.position(),
+                halted: first.halted,
+                cpu: CpuState::capture(&first.fd, &self.xsave_layout)?,
+                devices: self.devices.clone(),
+            },
+            smp: self.smp_state()?,
         })
     }
 
     /// The serialized CPU and device state (a checkpoint without memory).
     pub fn state_blob(&self) -> Result<Vec<u8>, MachineError> {
-        postcard::to_allocvec(&self.state()?).map_err(MachineError::BadState)
+        self.state()?.encode()
     }
 
     /// Takes a checkpoint: `full` holds every non-zero page, otherwise the pages written since the previous one.
@@ -70,7 +116,7 @@ impl Machine {
         let digest = self.digest_of(&state)?;
         Ok(Snapshot {
             icount: self.position(),
-            rip: self.regs.rip,
+            rip: self.cpu.regs.rip,
             state,
             pages,
             written: dirty,
@@ -87,9 +133,12 @@ impl Machine {
 
     /// Decodes a state blob, with its XSAVE region in canonical form (traces recorded before capture
     /// canonicalized it hold the raw form).
-    pub(crate) fn canonical_state(&self, blob: &[u8]) -> Result<MachineState, MachineError> {
-        let mut state: MachineState = postcard::from_bytes(blob).map_err(MachineError::BadState)?;
-        self.xsave_layout.canonicalize(&mut state.cpu.xsave);
+    pub(crate) fn canonical_state(&self, blob: &[u8]) -> Result<FullState, MachineError> {
+        let mut state = FullState::decode(blob)?;
+        self.xsave_layout.canonicalize(&mut state.uni.cpu.xsave);
+        for other in state.smp.iter_mut().flat_map(|smp| smp.others.iter_mut()) {
+            self.xsave_layout.canonicalize(&mut other.cpu.xsave);
+        }
         Ok(state)
     }
 
@@ -112,11 +161,11 @@ impl Machine {
     /// Decodes a state blob as restoring it would make it: canonical, and with this machine's disk
     /// images attached (checkpoints do not hold them), so that it equals [`Machine::state`] when the
     /// machine is in that state.
-    pub(crate) fn recorded_state(&self, blob: &[u8]) -> Result<MachineState, MachineError> {
+    pub(crate) fn recorded_state(&self, blob: &[u8]) -> Result<FullState, MachineError> {
         let mut state = self.canonical_state(blob)?;
-        state.devices = self
+        state.uni.devices = self
             .devices
-            .restored(state.devices)
+            .restored(state.uni.devices)
             .map_err(MachineError::BadDeviceState)?;
         Ok(state)
     }
@@ -142,8 +191,14 @@ impl Machine {
         recorded: &[u8],
         limit: usize,
     ) -> Result<Vec<String>, MachineError> {
-        let then = self.canonical_state(recorded)?;
-        let now = self.state()?;
+        let FullState {
+            uni: then,
+            smp: then_smp,
+        } = self.canonical_state(recorded)?;
+        let FullState {
+            uni: now,
+            smp: now_smp,
+        } = self.state()?;
         let mut out = Vec::new();
         if now.icount != then.icount {
             out.push(format!(
@@ -168,6 +223,30 @@ impl Machine {
                 &mut out,
             );
         }
+        if let (Some(now), Some(then)) = (&now_smp, &then_smp) {
+            for (i, (a, b)) in now.others.iter().zip(&then.others).enumerate() {
+                let cpu = i + 1;
+                if a.halted != b.halted {
+                    out.push(format!(
+                        "vCPU {cpu}: halted is {}, recorded {}",
+                        a.halted, b.halted
+                    ));
+                }
+                let differences = a.cpu.differences(&b.cpu, &self.xsave_layout);
+                out.extend(differences.into_iter().map(|d| format!("vCPU {cpu}: {d}")));
+            }
+            let to_json = |s: &SmpState| {
+                serde_json::json!({
+                    "running_cpu": s.current,
+                    "activity": s.activity,
+                    "lapics": s.lapics,
+                    "ioapic": s.ioapic,
+                })
+            };
+            json_differences("smp", &to_json(now), &to_json(then), &mut out);
+        } else if now_smp.is_some() != then_smp.is_some() {
+            out.push("the checkpoint is of a machine with another number of vCPUs".into());
+        }
         out.truncate(limit);
         Ok(out)
     }
@@ -187,33 +266,38 @@ impl Machine {
 
     /// Restores CPU and device state from a blob made by [`Machine::state_blob`]; memory is left alone.
     pub fn restore_state(&mut self, state: &[u8]) -> Result<(), MachineError> {
-        let st: MachineState = postcard::from_bytes(state).map_err(MachineError::BadState)?;
+        let FullState { uni: st, smp } = FullState::decode(state)?;
+        if smp.is_some() != self.is_multiprocessor() {
+            return Err(MachineError::BadDeviceState(format!(
+                "the checkpoint is of a machine with {} vCPUs, this one has {}",
+                smp.as_ref().map_or(1, |s| s.lapics.len()),
+                self.cpus()
+            )));
+        }
         let devices = self
             .devices
             .restored(st.devices)
             .map_err(MachineError::BadDeviceState)?;
-        st.cpu.restore(&self.vcpu)?;
+        // The uniprocessor part holds vCPU 0.
+        self.switch_to(0)?;
+        st.cpu.restore(&self.cpu.fd)?;
         match self.positions {
             Clock::Step => self.icount = st.icount,
             Clock::Landmark => self.landmarks = st.icount,
         }
-        self.halted = st.halted;
-        let events = &st.cpu.events;
+        self.cpu.halted = st.halted;
         // An event the state holds queued is delivered at the next entry, as when it was queued.
-        self.queued = if events.exception.injected != 0 {
-            Some(Queued::Exception)
-        } else if events.interrupt.injected != 0 {
-            Some(Queued::Interrupt)
-        } else {
-            None
-        };
+        self.cpu.queued = queued_in(&st.cpu);
         self.devices = devices;
-        self.regs = st.cpu.regs;
-        self.sregs = st.cpu.sregs;
-        self.shadow = events.interrupt.shadow != 0;
-        self.kvm_event = false;
-        self.stale_shadow = false;
+        self.cpu.regs = st.cpu.regs;
+        self.cpu.sregs = st.cpu.sregs;
+        self.cpu.shadow = st.cpu.events.interrupt.shadow != 0;
+        self.cpu.kvm_event = false;
+        self.cpu.stale_shadow = false;
         self.output.clear();
+        if let Some(smp) = &smp {
+            self.restore_smp_state(smp)?;
+        }
         Ok(())
     }
 

@@ -8,14 +8,16 @@ use crate::cpu::{CpuError, XsaveLayout};
 use crate::cpu_model::{CpuModel, ModelError};
 use crate::emulate::{self, EmulateError};
 use crate::host_traps::HostTraps;
+use crate::vcpu::Vcpu;
 use boot::loader::{self, LoaderError};
 use devices::disk::DiskImage;
+use devices::ioapic::Ioapic;
 use devices::{Devices, TimeSource, MAX_DISKS};
 use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use memory::{GuestMemory, MemoryError};
 use thiserror::Error;
 pub use vocab::{Clock, HostInsn, StopReason};
@@ -88,6 +90,12 @@ pub enum MachineError {
         /// How many were given.
         count: usize,
     },
+    /// A vCPU index the machine does not have.
+    #[error("there is no vCPU {0} (vCPUs are numbered from 0)")]
+    NoSuchCpu(u8),
+    /// A vCPU count outside 1 to [`MAX_CPUS`].
+    #[error("{0} vCPUs asked for; a machine has 1 to {MAX_CPUS}")]
+    BadCpuCount(usize),
     /// A checkpoint was taken with different RAM size.
     #[error("checkpoint page {pfn} is outside guest RAM ({pages} pages)")]
     BadPage {
@@ -130,7 +138,14 @@ pub struct MachineConfig {
     /// Trap the image's `rdtsc`, `rdtscp`, `rdrand` and `rdseed` instructions to the VMM (see
     /// [`crate::host_traps`]), so that what a free-running guest reads from the host is logged and replayed.
     pub trap_host_insns: bool,
+    /// How many vCPUs (1 to [`MAX_CPUS`]). With more than one the machine has a local APIC per vCPU and an
+    /// IOAPIC, and runs its vCPUs one at a time (see [`crate::smp`]); with one it is the uniprocessor PC
+    /// without an APIC that earlier traces were recorded on.
+    pub cpus: usize,
 }
+
+/// The most vCPUs a machine has.
+pub const MAX_CPUS: usize = 8;
 
 /// What the machine asks of its environment: time for device reads, and results of host-sourced instructions.
 /// The recorder answers from the host (and logs), the replayer from the trace.
@@ -154,7 +169,12 @@ pub enum Step {
 pub struct Machine {
     pub(crate) _kvm: Kvm,
     pub(crate) vm: VmFd,
-    pub(crate) vcpu: VcpuFd,
+    /// The vCPU that runs now.
+    pub(crate) cpu: Vcpu,
+    /// The others, by index (None at the running one's): see [`crate::smp`].
+    pub(crate) parked: Vec<Option<Vcpu>>,
+    /// The IOAPIC, on a machine with several vCPUs (the 8259 pair alone serves one).
+    pub(crate) ioapic: Option<Ioapic>,
     pub(crate) mem: GuestMemory,
     /// The userspace devices.
     pub devices: Devices,
@@ -165,8 +185,6 @@ pub struct Machine {
     pub(crate) clock: Clock,
     /// What the state blob records as the position: the icount (step traces) or the landmark count.
     pub(crate) positions: Clock,
-    /// An event we queued in the vCPU that no entry has delivered yet.
-    pub(crate) queued: Option<Queued>,
     /// The CPUID given to KVM (see [`Machine::cpuid_table`]).
     pub(crate) cpuid_table: Vec<[u32; 7]>,
     /// Whether the VMM answers CPUID from `cpuid_table` (see [`MachineConfig::answer_cpuid`]).
@@ -176,9 +194,6 @@ pub struct Machine {
     /// The image's trapped host instructions (see [`crate::host_traps`]); empty unless the config asked
     /// for them.
     pub(crate) host_traps: HostTraps,
-    /// The last exit was a write to this trap port ([`host_traps::RDTSC_PORT`] or
-    /// [`host_traps::TRAP_PORT`]): once the `out` completes, complete the instruction it replaced.
-    pub(crate) host_trap_hit: Option<u16>,
     /// Pages written since the last [`Machine::mark_checkpoint`] (a bitmap): what a fingerprint digests.
     pub(crate) dirty_since_mark: Vec<u64>,
     /// Pages written since the last [`Machine::take_dirty_pages`].
@@ -191,27 +206,12 @@ pub struct Machine {
     pub(crate) stale_hashes: Vec<u64>,
     /// Whether digests cover RAM by page hashes.
     pub(crate) digest_pages: bool,
-    /// Set after `hlt` with interrupts enabled, until an interrupt is injected.
-    pub(crate) halted: bool,
-    /// Registers as of the last exit or the last change we made.
-    pub(crate) regs: kvm_regs,
-    pub(crate) sregs: kvm_sregs,
-    /// An STI or MOV SS interrupt shadow covers the next instruction, as KVM reported it at the last exit
-    /// (and no instruction the VMM completed since has ended it).
-    pub(crate) shadow: bool,
-    /// KVM held an exception or interrupt of its own for delivery at the last exit (one whose delivery a
-    /// host interrupt cut short): the next entry delivers that first.
-    pub(crate) kvm_event: bool,
-    /// Whether KVM holds an interrupt shadow we made stale by completing an instruction ourselves.
-    pub(crate) stale_shadow: bool,
     /// See [`Machine::keep_stale_registers`].
     pub(crate) legacy_stale_regs: bool,
     /// The breakpoints in the debug registers while running free (see [`Machine::arm`]).
     pub(crate) breakpoints: Vec<u64>,
     /// Which of `breakpoints` fired last.
     pub(crate) stop_fired: Option<usize>,
-    /// DR6 at the last debug exit: which debug registers matched.
-    pub(crate) last_dr6: u64,
     pub(crate) output: Vec<u8>,
 }
 
@@ -240,11 +240,13 @@ impl Machine {
         // mapping outlives the VM because `mem` is declared after `vm` and `vcpu`).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if !(1..=MAX_CPUS).contains(&config.cpus) {
+            return Err(MachineError::BadCpuCount(config.cpus));
+        }
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let cpuid = match &config.cpuid {
+        let mut cpuid = match &config.cpuid {
             Some(table) => {
                 // A recorded CPU with a feature this host cannot give would replay differently, if at
                 // all: refuse it up front, by name.
@@ -262,17 +264,27 @@ impl Machine {
             }
             None => config.cpu.cpuid(&supported, config.hide_host_values)?,
         };
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if config.cpus > 1 {
+            crate::smp::multiprocessor_cpuid(&mut cpuid, config.cpus);
+        }
         let cpuid_table: Vec<[u32; 7]> = cpuid
             .as_slice()
             .iter()
             .map(|e| [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx])
             .collect();
-        vcpu.set_sync_valid_reg(SyncReg::Register);
-        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
-        // The events too, so that every exit says, without another ioctl, whether an interrupt shadow or
-        // an event of KVM's blocks an interrupt (see [`Machine::interrupt_blocker`]).
-        vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
+        let mut vcpus = Vec::with_capacity(config.cpus);
+        for id in 0..config.cpus as u8 {
+            if config.cpus > 1 {
+                crate::smp::set_apic_id(&mut cpuid, id);
+            }
+            vcpus.push(Vcpu::create(&vm, id, &cpuid)?);
+        }
+        let mut parked: Vec<Option<Vcpu>> = vcpus.into_iter().map(Some).collect();
+        let mut cpu = parked[0].take().expect("vCPU 0 was just created");
+        if config.cpus > 1 {
+            // The 8259's interrupts reach the bootstrap processor as a BIOS leaves it.
+            cpu.lapic.set_virtual_wire();
+        }
 
         let (protocol, boot) =
             loader::load(image, &config.cmdline, config.initrd.as_deref(), &mut mem)?;
@@ -286,7 +298,7 @@ impl Machine {
         for (i, d) in BOOT_GDT.iter().enumerate() {
             mem.write(BOOT_GDT_ADDR + 8 * i as u64, &d.to_le_bytes())?;
         }
-        let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let mut sregs = cpu.sregs;
         let code = kvm_bindings::kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
@@ -314,7 +326,7 @@ impl Machine {
         sregs.cr0 = 0x11; // PE | ET: protected mode, paging off, as Multiboot and PVH specify.
         sregs.cr4 = 0;
         sregs.efer = 0;
-        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        cpu.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         let regs = kvm_regs {
             rip: u64::from(boot.entry),
             rax: match protocol {
@@ -325,13 +337,8 @@ impl Machine {
             rflags: 2,
             ..Default::default()
         };
-        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        let debug = kvm_guest_debug {
-            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-            ..Default::default()
-        };
-        vcpu.set_guest_debug(&debug)
-            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        cpu.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        (cpu.regs, cpu.sregs) = (regs, sregs);
         if config.disks.len() > MAX_DISKS {
             return Err(MachineError::TooManyDisks {
                 count: config.disks.len(),
@@ -342,16 +349,16 @@ impl Machine {
         let mut machine = Machine {
             _kvm: kvm,
             vm,
-            vcpu,
+            cpu,
+            parked,
+            ioapic: (config.cpus > 1).then(Ioapic::new),
             mem,
             devices,
             icount: 0,
             landmarks: 0,
             clock: Clock::Step,
             positions: Clock::Step,
-            queued: None,
             host_traps,
-            host_trap_hit: None,
             xsave_layout: XsaveLayout::from_cpuid(&cpuid_table),
             answer_cpuid: config.answer_cpuid,
             cpuid_table,
@@ -361,16 +368,9 @@ impl Machine {
             page_hashes: vec![0; pages],
             stale_hashes: vec![u64::MAX; bitmap_words],
             digest_pages: false,
-            halted: false,
-            regs,
-            sregs,
-            shadow: false,
-            kvm_event: false,
-            stale_shadow: false,
             legacy_stale_regs: false,
             breakpoints: Vec::new(),
             stop_fired: None,
-            last_dr6: 0,
             output: Vec::new(),
         };
         // The loader's writes are in the VMM-dirty map; the first (full) checkpoint covers them.
@@ -385,17 +385,17 @@ impl Machine {
 
     /// Guest RIP.
     pub fn rip(&self) -> u64 {
-        self.regs.rip
+        self.cpu.regs.rip
     }
 
     /// General-purpose registers as of now.
     pub fn regs(&self) -> &kvm_regs {
-        &self.regs
+        &self.cpu.regs
     }
 
     /// Segment and control registers as of now.
     pub fn sregs(&self) -> &kvm_sregs {
-        &self.sregs
+        &self.cpu.sregs
     }
 
     /// Guest RAM.
@@ -411,7 +411,7 @@ impl Machine {
         addr: u64,
         buf: &mut [u8],
     ) -> Result<(), crate::paging::PagingError> {
-        let paging = emulate::paging_mode(&self.sregs);
+        let paging = emulate::paging_mode(&self.cpu.sregs);
         paging.read_linear(&self.mem, addr, buf)?;
         if !self.host_traps.is_empty() {
             for (phys, range) in paging.pieces(&self.mem, addr, buf.len())? {
@@ -435,7 +435,7 @@ impl Machine {
     /// The guest-physical address a guest-virtual (linear) address maps to now, through the guest's page
     /// tables.
     pub fn translate(&self, addr: u64) -> Result<u64, crate::paging::PagingError> {
-        emulate::paging_mode(&self.sregs).translate(&self.mem, addr)
+        emulate::paging_mode(&self.cpu.sregs).translate(&self.mem, addr)
     }
 
     /// Serial output the guest produced since the last call.
@@ -444,8 +444,8 @@ impl Machine {
     }
 
     /// Raises an edge on IRQ `line` at the PIC (a time-driven source such as the PIT).
-    pub fn pulse_irq(&mut self, line: u8) {
-        self.devices.pic.pulse_irq(line);
+    pub fn pulse_irq(&mut self, line: u8) -> Result<(), MachineError> {
+        self.route_irq_edge(line)
     }
 
     /// Free space in the UART receive FIFO.
@@ -454,10 +454,21 @@ impl Machine {
     }
 
     /// Offers bytes to the UART receiver; returns how many it took.
-    pub fn push_serial_rx(&mut self, bytes: &[u8]) -> usize {
+    pub fn push_serial_rx(&mut self, bytes: &[u8]) -> Result<usize, MachineError> {
         let n = self.devices.uart.push_rx(bytes);
-        self.devices.sync_irqs();
-        n
+        self.sync_irqs()?;
+        Ok(n)
+    }
+
+    /// Moves the interrupt edges devices raised to the PIC and, on a multiprocessor machine, the IOAPIC.
+    pub(crate) fn sync_irqs(&mut self) -> Result<(), MachineError> {
+        let lines = self.devices.sync_irqs();
+        if self.ioapic.is_some() {
+            for line in (0..16).filter(|l| lines & (1 << l) != 0) {
+                self.route_irq_edge_to_ioapic(line)?;
+            }
+        }
+        Ok(())
     }
 
     /// Replays a trace recorded before [`Machine::publish_regs`] existed: after an instruction the VMM
@@ -497,6 +508,6 @@ fn cpuid_from_table(table: &[[u32; 7]]) -> Result<kvm_bindings::CpuId, MachineEr
 impl Machine {
     /// The FPU and SSE registers as the vCPU holds them now.
     pub fn fpu(&self) -> Result<kvm_bindings::kvm_fpu, MachineError> {
-        self.vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))
+        self.cpu.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))
     }
 }

@@ -2,7 +2,7 @@
 //! every value handed to the guest.
 
 use devices::TimeSource;
-use machine::{Host, HostInsn, Machine};
+use machine::{Host, HostInsn, Machine, MachineError};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, TryRecvError};
@@ -176,22 +176,30 @@ impl HostEnv {
     }
 
     /// Delivers what is due at this instruction boundary: timer edges and serial input, each logged.
-    pub fn deliver_inputs(&mut self, machine: &mut Machine) {
+    pub fn deliver_inputs(&mut self, machine: &mut Machine) -> Result<(), MachineError> {
         let now = self.now_ns();
         if now > self.pit_polled_ns {
             // Several edges missed while one instruction ran still make one edge: the PIC latches one request.
             if machine.devices.pit.irq0_edges(self.pit_polled_ns, now) > 0 {
-                machine.pulse_irq(0);
+                machine.pulse_irq(0)?;
                 self.log(EventKind::Irq { line: 0 });
             }
             self.pit_polled_ns = now;
+        }
+        // The local APIC timers of a machine with several vCPUs, each as it expires.
+        while let Some((due, cpu)) = machine.next_apic_timer().filter(|&(t, _)| t <= now) {
+            if !machine.fire_apic_timer(cpu, now)? {
+                // Expired while masked or already dealt with: nothing to log, and nothing more due.
+                debug_assert!(machine.next_apic_timer().is_none_or(|(t, _)| t > due));
+            }
+            self.log(EventKind::ApicTimer { cpu, ns: now });
         }
         self.drain_stream();
         let room = machine.serial_rx_room();
         if room > 0 && self.input_ready() > 0 {
             let n = room.min(self.input_ready());
             let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
-            let taken = machine.push_serial_rx(&bytes);
+            let taken = machine.push_serial_rx(&bytes)?;
             self.pending_input.drain(..taken);
             if taken > 0 {
                 self.log(EventKind::SerialRx {
@@ -199,6 +207,7 @@ impl HostEnv {
                 });
             }
         }
+        Ok(())
     }
 
     /// Whether delivering the inputs due now would interrupt the guest (a timer edge or serial bytes that
@@ -207,6 +216,12 @@ impl HostEnv {
         let now = self.now_ns();
         let edge =
             now > self.pit_polled_ns && machine.devices.pit.irq0_edges(self.pit_polled_ns, now) > 0;
+        if machine
+            .next_apic_timer()
+            .is_some_and(|(t, cpu)| t <= now && cpu == machine.current_cpu())
+        {
+            return true;
+        }
         self.drain_stream();
         let n = machine.serial_rx_room().min(self.input_ready());
         let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
@@ -215,21 +230,23 @@ impl HostEnv {
 
     /// The guest is halted: wait (host time) or skip ahead (virtual time) until something can wake it, and
     /// deliver it. Returns false if nothing ever can (no timer armed, no more input): the guest is dead.
-    pub fn wait_for_wakeup(&mut self, machine: &mut Machine) -> bool {
+    pub fn wait_for_wakeup(&mut self, machine: &mut Machine) -> Result<bool, MachineError> {
         loop {
             // An interrupt may already be waiting (a device raised it while the guest had interrupts off,
             // as in `cli; notify; sti; hlt`): then nothing else is needed to wake the guest.
-            self.deliver_inputs(machine);
-            if machine.interrupt_ready() {
-                return true;
+            self.deliver_inputs(machine)?;
+            if machine.interrupt_ready() || machine.any_cpu_can_run() {
+                return Ok(true);
             }
             self.drain_stream();
             // Input held for output the guest has not printed cannot wake it either.
             let input_possible = self.input_after.is_none()
                 && (!self.pending_input.is_empty() || self.stream.is_some());
-            let next_tick = machine.devices.pit.next_irq0_ns(self.pit_polled_ns);
+            let pit = machine.devices.pit.next_irq0_ns(self.pit_polled_ns);
+            let apic = machine.next_apic_timer().map(|(t, _)| t);
+            let next_tick = pit.into_iter().chain(apic).min();
             if next_tick.is_none() && !input_possible {
-                return false;
+                return Ok(false);
             }
             match self.time {
                 TimeSourceKind::Virtual => {
@@ -250,7 +267,7 @@ impl HostEnv {
                 }
             }
             if super::STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
-                return true;
+                return Ok(true);
             }
         }
     }

@@ -3,11 +3,13 @@
 //! and rip, into a trace. Without a trace it is the plain `run`.
 
 mod inputs;
+mod schedule;
 
 pub use inputs::{SerialInput, TimeSourceKind};
 
 use inputs::HostEnv;
 use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError};
+use schedule::Scheduler;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -78,6 +80,8 @@ pub struct Options {
     pub clock: Clock,
     /// Called now and then with (position so far, events so far).
     pub progress: Option<Box<dyn FnMut(u64, u64)>>,
+    /// Chaos mode's seed (see [`schedule`]): None for the normal scheduler.
+    pub chaos_seed: Option<u64>,
 }
 
 /// How a recording or run ended.
@@ -234,6 +238,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                         size: bytes.len() as u64,
                         sha256: traces::sha256_hex(bytes),
                     }),
+                cpus: opts.machine.cpus,
+                chaos_seed: opts.chaos_seed,
             };
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
@@ -266,6 +272,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     // opposed to a point between landmarks that a kick or a breakpoint stopped at.
     let mut at_position = true;
     let mut between = Between::default();
+    let mut scheduler = Scheduler::new(opts.clock, opts.chaos_seed);
     let mut ticks = 0u64;
 
     let stop = loop {
@@ -324,7 +331,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         let deliver = if at_position {
             between.reset(&mut machine)?
         } else {
-            between.deliver_here(&mut machine, &mut env, writer.is_some())?
+            let switch = scheduler.switch_due(&machine, position);
+            let chaotic = switch && scheduler.chaotic();
+            between.deliver_here(&mut machine, &mut env, writer.is_some(), switch, chaotic)?
         };
         if !at_position && !deliver {
             // A kick (or loop-exit stop) that delivered nothing leaves no event, so replay never stops
@@ -333,7 +342,13 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             env.set_position(position, anchor);
         }
         if deliver {
-            env.deliver_inputs(&mut machine);
+            if let Some(cpu) = scheduler.pick(&machine, position) {
+                machine.switch_to(cpu)?;
+                env.log(EventKind::Switch { cpu });
+                // What the new vCPU's next step asks for is tagged with its rip.
+                env.set_position(position, machine.rip());
+            }
+            env.deliver_inputs(&mut machine)?;
             if machine.interrupt_ready() {
                 if let Some(vector) = machine.inject_interrupt()? {
                     env.log(EventKind::Interrupt { vector });
@@ -354,8 +369,10 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
         between.at_breakpoint = advance == Advance::Breakpoint;
         let reason = match advance {
             Advance::Moved | Advance::Kicked | Advance::Breakpoint => None,
+            // Another vCPU can run: the next pass switches to it.
+            Advance::Idle if machine.any_cpu_can_run() => None,
             Advance::Idle => {
-                if env.wait_for_wakeup(&mut machine) {
+                if env.wait_for_wakeup(&mut machine)? {
                     None
                 } else {
                     Some(StopReason::Halted)
@@ -443,11 +460,16 @@ impl Between {
 
     /// At a point a kick or the breakpoint stopped at: whether to deliver here. A recording names the point
     /// by its fingerprint first, in a `Kick` event.
+    ///
+    /// `switch` says the scheduler wants another vCPU to run (which needs no interrupt window), and
+    /// `chaotic` that it wants it here, not at the loop's exit.
     fn deliver_here(
         &mut self,
         machine: &mut Machine,
         env: &mut HostEnv,
         recording: bool,
+        switch: bool,
+        chaotic: bool,
     ) -> Result<bool, RecordError> {
         if self.at_breakpoint {
             // The breakpoint disarmed itself.
@@ -456,12 +478,13 @@ impl Between {
         // Only where replay can find the point again: a guest computing in user mode takes its interrupt
         // at its next exit, system call or fault, which are landmarks; one inside a `rep` at a later kick.
         let wanted = machine.kick_point_findable()
-            && machine.interrupts_enabled()
-            && (machine.interrupt_ready() || env.interrupt_due(machine));
+            && (switch
+                || (machine.interrupts_enabled()
+                    && (machine.interrupt_ready() || env.interrupt_due(machine))));
         if !wanted {
             return Ok(false);
         }
-        if recording && !self.at_breakpoint {
+        if recording && !self.at_breakpoint && !chaotic {
             match self.armed {
                 None => {
                     if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {

@@ -246,6 +246,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
         // Only for traces that kept no CPUID: they gave the guest the host's.
         cpu: machine::CpuModel::Host,
         answer_cpuid: h.vmm_cpuid,
+        cpus: h.cpus,
     };
     let mut machine = Machine::new(&config, image)?;
     if h.format_version == 1 {
@@ -696,15 +697,19 @@ impl Replayer {
             }
             // Where the log is: the replay's position, or its landmark when stepping within landmarks.
             let at = position.count();
-            self.host.apply_inputs(&mut self.machine, at)?;
-            if let Some(fingerprint) = self.host.kick_here(at) {
-                if self.reach_kick(at, &fingerprint)? {
-                    self.host.take_kick();
-                    self.anchor.1 = self.machine.rip();
-                    self.host.apply_inputs(&mut self.machine, at)?;
-                } else if self.free_stop.is_some() {
-                    return Ok(());
+            self.apply_inputs(at)?;
+            // Several kick points may follow one landmark (a vCPU switched at each, for one): reach
+            // each in turn.
+            while let Some(fingerprint) = self.host.kick_here(at) {
+                if !self.reach_kick(at, &fingerprint)? {
+                    if self.free_stop.is_some() {
+                        return Ok(());
+                    }
+                    break;
                 }
+                self.host.take_kick();
+                self.anchor.1 = self.machine.rip();
+                self.apply_inputs(at)?;
             }
             if let Some(reason) = self.host.stop_here(at) {
                 // Only the user or the instruction limit ends a recording without the guest doing
@@ -787,6 +792,17 @@ impl Replayer {
                 }
             }
         }
+    }
+
+    /// Applies the boundary inputs logged at `at`. After a switch of vCPU, what the next step asks for
+    /// is tagged, as the recorder tagged it, with the rip of the vCPU that now runs.
+    fn apply_inputs(&mut self, at: u64) -> Result<(), ReplayError> {
+        let cpu = self.machine.current_cpu();
+        self.host.apply_inputs(&mut self.machine, at)?;
+        if self.machine.current_cpu() != cpu {
+            self.anchor.1 = self.machine.rip();
+        }
+        Ok(())
     }
 
     /// Gets the machine to the point a kick stopped the recording at, after landmark `position`. With the

@@ -55,7 +55,11 @@ impl Divergence {
 fn is_boundary_input(kind: &EventKind) -> bool {
     matches!(
         kind,
-        EventKind::SerialRx { .. } | EventKind::Irq { .. } | EventKind::Interrupt { .. }
+        EventKind::SerialRx { .. }
+            | EventKind::Irq { .. }
+            | EventKind::Interrupt { .. }
+            | EventKind::Switch { .. }
+            | EventKind::ApicTimer { .. }
     )
 }
 
@@ -133,7 +137,9 @@ impl LogHost {
             }
             match &e.kind {
                 EventKind::SerialRx { bytes } => {
-                    let taken = machine.push_serial_rx(bytes);
+                    let taken = machine
+                        .push_serial_rx(bytes)
+                        .map_err(|e| Divergence::new(at, e.to_string()))?;
                     if taken != bytes.len() {
                         return Err(Divergence::new(
                             at,
@@ -144,13 +150,32 @@ impl LogHost {
                         ));
                     }
                 }
-                EventKind::Irq { line } => machine.pulse_irq(*line),
+                EventKind::Irq { line } => machine
+                    .pulse_irq(*line)
+                    .map_err(|e| Divergence::new(at, e.to_string()))?,
+                EventKind::Switch { cpu } => machine
+                    .switch_to(*cpu)
+                    .map_err(|e| Divergence::new(at, e.to_string()))?,
+                EventKind::ApicTimer { cpu, ns } => {
+                    let fired = machine
+                        .fire_apic_timer(*cpu, *ns)
+                        .map_err(|e| Divergence::new(at, e.to_string()))?;
+                    if !fired {
+                        return Err(Divergence::new(
+                            at,
+                            format!(
+                                "the recording fired vCPU {cpu}'s APIC timer here ({ns} ns) but it \
+                                 had not expired"
+                            ),
+                        ));
+                    }
+                }
                 EventKind::Interrupt { vector } => {
                     if let Some(blocker) = machine.interrupt_blocker() {
                         return Err(Divergence::blocked(at, *vector, blocker));
                     }
                     if !machine.interrupt_ready() {
-                        return Err(Divergence::new(at, format!("the recording injected vector {vector:#x} here but the PIC holds no interrupt")));
+                        return Err(Divergence::new(at, format!("the recording injected vector {vector:#x} here but no interrupt controller holds one for vCPU {}", machine.current_cpu())));
                     }
                     let got = machine
                         .inject_interrupt()

@@ -208,6 +208,8 @@ mod tests {
             page_backing: false,
             cpu_model: "host".into(),
             recorded_on: None,
+            cpus: 1,
+            chaos_seed: None,
             vmm_cpuid: false,
             cpuid: Vec::new(),
             initrd: None,

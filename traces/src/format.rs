@@ -94,7 +94,7 @@ pub const IRQ_LINES: u8 = 16;
 pub const UART_RX_FIFO_BYTES: usize = 64;
 /// The names of the kinds of event ([`EventKind::name`]), in the order of their variants: the keys
 /// [`Summary::events_by_kind`] may have.
-pub const EVENT_KINDS: [&str; 7] = [
+pub const EVENT_KINDS: [&str; 9] = [
     "serial_rx",
     "clock",
     "irq",
@@ -102,6 +102,8 @@ pub const EVENT_KINDS: [&str; 7] = [
     "host_value",
     "stop",
     "kick",
+    "switch",
+    "apic_timer",
 ];
 /// Most memory a trace's decoded events may take (1 GiB), counting [`EVENT_MEMORY_COST`] per
 /// event and, for a `SerialRx` event, [`SERIAL_RX_MEMORY_COST`] plus its length. Event chunks
@@ -310,6 +312,22 @@ pub struct Header {
     /// The CPU of the host that recorded the trace (absent in traces recorded before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_on: Option<HostCpu>,
+    /// How many vCPUs the machine had (absent means one: every trace recorded before machines had
+    /// several, and every uniprocessor one since).
+    #[serde(default = "one_cpu", skip_serializing_if = "is_one_cpu")]
+    pub cpus: usize,
+    /// The seed of `record --chaos`, if the recording was made in chaos mode (replay does not need it:
+    /// the schedule it drew is in the events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos_seed: Option<u64>,
+}
+
+fn one_cpu() -> usize {
+    1
+}
+
+fn is_one_cpu(cpus: &usize) -> bool {
+    *cpus == 1
 }
 
 fn host_model() -> String {
@@ -474,6 +492,19 @@ pub enum EventKind {
         /// The state at the point.
         fingerprint: Fingerprint,
     },
+    /// A machine with several vCPUs: from here on vCPU `cpu` runs (the recording's scheduler chose it).
+    Switch {
+        /// The vCPU (its index, which is its APIC ID).
+        cpu: u8,
+    },
+    /// A machine with several vCPUs: vCPU `cpu`'s local APIC timer counted up to `ns` of monotonic time
+    /// and expired.
+    ApicTimer {
+        /// The vCPU.
+        cpu: u8,
+        /// Monotonic time the timer counted to.
+        ns: u64,
+    },
 }
 
 impl EventKind {
@@ -487,6 +518,8 @@ impl EventKind {
             EventKind::HostValue { .. } => "host_value",
             EventKind::Stop { .. } => "stop",
             EventKind::Kick { .. } => "kick",
+            EventKind::Switch { .. } => "switch",
+            EventKind::ApicTimer { .. } => "apic_timer",
         }
     }
 }
@@ -686,6 +719,8 @@ mod tests {
                     memory: 0,
                 },
             },
+            EventKind::Switch { cpu: 1 },
+            EventKind::ApicTimer { cpu: 1, ns: 5 },
         ];
         let names: Vec<&str> = kinds.iter().map(EventKind::name).collect();
         assert_eq!(names, EVENT_KINDS);

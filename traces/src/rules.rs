@@ -21,6 +21,19 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 /// Why an event cannot have been recorded.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EventError {
+    /// A vCPU the machine does not have.
+    #[error("the event names vCPU {cpu}, but the machine has {cpus} (numbered from 0)")]
+    NoSuchCpu {
+        /// The vCPU the event names.
+        cpu: u8,
+        /// How many the header says the machine has.
+        cpus: usize,
+    },
+    /// A vCPU switch or APIC timer in the trace of a uniprocessor machine.
+    #[error(
+        "a vCPU switch or APIC timer event in the trace of a machine with one vCPU (and no APIC)"
+    )]
+    SwitchWithOneCpu,
     /// An IRQ on a line the interrupt controllers do not have.
     #[error("IRQ line {line} does not exist: the PIC pair has lines 0 to {}", IRQ_LINES - 1)]
     NoSuchIrqLine {
@@ -96,6 +109,8 @@ pub enum EventError {
 /// Checks a trace's events in stream order against what the machine can produce; it remembers what
 /// the rules that span events need (the last monotonic reading, whether the stop has been seen).
 pub(crate) struct EventRules {
+    /// The header's vCPU count.
+    cpus: usize,
     /// The header's clock: only the landmark clock kicks.
     clock: String,
     /// The highest monotonic clock reading so far.
@@ -110,6 +125,7 @@ impl EventRules {
     /// Rules for the events of the trace `header` describes.
     pub fn new(header: &Header) -> EventRules {
         EventRules {
+            cpus: header.cpus,
             clock: header.clock.clone(),
             monotonic: None,
             stop: None,
@@ -179,7 +195,20 @@ impl EventRules {
             // Any vector can come from the PIC pair: the guest programs their vector bases (ICW2), and
             // replay checks each against what the PIC delivers at that point. Wall-clock readings,
             // random numbers and TSC values are whatever the host gave.
+            EventKind::Switch { cpu } | EventKind::ApicTimer { cpu, .. }
+                if usize::from(*cpu) >= self.cpus =>
+            {
+                Err(EventError::NoSuchCpu {
+                    cpu: *cpu,
+                    cpus: self.cpus,
+                })
+            }
+            EventKind::Switch { .. } | EventKind::ApicTimer { .. } if self.cpus == 1 => {
+                Err(EventError::SwitchWithOneCpu)
+            }
             EventKind::SerialRx { .. }
+            | EventKind::Switch { .. }
+            | EventKind::ApicTimer { .. }
             | EventKind::Irq { .. }
             | EventKind::Interrupt { .. }
             | EventKind::Clock { .. }
@@ -229,6 +258,8 @@ mod tests {
             cpu_model: "host".into(),
             vmm_cpuid: false,
             recorded_on: None,
+            cpus: 1,
+            chaos_seed: None,
         }
     }
 

@@ -63,6 +63,8 @@ fn header() -> Header {
         page_backing: false,
         cpu_model: "host".into(),
         recorded_on: None,
+        cpus: 1,
+        chaos_seed: None,
         vmm_cpuid: false,
         cpuid: Vec::new(),
         initrd: None,
@@ -1499,7 +1501,7 @@ fn the_summary_counts_what_the_stream_holds() {
             recorded.to_vec(),
             &bogus,
             "events_by_kind counts events of kind \"bogus\", which does not exist (the kinds are \
-             serial_rx, clock, irq, interrupt, host_value, stop, kick)",
+             serial_rx, clock, irq, interrupt, host_value, stop, kick, switch, apic_timer)",
         ),
     ];
     for (events, summary, needle) in cases {
