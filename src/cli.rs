@@ -62,7 +62,7 @@ enum Command {
 struct EventsArgs {
     /// Trace directory written by `record`.
     trace: PathBuf,
-    /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, stop, kick, checkpoint).
+    /// Only events of this kind (serial_rx, clock, irq, interrupt, host_value, stop, kick, switch, apic_timer, checkpoint).
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
     /// Only events at or after this position: an instruction count (step traces) or a landmark
@@ -829,10 +829,17 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         h.image_path, h.image_size, h.image_sha256
     );
     println!(
-        "machine:       {} MiB RAM, cmdline {:?}",
+        "machine:       {} MiB RAM, {}, cmdline {:?}",
         h.machine.ram_bytes >> 20,
+        match h.cpus {
+            1 => "1 vCPU (no APIC)".to_string(),
+            n => format!("{n} vCPUs (a local APIC each, and an IOAPIC; run one at a time)"),
+        },
         h.machine.cmdline
     );
+    if let Some(seed) = h.chaos_seed {
+        println!("chaos:         recorded in chaos mode with seed {seed} (`record --chaos --seed {seed}`)");
+    }
     if !h.machine.memory_map.is_empty() {
         let ranges: Vec<String> = h
             .machine

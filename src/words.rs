@@ -16,6 +16,8 @@ pub fn event_meaning(kind: &str) -> &'static str {
         "host_value" => "RDTSC, RDTSCP, RDRAND or RDSEED results the host gave",
         "kick" => "points between landmarks where a guest computing without exits was stopped to get input",
         "stop" => "the end of the recording",
+        "switch" => "vCPU switches: where the scheduler let another vCPU run (several vCPUs run one at a time)",
+        "apic_timer" => "local APIC timer expiries, each on its vCPU",
         "checkpoint" => "saved machine states that replay and reverse execution start from",
         _ => "events of a kind this retrovisor does not know",
     }

@@ -779,7 +779,7 @@ fn ranges_and_kinds_that_select_nothing_sensible_are_refused_saying_what_is_vali
         (
             vec!["events", t, "--kind", "bogus"],
             "--kind bogus is not a kind of event: use one of serial_rx, clock, irq, interrupt, \
-             host_value, stop, kick, checkpoint"
+             host_value, stop, kick, switch, apic_timer, checkpoint"
                 .to_string(),
         ),
         (
