@@ -151,3 +151,74 @@ fn a_trace_that_switches_to_a_vcpu_the_machine_lacks_is_refused_when_opened() {
         "unclear error: {err}"
     );
 }
+
+/// The vCPU that runs at step-trace position `at`: the last switch at or before it (vCPU 0 before any).
+fn running_at(trace: &Path, at: u64) -> u8 {
+    let reader = traces::TraceReader::open(trace).unwrap();
+    reader
+        .events()
+        .iter()
+        .rev()
+        .filter(|e| e.at <= at)
+        .find_map(|e| match e.kind {
+            traces::EventKind::Switch { cpu } => Some(cpu),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn gdb_sees_a_thread_per_vcpu_and_a_reverse_watch_finds_the_racing_store_on_its_thread() {
+    let dir = scratch("smp-gdb");
+    let (trace, rec) = record(
+        &dir,
+        "smprace",
+        &[
+            "--clock",
+            "step",
+            "--cpus",
+            "2",
+            "--append",
+            "iters=3000",
+            "--chaos",
+            "--seed",
+            "7",
+        ],
+    );
+    assert!(race_result(&text(&rec.stdout)).2 > 0);
+    let server = GdbServer::start(&trace, &[]);
+    let out = gdb_batch(
+        server.port,
+        &guest("smprace"),
+        &[
+            "info threads",
+            "continue",
+            "watch -l counter",
+            "reverse-continue",
+            "monitor when",
+            "thread",
+            "info threads",
+            "x/i $pc",
+        ],
+    );
+    assert!(
+        out.contains("Thread 1.1") && out.contains("Thread 1.2"),
+        "no thread per vCPU: {out}"
+    );
+    let store = guest_source_line("smprace.c", "counter = v + 1;");
+    assert!(
+        out.contains(&format!("smprace.c:{store}")) || out.contains(&format!("{store}\t")),
+        "the reverse watch did not stop at the racing store (line {store}): {out}"
+    );
+    let (at, _) = *when_answers(&out).last().expect("monitor when answered");
+    let cpu = running_at(&trace, at);
+    let thread = format!("Current thread is {} ", cpu + 1);
+    assert!(
+        out.contains(&thread),
+        "the store at icount {at} ran on vCPU {cpu}, but gdb says otherwise: {out}"
+    );
+    assert!(
+        !out.contains("without sending a thread-id"),
+        "a stop named no thread: {out}"
+    );
+}

@@ -1,7 +1,6 @@
 //! The userspace PC devices: 8259A PIC pair, 8254 PIT, MC146818 RTC/CMOS, 16550A UART on COM1 and
-//! QEMU's isa-debug-exit, at their standard ports, and up to four virtio-mmio block devices. The local
-//! APIC ([`lapic`]) and the IOAPIC ([`ioapic`]) are modelled for the machine with several vCPUs to
-//! come; no machine wires them in yet.
+//! QEMU's isa-debug-exit, at their standard ports, and up to four virtio-mmio block devices. A machine
+//! with several vCPUs adds a local APIC ([`lapic`]) per vCPU and an IOAPIC ([`ioapic`]).
 //!
 //! Every device is a deterministic function of its state and its inputs. They never read a clock: the
 //! time comes from the caller through a [`TimeSource`], which is asked only when an access really

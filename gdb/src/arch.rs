@@ -8,7 +8,7 @@ use gdbstub_arch::x86::reg::id::{X86CoreRegId, X86_64CoreRegId};
 use gdbstub_arch::x86::reg::{
     X86CoreRegs, X86SegmentRegs, X86_64CoreRegs, X87FpuInternalRegs, F80,
 };
-use kvm_bindings::kvm_fpu;
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use machine::Machine;
 
 /// What the gdb target needs from a register layout beyond gdbstub's [`Arch`].
@@ -16,7 +16,7 @@ pub trait GuestArch: Arch<BreakpointKind = usize> {
     /// The name the user sees (and `--gdb-arch` takes).
     const NAME: &'static str;
     /// The registers of `machine` now, with `fpu` its x87/SSE state.
-    fn registers(machine: &Machine, fpu: &kvm_fpu) -> Self::Registers;
+    fn registers(regs: &kvm_regs, sregs: &kvm_sregs, fpu: &kvm_fpu) -> Self::Registers;
     /// An address in gdb's width.
     fn to_gdb(addr: u64) -> Self::Usize;
     /// An address from gdb.
@@ -198,8 +198,7 @@ pub(crate) fn in_long_mode(machine: &Machine) -> bool {
 }
 
 /// The segment selectors.
-fn segments(m: &Machine) -> X86SegmentRegs {
-    let s = m.sregs();
+fn segments(s: &kvm_sregs) -> X86SegmentRegs {
     X86SegmentRegs {
         cs: s.cs.selector.into(),
         ss: s.ss.selector.into(),
@@ -271,8 +270,7 @@ fn xmm<const N: usize>(fpu: &kvm_fpu) -> [u128; N] {
 impl GuestArch for X86_64 {
     const NAME: &'static str = "x86-64";
 
-    fn registers(m: &Machine, fpu: &kvm_fpu) -> Regs64 {
-        let r = m.regs();
+    fn registers(r: &kvm_regs, s: &kvm_sregs, fpu: &kvm_fpu) -> Regs64 {
         Regs64 {
             core: X86_64CoreRegs {
                 regs: [
@@ -281,14 +279,14 @@ impl GuestArch for X86_64 {
                 ],
                 eflags: r.rflags as u32,
                 rip: r.rip,
-                segments: segments(m),
+                segments: segments(s),
                 st: st(fpu),
                 fpu: x87(fpu),
                 xmm: xmm(fpu),
                 mxcsr: fpu.mxcsr,
             },
-            fs_base: m.sregs().fs.base,
-            gs_base: m.sregs().gs.base,
+            fs_base: s.fs.base,
+            gs_base: s.gs.base,
         }
     }
 
@@ -304,8 +302,7 @@ impl GuestArch for X86_64 {
 impl GuestArch for I386 {
     const NAME: &'static str = "i386";
 
-    fn registers(m: &Machine, fpu: &kvm_fpu) -> X86CoreRegs {
-        let r = m.regs();
+    fn registers(r: &kvm_regs, s: &kvm_sregs, fpu: &kvm_fpu) -> X86CoreRegs {
         X86CoreRegs {
             eax: r.rax as u32,
             ecx: r.rcx as u32,
@@ -317,7 +314,7 @@ impl GuestArch for I386 {
             edi: r.rdi as u32,
             eip: r.rip as u32,
             eflags: r.rflags as u32,
-            segments: segments(m),
+            segments: segments(s),
             st: st(fpu),
             fpu: x87(fpu),
             xmm: xmm(fpu),

@@ -8,15 +8,17 @@ use crate::recover::{recover, Motion};
 use crate::wire::{recv_now, Wire};
 use boot::symbols::Symbols;
 use gdbstub::common::Signal;
+use gdbstub::common::Tid;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{self, BlockingEventLoop, WaitForStopReasonError};
-use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::stub::MultiThreadStopReason;
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadRangeStepping, MultiThreadRangeSteppingOps, MultiThreadResume,
+    MultiThreadResumeOps, MultiThreadSchedulerLocking, MultiThreadSchedulerLockingOps,
+    MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
 use gdbstub::target::ext::base::reverse_exec::{
     ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
-};
-use gdbstub::target::ext::base::singlethread::{
-    SingleThreadBase, SingleThreadRangeStepping, SingleThreadRangeSteppingOps, SingleThreadResume,
-    SingleThreadResumeOps, SingleThreadSingleStep, SingleThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
@@ -125,9 +127,9 @@ impl Resume {
 
     /// The stop gdb gets when the replay cannot go on this way: "No more reverse-execution history.",
     /// after the reason on its console.
-    fn no_further<U>(self) -> SingleThreadStopReason<U> {
-        SingleThreadStopReason::ReplayLog {
-            tid: None,
+    fn no_further<U>(self, tid: Tid) -> MultiThreadStopReason<U> {
+        MultiThreadStopReason::ReplayLog {
+            tid: Some(tid),
             pos: match self.motion() {
                 Motion::Backward => ReplayLogPosition::Begin,
                 Motion::Forward | Motion::Seek => ReplayLogPosition::End,
@@ -351,14 +353,16 @@ impl<A: GuestArch> ReplayTarget<A> {
     }
 
     /// How gdb is told about `outcome`.
-    fn stop_reason(&self, outcome: Outcome) -> SingleThreadStopReason<A::Usize> {
+    fn stop_reason(&self, outcome: Outcome) -> MultiThreadStopReason<A::Usize> {
+        // The vCPU that ran last is the thread that stopped.
+        let tid = self.running_thread();
         match outcome {
             Outcome::Hit(Hit::Breakpoint(addr)) if self.sw.contains(&addr) => {
-                SingleThreadStopReason::SwBreak(())
+                MultiThreadStopReason::SwBreak(tid)
             }
-            Outcome::Hit(Hit::Breakpoint(_)) => SingleThreadStopReason::HwBreak(()),
-            Outcome::Hit(Hit::Watch(w)) => SingleThreadStopReason::Watch {
-                tid: (),
+            Outcome::Hit(Hit::Breakpoint(_)) => MultiThreadStopReason::HwBreak(tid),
+            Outcome::Hit(Hit::Watch(w)) => MultiThreadStopReason::Watch {
+                tid,
                 kind: match w.access {
                     Access::Write => WatchKind::Write,
                     Access::Read => WatchKind::Read,
@@ -366,17 +370,26 @@ impl<A: GuestArch> ReplayTarget<A> {
                 },
                 addr: A::to_gdb(w.addr),
             },
-            Outcome::End => SingleThreadStopReason::ReplayLog {
-                tid: None,
+            Outcome::End => MultiThreadStopReason::ReplayLog {
+                tid: Some(tid),
                 pos: ReplayLogPosition::End,
             },
-            Outcome::Begin => SingleThreadStopReason::ReplayLog {
-                tid: None,
+            Outcome::Begin => MultiThreadStopReason::ReplayLog {
+                tid: Some(tid),
                 pos: ReplayLogPosition::Begin,
             },
             // Interrupted runs are turned into incoming data by the event loop before they get here.
-            Outcome::Done | Outcome::Interrupted => SingleThreadStopReason::DoneStep,
+            Outcome::Done | Outcome::Interrupted => MultiThreadStopReason::SignalWithThread {
+                tid,
+                signal: Signal::SIGTRAP,
+            },
         }
+    }
+
+    /// The thread of the vCPU that runs now (threads are numbered from 1 in vCPU order, as Linux's gdb
+    /// scripts expect: CPU = thread - 1).
+    fn running_thread(&self) -> Tid {
+        thread_of(self.timeline.replay().machine().current_cpu())
     }
 
     /// Carries out `resume`, asking `interrupted` now and then whether gdb sent something.
@@ -515,7 +528,7 @@ impl<A: GuestArch> Target for ReplayTarget<A> {
 
     #[inline(always)]
     fn base_ops(&mut self) -> BaseOps<'_, A, SearchError> {
-        BaseOps::SingleThread(self)
+        BaseOps::MultiThread(self)
     }
 
     supports! {
@@ -524,22 +537,52 @@ impl<A: GuestArch> Target for ReplayTarget<A> {
     }
 }
 
-impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
-    fn read_registers(&mut self, regs: &mut A::Registers) -> TargetResult<(), Self> {
+/// The gdb thread of vCPU `cpu`.
+fn thread_of(cpu: u8) -> Tid {
+    Tid::new(usize::from(cpu) + 1).expect("one more than a u8 is not zero")
+}
+
+/// The vCPU of gdb thread `tid`, if the machine has it.
+fn cpu_of(tid: Tid, cpus: usize) -> Option<u8> {
+    let cpu = tid.get() - 1;
+    (cpu < cpus).then_some(cpu as u8)
+}
+
+impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
+    fn read_registers(&mut self, regs: &mut A::Registers, tid: Tid) -> TargetResult<(), Self> {
         let machine = self.timeline.replay().machine();
-        let fpu = machine.fpu().map_err(|e| {
-            eprintln!("retrovisor: gdb: cannot read the guest's FPU registers: {e}");
+        let cpu = cpu_of(tid, machine.cpus()).ok_or(TargetError::NonFatal)?;
+        let fpu = machine.cpu_fpu(cpu).map_err(|e| {
+            eprintln!("retrovisor: gdb: cannot read vCPU {cpu}'s FPU registers: {e}");
             TargetError::NonFatal
         })?;
-        *regs = A::registers(machine, &fpu);
+        let (r, s) = machine.cpu_regs(cpu);
+        *regs = A::registers(r, s, &fpu);
         Ok(())
     }
 
-    fn write_registers(&mut self, _regs: &A::Registers) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, _regs: &A::Registers, _tid: Tid) -> TargetResult<(), Self> {
         self.refuse_write("a register write".to_string())
     }
 
-    fn read_addrs(&mut self, start: A::Usize, data: &mut [u8]) -> TargetResult<usize, Self> {
+    fn list_active_threads(
+        &mut self,
+        thread_is_active: &mut dyn FnMut(Tid),
+    ) -> Result<(), SearchError> {
+        for cpu in 0..self.timeline.replay().machine().cpus() as u8 {
+            thread_is_active(thread_of(cpu));
+        }
+        Ok(())
+    }
+
+    // Memory is the machine's, whichever thread gdb names; addresses go through the page tables of the
+    // vCPU that runs.
+    fn read_addrs(
+        &mut self,
+        start: A::Usize,
+        data: &mut [u8],
+        _tid: Tid,
+    ) -> TargetResult<usize, Self> {
         let machine = self.timeline.replay().machine();
         let start = A::from_gdb(start);
         // Without long mode, linear addresses are 32 bits wide: wider ones do not exist (rather than wrap).
@@ -566,7 +609,7 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
         Ok(done)
     }
 
-    fn write_addrs(&mut self, start: A::Usize, data: &[u8]) -> TargetResult<(), Self> {
+    fn write_addrs(&mut self, start: A::Usize, data: &[u8], _tid: Tid) -> TargetResult<(), Self> {
         // gdb probes for binary writes (`X`) with an empty one: that changes nothing, so it may succeed.
         if data.is_empty() {
             return Ok(());
@@ -579,47 +622,83 @@ impl<A: GuestArch> SingleThreadBase for ReplayTarget<A> {
     }
 
     supports! {
-        support_resume -> SingleThreadResumeOps<'_, Self>,
+        support_resume -> MultiThreadResumeOps<'_, Self>,
     }
 }
 
-// A signal gdb asks to deliver on resuming is ignored: nothing can be delivered into a recording.
-impl<A: GuestArch> SingleThreadResume for ReplayTarget<A> {
-    fn resume(&mut self, _signal: Option<Signal>) -> Result<(), SearchError> {
-        self.resume = Some(Resume::Continue);
+// The vCPUs run one at a time in the recorded order, so there is one execution to move: gdb's resume
+// actions say how (continue, step, range-step) and the thread they name is not a choice (a step moves
+// the machine one instruction, on whichever vCPU runs next; the stop names that thread). A signal gdb
+// asks to deliver is ignored: nothing can be delivered into a recording.
+impl<A: GuestArch> MultiThreadResume for ReplayTarget<A> {
+    fn resume(&mut self) -> Result<(), SearchError> {
+        self.resume.get_or_insert(Resume::Continue);
+        Ok(())
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), SearchError> {
+        self.resume = None;
+        Ok(())
+    }
+
+    fn set_resume_action_continue(
+        &mut self,
+        _tid: Tid,
+        _signal: Option<Signal>,
+    ) -> Result<(), SearchError> {
+        // A step asked for one thread wins over "continue the others".
+        self.resume.get_or_insert(Resume::Continue);
         Ok(())
     }
 
     supports! {
-        support_single_step -> SingleThreadSingleStepOps<'_, Self>,
-        support_range_step -> SingleThreadRangeSteppingOps<'_, Self>,
-        support_reverse_step -> ReverseStepOps<'_, (), Self>,
-        support_reverse_cont -> ReverseContOps<'_, (), Self>,
+        support_single_step -> MultiThreadSingleStepOps<'_, Self>,
+        support_range_step -> MultiThreadRangeSteppingOps<'_, Self>,
+        support_reverse_step -> ReverseStepOps<'_, Tid, Self>,
+        support_reverse_cont -> ReverseContOps<'_, Tid, Self>,
+        support_scheduler_locking -> MultiThreadSchedulerLockingOps<'_, Self>,
     }
 }
 
-impl<A: GuestArch> SingleThreadSingleStep for ReplayTarget<A> {
-    fn step(&mut self, _signal: Option<Signal>) -> Result<(), SearchError> {
+// gdb steps one thread alone (over a breakpoint, say) by giving the others no action. The recorded
+// interleaving decides which vCPU runs, so there is nothing to lock: the step moves the machine.
+impl<A: GuestArch> MultiThreadSchedulerLocking for ReplayTarget<A> {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), SearchError> {
+        Ok(())
+    }
+}
+
+impl<A: GuestArch> MultiThreadSingleStep for ReplayTarget<A> {
+    fn set_resume_action_step(
+        &mut self,
+        _tid: Tid,
+        _signal: Option<Signal>,
+    ) -> Result<(), SearchError> {
         self.resume = Some(Resume::Step);
         Ok(())
     }
 }
 
-impl<A: GuestArch> SingleThreadRangeStepping for ReplayTarget<A> {
-    fn resume_range_step(&mut self, start: A::Usize, end: A::Usize) -> Result<(), SearchError> {
+impl<A: GuestArch> MultiThreadRangeStepping for ReplayTarget<A> {
+    fn set_resume_action_range_step(
+        &mut self,
+        _tid: Tid,
+        start: A::Usize,
+        end: A::Usize,
+    ) -> Result<(), SearchError> {
         self.resume = Some(Resume::Range(A::from_gdb(start), A::from_gdb(end)));
         Ok(())
     }
 }
 
-impl<A: GuestArch> ReverseStep<()> for ReplayTarget<A> {
-    fn reverse_step(&mut self, _tid: ()) -> Result<(), SearchError> {
+impl<A: GuestArch> ReverseStep<Tid> for ReplayTarget<A> {
+    fn reverse_step(&mut self, _tid: Tid) -> Result<(), SearchError> {
         self.resume = Some(Resume::ReverseStep);
         Ok(())
     }
 }
 
-impl<A: GuestArch> ReverseCont<()> for ReplayTarget<A> {
+impl<A: GuestArch> ReverseCont<Tid> for ReplayTarget<A> {
     fn reverse_cont(&mut self) -> Result<(), SearchError> {
         self.resume = Some(Resume::ReverseContinue);
         Ok(())
@@ -719,7 +798,7 @@ pub(crate) struct EventLoop<'w, A>(PhantomData<(&'w mut Wire, A)>);
 impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
     type Target = ReplayTarget<A>;
     type Connection = &'w mut Wire;
-    type StopReason = SingleThreadStopReason<A::Usize>;
+    type StopReason = MultiThreadStopReason<A::Usize>;
 
     #[allow(clippy::type_complexity)] // the signature is gdbstub's
     fn wait_for_stop_reason(
@@ -732,7 +811,7 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
         // gdbstub only waits after a resume; should it ever ask otherwise, there is nothing to run.
         let Some(resume) = target.resume else {
             return Ok(run_blocking::Event::TargetStopped(
-                SingleThreadStopReason::DoneStep,
+                target.stop_reason(Outcome::Done),
             ));
         };
         let started = target.timeline.position();
@@ -752,7 +831,9 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
                     target.resume = None;
                     console::send(conn.stream(), &told)
                         .map_err(WaitForStopReasonError::Connection)?;
-                    return Ok(run_blocking::Event::TargetStopped(resume.no_further()));
+                    return Ok(run_blocking::Event::TargetStopped(
+                        resume.no_further(target.running_thread()),
+                    ));
                 }
                 Err(error) => {
                     // The session ends; gdb shows why before "Remote connection closed".
@@ -774,6 +855,9 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
 
     fn on_interrupt(target: &mut ReplayTarget<A>) -> Result<Option<Self::StopReason>, SearchError> {
         target.resume = None;
-        Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
+        Ok(Some(MultiThreadStopReason::SignalWithThread {
+            tid: target.running_thread(),
+            signal: Signal::SIGINT,
+        }))
     }
 }

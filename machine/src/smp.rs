@@ -121,6 +121,11 @@ impl Machine {
         (&v.regs, &v.sregs)
     }
 
+    /// The FPU and SSE registers of vCPU `id` as it holds them now.
+    pub fn cpu_fpu(&self, id: u8) -> Result<kvm_bindings::kvm_fpu, MachineError> {
+        self.vcpu(id).fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))
+    }
+
     /// Whether vCPU `id` has something to do: it has been started and is not halted, or it is halted
     /// with an interrupt it can take waiting (running it would deliver it).
     pub fn cpu_can_run(&self, id: u8) -> bool {
