@@ -126,6 +126,9 @@ def main():
     ap.add_argument("--long-no-count", action="store_true", help="skip counting the long guest's instructions by stepping")
     ap.add_argument("--linux", action="store_true", help="also the Linux test guest: boot and a serial session")
     ap.add_argument("--search", action="store_true", help="also gdb's searches on the long guest's recording")
+    ap.add_argument("--smp", action="store_true",
+                    help="also the 2-vCPU race guest: free run, record and replay, switches per second, and "
+                         "how often plain and chaos recordings catch the lost update")
     ap.add_argument("--long-instructions", type=int, default=5_000_000,
                     help="length of the step recording for the reverse-execution figures (0 skips them)")
     a = ap.parse_args()
@@ -143,10 +146,43 @@ def main():
             linux(work, a.runs)
         if a.search:
             searches(work, os.path.join(guests, "ledger.elf"))
+        if a.smp:
+            smp(work, os.path.join(guests, "smprace.elf"), a.runs)
         if a.long_instructions:
             long_run(work, guests, a.long_instructions)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def smp(work, kernel, runs, hunts=10):
+    """smprace.elf on 2 vCPUs (one host thread, the recorded scheduler): free run vs record vs replay,
+    switches per second of recording; then the fraction of plain and of chaos recordings (seeds 1..hunts)
+    in which the race lost an update, at a size where a plain slice usually outlasts the race."""
+    base = [BIN, "record", "--kernel", kernel, "--cpus", "2"]
+    free = median_time([BIN, "run", "--kernel", kernel, "--cpus", "2"], runs)
+    rec_times, rep_times, switches = [], [], []
+    for i in range(runs):
+        trace = os.path.join(work, f"smprace-{i}.rvt")
+        rec_times.append(timed(base + ["-o", trace])[0])
+        rep_times.append(timed([BIN, "replay", trace])[0])
+        switches.append(int(re.search(r"switch\s+(\d+)", info(trace)).group(1)))
+    rec, rep = statistics.median(rec_times), statistics.median(rep_times)
+    print(f"== smprace, 2 vCPUs, landmark clock: free run {free:.3f}s")
+    print(f"  record {rec:.3f}s = {rec / free:.2f}x free run   replay {rep:.3f}s = {rep / rec:.2f}x record   "
+          f"{statistics.median(switches) / rec:.0f} switches/s")
+    for iters in (200, 500):
+        for mode in ("plain", "chaos"):
+            lost = 0
+            for seed in range(1, hunts + 1):
+                trace = os.path.join(work, f"hunt-{mode}-{iters}-{seed}.rvt")
+                extra = ["--chaos", "--seed", str(seed)] if mode == "chaos" else []
+                out = subprocess.run(base + ["--append", f"iters={iters}", "-o", trace] + extra,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL).stdout.decode()
+                found = re.search(r"lost=(\d+)", out)
+                lost += bool(found and int(found.group(1)) > 0)
+                shutil.rmtree(trace, ignore_errors=True)
+            print(f"  iters={iters:<4} {mode}: {lost}/{hunts} recordings lost an update")
 
 
 def linux(work, runs):

@@ -254,3 +254,65 @@ fn a_damaged_initrd_copy_or_another_kernel_is_refused() {
         text(&o.stderr)
     );
 }
+
+/// The SMP test's kernel command line: the APICs on (no `noapic nolapic`), no disk.
+const APPEND_SMP: &str = "console=ttyS0 panic=-1";
+
+/// Boots the test kernel on two vCPUs with its local APICs and the IOAPIC (found through the MP table),
+/// its timer interrupts coming from the local APIC timers, while a CPU hog runs; the recording replays
+/// exactly, three replays at once.
+#[test]
+fn the_kernel_boots_two_cpus_with_apics_on_and_its_recording_replays_three_at_once() {
+    let (vmlinux, initramfs) = linux();
+    let dir = scratch("linux-smp");
+    let input = dir.join("session.txt");
+    std::fs::write(&input, "cat /proc/stat\ncat /proc/interrupts\npoweroff 3\n").unwrap();
+    let trace = dir.join("smp.rvt");
+    let hogs = Hogs::start(1);
+    let record = rv(&[
+        "record",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initrd",
+        initramfs.to_str().unwrap(),
+        "--append",
+        APPEND_SMP,
+        "--ram",
+        "64",
+        "--cpus",
+        "2",
+        "--serial-input",
+        input.to_str().unwrap(),
+        "--serial-input-after",
+        "Run /init",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    drop(hogs);
+    let out = text(&record.stdout);
+    assert_eq!(status(&record), 7, "{out}\n{}", text(&record.stderr));
+    assert!(out.contains("Brought up 1 node, 2 CPUs"), "{out}");
+    assert!(
+        out.contains("cpu1 "),
+        "/proc/stat shows no second CPU: {out}"
+    );
+    assert!(out.contains("LOC"), "no local APIC timer interrupts: {out}");
+    let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
+    assert!(info.contains("apic_timer"), "{info}");
+    let replays: Vec<_> = (0..3)
+        .map(|_| {
+            let trace = trace.clone();
+            std::thread::spawn(move || replay(&trace, &[]))
+        })
+        .collect();
+    for r in replays {
+        let r = r.join().unwrap();
+        assert_eq!(r.stdout, record.stdout, "{}", text(&r.stderr));
+        assert_eq!(status(&r), 7);
+        assert!(
+            text(&r.stderr).contains("replay matched"),
+            "{}",
+            text(&r.stderr)
+        );
+    }
+}

@@ -4,5 +4,6 @@
 
 pub mod elf;
 pub mod loader;
+pub mod mptable;
 pub mod pvh;
 pub mod symbols;

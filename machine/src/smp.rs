@@ -18,21 +18,12 @@
 use crate::cpu::CpuState;
 use crate::vcpu::{Activity, Vcpu};
 use crate::vm::{kvm_err, Machine, MachineError};
+use boot::mptable::ioapic_pin;
 use devices::ioapic::{self, DeliveryMode, DestinationMode};
 use devices::lapic::{self, Delivery, Destination, Effect, LocalApic};
 use devices::TimeSource;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, CpuId};
 use serde::{Deserialize, Serialize};
-
-/// The IOAPIC pin an ISA IRQ line drives: IRQ 0 (the PIT) is wired to pin 2, as on every PC chipset
-/// and as the firmware tables say, the others to the pin of their number.
-pub fn ioapic_pin(line: u8) -> u8 {
-    if line == 0 {
-        2
-    } else {
-        line
-    }
-}
 
 /// Makes a CPUID table fit a machine with `cpus` vCPUs: the APIC present, `cpus` logical processors,
 /// and no x2APIC or TSC-deadline timer, which the local APIC model does not have.
@@ -145,6 +136,17 @@ impl Machine {
     /// is halted or waiting for a start-up IPI, and no interrupt that could wake one is waiting.
     pub fn any_cpu_can_run(&self) -> bool {
         (0..self.cpus() as u8).any(|id| self.cpu_can_run(id))
+    }
+
+    /// Whether a timer edge (`timer_edge`) and these serial bytes would raise an interrupt. On a
+    /// uniprocessor, asked of a copy of the PIC; with several vCPUs any edge may reach a local APIC
+    /// through the IOAPIC (the guest has masked the 8259 then), so any input counts: delivering one
+    /// that raises nothing costs a kick point, never exactness.
+    pub fn interrupt_after(&self, timer_edge: bool, serial: &[u8]) -> bool {
+        if self.is_multiprocessor() {
+            return timer_edge || !serial.is_empty();
+        }
+        self.devices.interrupt_after(timer_edge, serial)
     }
 
     /// Makes vCPU `id` the one that runs. Its guest-debug settings (single-step or breakpoints) are the

@@ -295,6 +295,10 @@ impl Machine {
             HostTraps::default()
         };
         host_traps.patch(&mut mem)?;
+        if config.cpus > 1 {
+            // How the kernel learns of the other CPUs and the IOAPIC.
+            boot::mptable::write(&mut mem, config.cpus as u8)?;
+        }
         for (i, d) in BOOT_GDT.iter().enumerate() {
             mem.write(BOOT_GDT_ADDR + 8 * i as u64, &d.to_le_bytes())?;
         }

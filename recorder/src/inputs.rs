@@ -225,7 +225,7 @@ impl HostEnv {
         self.drain_stream();
         let n = machine.serial_rx_room().min(self.input_ready());
         let bytes: Vec<u8> = self.pending_input.range(..n).copied().collect();
-        (edge || !bytes.is_empty()) && machine.devices.interrupt_after(edge, &bytes)
+        (edge || !bytes.is_empty()) && machine.interrupt_after(edge, &bytes)
     }
 
     /// The guest is halted: wait (host time) or skip ahead (virtual time) until something can wake it, and
