@@ -26,7 +26,7 @@ use crate::arch::{RFLAGS_IF, RFLAGS_RF};
 use crate::exits::Exit;
 use crate::vm::Queued;
 use crate::vm::{Clock, Host, Machine, MachineError, Step, StopReason};
-use iced_x86::FlowControl;
+use iced_x86::{FlowControl, Mnemonic};
 use kvm_bindings::{
     kvm_guest_debug, KVM_EXIT_IO, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP,
@@ -263,24 +263,41 @@ impl Machine {
     /// indirect jump). A repeated string instruction at RIP gives the instruction after it: the middle of
     /// a `rep` is no point a breakpoint can find.
     pub fn loop_exit(&self) -> Option<u64> {
+        self.loop_around_rip().and_then(|(exit, _)| exit)
+    }
+
+    /// Whether the guest spins in a wait loop: the innermost loop around RIP (see
+    /// [`Machine::loop_exit`]) holds a `pause`, as every spin-wait of a kernel does. On a machine that
+    /// runs its vCPUs one at a time, such a vCPU waits for another one, which cannot run until it
+    /// gives up the CPU (what pause-loop exiting tells a hypervisor on hardware).
+    pub fn spin_waiting(&self) -> bool {
+        self.loop_around_rip().is_some_and(|(_, pause)| pause)
+    }
+
+    /// The innermost loop around RIP: its exit (None for a loop closed by a jump back, whose exit is
+    /// elsewhere) and whether its body holds a `pause`. None if no loop is found nearby.
+    fn loop_around_rip(&self) -> Option<(Option<u64>, bool)> {
         /// How far to decode: loops whose latch lies farther away are not worth waiting for.
         const MAX_INSNS: usize = 64;
         let start = self.cpu.regs.rip;
         let mut ip = start;
+        let mut pause = false;
         for _ in 0..MAX_INSNS {
             let insn = self.decode_at(ip)?;
             if ip == start && (insn.has_rep_prefix() || insn.has_repne_prefix()) {
-                return Some(insn.next_ip());
+                return Some((Some(insn.next_ip()), false));
             }
+            pause |= insn.mnemonic() == Mnemonic::Pause;
             match insn.flow_control() {
                 FlowControl::ConditionalBranch if insn.near_branch_target() <= start => {
-                    return Some(insn.next_ip());
+                    return Some((Some(insn.next_ip()), pause));
                 }
                 FlowControl::UnconditionalBranch => {
                     let target = insn.near_branch_target();
-                    // A jump back closes a loop whose exit is elsewhere; one forward stays in the body.
+                    // A jump back closes a loop whose exit is elsewhere (a pause in it still spins);
+                    // one forward stays in the body.
                     if target <= start {
-                        return None;
+                        return pause.then_some((None, true));
                     }
                     ip = target;
                     continue;

@@ -332,7 +332,8 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             between.reset(&mut machine)?
         } else {
             let switch = scheduler.switch_due(&machine, position);
-            let chaotic = switch && scheduler.chaotic();
+            // A spin-wait's loop exit comes only once the other vCPU has run: switch where it spins.
+            let chaotic = switch && (scheduler.chaotic() || machine.spin_waiting());
             between.deliver_here(&mut machine, &mut env, writer.is_some(), switch, chaotic)?
         };
         if !at_position && !deliver {

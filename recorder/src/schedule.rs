@@ -26,6 +26,10 @@ enum Slice {
 const STEP_SLICE: u64 = 20_000;
 /// The slice of the normal scheduler, landmark clock: a few kicks.
 const WALL_SLICE: Duration = Duration::from_millis(3);
+/// How long a vCPU runs in a spin-wait before it gives up the CPU: instructions (step clock), wall time
+/// (landmark clock: one kick).
+const SPIN_GRACE: u64 = 1_000;
+const SPIN_GRACE_WALL: Duration = Duration::from_millis(1);
 /// A slice overdue by this much means the vCPU cannot be stopped where it is (user mode on PVM, where
 /// neither kicks nor breakpoints can name a point) and has not exited since: said once, on stderr.
 const OVERDUE: Duration = Duration::from_secs(2);
@@ -70,6 +74,15 @@ impl Scheduler {
         }
     }
 
+    /// Whether the running vCPU has had long enough, this slice, to leave a spin-wait whose condition
+    /// came true while it was parked: a few loop passes (step clock), or one kick (landmark clock).
+    fn spun_a_while(&self, position: u64) -> bool {
+        match self.slice {
+            Slice::Instructions(_) => position.saturating_sub(self.began_at) >= SPIN_GRACE,
+            Slice::Wall(_) => self.began.elapsed() >= SPIN_GRACE_WALL,
+        }
+    }
+
     fn slice_over(&self, position: u64) -> bool {
         match self.slice {
             Slice::Instructions(n) => position.saturating_sub(self.began_at) >= n,
@@ -85,7 +98,12 @@ impl Scheduler {
         }
         let current = machine.current_cpu();
         let others = (0..machine.cpus() as u8).any(|id| id != current && machine.cpu_can_run(id));
-        let due = others && (self.slice_over(position) || !machine.cpu_can_run(current));
+        // A vCPU spinning in a wait loop waits for another one: once it has had a moment to see the
+        // change it waits for, it gives up the CPU.
+        let due = others
+            && (self.slice_over(position)
+                || !machine.cpu_can_run(current)
+                || (self.spun_a_while(position) && machine.spin_waiting()));
         if due && !self.warned_overdue && self.began.elapsed() > OVERDUE {
             self.warned_overdue = true;
             eprintln!(
