@@ -24,7 +24,7 @@
 
 use crate::arch::{RFLAGS_IF, RFLAGS_RF};
 use crate::exits::Exit;
-use crate::vm::Queued;
+use crate::vcpu::Queued;
 use crate::vm::{Clock, Host, Machine, MachineError, Step, StopReason};
 use iced_x86::{FlowControl, Mnemonic};
 use kvm_bindings::{

@@ -332,6 +332,27 @@ pub fn host_cpu() -> HostCpu {
     }
 }
 
+/// Makes a CPUID table fit a machine with `cpus` vCPUs: the APIC present, `cpus` logical processors,
+/// and no x2APIC or TSC-deadline timer, which the local APIC model does not have.
+pub(crate) fn multiprocessor_cpuid(cpuid: &mut CpuId, cpus: usize) {
+    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.edx |= 1 << 9;
+        e.ecx &= !(1 << 21 | 1 << 24);
+        e.ebx = (e.ebx & !0x00ff_0000) | (cpus as u32) << 16;
+    }
+}
+
+/// Sets the initial APIC ID CPUID reports (leaf 1 EBX bits 31-24, leaf 0xB EDX) to `id`.
+pub(crate) fn set_apic_id(cpuid: &mut CpuId, id: u8) {
+    for e in cpuid.as_mut_slice().iter_mut() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | u32::from(id) << 24,
+            0xb => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 
 use crate::arch::{self, CR0_PE, RFLAGS_IF, RFLAGS_TF};
 use crate::emulate::{self};
-use crate::vm::{kvm_err, Machine, MachineError, Queued};
+use crate::vcpu::Queued;
+use crate::vm::{kvm_err, Machine, MachineError};
 use std::os::fd::AsRawFd;
 use thiserror::Error;
 

@@ -23,7 +23,8 @@ pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARC
 pub use cpu_model::{host_cpu, CpuModel};
 pub use interrupts::Blocker;
 pub use snapshot::Snapshot;
+pub use vcpu::Queued;
 pub use vm::{
-    Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Queued, Step, StopReason, MAX_CPUS,
+    Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Step, StopReason, MAX_CPUS,
 };
 pub use vocab::{HostCpu, Position};

@@ -22,29 +22,8 @@ use boot::mptable::ioapic_pin;
 use devices::ioapic::{self, DeliveryMode, DestinationMode};
 use devices::lapic::{self, Delivery, Destination, Effect, LocalApic};
 use devices::TimeSource;
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, CpuId};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use serde::{Deserialize, Serialize};
-
-/// Makes a CPUID table fit a machine with `cpus` vCPUs: the APIC present, `cpus` logical processors,
-/// and no x2APIC or TSC-deadline timer, which the local APIC model does not have.
-pub(crate) fn multiprocessor_cpuid(cpuid: &mut CpuId, cpus: usize) {
-    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-        e.edx |= 1 << 9;
-        e.ecx &= !(1 << 21 | 1 << 24);
-        e.ebx = (e.ebx & !0x00ff_0000) | (cpus as u32) << 16;
-    }
-}
-
-/// Sets the initial APIC ID CPUID reports (leaf 1 EBX bits 31-24, leaf 0xB EDX) to `id`.
-pub(crate) fn set_apic_id(cpuid: &mut CpuId, id: u8) {
-    for e in cpuid.as_mut_slice().iter_mut() {
-        match e.function {
-            1 => e.ebx = (e.ebx & 0x00ff_ffff) | u32::from(id) << 24,
-            0xb => e.edx = u32::from(id),
-            _ => {}
-        }
-    }
-}
 
 /// What a checkpoint of a machine with several vCPUs holds beyond the uniprocessor state (which keeps
 /// vCPU 0): the other vCPUs, every local APIC, the IOAPIC and which vCPU runs.
@@ -385,7 +364,7 @@ impl Machine {
             v.regs = other.cpu.regs;
             v.sregs = other.cpu.sregs;
             v.halted = other.halted;
-            v.queued = crate::snapshot::queued_in(&other.cpu);
+            v.queued = crate::vcpu::queued_in(&other.cpu);
             v.shadow = other.cpu.events.interrupt.shadow != 0;
             v.kvm_event = false;
             v.stale_shadow = false;

@@ -3,7 +3,7 @@
 
 use crate::cpu::CpuState;
 use crate::smp::SmpState;
-use crate::vm::Queued;
+use crate::vcpu::queued_in;
 use crate::vm::{Clock, Machine, MachineError};
 use devices::Devices;
 use memory::PAGE_SIZE;
@@ -45,18 +45,6 @@ impl FullState {
             Some(postcard::from_bytes(rest).map_err(MachineError::BadState)?)
         };
         Ok(FullState { uni, smp })
-    }
-}
-
-/// The event a captured CPU state holds queued for the next entry, as [`Queued`] names it.
-pub(crate) fn queued_in(cpu: &CpuState) -> Option<Queued> {
-    let events = &cpu.events;
-    if events.exception.injected != 0 {
-        Some(Queued::Exception)
-    } else if events.interrupt.injected != 0 {
-        Some(Queued::Interrupt)
-    } else {
-        None
     }
 }
 

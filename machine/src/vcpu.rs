@@ -5,12 +5,47 @@
 //! others wait in `Machine::parked`, and a switch swaps them, so everything that drives a vCPU works on
 //! "the vCPU that runs" and never needs to know how many there are.
 
-use crate::vm::{kvm_err, MachineError, Queued};
+use crate::cpu::CpuState;
 use devices::lapic::LocalApic;
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, CpuId, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
+
+/// An event queued in the vCPU for delivery at the next entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// An interrupt from the PIC ([`Machine::inject_interrupt`], in `interrupts.rs`).
+    Interrupt,
+    /// An exception of an instruction the VMM completed (the #BP of an `int3`).
+    Exception,
+}
+
+/// The event a captured CPU state holds queued for the next entry, as [`Queued`] names it.
+pub(crate) fn queued_in(cpu: &CpuState) -> Option<Queued> {
+    let events = &cpu.events;
+    if events.exception.injected != 0 {
+        Some(Queued::Exception)
+    } else if events.interrupt.injected != 0 {
+        Some(Queued::Interrupt)
+    } else {
+        None
+    }
+}
+
+/// A KVM call that failed while a vCPU was made.
+#[derive(Debug)]
+pub(crate) struct VcpuError {
+    /// Which call.
+    pub(crate) what: &'static str,
+    /// What KVM said.
+    pub(crate) source: kvm_ioctls::Error,
+}
+
+/// A [`VcpuError`] for the call `what`.
+fn failed(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError { what, source }
+}
 
 /// Where a vCPU stands in the start-up protocol of a multiprocessor PC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -56,11 +91,11 @@ pub(crate) struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `id` of `vm` with CPUID `cpuid`, its registers synced at every exit and single-step on
     /// (the step clock's default).
-    pub(crate) fn create(vm: &VmFd, id: u8, cpuid: &CpuId) -> Result<Vcpu, MachineError> {
+    pub(crate) fn create(vm: &VmFd, id: u8, cpuid: &CpuId) -> Result<Vcpu, VcpuError> {
         let mut fd = vm
             .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            .map_err(failed("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(cpuid).map_err(failed("KVM_SET_CPUID2"))?;
         fd.set_sync_valid_reg(SyncReg::Register);
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
         // The events too, so that every exit says, without another ioctl, whether an interrupt shadow or
@@ -71,9 +106,9 @@ impl Vcpu {
             ..Default::default()
         };
         fd.set_guest_debug(&debug)
-            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
-        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            .map_err(failed("KVM_SET_GUEST_DEBUG"))?;
+        let regs = fd.get_regs().map_err(failed("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
         Ok(Vcpu {
             fd,
             id,

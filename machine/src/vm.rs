@@ -8,7 +8,7 @@ use crate::cpu::{CpuError, XsaveLayout};
 use crate::cpu_model::{CpuModel, ModelError};
 use crate::emulate::{self, EmulateError};
 use crate::host_traps::HostTraps;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{Vcpu, VcpuError};
 use boot::loader::{self, LoaderError};
 use devices::disk::DiskImage;
 use devices::ioapic::Ioapic;
@@ -21,15 +21,6 @@ use kvm_ioctls::{Kvm, VmFd};
 use memory::{GuestMemory, MemoryError};
 use thiserror::Error;
 pub use vocab::{Clock, HostInsn, StopReason};
-
-/// An event queued in the vCPU for delivery at the next entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
-    /// An interrupt from the PIC ([`Machine::inject_interrupt`], in `interrupts.rs`).
-    Interrupt,
-    /// An exception of an instruction the VMM completed (the #BP of an `int3`).
-    Exception,
-}
 
 /// Errors from creating or running the machine.
 #[derive(Debug, Error)]
@@ -265,7 +256,7 @@ impl Machine {
             None => config.cpu.cpuid(&supported, config.hide_host_values)?,
         };
         if config.cpus > 1 {
-            crate::smp::multiprocessor_cpuid(&mut cpuid, config.cpus);
+            crate::cpu_model::multiprocessor_cpuid(&mut cpuid, config.cpus);
         }
         let cpuid_table: Vec<[u32; 7]> = cpuid
             .as_slice()
@@ -275,9 +266,12 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(config.cpus);
         for id in 0..config.cpus as u8 {
             if config.cpus > 1 {
-                crate::smp::set_apic_id(&mut cpuid, id);
+                crate::cpu_model::set_apic_id(&mut cpuid, id);
             }
-            vcpus.push(Vcpu::create(&vm, id, &cpuid)?);
+            vcpus.push(
+                Vcpu::create(&vm, id, &cpuid)
+                    .map_err(|VcpuError { what, source }| MachineError::Kvm { what, source })?,
+            );
         }
         let mut parked: Vec<Option<Vcpu>> = vcpus.into_iter().map(Some).collect();
         let mut cpu = parked[0].take().expect("vCPU 0 was just created");
