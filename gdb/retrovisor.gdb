@@ -5,6 +5,10 @@
 # neither as far as gdb knows: after one, bt, info registers and x would show the old position. rv-seek
 # moves the replay and then makes gdb forget what it read.
 
+# With several vCPUs, a step moves the thread gdb names, but gdb names one for reverse-stepi only when
+# it locks the scheduler while stepping; continuing still runs every vCPU, in the recorded order.
+set scheduler-locking step
+
 define rv-seek
   if $argc == 0
     echo usage: rv-seek POSITION (an icount; in a landmark trace 1234 or 1234 + 56, as rv-when prints it)\n

@@ -222,3 +222,63 @@ fn gdb_sees_a_thread_per_vcpu_and_a_reverse_watch_finds_the_racing_store_on_its_
         "a stop named no thread: {out}"
     );
 }
+
+#[test]
+fn stepping_a_thread_moves_to_that_vcpus_next_or_previous_instruction() {
+    let dir = scratch("smp-gdb-step");
+    let (trace, rec) = record(
+        &dir,
+        "smprace",
+        &[
+            "--clock",
+            "step",
+            "--cpus",
+            "2",
+            "--append",
+            "iters=3000",
+            "--chaos",
+            "--seed",
+            "7",
+        ],
+    );
+    assert!(text(&rec.stdout).contains("smprace: cpus=2"));
+    // A switch from vCPU 1 (thread 2) to vCPU 0 (thread 1) at icount s, vCPU 1 having run a while.
+    let reader = traces::TraceReader::open(&trace).unwrap();
+    let switches: Vec<(u64, u8)> = reader
+        .events()
+        .iter()
+        .filter_map(|e| match e.kind {
+            traces::EventKind::Switch { cpu } => Some((e.at, cpu)),
+            _ => None,
+        })
+        .collect();
+    let s = switches
+        .windows(3)
+        .find(|w| w[1].1 == 1 && w[2].1 == 0 && w[2].0 > w[1].0 + 5 && w[0].0 + 10 < w[1].0)
+        .map(|w| w[2].0)
+        .expect("vCPU 1 handed over to vCPU 0 after running a while");
+    let server = GdbServer::start(&trace, &[]);
+    let out = gdb_batch(
+        server.port,
+        &guest("smprace"),
+        &[
+            &format!("monitor seek {}", s + 5),
+            "maint flush register-cache",
+            // What retrovisor.gdb sets: gdb then says which thread a reverse-stepi is for.
+            "set scheduler-locking step",
+            "thread 2",
+            "reverse-stepi",
+            "monitor when",
+            "thread",
+            "thread 1",
+            "stepi",
+            "monitor when",
+            "thread",
+        ],
+    );
+    let whens: Vec<u64> = when_answers(&out).iter().map(|w| w.0).collect();
+    // Back over vCPU 0's five instructions to vCPU 1's last one; then forward over that one to vCPU
+    // 0's first.
+    assert_eq!(whens, [s - 1, s + 1], "{out}");
+    assert_in_order(&out, &["Current thread is 2 ", "Current thread is 1 "]);
+}

@@ -85,10 +85,12 @@ macro_rules! supports {
 #[derive(Debug, Clone, Copy)]
 enum Resume {
     Continue,
-    Step,
+    /// One instruction of this vCPU.
+    Step(u8),
     /// Step while RIP stays in `start..end`.
     Range(u64, u64),
-    ReverseStep,
+    /// Back over the last instruction of this vCPU.
+    ReverseStep(u8),
     ReverseContinue,
 }
 
@@ -113,6 +115,8 @@ pub(crate) struct ReplayTarget<A> {
     refusal: Option<&'static str>,
     /// Whether this session was told why writes are refused: once is enough.
     refusal_explained: bool,
+    /// Why the last step stopped before its thread ran, for gdb's console (see [`step_vcpu`]).
+    stepped_elsewhere: Option<String>,
     _arch: PhantomData<A>,
 }
 
@@ -120,8 +124,8 @@ impl Resume {
     /// Which way it moves, for putting the replay back after a failure.
     fn motion(self) -> Motion {
         match self {
-            Resume::Continue | Resume::Step | Resume::Range(..) => Motion::Forward,
-            Resume::ReverseStep | Resume::ReverseContinue => Motion::Backward,
+            Resume::Continue | Resume::Step(_) | Resume::Range(..) => Motion::Forward,
+            Resume::ReverseStep(_) | Resume::ReverseContinue => Motion::Backward,
         }
     }
 
@@ -152,6 +156,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             peer: None,
             refusal: None,
             refusal_explained: false,
+            stepped_elsewhere: None,
             _arch: PhantomData,
         }
     }
@@ -329,6 +334,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             .map(|notice| format!("retrovisor: warning: {notice}\n"))
             .collect();
         text.extend(self.refusal.take());
+        text.extend(self.stepped_elsewhere.take());
         text
     }
 
@@ -386,6 +392,12 @@ impl<A: GuestArch> ReplayTarget<A> {
         }
     }
 
+    /// The vCPU of thread `tid`; a thread the machine does not have means the running vCPU.
+    fn cpu_of(&self, tid: Tid) -> u8 {
+        let machine = self.timeline.replay().machine();
+        cpu_of(tid, machine.cpus()).unwrap_or(machine.current_cpu())
+    }
+
     /// The thread of the vCPU that runs now (threads are numbered from 1 in vCPU order, as Linux's gdb
     /// scripts expect: CPU = thread - 1).
     fn running_thread(&self) -> Tid {
@@ -405,8 +417,11 @@ impl<A: GuestArch> ReplayTarget<A> {
             Resume::Range(start, end) => {
                 search::run_forward(r, &stops, Some(start..end), out, interrupted)
             }
-            Resume::Step => search::step_forward(r, &stops, out),
-            Resume::ReverseStep => search::step_backward(r, &stops, out),
+            Resume::Step(cpu) | Resume::ReverseStep(cpu) => {
+                let (outcome, said) = step_vcpu(r, &stops, out, cpu, resume.motion(), interrupted)?;
+                self.stepped_elsewhere = said;
+                Ok(outcome)
+            }
             Resume::ReverseContinue => search::run_backward(r, &stops, out, interrupted),
         }
     }
@@ -537,6 +552,53 @@ impl<A: GuestArch> Target for ReplayTarget<A> {
     }
 }
 
+/// Most instructions of other vCPUs a step steps over, forward and backward (each backward step
+/// restores a snapshot and replays to it), before it stops where it is and says why.
+const OTHER_STEPS_FORWARD: usize = 200_000;
+const OTHER_STEPS_BACKWARD: usize = 200;
+
+/// Steps one instruction of vCPU `cpu`: the vCPUs run one at a time, so forward the machine steps
+/// until `cpu` has executed one, and backward until the instruction stepped back over is one `cpu`
+/// executed. (The vCPU that runs after an instruction retired is the one that executed it: the
+/// switches logged at a position take effect when the machine moves on from it.) A stop on the way
+/// ends it; so does the end of the recording, or a bound on the other vCPUs' instructions, which is
+/// then said (for gdb's console).
+fn step_vcpu(
+    t: &mut Timeline,
+    stops: &StopSet,
+    out: &mut dyn Write,
+    cpu: u8,
+    motion: Motion,
+    interrupted: &mut dyn FnMut() -> bool,
+) -> Result<(Outcome, Option<String>), SearchError> {
+    let bound = match motion {
+        Motion::Backward => OTHER_STEPS_BACKWARD,
+        Motion::Forward | Motion::Seek => OTHER_STEPS_FORWARD,
+    };
+    for _ in 0..=bound {
+        let before = t.replay().machine().current_cpu();
+        let (outcome, by) = match motion {
+            Motion::Backward => (search::step_backward(t, stops, out)?, before),
+            Motion::Forward | Motion::Seek => {
+                let outcome = search::step_forward(t, stops, out)?;
+                (outcome, t.replay().machine().current_cpu())
+            }
+        };
+        if outcome != Outcome::Done || by == cpu {
+            return Ok((outcome, None));
+        }
+        if interrupted() {
+            return Ok((Outcome::Interrupted, None));
+        }
+    }
+    let said = format!(
+        "retrovisor: vCPU {cpu} executed none of the {bound} instructions stepped over; stopped \
+         where vCPU {} runs\n",
+        t.replay().machine().current_cpu()
+    );
+    Ok((Outcome::Done, Some(said)))
+}
+
 /// The gdb thread of vCPU `cpu`.
 fn thread_of(cpu: u8) -> Tid {
     Tid::new(usize::from(cpu) + 1).expect("one more than a u8 is not zero")
@@ -627,9 +689,9 @@ impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
 }
 
 // The vCPUs run one at a time in the recorded order, so there is one execution to move: gdb's resume
-// actions say how (continue, step, range-step) and the thread they name is not a choice (a step moves
-// the machine one instruction, on whichever vCPU runs next; the stop names that thread). A signal gdb
-// asks to deliver is ignored: nothing can be delivered into a recording.
+// actions say how. A step is one instruction of the thread it names (see `step_vcpu`); continuing and
+// range-stepping move the whole machine, and the stop names the thread that ran. A signal gdb asks to
+// deliver is ignored: nothing can be delivered into a recording.
 impl<A: GuestArch> MultiThreadResume for ReplayTarget<A> {
     fn resume(&mut self) -> Result<(), SearchError> {
         self.resume.get_or_insert(Resume::Continue);
@@ -671,10 +733,10 @@ impl<A: GuestArch> MultiThreadSchedulerLocking for ReplayTarget<A> {
 impl<A: GuestArch> MultiThreadSingleStep for ReplayTarget<A> {
     fn set_resume_action_step(
         &mut self,
-        _tid: Tid,
+        tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), SearchError> {
-        self.resume = Some(Resume::Step);
+        self.resume = Some(Resume::Step(self.cpu_of(tid)));
         Ok(())
     }
 }
@@ -692,8 +754,8 @@ impl<A: GuestArch> MultiThreadRangeStepping for ReplayTarget<A> {
 }
 
 impl<A: GuestArch> ReverseStep<Tid> for ReplayTarget<A> {
-    fn reverse_step(&mut self, _tid: Tid) -> Result<(), SearchError> {
-        self.resume = Some(Resume::ReverseStep);
+    fn reverse_step(&mut self, tid: Tid) -> Result<(), SearchError> {
+        self.resume = Some(Resume::ReverseStep(self.cpu_of(tid)));
         Ok(())
     }
 }
