@@ -297,20 +297,5 @@ fn the_kernel_boots_two_cpus_with_apics_on_and_its_recording_replays_three_at_on
     assert!(out.contains("LOC"), "no local APIC timer interrupts: {out}");
     let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
     assert!(info.contains("apic_timer"), "{info}");
-    let replays: Vec<_> = (0..3)
-        .map(|_| {
-            let trace = trace.clone();
-            std::thread::spawn(move || replay(&trace, &[]))
-        })
-        .collect();
-    for r in replays {
-        let r = r.join().unwrap();
-        assert_eq!(r.stdout, record.stdout, "{}", text(&r.stderr));
-        assert_eq!(status(&r), 7);
-        assert!(
-            text(&r.stderr).contains("replay matched"),
-            "{}",
-            text(&r.stderr)
-        );
-    }
+    assert_replays_at_once(&trace, &record, 3);
 }

@@ -21,6 +21,20 @@ fn race_result(output: &str) -> (u64, u64, u64) {
     (field("expected="), field("counter="), field("lost="))
 }
 
+/// A step-clock chaos recording of the race guest whose seed loses updates (the step clock's schedule
+/// depends only on the seed).
+const CHAOS_7: &[&str] = &[
+    "--clock",
+    "step",
+    "--cpus",
+    "2",
+    "--append",
+    "iters=3000",
+    "--chaos",
+    "--seed",
+    "7",
+];
+
 fn info(trace: &Path) -> String {
     text(&rv(&["info", trace.to_str().unwrap()]).stdout)
 }
@@ -61,18 +75,7 @@ fn two_vcpus_started_by_init_and_sipi_race_and_the_landmark_recording_replays_ex
 #[test]
 fn a_chaos_recording_loses_updates_and_three_replays_at_once_show_the_same_count() {
     let dir = scratch("smp-chaos");
-    let args = [
-        "--clock",
-        "step",
-        "--cpus",
-        "2",
-        "--append",
-        "iters=3000",
-        "--chaos",
-        "--seed",
-        "7",
-    ];
-    let (trace, rec) = record(&dir, "smprace", &args);
+    let (trace, rec) = record(&dir, "smprace", CHAOS_7);
     let out = text(&rec.stdout);
     let (_, _, lost) = race_result(&out);
     assert!(lost > 0, "chaos mode lost no update: {out}");
@@ -89,25 +92,10 @@ fn a_chaos_recording_loses_updates_and_three_replays_at_once_show_the_same_count
         "-o",
         again.to_str().unwrap(),
     ];
-    rerun.extend(args);
+    rerun.extend(CHAOS_7);
     let rec2 = rv(&rerun);
     assert_eq!(text(&rec2.stdout), out, "the same seed gave another run");
-    let replays: Vec<_> = (0..3)
-        .map(|_| {
-            let trace = trace.clone();
-            std::thread::spawn(move || replay(&trace, &[]))
-        })
-        .collect();
-    for r in replays {
-        let r = r.join().unwrap();
-        assert_eq!(text(&r.stdout), out, "{}", text(&r.stderr));
-        assert_eq!(status(&r), status(&rec));
-        assert!(
-            text(&r.stderr).contains("replay matched"),
-            "{}",
-            text(&r.stderr)
-        );
-    }
+    assert_replays_at_once(&trace, &rec, 3);
 }
 
 /// The guest's path as the command line takes it.
@@ -170,21 +158,7 @@ fn running_at(trace: &Path, at: u64) -> u8 {
 #[test]
 fn gdb_sees_a_thread_per_vcpu_and_a_reverse_watch_finds_the_racing_store_on_its_thread() {
     let dir = scratch("smp-gdb");
-    let (trace, rec) = record(
-        &dir,
-        "smprace",
-        &[
-            "--clock",
-            "step",
-            "--cpus",
-            "2",
-            "--append",
-            "iters=3000",
-            "--chaos",
-            "--seed",
-            "7",
-        ],
-    );
+    let (trace, rec) = record(&dir, "smprace", CHAOS_7);
     assert!(race_result(&text(&rec.stdout)).2 > 0);
     let server = GdbServer::start(&trace, &[]);
     let out = gdb_batch(
@@ -226,21 +200,7 @@ fn gdb_sees_a_thread_per_vcpu_and_a_reverse_watch_finds_the_racing_store_on_its_
 #[test]
 fn stepping_a_thread_moves_to_that_vcpus_next_or_previous_instruction() {
     let dir = scratch("smp-gdb-step");
-    let (trace, rec) = record(
-        &dir,
-        "smprace",
-        &[
-            "--clock",
-            "step",
-            "--cpus",
-            "2",
-            "--append",
-            "iters=3000",
-            "--chaos",
-            "--seed",
-            "7",
-        ],
-    );
+    let (trace, rec) = record(&dir, "smprace", CHAOS_7);
     assert!(text(&rec.stdout).contains("smprace: cpus=2"));
     // A switch from vCPU 1 (thread 2) to vCPU 0 (thread 1) at icount s, vCPU 1 having run a while.
     let reader = traces::TraceReader::open(&trace).unwrap();

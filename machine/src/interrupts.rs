@@ -34,7 +34,7 @@ const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
 impl Machine {
     /// Whether an interrupt is waiting at the PIC and the CPU would take it now.
     pub fn interrupt_ready(&self) -> bool {
-        self.interrupts_enabled() && self.pending_vector()
+        self.interrupts_enabled() && self.has_pending_vector()
     }
 
     /// Whether the CPU would take an interrupt now (IF set, no interrupt shadow), whatever the PIC holds.

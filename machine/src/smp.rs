@@ -155,9 +155,9 @@ impl Machine {
         v.id == 0 && (!self.is_multiprocessor() || v.lapic.lint0_extint())
     }
 
-    /// The vector the running vCPU would take next, if any: its local APIC's, else the PIC's through
-    /// LINT0. (On a uniprocessor machine, the PIC's.)
-    pub(crate) fn pending_vector(&self) -> bool {
+    /// Whether an interrupt waits for the running vCPU: at its local APIC, or at the PIC through LINT0.
+    /// (On a uniprocessor machine, at the PIC.)
+    pub(crate) fn has_pending_vector(&self) -> bool {
         if !self.is_multiprocessor() {
             return self.devices.pic.has_interrupt();
         }

@@ -155,6 +155,27 @@ pub fn assert_replays_with(trace: &Path, recorded: &Output, extra: &[&str]) {
     assert_eq!(r.stdout, recorded.stdout);
 }
 
+/// Replays `trace` `n` times at once and asserts that every replay reproduces the recording byte for
+/// byte, with its exit status, and says it matched (every checkpoint and the output).
+pub fn assert_replays_at_once(trace: &Path, recorded: &Output, n: usize) {
+    let replays: Vec<_> = (0..n)
+        .map(|_| {
+            let trace = trace.to_path_buf();
+            std::thread::spawn(move || replay(&trace, &[]))
+        })
+        .collect();
+    for r in replays {
+        let r = r.join().unwrap();
+        assert_eq!(r.stdout, recorded.stdout, "{}", text(&r.stderr));
+        assert_eq!(status(&r), status(recorded));
+        assert!(
+            text(&r.stderr).contains("replay matched"),
+            "{}",
+            text(&r.stderr)
+        );
+    }
+}
+
 /// A `retrovisor replay TRACE --gdb 127.0.0.1:0` child, serving gdb on the free port it picked and announced;
 /// killed when dropped. Its runtime directory (where it installs its gdb commands) is its own.
 pub struct GdbServer {
