@@ -49,6 +49,11 @@ enum Command {
     /// Draw a trace as an SVG timeline: a lane per kind of input, checkpoints, the guest's output lines
     /// and any divergence (found by replaying it), over the trace's positions.
     Timeline(crate::timeline::TimelineArgs),
+    /// Every call of a function over the whole recording, in order: position, vCPU, arguments (by the
+    /// ABI of the guest's mode, named from the image's DWARF), return value and where it returned. The
+    /// answer `monitor calls` gives in gdb, for scripts (--json). Ctrl-C stops the search and prints
+    /// what it found.
+    Calls(crate::calls::CallsArgs),
     /// Check this host: KVM usable and which kind, PMU, capabilities, measured step and free-run rates,
     /// clocks, quirks. Exits 2 with one line when retrovisor cannot run here.
     Doctor,
@@ -156,7 +161,7 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ClockArg {
+pub(crate) enum ClockArg {
     /// Run free between the guest's own exits ("landmarks"), at the host's speed; host time only.
     #[value(alias = "free")]
     Landmark,
@@ -165,7 +170,7 @@ enum ClockArg {
 }
 
 impl ClockArg {
-    fn clock(self) -> machine::Clock {
+    pub(crate) fn clock(self) -> machine::Clock {
         match self {
             ClockArg::Landmark => machine::Clock::Landmark,
             ClockArg::Step => machine::Clock::Step,
@@ -340,6 +345,8 @@ enum CliError {
     Timeline(#[from] crate::timeline::TimelineError),
     #[error(transparent)]
     Doctor(#[from] crate::doctor::DoctorError),
+    #[error(transparent)]
+    Calls(#[from] crate::calls::CallsCliError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: Position, to: Position },
     #[error("--from {from} is past the end of the recording, which runs from {start} to {end}: give --from at most {last}")]
@@ -419,6 +426,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info(&a),
         Command::Events(a) => events(&a),
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
+        Command::Calls(a) => crate::calls::run(&a).map_err(CliError::from),
         Command::Doctor => crate::doctor::run().map_err(CliError::from),
         Command::GdbScript => std::io::stdout()
             .write_all(gdb::script::SCRIPT.as_bytes())
@@ -438,6 +446,12 @@ pub fn main() -> i32 {
                 CliError::Gdb(gdb::GdbError::Replay(replayer::search::SearchError::Replay(
                     ReplayError::Divergence(_),
                 ))) => EXIT_DIVERGENCE,
+                CliError::Calls(crate::calls::CallsCliError::Replay(ReplayError::Divergence(
+                    _,
+                )))
+                | CliError::Calls(crate::calls::CallsCliError::Search(
+                    replayer::search::SearchError::Replay(ReplayError::Divergence(_)),
+                )) => EXIT_DIVERGENCE,
                 _ => EXIT_ERROR,
             }
         }

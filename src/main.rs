@@ -1,5 +1,6 @@
 //! `retrovisor`: record a KVM guest, replay it exactly, and inspect traces.
 
+mod calls;
 mod cli;
 mod doctor;
 mod timeline;

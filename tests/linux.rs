@@ -1,7 +1,7 @@
 //! Linux guests: a tinyconfig Linux 6.1 built from Debian's kernel source by tests/linux/build.sh (cached
 //! under target/linux; the first build takes a few minutes, `.ci/run` does it before the suite), booted
-//! through its PVH entry with an initramfs, recorded with the landmark clock on a busy machine (CPU hogs
-//! run meanwhile) while a scripted serial session runs (a virtio disk read and written, the planted bug of the Linux demo triggered), replayed
+//! through its PVH entry with an initramfs, recorded with the landmark clock on a busy machine (another
+//! Linux recording and its replays run meanwhile) while a scripted serial session runs (a virtio disk read and written, the planted bug of the Linux demo triggered), replayed
 //! exactly, and debugged backwards with real gdb on the kernel's own source.
 
 mod common;
@@ -66,8 +66,8 @@ fn session() -> &'static Session {
         disk_bytes.resize(1 << 20, 0x2e);
         std::fs::write(&disk, &disk_bytes).unwrap();
         let trace = dir.join("boot.rvt");
-        // Recorded on a busy machine, as users record: a busy loop per core competes with the vCPU.
-        let hogs = Hogs::start(1);
+        // Recorded on a busy machine, as users record: the SMP test records and replays Linux beside it
+        // (tests/load.rs records small guests under CPU hogs).
         let record = rv(&[
             "record",
             "--kernel",
@@ -88,7 +88,6 @@ fn session() -> &'static Session {
             "-o",
             trace.to_str().unwrap(),
         ]);
-        drop(hogs);
         Session {
             trace,
             record,
@@ -99,7 +98,7 @@ fn session() -> &'static Session {
 }
 
 #[test]
-fn a_linux_session_records_and_replays_exactly_three_times() {
+fn a_linux_session_records_and_replays_exactly() {
     let s = session();
     let out = text(&s.record.stdout);
     assert_eq!(status(&s.record), 7, "{}\n{out}", text(&s.record.stderr));
@@ -121,39 +120,57 @@ fn a_linux_session_records_and_replays_exactly_three_times() {
     let info = text(&rv(&["info", s.trace.to_str().unwrap()]).stdout);
     assert!(info.contains("initrd:"), "{info}");
     assert!(info.contains("host_value"), "{info}");
-    // Three replays at once, on a machine they keep busy: identical output and status every time, and
-    // every checkpoint's state (CPU, devices, memory) equal to the recorded one.
-    let replays: Vec<_> = (0..3)
-        .map(|_| {
-            let trace = s.trace.clone();
-            std::thread::spawn(move || replay(&trace, &[]))
-        })
-        .collect();
-    for r in replays {
-        let r = r.join().unwrap();
-        assert_eq!(status(&r), 7, "{}", text(&r.stderr));
-        assert_eq!(r.stdout, s.record.stdout, "replay output differs");
-        assert!(
-            text(&r.stderr).contains("replay matched the recording"),
-            "{}",
-            text(&r.stderr)
-        );
-    }
+    // A replay: identical output and status, and every checkpoint's state (CPU, devices, memory) equal
+    // to the recorded one. (The SMP test below runs three at once.)
+    let r = replay(&s.trace, &[]);
+    assert_eq!(status(&r), 7, "{}", text(&r.stderr));
+    assert_eq!(r.stdout, s.record.stdout, "replay output differs");
+    assert!(
+        text(&r.stderr).contains("replay matched the recording"),
+        "{}",
+        text(&r.stderr)
+    );
     // The guest wrote its disk, but only the overlay: the image is as the test made it.
     assert_eq!(std::fs::read(&s.disk).unwrap(), s.disk_bytes);
 }
 
+/// gdb on the kernel's own source, with Linux's own gdb scripts (scripts/gdb, CONFIG_GDB_SCRIPTS) loaded:
+/// `lx-dmesg` is a time-travel dmesg (the log as of the position: longer later in the boot, the same
+/// again back at the early position), `$lx_current()` and `lx-ps` name the tasks; then the planted
+/// overrun is found backwards from where it is seen, on its kernel source line.
 #[test]
-fn gdb_finds_the_planted_overrun_on_its_kernel_source_line() {
+fn gdb_with_the_kernels_scripts_reads_the_log_at_any_position_and_finds_the_planted_overrun() {
     let s = session();
     assert_eq!(status(&s.record), 7, "{}", text(&s.record.stderr));
     let (vmlinux, _) = linux();
+    let src = vmlinux.parent().unwrap().join("src");
     let server = GdbServer::start(&s.trace, &[]);
-    // Where the damage is seen, then back to the store that did it.
     let out = gdb_batch(
         server.port,
         vmlinux,
         &[
+            &format!("add-auto-load-safe-path {}", src.display()),
+            &format!("source {}", src.join("vmlinux-gdb.py").display()),
+            // Early in the boot: the initcall that creates /proc/rv_demo.
+            "break proc_version_init",
+            "continue",
+            "echo ==early==\\n",
+            "lx-dmesg",
+            // Late in the boot: /init about to start.
+            "echo ==late==\\n",
+            "delete",
+            "break kernel_execve",
+            "continue",
+            "lx-dmesg",
+            // Back to the early position: the log is as it was there.
+            "echo ==again==\\n",
+            "delete",
+            "break proc_version_init",
+            "reverse-continue",
+            "lx-dmesg",
+            "echo ==bug==\\n",
+            // Where the damage is seen, then back to the store that did it.
+            "delete",
             "break rv_demo_show",
             "continue",
             "print/x rv_demo.budget",
@@ -161,31 +178,108 @@ fn gdb_finds_the_planted_overrun_on_its_kernel_source_line() {
             "reverse-continue",
             "bt 3",
             "info line *$pc",
+            // The task that made the store, and every task, as of then.
+            "echo ==current==\\n",
+            "print $lx_current().comm",
+            "echo ==ps==\\n",
+            "lx-ps",
+            "echo ==finish==\\n",
             // Backwards through kernel source: out of the write handler, to its caller's line.
             "delete",
             "reverse-finish",
             "info line *$pc",
         ],
     );
+    let part = |from: &str, to: &str| -> String {
+        let start = out
+            .find(from)
+            .unwrap_or_else(|| panic!("no {from} in:\n{out}\n{}", server.stderr()));
+        let rest = &out[start + from.len()..];
+        rest[..rest.find(to).unwrap_or(rest.len())].to_string()
+    };
+    // lx-dmesg's lines, without gdb's own (breakpoint reports and the like, which have no timestamp).
+    let log = |text: String| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with('['))
+            .map(str::to_string)
+            .collect()
+    };
+    let early = log(part("==early==", "==late=="));
+    let late = log(part("==late==", "==again=="));
+    let again = log(part("==again==", "==bug=="));
+    assert!(
+        early.iter().any(|l| l.contains("Linux version 6.1")),
+        "the early log lacks the banner:\n{out}"
+    );
+    assert!(
+        late.len() > early.len() && late.starts_with(&early),
+        "the later log does not extend the earlier one:\n{out}"
+    );
+    assert!(late.iter().any(|l| l.contains("Run /init")), "{out}");
+    assert_eq!(
+        again, early,
+        "after reverse-continue the log is the early one again:\n{out}"
+    );
+
+    let bug = part("==bug==", "==current==");
     assert!(
         // (Two locations: the function and a copy the compiler inlined.)
-        out.contains("Breakpoint 1.1, rv_demo_show") || out.contains("Breakpoint 1, rv_demo_show"),
+        bug.contains("Breakpoint 4.1, rv_demo_show") || bug.contains("Breakpoint 4, rv_demo_show"),
         "the breakpoint in kernel text was not hit:\n{out}\n{}",
         server.stderr()
     );
-    assert!(out.contains("Old value = "), "{out}");
-    assert!(out.contains("New value = "), "{out}");
+    assert!(bug.contains("Old value = "), "{out}");
+    assert!(bug.contains("New value = "), "{out}");
     // The store is the copy loop of the write handler, in fs/proc/version.c.
     let source = patched_source_line("rv_demo.name[i] = scratch[i]");
     assert!(
-        out.contains(&format!("Line {source} of \"fs/proc/version.c\"")),
+        bug.contains(&format!("Line {source} of \"fs/proc/version.c\"")),
         "not stopped on the store (line {source}):\n{out}"
     );
-    assert!(out.contains("rv_demo_write"), "{out}");
+    assert!(bug.contains("rv_demo_write"), "{out}");
     assert!(
-        out.contains("of \"fs/proc/inode.c\""),
+        part("==current==", "==ps==").contains("\"init\""),
+        "$lx_current() is not /init at its write:\n{out}"
+    );
+    let ps = part("==ps==", "==finish==");
+    assert!(ps.contains("swapper") && ps.contains("init"), "{ps}");
+    assert!(
+        part("==finish==", "\u{0}").contains("of \"fs/proc/inode.c\""),
         "reverse-finish did not reach the caller in fs/proc/inode.c:\n{out}"
     );
+}
+
+/// `calls` over the whole session: the one write to /proc/rv_demo, with its length and return value.
+/// (gdb's `monitor calls`, the same search, is tested on a small guest in tests/calls.rs.)
+#[test]
+fn calls_lists_the_write_to_proc_rv_demo_with_its_length_and_result() {
+    let s = session();
+    assert_eq!(status(&s.record), 7, "{}", text(&s.record.stderr));
+    let out = rv(&[
+        "calls",
+        s.trace.to_str().unwrap(),
+        "rv_demo_write",
+        "--json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", text(&out.stderr));
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = listing["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["file", "buf", "count", "ppos"], "{listing}");
+    let calls = listing["calls"].as_array().unwrap();
+    assert_eq!(
+        calls.len(),
+        1,
+        "one `write /proc/rv_demo` in the session: {listing}"
+    );
+    let length = "retrovisor-demo-overrun".len() as u64;
+    assert_eq!(calls[0]["abi"], "x86-64 System V");
+    assert_eq!(calls[0]["args"][2]["value"], length, "{listing}");
+    assert_eq!(calls[0]["returned"]["value"], length, "{listing}");
 }
 
 /// The line of fs/proc/version.c, as the demo patch makes it, that contains `needle`.
@@ -260,7 +354,7 @@ const APPEND_SMP: &str = "console=ttyS0 panic=-1";
 
 /// Boots the test kernel on two vCPUs with its local APICs and the IOAPIC (found through the MP table)
 /// and runs a short session; the recording replays exactly, three replays at once. It records while the
-/// other Linux tests record and replay their session beside it (with a hog of their own): load enough.
+/// other Linux tests record and replay their session beside it: load enough.
 #[test]
 fn the_kernel_boots_two_cpus_with_apics_on_and_its_recording_replays_three_at_once() {
     let (vmlinux, initramfs) = linux();
@@ -295,6 +389,12 @@ fn the_kernel_boots_two_cpus_with_apics_on_and_its_recording_replays_three_at_on
         "/proc/stat shows no second CPU: {out}"
     );
     assert!(out.contains("LOC"), "no local APIC timer interrupts: {out}");
+    // Linux checks the APIC timer it calibrated against the PIT's ticks, and falls back to the PIT if
+    // the two disagree: ticks delivered late and merged would make them disagree.
+    assert!(
+        !out.contains("APIC timer disabled"),
+        "Linux does not use the local APIC timer: {out}"
+    );
     let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
     assert!(info.contains("apic_timer"), "{info}");
     assert_replays_at_once(&trace, &record, 3);

@@ -5,5 +5,6 @@
 pub mod elf;
 pub mod loader;
 pub mod mptable;
+pub mod params;
 pub mod pvh;
 pub mod symbols;

@@ -21,6 +21,7 @@
 //!   re-read registers and memory, and whose `source` line the server prints when it starts.
 
 mod arch;
+pub mod calls;
 mod console;
 mod recover;
 pub mod script;
@@ -146,14 +147,14 @@ pub fn serve(timeline: Timeline, opts: &GdbOptions, out: Box<dyn Write>) -> Resu
     };
     if x86_64 {
         serve_as::<X86_64>(
-            ReplayTarget::new(timeline, out, symbols),
+            ReplayTarget::new(timeline, out, symbols, image.clone()),
             &listener,
             &image,
             hint,
         )
     } else {
         serve_as::<I386>(
-            ReplayTarget::new(timeline, out, symbols),
+            ReplayTarget::new(timeline, out, symbols, image.clone()),
             &listener,
             &image,
             hint,

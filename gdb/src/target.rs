@@ -35,11 +35,14 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::marker::PhantomData;
 use std::net::TcpStream;
+use std::path::PathBuf;
 
 /// Largest watched range: every watched byte is compared at every step, so keep that cheap.
 const MAX_WATCH_LEN: u64 = 4096;
 /// Most changes `monitor history` lists.
 const HISTORY_LIMIT: usize = 200;
+/// Most calls `monitor calls` lists unless told otherwise.
+const CALLS_LIMIT: usize = 100;
 /// How often a long monitor command writes something, so that gdb does not time out on it.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(700);
 
@@ -65,6 +68,11 @@ retrovisor monitor commands:
                       guest image) over the whole recording: position, rip, function, old -> new
   monitor history-page ADDR
                       the checkpoint intervals in which the page holding ADDR was written
+  monitor calls FUNCTION [LIMIT]
+                      every call of FUNCTION (a name in the guest image, or 0x1234) over the whole
+                      recording, in order, at most LIMIT (default 100): position, vCPU, arguments (named
+                      from the image's DWARF), return value and where it returned; rv-seek goes to any
+                      of those positions. Ctrl-C stops it
   monitor help        this list
 The gdb command file whose `source` line retrovisor printed when it started (`retrovisor gdb-script`
 prints it too) defines rv-seek P (move and refresh gdb), rv-when and rv-help.";
@@ -109,6 +117,9 @@ pub(crate) struct ReplayTarget<A> {
     resume: Option<Resume>,
     /// The guest image's symbols, to name addresses in `monitor history`.
     symbols: Symbols,
+    /// The guest image gdb debugs (the ELF64 build of a 32-bit container), whose DWARF `monitor calls`
+    /// reads when asked.
+    image: PathBuf,
     /// The session's connection, to notice a Ctrl-C during a long monitor command.
     peer: Option<TcpStream>,
     /// Why writes are refused, for gdb's console at the next chance (see [`ReplayTarget::refuse_write`]).
@@ -144,8 +155,14 @@ impl Resume {
 
 impl<A: GuestArch> ReplayTarget<A> {
     /// `timeline` at its current position, with guest serial output going to `out`.
-    pub(crate) fn new(timeline: Timeline, out: Box<dyn Write>, symbols: Symbols) -> Self {
+    pub(crate) fn new(
+        timeline: Timeline,
+        out: Box<dyn Write>,
+        symbols: Symbols,
+        image: PathBuf,
+    ) -> Self {
         ReplayTarget {
+            image,
             timeline,
             out,
             sw: BTreeSet::new(),
@@ -198,30 +215,15 @@ impl<A: GuestArch> ReplayTarget<A> {
             );
             return Ok(());
         };
-        // gdb gives up on a command that stays silent for its remote timeout (2 s by default): a dot now
-        // and then tells it the search goes on. A Ctrl-C from gdb stops it.
-        let peer = self.peer.as_ref().and_then(|p| p.try_clone().ok());
-        let mut last_word = std::time::Instant::now();
-        let mut dots = false;
-        let mut still_searching = || {
-            if last_word.elapsed() >= KEEPALIVE {
-                output!(out, ".");
-                out.flush();
-                last_word = std::time::Instant::now();
-                dots = true;
-            }
-            peer.as_ref().is_some_and(peeked)
-        };
+        let mut alive = Keepalive::new(self.peer.as_ref());
         let (changes, end) = search::history(
             &mut self.timeline,
             (addr, len),
             HISTORY_LIMIT,
             &mut *self.out,
-            &mut still_searching,
+            &mut || alive.interrupted(out),
         )?;
-        if dots {
-            outputln!(out);
-        }
+        alive.finish(out);
         outputln!(
             out,
             "{} change(s) of {len} byte(s) at {addr:#x}:",
@@ -251,6 +253,64 @@ impl<A: GuestArch> ReplayTarget<A> {
                 );
             }
             search::HistoryEnd::Interrupted => outputln!(out, "(interrupted)"),
+        }
+        Ok(())
+    }
+
+    /// `monitor calls`: every call of a function over the recording.
+    fn calls(
+        &mut self,
+        function: &str,
+        limit: Option<&str>,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<(), SearchError> {
+        let limit = match limit.map(parse_number) {
+            None => CALLS_LIMIT,
+            Some(Some(n)) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(_) => {
+                outputln!(
+                    out,
+                    "monitor calls: the limit must be a number of calls, at least 1 (default {CALLS_LIMIT})"
+                );
+                return Ok(());
+            }
+        };
+        let image = match std::fs::read(&self.image) {
+            Ok(image) => image,
+            Err(e) => {
+                outputln!(
+                    out,
+                    "monitor calls: cannot read the guest image {}: {e}",
+                    self.image.display()
+                );
+                return Ok(());
+            }
+        };
+        let f = match crate::calls::Function::find(&image, &self.symbols, function) {
+            Ok(f) => f,
+            Err(e) => {
+                outputln!(out, "monitor calls: {e}");
+                return Ok(());
+            }
+        };
+        let mut alive = Keepalive::new(self.peer.as_ref());
+        let (calls, end) = replayer::timeline::calls::calls(
+            &mut self.timeline,
+            &f.query(limit),
+            &mut *self.out,
+            &mut |_| alive.interrupted(out),
+        )?;
+        alive.finish(out);
+        outputln!(out, "{}", crate::calls::heading(&f, &calls));
+        for (i, call) in calls.iter().enumerate() {
+            outputln!(
+                out,
+                "  {}",
+                crate::calls::describe(&f, self.timeline.replay(), i + 1, call)
+            );
+        }
+        if let Some(line) = crate::calls::ending(end, limit) {
+            outputln!(out, "{line}");
         }
         Ok(())
     }
@@ -444,6 +504,8 @@ impl<A: GuestArch> ReplayTarget<A> {
             ["rv-seek", rest @ ..] => self.monitor_seek(&rest.join(" "), false, out)?,
             ["history", what, len] => self.history(what, len, out)?,
             ["history-page", page] => self.history_page(page, out)?,
+            ["calls", function] => self.calls(function, None, out)?,
+            ["calls", function, limit] => self.calls(function, Some(limit), out)?,
             [] | ["help"] => outputln!(out, "{MONITOR_HELP}"),
             _ => outputln!(out, "unknown monitor command {cmd:?}\n{MONITOR_HELP}"),
         }
@@ -514,7 +576,10 @@ impl<A: GuestArch> ReplayTarget<A> {
 
 /// Whether gdb sent something (a Ctrl-C) while a monitor command runs: peeks, leaving it to be read.
 fn peeked(peer: &TcpStream) -> bool {
-    matches!(recv_now(peer, &mut [0], libc::MSG_PEEK), Ok(Some(1)))
+    // Only an interrupt: gdb also sends a `-` (asking for a packet again) when a monitor command has kept
+    // it waiting longer than its remote timeout, which is no request to stop.
+    let mut byte = [0];
+    matches!(recv_now(peer, &mut byte, libc::MSG_PEEK), Ok(Some(1))) && byte[0] == 0x03
 }
 
 /// Bytes as a little-endian hex number (what a variable of that size holds).
@@ -921,5 +986,42 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
             tid: target.running_thread(),
             signal: Signal::SIGINT,
         }))
+    }
+}
+
+/// What keeps gdb waiting through a long monitor command: gdb gives up on one that stays silent for its
+/// remote timeout (2 s by default), so a dot now and then tells it the search goes on; and a Ctrl-C from
+/// gdb (a byte on the connection) stops the search.
+struct Keepalive {
+    peer: Option<TcpStream>,
+    last_word: std::time::Instant,
+    dots: bool,
+}
+
+impl Keepalive {
+    fn new(peer: Option<&TcpStream>) -> Self {
+        Keepalive {
+            peer: peer.and_then(|p| p.try_clone().ok()),
+            last_word: std::time::Instant::now(),
+            dots: false,
+        }
+    }
+
+    /// Called now and then by the search: a dot if gdb has heard nothing for a while; whether to stop.
+    fn interrupted(&mut self, out: &mut ConsoleOutput<'_>) -> bool {
+        if self.last_word.elapsed() >= KEEPALIVE {
+            output!(out, ".");
+            out.flush();
+            self.last_word = std::time::Instant::now();
+            self.dots = true;
+        }
+        self.peer.as_ref().is_some_and(peeked)
+    }
+
+    /// Ends the line of dots, if any.
+    fn finish(self, out: &mut ConsoleOutput<'_>) {
+        if self.dots {
+            outputln!(out);
+        }
     }
 }

@@ -120,11 +120,18 @@ extern "C" fn request_stop(_: libc::c_int) {
     STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
 
-fn install_stop_handlers() {
+/// Makes SIGINT and SIGTERM request a clean stop (see [`stop_requested`]) instead of killing the process:
+/// a recording ends at the next instruction boundary, a search where it is.
+pub fn install_stop_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, request_stop as *const () as libc::sighandler_t) };
     }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`install_stop_handlers`].
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
 }
 
 /// Version of this tool, stored in trace headers.

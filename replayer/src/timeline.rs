@@ -9,6 +9,7 @@
 //! [`Timeline::seek`] and [`Timeline::step`] alone, and know which intervals they may skip from what
 //! the trace's checkpoints list as written and what earlier free runs found clear.
 
+pub mod calls;
 pub mod search;
 mod snapshots;
 

@@ -11,6 +11,7 @@
 #   initramfs.cpio         /init, /dev/console, /proc; not compressed: gunzip in the guest's ring 0 costs
 #                          seconds on a PVM host, where ring-0 code is emulated
 #   init                   the static /init, stripped
+#   src/vmlinux-gdb.py     the kernel's gdb scripts (lx-dmesg, lx-ps, ...), in the source tree they need
 # The outputs are cached: OUT/key holds a hash of every input (this script included), and a build whose
 # key matches does nothing. Building takes about 4 CPU-minutes (2-3 minutes on two cores) plus ~30 s to
 # unpack the source. Concurrent callers wait for each other (flock on OUT/.lock).
@@ -86,6 +87,9 @@ if ! kernel_ok; then
     # vmlinux builds usr/gen_init_cpio too (for the built-in initramfs), which packs ours below.
     make -C "$src" -s -j"$jobs" vmlinux
     [ -x "$src/usr/gen_init_cpio" ] || die "the kernel build did not produce usr/gen_init_cpio"
+    # The kernel's gdb scripts: vmlinux-gdb.py and scripts/gdb/linux/constants.py, in the tree.
+    make -C "$src" -s scripts_gdb
+    [ -e "$src/vmlinux-gdb.py" ] || die "make scripts_gdb did not produce vmlinux-gdb.py"
 
     cp "$src/vmlinux" "$out/vmlinux.tmp"
     mv "$out/vmlinux.tmp" "$out/vmlinux"

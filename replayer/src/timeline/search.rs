@@ -276,7 +276,11 @@ fn step_checked(
 }
 
 /// Moves to exactly `target`, which must lie within the recording.
-fn seek_exact(t: &mut Timeline, target: Position, out: &mut dyn Write) -> Result<(), SearchError> {
+pub(super) fn seek_exact(
+    t: &mut Timeline,
+    target: Position,
+    out: &mut dyn Write,
+) -> Result<(), SearchError> {
     t.seek(target, out)?;
     if t.position() != target {
         return Err(SearchError::Unreachable {
