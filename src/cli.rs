@@ -567,6 +567,7 @@ fn record(
             // Only the VMM can show this host's guests a CPU other than the host's (see answer_cpuid).
             answer_cpuid: g.cpu == CpuArg::Portable,
             cpus: usize::from(g.cpus),
+            cold_checkpoints: true,
         },
         trace: trace.clone(),
         serial_input: serial_input(g.serial_input.as_deref())?,

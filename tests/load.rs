@@ -94,6 +94,7 @@ fn whether_an_interrupt_can_be_taken_follows_from_the_state_alone() {
         answer_cpuid: true,
         trap_host_insns: true,
         cpus: 1,
+        cold_checkpoints: true,
     };
     let mut m = Machine::new(&config, &image).unwrap();
     m.set_clock(Clock::Landmark).unwrap();

@@ -102,6 +102,9 @@ impl Machine {
     pub fn mark_checkpoint(&mut self) -> Result<(), MachineError> {
         self.collect_dirty()?;
         self.dirty_since_mark.fill(0);
+        if self.cold_checkpoints() {
+            self.reset_mmu()?;
+        }
         Ok(())
     }
 

@@ -90,6 +90,9 @@ impl Machine {
         let state = self.state_blob()?;
         let dirty = self.take_dirty_pages()?;
         self.dirty_since_mark.fill(0);
+        if self.cold_checkpoints() {
+            self.reset_mmu()?;
+        }
         let pages = if full {
             (0..self.mem.pages() as u64)
                 .filter(|&pfn| self.mem.page(pfn as usize).iter().any(|&b| b != 0))
@@ -303,6 +306,7 @@ impl Machine {
         self.restore_state(state)?;
         self.take_dirty_pages()?;
         self.dirty_since_mark.fill(0);
+        self.reset_mmu()?;
         Ok(())
     }
 }

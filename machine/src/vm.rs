@@ -133,6 +133,12 @@ pub struct MachineConfig {
     /// IOAPIC, and runs its vCPUs one at a time (see [`crate::smp`]); with one it is the uniprocessor PC
     /// without an APIC that earlier traces were recorded on.
     pub cpus: usize,
+    /// Drop KVM's cached translations (its shadow page tables) at every checkpoint, as a restore must:
+    /// PVM writes guest memory when it fills them (the same bytes, but the pages count as written), so
+    /// a run that restored a checkpoint, which starts with none, and the recording, which had them warm,
+    /// would digest different pages at the kicks after it. Recordings made since then say so in their
+    /// trace header (`cold_checkpoints`), and their replays do it too.
+    pub cold_checkpoints: bool,
 }
 
 /// The most vCPUs a machine has.
@@ -160,6 +166,8 @@ pub enum Step {
 pub struct Machine {
     pub(crate) _kvm: Kvm,
     pub(crate) vm: VmFd,
+    /// See [`MachineConfig::cold_checkpoints`].
+    cold_checkpoints: bool,
     /// The vCPU that runs now.
     pub(crate) cpu: Vcpu,
     /// The others, by index (None at the running one's): see [`crate::smp`].
@@ -345,6 +353,7 @@ impl Machine {
         let devices = Devices::with_disks(mem.size(), &config.disks);
         let (pages, bitmap_words) = (mem.pages(), mem.pages().div_ceil(64));
         let mut machine = Machine {
+            cold_checkpoints: config.cold_checkpoints,
             _kvm: kvm,
             vm,
             cpu,
@@ -379,6 +388,34 @@ impl Machine {
     /// Instructions retired since boot.
     pub fn icount(&self) -> u64 {
         self.icount
+    }
+
+    /// Drops every translation KVM caches for the guest (its shadow page tables), by removing guest RAM's
+    /// memory slot and adding it again: after RAM was rewritten from here (a restore), KVM would otherwise
+    /// go on using translations of page tables that no longer hold what it read. The dirty log is read
+    /// first (a new slot's starts clean), so no write goes unseen.
+    pub fn reset_mmu(&mut self) -> Result<(), MachineError> {
+        self.collect_dirty()?;
+        let mut region = kvm_userspace_memory_region {
+            slot: MEM_SLOT,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: self.mem.host_addr(),
+        };
+        // SAFETY: a slot of size 0 deletes the slot; nothing of our memory is handed over.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        region.memory_size = self.mem.size();
+        // SAFETY: as in `Machine::new`: the region is our mapping, which outlives the VM.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        Ok(())
+    }
+
+    /// Whether checkpoints drop KVM's cached translations (see [`MachineConfig::cold_checkpoints`]).
+    pub fn cold_checkpoints(&self) -> bool {
+        self.cold_checkpoints
     }
 
     /// Guest RIP.

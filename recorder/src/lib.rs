@@ -247,6 +247,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     }),
                 cpus: opts.machine.cpus,
                 chaos_seed: opts.chaos_seed,
+                cold_checkpoints: opts.machine.cold_checkpoints,
             };
             let mut w = TraceWriter::create(dir, &header)?;
             // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).

@@ -247,6 +247,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
         cpu: machine::CpuModel::Host,
         answer_cpuid: h.vmm_cpuid,
         cpus: h.cpus,
+        cold_checkpoints: h.cold_checkpoints,
     };
     let mut machine = Machine::new(&config, image)?;
     if h.format_version == 1 {
@@ -544,6 +545,8 @@ impl Replayer {
             self.machine.restore_page(pfn, data)?;
         }
         self.machine.restore_state(&resume.state)?;
+        // RAM was rewritten under KVM's cached translations.
+        self.machine.reset_mmu()?;
         self.machine
             .set_dirty_since_checkpoint(&resume.dirty_since_checkpoint);
         self.after_restore(resume.at);

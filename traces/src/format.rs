@@ -320,6 +320,10 @@ pub struct Header {
     /// the schedule it drew is in the events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chaos_seed: Option<u64>,
+    /// The recorder dropped KVM's cached translations at every checkpoint, so replay must too (absent
+    /// in traces recorded before: their replays do not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold_checkpoints: bool,
 }
 
 fn one_cpu() -> usize {

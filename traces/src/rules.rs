@@ -259,6 +259,7 @@ mod tests {
             vmm_cpuid: false,
             recorded_on: None,
             cpus: 1,
+            cold_checkpoints: false,
             chaos_seed: None,
         }
     }

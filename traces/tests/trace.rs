@@ -64,6 +64,7 @@ fn header() -> Header {
         cpu_model: "host".into(),
         recorded_on: None,
         cpus: 1,
+        cold_checkpoints: false,
         chaos_seed: None,
         vmm_cpuid: false,
         cpuid: Vec::new(),
