@@ -26,7 +26,7 @@ pub struct CallsArgs {
     /// Replay a landmark trace with another clock: `step` single-steps the whole recording (slow; the same
     /// calls, at instruction counts, which is the check that the search skips nothing).
     #[arg(long, value_enum)]
-    clock: Option<crate::cli::ClockArg>,
+    clock: Option<crate::clock_arg::ClockArg>,
     /// Guest image to replay with instead of the path stored in the trace (its hash must match).
     #[arg(long, value_name = "ELF")]
     kernel: Option<PathBuf>,

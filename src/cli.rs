@@ -1,5 +1,6 @@
 //! The command line: argument parsing, friendly errors and exit statuses.
 
+use crate::clock_arg::ClockArg;
 use crate::words::{describe_stop, say};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -158,24 +159,6 @@ struct RunArgs {
     /// exits, halts, triple-faults or is stopped with Ctrl-C). Without it, images are never modified.
     #[arg(long)]
     disk_writeback: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum ClockArg {
-    /// Run free between the guest's own exits ("landmarks"), at the host's speed; host time only.
-    #[value(alias = "free")]
-    Landmark,
-    /// Single-step every instruction: exact instruction counts on any KVM, about 10x slower here.
-    Step,
-}
-
-impl ClockArg {
-    pub(crate) fn clock(self) -> machine::Clock {
-        match self {
-            ClockArg::Landmark => machine::Clock::Landmark,
-            ClockArg::Step => machine::Clock::Step,
-        }
-    }
 }
 
 #[derive(Args)]

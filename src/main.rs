@@ -2,6 +2,7 @@
 
 mod calls;
 mod cli;
+mod clock_arg;
 mod doctor;
 mod timeline;
 mod words;

@@ -916,6 +916,11 @@ impl Replayer {
     }
 
     /// Tells the user, once per checkpoint, that checkpoint `index` cannot be read, and what that costs.
+    /// Adds a message for [`Replayer::take_notices`].
+    pub(crate) fn notice(&mut self, message: String) {
+        self.notices.push(message);
+    }
+
     fn note_unreadable(&mut self, index: usize, e: &traces::ReadError) {
         if self.unreadable.insert(index) {
             self.notices.push(format!(

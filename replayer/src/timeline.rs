@@ -125,6 +125,21 @@ impl Timeline {
         if here.is_none_or(|h| h < start) {
             if from_snapshot {
                 self.restore_snapshot(target)?;
+                match self.run_to(target, out) {
+                    Err(ReplayError::Divergence(d)) => {
+                        // An in-memory snapshot lies between checkpoints: restored, it starts with no
+                        // translations cached in KVM where the recording had them, and PVM's filling
+                        // them can write a page the recording's kick fingerprint did not count (see
+                        // `cold_checkpoints`). A checkpoint starts exactly as the recording did there.
+                        self.replay.notice(format!(
+                            "the replay from an in-memory snapshot at {} diverged ({d}); it started again \
+                             from the checkpoint before it",
+                            self.replay.show(start)
+                        ));
+                        self.restore_checkpoint(self.replay.checkpoint_before(target))?;
+                    }
+                    done => return done,
+                }
             } else {
                 self.restore_checkpoint(self.replay.checkpoint_before(target))?;
             }
