@@ -100,19 +100,11 @@ pub fn run(a: &CallsArgs) -> Result<i32, CallsCliError> {
     let text = if a.json {
         listing::json(&f, &found, end)
     } else {
-        let mut lines = vec![listing::heading(&f, &found)];
-        lines.extend(
-            found
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("  {}", listing::describe(&f, timeline.replay(), i + 1, c))),
-        );
-        lines.extend(listing::ending(end, limit));
-        lines.join("\n")
+        listing::text(&f, timeline.replay(), &found, end, limit).join("\n")
     };
     println_checked(&text)?;
     Ok(match end {
-        calls::CallsEnd::Interrupted => 130,
+        replayer::search::ListingEnd::Interrupted => 130,
         _ => 0,
     })
 }

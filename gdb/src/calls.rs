@@ -5,7 +5,8 @@
 
 use boot::params::{self, FunctionInfo};
 use boot::symbols::Symbols;
-use replayer::timeline::calls::{Abi, Call, CallQuery, CallsEnd};
+use replayer::search::ListingEnd;
+use replayer::timeline::calls::{Abi, Call, CallQuery};
 use replayer::Replayer;
 use serde::Serialize;
 use thiserror::Error;
@@ -35,10 +36,7 @@ pub struct Function {
 impl Function {
     /// The function `what` names in `image`: a symbol, or an address (`0x1234`, `*0x1234`).
     pub fn find(image: &[u8], symbols: &Symbols, what: &str) -> Result<Function, CallsError> {
-        let address = what.strip_prefix('*').unwrap_or(what);
-        let parsed = address
-            .strip_prefix("0x")
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        let parsed = crate::target::parse_number(what.strip_prefix('*').unwrap_or(what));
         let (name, entry) = match parsed {
             Some(a) => (
                 symbols
@@ -91,7 +89,7 @@ impl Function {
 }
 
 /// One call as a line of text: `#N  POSITION  vCPU c  name(a=0x.., b=0x..)  -> VALUE at POSITION`.
-pub fn describe(f: &Function, r: &Replayer, index: usize, call: &Call) -> String {
+fn describe(f: &Function, r: &Replayer, index: usize, call: &Call) -> String {
     let args: Vec<String> = call
         .args
         .iter()
@@ -131,7 +129,7 @@ pub fn describe(f: &Function, r: &Replayer, index: usize, call: &Call) -> String
 }
 
 /// The heading of a listing: the function, where it is, its convention and its parameters.
-pub fn heading(f: &Function, calls: &[Call]) -> String {
+fn heading(f: &Function, calls: &[Call]) -> String {
     let abi = calls.first().map_or("", |c| c.abi.name());
     let params: Vec<String> = f
         .info
@@ -160,14 +158,35 @@ pub fn heading(f: &Function, calls: &[Call]) -> String {
     )
 }
 
+/// The listing as lines of text: the heading, a line per call, and why it stopped short, if it did.
+pub fn text(
+    f: &Function,
+    r: &Replayer,
+    calls: &[Call],
+    end: ListingEnd,
+    limit: usize,
+) -> Vec<String> {
+    let mut lines = vec![heading(f, calls)];
+    lines.extend(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("  {}", describe(f, r, i + 1, c))),
+    );
+    lines.extend(ending(end, limit));
+    lines
+}
+
 /// The line that ends a listing that is not complete, if any.
-pub fn ending(end: CallsEnd, limit: usize) -> Option<String> {
+fn ending(end: ListingEnd, limit: usize) -> Option<String> {
     match end {
-        CallsEnd::Complete => None,
-        CallsEnd::Limit => Some(format!(
+        ListingEnd::Complete => None,
+        ListingEnd::Limit => Some(format!(
             "(stopped after {limit} calls; there may be more: give a larger limit)"
         )),
-        CallsEnd::Interrupted => Some("(interrupted: the calls before the stop are listed)".into()),
+        ListingEnd::Interrupted => {
+            Some("(interrupted: the calls before the stop are listed)".into())
+        }
     }
 }
 
@@ -214,7 +233,7 @@ struct JsonReturn {
 }
 
 /// The listing as one JSON document, for scripts.
-pub fn json(f: &Function, calls: &[Call], end: CallsEnd) -> String {
+pub fn json(f: &Function, calls: &[Call], end: ListingEnd) -> String {
     let listing = JsonListing {
         function: &f.name,
         entry: f.entry,
@@ -227,11 +246,11 @@ pub fn json(f: &Function, calls: &[Call], end: CallsEnd) -> String {
                 type_name: p.type_name.as_deref(),
             })
             .collect(),
-        complete: end == CallsEnd::Complete,
+        complete: end == ListingEnd::Complete,
         end: match end {
-            CallsEnd::Complete => "complete",
-            CallsEnd::Limit => "limit",
-            CallsEnd::Interrupted => "interrupted",
+            ListingEnd::Complete => "complete",
+            ListingEnd::Limit => "limit",
+            ListingEnd::Interrupted => "interrupted",
         },
         calls: calls
             .iter()

@@ -245,14 +245,14 @@ impl<A: GuestArch> ReplayTarget<A> {
             );
         }
         match end {
-            search::HistoryEnd::Complete => {}
-            search::HistoryEnd::Limit => {
+            search::ListingEnd::Complete => {}
+            search::ListingEnd::Limit => {
                 outputln!(
                     out,
                     "(stopped after {HISTORY_LIMIT} changes; there may be more)"
                 );
             }
-            search::HistoryEnd::Interrupted => outputln!(out, "(interrupted)"),
+            search::ListingEnd::Interrupted => outputln!(out, "(interrupted)"),
         }
         Ok(())
     }
@@ -301,15 +301,7 @@ impl<A: GuestArch> ReplayTarget<A> {
             &mut |_| alive.interrupted(out),
         )?;
         alive.finish(out);
-        outputln!(out, "{}", crate::calls::heading(&f, &calls));
-        for (i, call) in calls.iter().enumerate() {
-            outputln!(
-                out,
-                "  {}",
-                crate::calls::describe(&f, self.timeline.replay(), i + 1, call)
-            );
-        }
-        if let Some(line) = crate::calls::ending(end, limit) {
+        for line in crate::calls::text(&f, self.timeline.replay(), &calls, end, limit) {
             outputln!(out, "{line}");
         }
         Ok(())
@@ -589,7 +581,7 @@ fn hex_value(bytes: &[u8]) -> String {
 }
 
 /// A decimal or 0x-prefixed hexadecimal number.
-fn parse_number(s: &str) -> Option<u64> {
+pub(crate) fn parse_number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),

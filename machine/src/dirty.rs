@@ -100,11 +100,13 @@ impl Machine {
     /// Starts a new checkpoint interval for fingerprints: they digest the pages written since here. Record
     /// and replay call it at the same positions (every checkpoint), so their digests agree.
     pub fn mark_checkpoint(&mut self) -> Result<(), MachineError> {
-        self.collect_dirty()?;
-        self.dirty_since_mark.fill(0);
         if self.cold_checkpoints() {
+            // It reads the dirty log first.
             self.reset_mmu()?;
+        } else {
+            self.collect_dirty()?;
         }
+        self.dirty_since_mark.fill(0);
         Ok(())
     }
 

@@ -9,7 +9,9 @@
 //! tasks' calls apart, and a task that sleeps inside the call and returns on another vCPU is still
 //! matched, its stack being its own.
 
-use super::search::{run_forward, seek_exact, step_forward, Hit, Outcome, SearchError, StopSet};
+use super::search::{
+    run_forward, seek_exact, step_forward, Hit, ListingEnd, Outcome, SearchError, StopSet,
+};
 use super::Timeline;
 use machine::{arch, Machine};
 use std::collections::BTreeSet;
@@ -58,6 +60,11 @@ impl Abi {
             Abi::Regparm32 => "i386 regparm(3)",
             Abi::Raw16 => "16-bit (raw registers)",
         }
+    }
+
+    /// `value` cut to the mode's word (EAX of RAX, AX of RAX).
+    fn narrow(self, value: u64) -> u64 {
+        value & (u64::MAX >> (64 - 8 * self.word()))
     }
 
     /// Bytes of a return address (and of a stack slot).
@@ -113,17 +120,6 @@ pub struct Call {
     pub returned: Option<Return>,
 }
 
-/// How a listing ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallsEnd {
-    /// The whole recording was searched.
-    Complete,
-    /// The limit was reached: there may be more calls after the last one listed.
-    Limit,
-    /// The caller's callback asked to stop.
-    Interrupted,
-}
-
 /// Where a search is, for a progress line: the position of its last stop and the calls found so far.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -155,13 +151,6 @@ fn call_here(t: &Timeline, q: &CallQuery) -> Call {
         Abi::Cdecl32 => &[],
         Abi::Raw16 => &[r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi],
     };
-    let narrow = |v: u64| {
-        if word == 8 {
-            v
-        } else {
-            v & (u64::MAX >> (64 - 8 * word))
-        }
-    };
     let count = if abi == Abi::Raw16 {
         registers.len()
     } else {
@@ -169,7 +158,7 @@ fn call_here(t: &Timeline, q: &CallQuery) -> Call {
     };
     let args = (0..count)
         .map(|i| match registers.get(i) {
-            Some(&v) => Some(narrow(v)),
+            Some(&v) => Some(abi.narrow(v)),
             None => stack((i - registers.len()) as u64),
         })
         .collect();
@@ -219,14 +208,14 @@ fn step_to(
 }
 
 /// Every call of `q.entry` from the start of the recording, in order, with their returns. `poll` is
-/// called now and then with the progress; it returns true to stop the search ([`CallsEnd::Interrupted`]).
+/// called now and then with the progress; it returns true to stop the search ([`ListingEnd::Interrupted`]).
 /// The replay comes back to where it was.
 pub fn calls(
     t: &mut Timeline,
     q: &CallQuery,
     out: &mut dyn Write,
     poll: &mut dyn FnMut(Progress) -> bool,
-) -> Result<(Vec<Call>, CallsEnd), SearchError> {
+) -> Result<(Vec<Call>, ListingEnd), SearchError> {
     let here = t.position();
     let start = t
         .replay()
@@ -238,7 +227,7 @@ pub fn calls(
     let mut calls: Vec<Call> = Vec::new();
     // Indexes of the calls whose return is still looked for.
     let mut open: Vec<usize> = Vec::new();
-    let mut end = CallsEnd::Complete;
+    let mut end = ListingEnd::Complete;
     // The recording may start at the entry itself.
     if t.replay().machine().rip() == q.entry && q.limit > 0 {
         open.push(0);
@@ -247,7 +236,7 @@ pub fn calls(
     loop {
         let listing = calls.len() < q.limit;
         if !listing {
-            end = CallsEnd::Limit;
+            end = ListingEnd::Limit;
             if open.is_empty() {
                 break;
             }
@@ -278,7 +267,7 @@ pub fn calls(
                     calls[i].returned = Some(Return {
                         position: t.position(),
                         cpu: m.current_cpu(),
-                        value: m.regs().rax & (u64::MAX >> (64 - 8 * calls[i].abi.word())),
+                        value: calls[i].abi.narrow(m.regs().rax),
                     });
                     open.retain(|&j| j != i);
                 }
@@ -292,7 +281,7 @@ pub fn calls(
                 }
             }
             Outcome::Interrupted => {
-                end = CallsEnd::Interrupted;
+                end = ListingEnd::Interrupted;
                 break;
             }
             // The end of the recording (Done and Begin do not come from a forward run without a range).

@@ -571,12 +571,12 @@ pub struct Change {
     pub new: Vec<u8>,
 }
 
-/// How a [`history`] ended.
+/// How a search that lists what it finds over the whole recording ([`history`], `calls`) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HistoryEnd {
+pub enum ListingEnd {
     /// The whole recording was searched.
     Complete,
-    /// `limit` changes were found; there may be more.
+    /// The limit was reached: there may be more after the last one listed.
     Limit,
     /// The interrupt callback asked to stop.
     Interrupted,
@@ -593,7 +593,7 @@ pub fn history(
     limit: usize,
     out: &mut dyn Write,
     interrupted: &mut dyn FnMut() -> bool,
-) -> Result<(Vec<Change>, HistoryEnd), SearchError> {
+) -> Result<(Vec<Change>, ListingEnd), SearchError> {
     let here = t.position();
     let stops = StopSet {
         breakpoints: BTreeSet::new(),
@@ -605,7 +605,7 @@ pub fn history(
     };
     let pages = watched_page_list(t.replay().machine(), &stops);
     let mut changes = Vec::new();
-    let mut end = HistoryEnd::Complete;
+    let mut end = ListingEnd::Complete;
     let mut bounds = t.replay().checkpoint_positions().to_vec();
     bounds.push(t.replay().end());
     'intervals: for pair in bounds.windows(2) {
@@ -629,7 +629,7 @@ pub fn history(
                 let after = watched_bytes(t.replay().machine(), &stops);
                 if !t.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
                     if interrupted() {
-                        end = HistoryEnd::Interrupted;
+                        end = ListingEnd::Interrupted;
                         break 'intervals;
                     }
                     continue;
@@ -651,7 +651,7 @@ pub fn history(
                         new: new[0].clone().unwrap_or_default(),
                     });
                     if changes.len() >= limit {
-                        end = HistoryEnd::Limit;
+                        end = ListingEnd::Limit;
                         break 'intervals;
                     }
                 }
@@ -660,7 +660,7 @@ pub fn history(
                 }
             }
             if interrupted() {
-                end = HistoryEnd::Interrupted;
+                end = ListingEnd::Interrupted;
                 break 'intervals;
             }
         }
