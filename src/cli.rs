@@ -55,6 +55,12 @@ enum Command {
     /// answer `monitor calls` gives in gdb, for scripts (--json). Ctrl-C stops the search and prints
     /// what it found.
     Calls(crate::calls::CallsArgs),
+    /// Where two recordings of the same guest part: the first position where their guests differ, the
+    /// first input that differs in each (or, when none does, that the interleaving or an interrupt's
+    /// position differs), and the registers, devices and pages (with the symbols they hold) that differ
+    /// just after. Takes a few replays of each, from their checkpoints. Exits 0 when they do not part,
+    /// 1 when they do.
+    Diff(crate::diff::DiffArgs),
     /// Check this host: KVM usable and which kind, PMU, capabilities, measured step and free-run rates,
     /// clocks, quirks. Exits 2 with one line when retrovisor cannot run here.
     Doctor,
@@ -330,6 +336,8 @@ enum CliError {
     Doctor(#[from] crate::doctor::DoctorError),
     #[error(transparent)]
     Calls(#[from] crate::calls::CallsCliError),
+    #[error(transparent)]
+    Diff(#[from] crate::diff::DiffCliError),
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: Position, to: Position },
     #[error("--from {from} is past the end of the recording, which runs from {start} to {end}: give --from at most {last}")]
@@ -410,6 +418,7 @@ pub fn main() -> i32 {
         Command::Events(a) => events(&a),
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
         Command::Calls(a) => crate::calls::run(&a).map_err(CliError::from),
+        Command::Diff(a) => crate::diff::run(&a).map_err(CliError::from),
         Command::Doctor => crate::doctor::run().map_err(CliError::from),
         Command::GdbScript => std::io::stdout()
             .write_all(gdb::script::SCRIPT.as_bytes())
@@ -434,6 +443,12 @@ pub fn main() -> i32 {
                 )))
                 | CliError::Calls(crate::calls::CallsCliError::Search(
                     replayer::search::SearchError::Replay(ReplayError::Divergence(_)),
+                )) => EXIT_DIVERGENCE,
+                CliError::Diff(crate::diff::DiffCliError::Diff(
+                    replayer::diff::DiffError::Replay {
+                        source: ReplayError::Divergence(_),
+                        ..
+                    },
                 )) => EXIT_DIVERGENCE,
                 _ => EXIT_ERROR,
             }

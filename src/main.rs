@@ -3,6 +3,7 @@
 mod calls;
 mod cli;
 mod clock_arg;
+mod diff;
 mod doctor;
 mod timeline;
 mod words;

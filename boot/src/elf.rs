@@ -35,6 +35,8 @@ pub struct ProgramHeader {
     pub offset: u64,
     /// Physical load address.
     pub paddr: u64,
+    /// Virtual address (where the image's symbols place it).
+    pub vaddr: u64,
     /// Bytes in the file.
     pub filesz: u64,
     /// Bytes in memory (the rest is zeroed).
@@ -95,6 +97,7 @@ pub fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), ElfErr
             ProgramHeader {
                 ptype: u32_at(image, ph)?,
                 offset: u64_at(image, ph + 8)?,
+                vaddr: u64_at(image, ph + 16)?,
                 paddr: u64_at(image, ph + 24)?,
                 filesz: u64_at(image, ph + 32)?,
                 memsz: u64_at(image, ph + 40)?,
@@ -104,6 +107,7 @@ pub fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), ElfErr
             ProgramHeader {
                 ptype: u32_at(image, ph)?,
                 offset: f(4)?,
+                vaddr: f(8)?,
                 paddr: f(12)?,
                 filesz: f(16)?,
                 memsz: f(20)?,
@@ -111,6 +115,16 @@ pub fn program_headers(image: &[u8]) -> Result<(u64, Vec<ProgramHeader>), ElfErr
         });
     }
     Ok((entry, headers))
+}
+
+/// The virtual address at which `image`'s symbols see physical address `paddr`, if one of its loadable
+/// segments covers it (a kernel linked high, like Linux, loads at other physical addresses).
+pub fn virtual_address(image: &[u8], paddr: u64) -> Option<u64> {
+    let (_, headers) = program_headers(image).ok()?;
+    headers
+        .iter()
+        .find(|h| h.ptype == PT_LOAD && (h.paddr..h.paddr.saturating_add(h.memsz)).contains(&paddr))
+        .map(|h| h.vaddr.wrapping_add(paddr - h.paddr))
 }
 
 /// One ELF section header: the fields retrovisor reads.

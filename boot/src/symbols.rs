@@ -75,6 +75,16 @@ impl Symbols {
         (addr < start + (*size).max(1)).then(|| (name.as_str(), addr - start))
     }
 
+    /// The names of the symbols that overlap the addresses `start..end`, in address order.
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter(move |(addr, size, _)| {
+                *addr < end && addr.saturating_add((*size).max(1)) > start
+            })
+            .map(|(_, _, name)| name.as_str())
+    }
+
     /// The address and size of the symbol called `name`.
     pub fn find(&self, name: &str) -> Option<(u64, u64)> {
         self.entries

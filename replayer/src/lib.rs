@@ -5,6 +5,7 @@
 //! A [`Replayer`] goes forward only, checking the machine against the log; a [`Timeline`] drives one
 //! to any position, backward too, and owns the searches ([`search`]).
 
+pub mod diff;
 mod log;
 pub mod timeline;
 pub mod verify;
@@ -311,6 +312,11 @@ impl Replayer {
     /// The trace being replayed.
     pub fn trace(&self) -> &TraceReader {
         &self.trace
+    }
+
+    /// How many of the trace's events the replay has taken so far.
+    pub fn events_consumed(&self) -> usize {
+        self.host.cursor()
     }
 
     /// The machine, at the current position.
