@@ -250,6 +250,22 @@ struct ReplayArgs {
     /// are dropped first when it is full.
     #[arg(long, value_name = "MIB", default_value_t = replayer::DEFAULT_SNAPSHOT_MEMORY >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     snapshot_memory: u64,
+    /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
+    /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
+    /// going on from the guest's) instead of the recording's, to see what it does then. The trace is
+    /// not changed. Under gdb, `monitor go-live` does it at the position gdb stands at.
+    #[arg(long, conflicts_with = "gdb")]
+    go_live: bool,
+    /// Record the live run into this new trace directory (implies --go-live without --gdb; with --gdb,
+    /// where `monitor go-live` records): it starts from the state at the branch point, with whatever gdb
+    /// wrote before the live run's first instruction, replays on its own, and `info` names the trace and
+    /// position it branched from.
+    #[arg(long, value_name = "DIR")]
+    go_live_record: Option<PathBuf>,
+    /// Serial input of the live run: a file whose bytes the guest receives as fast as it takes them, or
+    /// `-` for standard input. Without it, input comes from the terminal when standard input is one.
+    #[arg(long, value_name = "FILE")]
+    serial_input: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -338,6 +354,12 @@ enum CliError {
     Calls(#[from] crate::calls::CallsCliError),
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffCliError),
+    #[error(transparent)]
+    Live(#[from] gdb::live::LiveError),
+    #[error("--serial-input is the input of a live run: give it with --go-live, --go-live-record or --gdb (a replay's input is the recording's)")]
+    SerialInputWithoutLive,
+    #[error("cannot go live at {at}: the guest had already stopped there ({stop:?})")]
+    GuestEnded { at: Shown, stop: traces::StopReason },
     #[error("--to {to} is before --from {from}: a replay runs forward, so --to must be at or after --from")]
     BackwardRange { from: Position, to: Position },
     #[error("--from {from} is past the end of the recording, which runs from {start} to {end}: give --from at most {last}")]
@@ -636,6 +658,10 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
+    let live = a.go_live || a.go_live_record.is_some();
+    if a.serial_input.is_some() && !live && a.gdb.is_none() {
+        return Err(CliError::SerialInputWithoutLive);
+    }
     if let Some(addr) = &a.gdb {
         return replay_under_gdb(a, addr);
     }
@@ -662,6 +688,9 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     warn_notices(r.take_notices());
     let halt = halt?;
     stdout.flush().ok();
+    if live {
+        return go_live(a, &r, &halt);
+    }
     // From boot to the clean end, the replayer has checked the checkpoints it passed and the whole output.
     if let (None, Halt::End(Some(_)), Some(s)) = (a.from, &halt, r.trace().summary()) {
         // A landmark trace replayed by stepping has counted its instructions on the way.
@@ -687,6 +716,55 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         Halt::End(Some(stop)) => recorder::exit_status(&stop),
         Halt::End(None) | Halt::Target => 0,
     })
+}
+
+/// `replay --go-live`: from where the replay stopped (`halt`), runs the guest live to its end, recorded
+/// into --go-live-record if given; exits with the guest's status.
+fn go_live(a: &ReplayArgs, r: &Replayer, halt: &Halt) -> Result<i32, CliError> {
+    if let Halt::End(Some(stop)) = halt {
+        if !matches!(
+            stop,
+            traces::StopReason::UserStop | traces::StopReason::InstructionLimit
+        ) {
+            return Err(CliError::GuestEnded {
+                at: r.show(r.position()),
+                stop: *stop,
+            });
+        }
+    }
+    let input = serial_input(a.serial_input.as_deref())?;
+    let from = r.show(r.position());
+    let mut session = gdb::live::start(r, &a.trace, input, a.go_live_record.as_deref())?;
+    say(format_args!(
+        "retrovisor: live from {from}: the guest runs on this host's inputs from here{}",
+        match &a.go_live_record {
+            Some(dir) => format!(", recorded into {}", dir.display()),
+            None => String::new(),
+        }
+    ));
+    recorder::install_stop_handlers();
+    let mut stdout = std::io::stdout().lock();
+    let stop = loop {
+        if let recorder::Pass::Stopped(stop) = session.pass(&mut stdout, false)? {
+            break stop;
+        }
+    };
+    let outcome = session.finish(stop)?;
+    stdout.flush().ok();
+    say(format_args!(
+        "retrovisor: the live run ended: {}{}",
+        describe_stop(&outcome.stop),
+        match &a.go_live_record {
+            Some(dir) => format!(
+                "; recorded into {} ({} checkpoints): `retrovisor replay {}` replays it",
+                dir.display(),
+                outcome.checkpoints,
+                dir.display()
+            ),
+            None => String::new(),
+        }
+    ));
+    Ok(recorder::exit_status(&outcome.stop))
 }
 
 /// `replay --gdb ADDR`: serves the replay to gdb on `addr`, which moves it backward as well as forward.
@@ -717,8 +795,13 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
         },
         trace: a.trace.clone(),
         image: a.kernel.clone(),
+        live: gdb::live::LiveSetup {
+            serial_input: Some(serial_input(a.serial_input.as_deref())?),
+            record: a.go_live_record.clone(),
+            trace: a.trace.clone(),
+        },
     };
-    gdb::serve(t, &opts, Box::new(std::io::stdout()))?;
+    gdb::serve(t, opts, Box::new(std::io::stdout()))?;
     Ok(0)
 }
 
@@ -850,6 +933,13 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         },
         h.machine.cmdline
     );
+    if let Some(b) = &h.branched_from {
+        println!(
+            "branched from: {} (recorded at {} s since the epoch) at {}, by going live there: it starts \
+             from that replay's state, not from boot",
+            b.trace, b.trace_created_unix_secs, b.position
+        );
+    }
     if let Some(seed) = h.chaos_seed {
         println!("chaos:         recorded in chaos mode with seed {seed} (`record --chaos --seed {seed}`)");
     }

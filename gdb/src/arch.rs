@@ -17,6 +17,9 @@ pub trait GuestArch: Arch<BreakpointKind = usize> {
     const NAME: &'static str;
     /// The registers of `machine` now, with `fpu` its x87/SSE state.
     fn registers(regs: &kvm_regs, sregs: &kvm_sregs, fpu: &kvm_fpu) -> Self::Registers;
+    /// Puts the general registers, instruction pointer and flags of `regs` (what gdb wrote) into `kvm`;
+    /// segment, x87 and SSE registers are not written.
+    fn set_general(regs: &Self::Registers, kvm: &mut kvm_regs);
     /// An address in gdb's width.
     fn to_gdb(addr: u64) -> Self::Usize;
     /// An address from gdb.
@@ -290,6 +293,16 @@ impl GuestArch for X86_64 {
         }
     }
 
+    fn set_general(regs: &Regs64, k: &mut kvm_regs) {
+        let r = &regs.core.regs;
+        [
+            k.rax, k.rbx, k.rcx, k.rdx, k.rsi, k.rdi, k.rbp, k.rsp, k.r8, k.r9, k.r10, k.r11,
+            k.r12, k.r13, k.r14, k.r15,
+        ] = *r;
+        k.rip = regs.core.rip;
+        k.rflags = k.rflags & !0xffff_ffff | u64::from(regs.core.eflags);
+    }
+
     fn to_gdb(addr: u64) -> u64 {
         addr
     }
@@ -320,6 +333,21 @@ impl GuestArch for I386 {
             xmm: xmm(fpu),
             mxcsr: fpu.mxcsr,
         }
+    }
+
+    fn set_general(r: &X86CoreRegs, k: &mut kvm_regs) {
+        // A 32-bit guest's registers: the upper halves stay as they are.
+        let low = |reg: &mut u64, v: u32| *reg = *reg & !0xffff_ffff | u64::from(v);
+        low(&mut k.rax, r.eax);
+        low(&mut k.rcx, r.ecx);
+        low(&mut k.rdx, r.edx);
+        low(&mut k.rbx, r.ebx);
+        low(&mut k.rsp, r.esp);
+        low(&mut k.rbp, r.ebp);
+        low(&mut k.rsi, r.esi);
+        low(&mut k.rdi, r.edi);
+        low(&mut k.rip, r.eip);
+        low(&mut k.rflags, r.eflags);
     }
 
     fn to_gdb(addr: u64) -> u32 {

@@ -23,6 +23,7 @@
 mod arch;
 pub mod calls;
 mod console;
+pub mod live;
 mod recover;
 pub mod script;
 mod target;
@@ -106,7 +107,6 @@ pub enum ArchChoice {
 }
 
 /// How to serve gdb.
-#[derive(Debug, Clone)]
 pub struct GdbOptions {
     /// Where to listen: `HOST:PORT`, `:PORT` or `PORT` (the last two on 127.0.0.1). Port 0 picks a free port,
     /// which the announcement on stderr names.
@@ -119,11 +119,19 @@ pub struct GdbOptions {
     pub trace: PathBuf,
     /// The guest image, if not the path the trace names.
     pub image: Option<PathBuf>,
+    /// What `monitor go-live` takes.
+    pub live: live::LiveSetup,
 }
 
 /// Serves `timeline` to gdb from its current position until gdb detaches or kills it. Guest serial output
 /// produced while gdb runs the guest goes to `out` (each piece once, even when execution goes back over it).
-pub fn serve(timeline: Timeline, opts: &GdbOptions, out: Box<dyn Write>) -> Result<(), GdbError> {
+pub fn serve(
+    timeline: Timeline,
+    mut opts: GdbOptions,
+    out: Box<dyn Write>,
+) -> Result<(), GdbError> {
+    let live = std::mem::take(&mut opts.live);
+    let opts = &opts;
     let addrs = resolve(&opts.addr, opts.allow_remote)?;
     let image = opts
         .image
@@ -147,14 +155,14 @@ pub fn serve(timeline: Timeline, opts: &GdbOptions, out: Box<dyn Write>) -> Resu
     };
     if x86_64 {
         serve_as::<X86_64>(
-            ReplayTarget::new(timeline, out, symbols, image.clone()),
+            ReplayTarget::new(timeline, out, symbols, image.clone(), live),
             &listener,
             &image,
             hint,
         )
     } else {
         serve_as::<I386>(
-            ReplayTarget::new(timeline, out, symbols, image.clone()),
+            ReplayTarget::new(timeline, out, symbols, image.clone(), live),
             &listener,
             &image,
             hint,
@@ -233,6 +241,19 @@ fn serve_as<A: GuestArch>(
     image: &Path,
     hint: &str,
 ) -> Result<(), GdbError> {
+    let served = serve_sessions(&mut target, listener, image, hint);
+    // A live run still going when the server ends is ended as if stopped, so its trace replays.
+    target.end_live();
+    served
+}
+
+/// [`serve_as`]'s loop over gdb's sessions.
+fn serve_sessions<A: GuestArch>(
+    target: &mut ReplayTarget<A>,
+    listener: &TcpListener,
+    image: &Path,
+    hint: &str,
+) -> Result<(), GdbError> {
     let local = listener
         .local_addr()
         .map_err(|source| GdbError::LocalAddr { source })?;
@@ -279,7 +300,7 @@ fn serve_as<A: GuestArch>(
                 .packet_buffer_size(PACKET_SIZE)
                 .build()
                 .expect("a buffer gdbstub allocates itself always has the size asked for");
-            match stub.run_blocking::<EventLoop<'_, A>>(&mut target) {
+            match stub.run_blocking::<EventLoop<'_, A>>(target) {
                 Err(e) if !e.is_target_error() && !e.is_connection_error() => match wire.reject() {
                     Ok(Some(packet)) => {
                         eprintln!("retrovisor: gdb: answered {packet} with an error ({e})");

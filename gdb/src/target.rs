@@ -4,6 +4,7 @@
 
 use crate::arch::{in_long_mode, GuestArch};
 use crate::console;
+use crate::live::{LiveMotion, LiveRun, LiveSetup, LiveStop};
 use crate::recover::{recover, Motion};
 use crate::wire::{recv_now, Wire};
 use boot::symbols::Symbols;
@@ -29,6 +30,7 @@ use gdbstub::target::ext::monitor_cmd::{
     output, outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps,
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
+use machine::Machine;
 use replayer::search::{self, Access, Hit, Outcome, SearchError, StopSet, Watch};
 use replayer::{Position, Timeline};
 use std::collections::BTreeSet;
@@ -54,7 +56,7 @@ const EROFS: u8 = 30;
 const MONITOR_HELP: &str = "\
 The replay is read-only: it shows what the recording did. gdb runs and steps it both ways (continue,
 stepi, next, finish and their reverse- forms), stops it at breakpoints and watchpoints, and reads its
-registers and memory; writing to them is refused.
+registers and memory; writing to them is refused until `monitor go-live`.
 retrovisor monitor commands:
   monitor when        print the current position and the end of the recording: an icount (instructions
                       retired since boot), or in a landmark trace a landmark (an exit the guest made)
@@ -73,6 +75,12 @@ retrovisor monitor commands:
                       recording, in order, at most LIMIT (default 100): position, vCPU, arguments (named
                       from the image's DWARF), return value and where it returned; rv-seek goes to any
                       of those positions. Ctrl-C stops it
+  monitor go-live [DIR]
+                      from here on, a live run: the guest runs on this host's inputs (--serial-input
+                      or the terminal, the host clock), gdb may write its memory and registers, and
+                      continue, step, breakpoints and watchpoints work (not reverse execution). With
+                      DIR (or replay --go-live-record DIR), the live run is recorded into a new trace
+                      that replays on its own; writes are then allowed until its first instruction
   monitor help        this list
 The gdb command file whose `source` line retrovisor printed when it started (`retrovisor gdb-script`
 prints it too) defines rv-seek P (move and refresh gdb), rv-when and rv-help.";
@@ -123,11 +131,15 @@ pub(crate) struct ReplayTarget<A> {
     /// The session's connection, to notice a Ctrl-C during a long monitor command.
     peer: Option<TcpStream>,
     /// Why writes are refused, for gdb's console at the next chance (see [`ReplayTarget::refuse_write`]).
-    refusal: Option<&'static str>,
+    refusal: Option<String>,
     /// Whether this session was told why writes are refused: once is enough.
     refusal_explained: bool,
     /// Why the last step stopped before its thread ran, for gdb's console (see [`step_vcpu`]).
     stepped_elsewhere: Option<String>,
+    /// The live run `monitor go-live` started, if it did: from then on gdb drives it, not the replay.
+    live: Option<LiveRun>,
+    /// What going live takes (serial input, where to record).
+    live_setup: LiveSetup,
     _arch: PhantomData<A>,
 }
 
@@ -160,8 +172,11 @@ impl<A: GuestArch> ReplayTarget<A> {
         out: Box<dyn Write>,
         symbols: Symbols,
         image: PathBuf,
+        live_setup: LiveSetup,
     ) -> Self {
         ReplayTarget {
+            live: None,
+            live_setup,
             image,
             timeline,
             out,
@@ -178,9 +193,146 @@ impl<A: GuestArch> ReplayTarget<A> {
         }
     }
 
-    /// The current position, as the user reads it ("icount 12345", "landmark 44 + 102").
-    pub(crate) fn position(&self) -> replayer::Shown {
-        self.timeline.replay().show(self.timeline.position())
+    /// The current position, as the user reads it ("icount 12345", "landmark 44 + 102"), or where the
+    /// live run branched.
+    pub(crate) fn position(&self) -> String {
+        match &self.live {
+            Some(live) => format!("a live run branched at {}", live.from),
+            None => self
+                .timeline
+                .replay()
+                .show(self.timeline.position())
+                .to_string(),
+        }
+    }
+
+    /// The machine gdb looks at: the live run's once there is one, else the replay's.
+    fn machine(&self) -> &Machine {
+        self.live
+            .as_ref()
+            .and_then(LiveRun::machine)
+            .unwrap_or_else(|| self.timeline.replay().machine())
+    }
+
+    /// Ends the live run, if one goes on, as if the user stopped it: its trace gets its end, so that it
+    /// replays. Called when the server ends.
+    pub(crate) fn end_live(&mut self) {
+        if let Some(live) = self.live.as_mut().filter(|l| l.running()) {
+            match live.end(traces::StopReason::UserStop) {
+                Ok(LiveStop::Ended(_, told)) => eprint!("{told}"),
+                Ok(_) => {}
+                Err(e) => eprintln!("retrovisor: the live run's recording could not be ended: {e}"),
+            }
+        }
+    }
+
+    /// `monitor go-live [DIR]`: a live run from here, recorded into DIR (or --go-live-record's).
+    fn go_live(&mut self, dir: Option<&str>, out: &mut ConsoleOutput<'_>) {
+        if let Some(live) = &self.live {
+            outputln!(out, "already live (branched at {})", live.from);
+            return;
+        }
+        let record = dir
+            .map(PathBuf::from)
+            .or_else(|| self.live_setup.record.clone());
+        let input = self.live_setup.serial_input.take();
+        let said_input = match &input {
+            Some(recorder::SerialInput::Bytes(b)) => {
+                format!("the {} bytes of --serial-input", b.len())
+            }
+            Some(recorder::SerialInput::Stream(_)) => "the terminal".to_string(),
+            _ => "none".to_string(),
+        };
+        let from = self.position();
+        match crate::live::start(
+            self.timeline.replay(),
+            &self.live_setup.trace,
+            input.unwrap_or(recorder::SerialInput::None),
+            record.as_deref(),
+        ) {
+            Ok(session) => {
+                let recorded = match &record {
+                    Some(dir) => format!(
+                         " Writes are allowed until the first continue or step: from there the run is \
+                         recorded into {} (its first checkpoint holds what you wrote).",
+                        dir.display()
+                    ),
+                    None => " Writes to registers and memory are allowed.".to_string(),
+                };
+                outputln!(
+                    out,
+                     "live from {from}: the guest now runs on this host's inputs (serial input: \
+                     {said_input}; its clock goes on from the guest's).{recorded} continue runs it, \
+                     Ctrl-C stops it; reverse execution is not available in a live run (the replay \
+                     stays as it was: detach and replay again for it)"
+                );
+                self.live = Some(LiveRun::new(session, from, record));
+            }
+            Err(e) => outputln!(out, "retrovisor: {e}"),
+        }
+    }
+
+    /// Carries out `resume` on the live run: the stop gdb gets, and what its console should say.
+    fn run_live(
+        &mut self,
+        resume: Resume,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Option<(MultiThreadStopReason<A::Usize>, String)> {
+        let tid = self.running_thread();
+        if !self.live.as_ref().is_some_and(LiveRun::running) {
+            return Some((
+                MultiThreadStopReason::Exited(0),
+                "retrovisor: the live run has ended\n".to_string(),
+            ));
+        }
+        let motion = match resume {
+            Resume::Continue => LiveMotion::Continue,
+            Resume::Step(_) => LiveMotion::Step,
+            Resume::Range(start, end) => LiveMotion::Range(start, end),
+            Resume::ReverseStep(_) | Resume::ReverseContinue => {
+                let told = match self.live.as_ref().and_then(|l| l.record.as_ref()) {
+                    Some(dir) => format!(
+                        "retrovisor: a live run has no history to go back through: `retrovisor replay {} \
+                         --gdb` debugs it backwards once it has ended\n",
+                        dir.display()
+                    ),
+                     None => "retrovisor: a live run has no history to go back through (record it with \
+                     `monitor go-live DIR` to debug it backwards)\n"
+                        .to_string(),
+                };
+                return Some((resume.no_further(tid), told));
+            }
+        };
+        let stops = self.stops();
+        let live = self.live.as_mut().expect("only called when live");
+        Some(
+            match live.run(&stops, motion, &mut *self.out, interrupted) {
+                Ok(LiveStop::Interrupted) => return None,
+                Ok(LiveStop::Breakpoint(addr)) => (
+                    self.stop_reason(Outcome::Hit(Hit::Breakpoint(addr))),
+                    String::new(),
+                ),
+                Ok(LiveStop::Watch(w)) => {
+                    (self.stop_reason(Outcome::Hit(Hit::Watch(w))), String::new())
+                }
+                Ok(LiveStop::Stepped) => (self.stop_reason(Outcome::Done), String::new()),
+                Ok(LiveStop::Ended(stop, told)) => (
+                    MultiThreadStopReason::Exited(recorder::exit_status(&stop) as u8),
+                    told,
+                ),
+                Err(e) => {
+                    let told = format!("retrovisor: the live run failed: {e}\n");
+                    let _ = live.end(traces::StopReason::UserStop);
+                    (
+                        MultiThreadStopReason::SignalWithThread {
+                            tid,
+                            signal: Signal::SIGTRAP,
+                        },
+                        told,
+                    )
+                }
+            },
+        )
     }
 
     /// Forgets what a previous gdb session set up: a new session inserts its own breakpoints, and a run that
@@ -370,9 +522,18 @@ impl<A: GuestArch> ReplayTarget<A> {
             self.refusal = Some(
                 "retrovisor: the replay is read-only: it shows what the recording did, so writes to its \
                  registers and memory are refused (gdb said \"Could not write registers\" or \"Cannot access \
-                 memory\"); `monitor help` lists what can be done\n",
+                 memory\"); `monitor go-live` turns it into a live run you can change, and `monitor \
+                 help` lists what else can be done\n"
+                    .to_string(),
             );
         }
+        Err(TargetError::Errno(EROFS))
+    }
+
+    /// Refuses a write to a live run, for `why`: said on gdb's console at the next chance.
+    fn refuse_live_write<T>(&mut self, what: &str, why: &'static str) -> TargetResult<T, Self> {
+        eprintln!("retrovisor: gdb: refused {what}: {why}");
+        self.refusal = Some(format!("retrovisor: refused {what}: {why}\n"));
         Err(TargetError::Errno(EROFS))
     }
 
@@ -446,14 +607,14 @@ impl<A: GuestArch> ReplayTarget<A> {
 
     /// The vCPU of thread `tid`; a thread the machine does not have means the running vCPU.
     fn cpu_of(&self, tid: Tid) -> u8 {
-        let machine = self.timeline.replay().machine();
+        let machine = self.machine();
         cpu_of(tid, machine.cpus()).unwrap_or(machine.current_cpu())
     }
 
     /// The thread of the vCPU that runs now (threads are numbered from 1 in vCPU order, as Linux's gdb
     /// scripts expect: CPU = thread - 1).
     fn running_thread(&self) -> Tid {
-        thread_of(self.timeline.replay().machine().current_cpu())
+        thread_of(self.machine().current_cpu())
     }
 
     /// Carries out `resume`, asking `interrupted` now and then whether gdb sent something.
@@ -485,7 +646,25 @@ impl<A: GuestArch> ReplayTarget<A> {
             output!(out, "{pending}");
         }
         let words: Vec<&str> = cmd.split_whitespace().collect();
+        if self.live.is_some() {
+            match words.as_slice() {
+                ["go-live", ..] | ["when"] => {}
+                [] | ["help"] => {}
+                _ => {
+                    outputln!(
+                        out,
+                        "{cmd:?} works on the replay, and this session is live now (branched at {}): \
+                         detach and replay again for it",
+                        self.position()
+                    );
+                    return Ok(());
+                }
+            }
+        }
         match words.as_slice() {
+            ["go-live"] => self.go_live(None, out),
+            ["go-live", dir] => self.go_live(Some(dir), out),
+            ["when"] if self.live.is_some() => outputln!(out, "{}", self.position()),
             ["when"] => outputln!(
                 out,
                 "{} (the recording ends at {})",
@@ -669,7 +848,7 @@ fn cpu_of(tid: Tid, cpus: usize) -> Option<u8> {
 
 impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
     fn read_registers(&mut self, regs: &mut A::Registers, tid: Tid) -> TargetResult<(), Self> {
-        let machine = self.timeline.replay().machine();
+        let machine = self.machine();
         let cpu = cpu_of(tid, machine.cpus()).ok_or(TargetError::NonFatal)?;
         let fpu = machine.cpu_fpu(cpu).map_err(|e| {
             eprintln!("retrovisor: gdb: cannot read vCPU {cpu}'s FPU registers: {e}");
@@ -680,15 +859,34 @@ impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
         Ok(())
     }
 
-    fn write_registers(&mut self, _regs: &A::Registers, _tid: Tid) -> TargetResult<(), Self> {
-        self.refuse_write("a register write".to_string())
+    fn write_registers(&mut self, regs: &A::Registers, tid: Tid) -> TargetResult<(), Self> {
+        let cpu = self.cpu_of(tid);
+        let Some(live) = self.live.as_mut() else {
+            return self.refuse_write("a register write".to_string());
+        };
+        let machine = match live.machine_mut() {
+            Ok(m) if m.current_cpu() == cpu => m,
+            Ok(_) => {
+                return self.refuse_live_write(
+                    "a register write",
+                    "only the registers of the vCPU that runs can be written",
+                )
+            }
+            Err(why) => return self.refuse_live_write("a register write", why),
+        };
+        let mut kvm = *machine.regs();
+        A::set_general(regs, &mut kvm);
+        machine.set_general_registers(kvm).map_err(|e| {
+            eprintln!("retrovisor: gdb: cannot write the registers: {e}");
+            TargetError::NonFatal
+        })
     }
 
     fn list_active_threads(
         &mut self,
         thread_is_active: &mut dyn FnMut(Tid),
     ) -> Result<(), SearchError> {
-        for cpu in 0..self.timeline.replay().machine().cpus() as u8 {
+        for cpu in 0..self.machine().cpus() as u8 {
             thread_is_active(thread_of(cpu));
         }
         Ok(())
@@ -702,7 +900,7 @@ impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
         data: &mut [u8],
         _tid: Tid,
     ) -> TargetResult<usize, Self> {
-        let machine = self.timeline.replay().machine();
+        let machine = self.machine();
         let start = A::from_gdb(start);
         // Without long mode, linear addresses are 32 bits wide: wider ones do not exist (rather than wrap).
         let long_mode = in_long_mode(machine);
@@ -732,6 +930,14 @@ impl<A: GuestArch> MultiThreadBase for ReplayTarget<A> {
         // gdb probes for binary writes (`X`) with an empty one: that changes nothing, so it may succeed.
         if data.is_empty() {
             return Ok(());
+        }
+        if let Some(live) = self.live.as_mut() {
+            return match live.machine_mut() {
+                Ok(m) => m
+                    .write_virtual(A::from_gdb(start), data)
+                    .map_err(|_| TargetError::NonFatal),
+                Err(why) => self.refuse_live_write("a memory write", why),
+            };
         }
         self.refuse_write(format!(
             "a {}-byte memory write at {:#x}",
@@ -933,6 +1139,20 @@ impl<'w, A: GuestArch> BlockingEventLoop for EventLoop<'w, A> {
                 target.stop_reason(Outcome::Done),
             ));
         };
+        if target.live.is_some() {
+            let ran = target.run_live(resume, &mut || conn.peek().map_or(true, |b| b.is_some()));
+            let Some((stop, told)) = ran else {
+                // As for a replay: the byte (normally Ctrl-C) decides.
+                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(run_blocking::Event::IncomingData(byte));
+            };
+            target.resume = None;
+            let told = target.take_console() + &told;
+            if !told.is_empty() {
+                console::send(conn.stream(), &told).map_err(WaitForStopReasonError::Connection)?;
+            }
+            return Ok(run_blocking::Event::TargetStopped(stop));
+        }
         let started = target.timeline.position();
         // Anything from gdb while running (normally the Ctrl-C byte) interrupts the run; a broken connection
         // counts as data too, so that the read below reports it.

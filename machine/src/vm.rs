@@ -456,6 +456,29 @@ impl Machine {
         Ok(())
     }
 
+    /// Writes bytes at a guest-virtual (linear) address through the guest's page tables: a debugger's
+    /// write into a live run. Nothing is written unless every page is mapped; the pages count as written
+    /// by the VMM for checkpoints and digests.
+    pub fn write_virtual(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), crate::paging::PagingError> {
+        let paging = emulate::paging_mode(&self.cpu.sregs);
+        paging.write_linear(&mut self.mem, addr, data)
+    }
+
+    /// Sets the running vCPU's general registers, rip and rflags: a debugger's write into a live run.
+    pub fn set_general_registers(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
+        self.cpu
+            .fd
+            .set_regs(&regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        self.cpu.regs = regs;
+        self.publish_regs();
+        Ok(())
+    }
+
     /// The guest's CPUID as the VMM set it: one entry per leaf and subleaf, [function, index, flags, eax,
     /// ebx, ecx, edx] as KVM_SET_CPUID2 takes them.
     pub fn cpuid_table(&self) -> &[[u32; 7]] {

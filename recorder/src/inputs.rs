@@ -51,6 +51,8 @@ const IDLE_SLICE: Duration = Duration::from_millis(5);
 pub struct HostEnv {
     time: TimeSourceKind,
     start: Instant,
+    /// Host time: the monotonic time at `start` (0 for a run from boot).
+    base_ns: u64,
     /// Virtual time spent idle (halted), added to instruction time.
     idle_ns: u64,
     /// Time up to which PIT edges have been delivered.
@@ -91,6 +93,7 @@ impl HostEnv {
         HostEnv {
             time,
             start: Instant::now(),
+            base_ns: 0,
             idle_ns: 0,
             pit_polled_ns: 0,
             icount: 0,
@@ -101,6 +104,20 @@ impl HostEnv {
             output_tail: Vec::new(),
             events: Vec::new(),
         }
+    }
+
+    /// Makes the clocks go on from `ns` of monotonic time at instruction `icount` (a live run branched
+    /// off a replay, whose devices hold times of the recording): host time from `ns` on; virtual time
+    /// from `ns` as if idle had made up the difference.
+    pub fn resume_clock(&mut self, ns: u64, icount: u64) {
+        self.icount = icount;
+        match self.time {
+            TimeSourceKind::Host => self.base_ns = ns,
+            TimeSourceKind::Virtual => {
+                self.idle_ns = ns.saturating_sub(icount * VIRTUAL_NS_PER_INSN);
+            }
+        }
+        self.pit_polled_ns = ns;
     }
 
     /// Notes what the guest printed, to release held serial input once the awaited text appears.
@@ -155,7 +172,7 @@ impl HostEnv {
 
     fn now_ns(&self) -> u64 {
         match self.time {
-            TimeSourceKind::Host => self.start.elapsed().as_nanos() as u64,
+            TimeSourceKind::Host => self.base_ns + self.start.elapsed().as_nanos() as u64,
             TimeSourceKind::Virtual => self.icount * VIRTUAL_NS_PER_INSN + self.idle_ns,
         }
     }

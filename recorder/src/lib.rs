@@ -4,20 +4,21 @@
 
 mod inputs;
 mod schedule;
+mod session;
 
 pub use inputs::{SerialInput, TimeSourceKind};
+pub use session::{Pass, Session};
 
 use inputs::HostEnv;
-use machine::{Advance, Clock, Kicker, Machine, MachineConfig, MachineError};
-use schedule::Scheduler;
-use sha2::{Digest, Sha256};
+use machine::{Clock, Machine, MachineConfig, MachineError};
+use session::SessionSetup;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
-use traces::{Checkpoint, Event, EventKind, Header, StopReason, Summary, TraceWriter};
+use traces::{Header, StopReason, TraceWriter};
 
 /// Errors that end a recording (or a plain run).
 #[derive(Debug, Error)]
@@ -104,7 +105,7 @@ pub struct Outcome {
 }
 
 /// Takes the disks' overlays out of the machine at the end of a run.
-fn take_disk_writes(machine: &mut Machine) -> Vec<devices::disk::Overlay> {
+pub(crate) fn take_disk_writes(machine: &mut Machine) -> Vec<devices::disk::Overlay> {
     machine
         .devices
         .disks
@@ -142,20 +143,6 @@ pub fn image_sha256(image: &[u8]) -> String {
     traces::sha256_hex(image)
 }
 
-/// How often (in positions or kicks) the loop looks at the wall clock to flush the event stream.
-const FLUSH_CHECK_EVERY: u64 = 4096;
-/// Every this many checkpoints (at least), one holds all of RAM rather than the pages written since the
-/// one before: a restore reads the chain from the last full one.
-const FULL_CHECKPOINT_EVERY: u64 = 16;
-/// Landmark clock: wall time between full checkpoints at most checkpoint intervals, so that dense
-/// checkpoints (the default 25 ms) do not multiply the full ones, which are most of a trace's bytes.
-const FULL_CHECKPOINT_MS: u64 = 1600;
-/// How often the landmark clock kicks a guest that runs without exits: the resolution of timer and input
-/// delivery while it computes.
-const KICK_INTERVAL: Duration = Duration::from_millis(1);
-/// Longest stretch of wall time whose events a crash may lose.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-
 /// The error for a write to the trace in `dir` that failed at position `icount`: it ends the
 /// recording. `replayable` is what the trace keeps ([`TraceWriter::replayable_upto`]); the writer
 /// stops writing after a failure, so that is final.
@@ -183,9 +170,116 @@ fn trace_stopped(
     }
 }
 
+/// Creates the trace directory `dir` with `header`, the copies of the disks and initrd replay needs, and
+/// the image's blocks as backing for checkpoint pages.
+fn open_trace(
+    dir: &Path,
+    header: &Header,
+    disks: &[&[u8]],
+    image: &[u8],
+    initrd: Option<&[u8]>,
+) -> Result<TraceWriter, RecordError> {
+    let unit = Clock::from_name(&header.clock)
+        .unwrap_or(Clock::Step)
+        .unit();
+    let mut w = TraceWriter::create(dir, header)?;
+    // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
+    for (i, d) in disks.iter().enumerate() {
+        w.write_disk(i, d)
+            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
+    }
+    // The image is not copied (replay is given it, and checks its hash), but its pages, kernel text
+    // above all, are most of what a full checkpoint would otherwise store.
+    w.add_backing(image);
+    if let Some(initrd) = initrd {
+        w.write_initrd(initrd)
+            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
+    }
+    Ok(w)
+}
+
+/// What a live run branched off a replay starts from (see [`go_live`]).
+pub struct LiveStart {
+    /// The machine, in the state the replay reached, with the trace's clock and positions.
+    pub machine: Machine,
+    /// The guest's monotonic time there: the live run's clock goes on from it.
+    pub time_ns: u64,
+    /// Whether the guest's timers followed the host clocks or the instruction count.
+    pub time: TimeSourceKind,
+    /// Where serial input comes from from now on.
+    pub serial_input: SerialInput,
+    /// Between checkpoints, as the original trace had it.
+    pub checkpoint_every: u64,
+    /// Record the live run into a new trace.
+    pub record: Option<LiveRecording>,
+}
+
+/// A new trace for a live run: where it goes and what it keeps.
+pub struct LiveRecording {
+    /// The trace directory to create.
+    pub dir: PathBuf,
+    /// Its header: the original's, as [`branch_header`] makes it.
+    pub header: Header,
+    /// The guest image.
+    pub image: Vec<u8>,
+    /// The disk images the original recording started with.
+    pub disks: Vec<Vec<u8>>,
+    /// The initrd, if any.
+    pub initrd: Option<Vec<u8>>,
+}
+
+/// The header of a trace recorded from a live run that branched off `original` at `from`: the same
+/// guest and machine, recorded now, here, naming where it branched.
+pub fn branch_header(original: &Header, from: traces::BranchPoint) -> Header {
+    Header {
+        format_version: traces::FORMAT_VERSION,
+        tool_version: TOOL_VERSION.to_string(),
+        created_unix_secs: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        recorded_on: Some(machine::host_cpu()),
+        chaos_seed: None,
+        branched_from: Some(from),
+        ..original.clone()
+    }
+}
+
+/// Turns a machine a replay reached into a live run on the host's inputs from here on: serial input
+/// from `serial_input`, the host clock going on from the guest's time. Recorded, if asked, into a new
+/// trace whose first checkpoint (taken at the run's first pass) holds the state then, so a debugger's
+/// writes before it are part of the recording.
+pub fn go_live(start: LiveStart) -> Result<Session, RecordError> {
+    let writer = match &start.record {
+        Some(r) => {
+            let disks: Vec<&[u8]> = r.disks.iter().map(Vec::as_slice).collect();
+            Some(open_trace(
+                &r.dir,
+                &r.header,
+                &disks,
+                &r.image,
+                r.initrd.as_deref(),
+            )?)
+        }
+        None => None,
+    };
+    let mut env = HostEnv::new(start.time, start.serial_input, None);
+    env.resume_clock(start.time_ns, start.machine.position());
+    Ok(Session::new(
+        start.machine,
+        SessionSetup {
+            writer,
+            env,
+            checkpoint_every: start.checkpoint_every,
+            max_instructions: None,
+            progress: None,
+            chaos_seed: None,
+        },
+    ))
+}
+
 /// Records (or, without a trace path, just runs) the guest until it stops. Guest serial output goes to `out`.
 pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordError> {
-    let started = Instant::now();
     if opts.clock == Clock::Landmark {
         if opts.time != TimeSourceKind::Host {
             return Err(RecordError::LandmarkNeedsHostTime);
@@ -194,12 +288,11 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
             return Err(RecordError::LandmarkCountsNoInstructions);
         }
     }
-    let unit = opts.clock.unit();
     let mut machine = Machine::new(&opts.machine, &opts.image)?;
     machine.set_digest_pages(true);
     machine.set_clock(opts.clock)?;
     machine.set_positions(opts.clock);
-    let mut writer = match &opts.trace {
+    let writer = match &opts.trace {
         Some(dir) => {
             let header = Header {
                 format_version: traces::FORMAT_VERSION,
@@ -248,324 +341,42 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                 cpus: opts.machine.cpus,
                 chaos_seed: opts.chaos_seed,
                 cold_checkpoints: opts.machine.cold_checkpoints,
+                branched_from: None,
             };
-            let mut w = TraceWriter::create(dir, &header)?;
-            // Replay needs the exact images: the trace keeps its own copies (see traces/FORMAT.md).
-            for (i, d) in opts.machine.disks.iter().enumerate() {
-                w.write_disk(i, d.bytes())
-                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
-            }
-            // The image is not copied (replay is given it, and checks its hash), but its pages, kernel
-            // text above all, are most of what a full checkpoint would otherwise store.
-            w.add_backing(&opts.image);
-            if let Some(initrd) = &opts.machine.initrd {
-                w.write_initrd(initrd)
-                    .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, 0), e))?;
-            }
-            Some(w)
+            let disks: Vec<&[u8]> = opts
+                .machine
+                .disks
+                .iter()
+                .map(devices::disk::DiskImage::bytes)
+                .collect();
+            Some(open_trace(
+                dir,
+                &header,
+                &disks,
+                &opts.image,
+                opts.machine.initrd.as_deref(),
+            )?)
         }
         None => None,
     };
     install_stop_handlers();
-    // The landmark clock gets control back from a guest that computes without exits by kicking it.
-    let _kicker = (opts.clock == Clock::Landmark).then(|| Kicker::start(KICK_INTERVAL));
-    let mut env = HostEnv::new(opts.time, opts.serial_input, opts.serial_input_after);
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut output_hash = Sha256::new();
-    let mut output_bytes = 0u64;
-    let mut checkpoints = 0u64;
-    let mut schedule = CheckpointSchedule::new(opts.clock, opts.checkpoint_every);
-    let mut last_flush = Instant::now();
-    // Whether the machine stands at a position (where inputs may be delivered and checkpoints taken), as
-    // opposed to a point between landmarks that a kick or a breakpoint stopped at.
-    let mut at_position = true;
-    let mut between = Between::default();
-    let mut scheduler = Scheduler::new(opts.clock, opts.chaos_seed);
-    let mut ticks = 0u64;
-
+    let mut session = Session::new(
+        machine,
+        SessionSetup {
+            writer,
+            env: HostEnv::new(opts.time, opts.serial_input, opts.serial_input_after),
+            checkpoint_every: opts.checkpoint_every,
+            max_instructions: opts.max_instructions,
+            progress: opts.progress.take(),
+            chaos_seed: opts.chaos_seed,
+        },
+    );
     let stop = loop {
-        let position = machine.position();
-        if at_position {
-            if let Some(w) = writer.as_mut() {
-                if schedule.due(position) {
-                    // A full checkpoint now and then bounds the chain a restore reads: restoring
-                    // checkpoint k reads the checkpoints from the last full one up to k.
-                    let full = checkpoints.is_multiple_of(schedule.full_every());
-                    let snap = machine.snapshot(full)?;
-                    w.write_checkpoint(&Checkpoint {
-                        at: position,
-                        rip: snap.rip,
-                        full,
-                        digest: snap.digest,
-                        state: snap.state,
-                        pages: snap.pages,
-                    })
-                    .and_then(|_| {
-                        if full {
-                            w.write_pages_written(position, &snap.written)
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .map_err(|e| {
-                        trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e)
-                    })?;
-                    checkpoints += 1;
-                    schedule.taken(position);
-                }
-            }
-        }
-        ticks += 1;
-        if ticks.is_multiple_of(FLUSH_CHECK_EVERY) {
-            if let Some(w) = writer.as_mut() {
-                if last_flush.elapsed() >= FLUSH_INTERVAL {
-                    w.flush(position).map_err(|e| {
-                        trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e)
-                    })?;
-                    last_flush = Instant::now();
-                }
-            }
-            if let Some(p) = opts.progress.as_mut() {
-                p(position, counts.values().sum());
-            }
-        }
-        if STOP_REQUESTED.load(Ordering::SeqCst) {
-            break StopReason::UserStop;
-        }
-        if opts.max_instructions.is_some_and(|m| position >= m) {
-            break StopReason::InstructionLimit;
-        }
-        let anchor = env.set_position(position, machine.rip());
-        let deliver = if at_position {
-            between.reset(&mut machine)?
-        } else {
-            let switch = scheduler.switch_due(&machine, position);
-            // A spin-wait's loop exit comes only once the other vCPU has run: switch where it spins.
-            let chaotic = switch && (scheduler.chaotic() || machine.spin_waiting());
-            between.deliver_here(&mut machine, &mut env, writer.is_some(), switch, chaotic)?
-        };
-        if !at_position && !deliver {
-            // A kick (or loop-exit stop) that delivered nothing leaves no event, so replay never stops
-            // there: values the guest asks for later are tagged, as replay will see them, with the rip of
-            // the last landmark or delivering kick.
-            env.set_position(position, anchor);
-        }
-        if deliver {
-            if let Some(cpu) = scheduler.pick(&machine, position) {
-                machine.switch_to(cpu)?;
-                env.log(EventKind::Switch { cpu });
-                // What the new vCPU's next step asks for is tagged with its rip.
-                env.set_position(position, machine.rip());
-            }
-            env.deliver_inputs(&mut machine)?;
-            if machine.interrupt_ready() {
-                if let Some(vector) = machine.inject_interrupt()? {
-                    env.log(EventKind::Interrupt { vector });
-                }
-            }
-        }
-        let advance = machine.advance(&mut env)?;
-        let output = machine.take_output();
-        if !output.is_empty() {
-            env.saw_output(&output);
-            out.write_all(&output)
-                .and_then(|_| out.flush())
-                .map_err(RecordError::Output)?;
-            output_hash.update(&output);
-            output_bytes += output.len() as u64;
-        }
-        at_position = !matches!(advance, Advance::Kicked | Advance::Breakpoint);
-        between.at_breakpoint = advance == Advance::Breakpoint;
-        let reason = match advance {
-            Advance::Moved | Advance::Kicked | Advance::Breakpoint => None,
-            // Another vCPU can run: the next pass switches to it.
-            Advance::Idle if machine.any_cpu_can_run() => None,
-            Advance::Idle => {
-                if env.wait_for_wakeup(&mut machine)? {
-                    None
-                } else {
-                    Some(StopReason::Halted)
-                }
-            }
-            Advance::Stopped(stop) => Some(stop),
-        };
-        for event in env.take_events() {
-            *counts.entry(event.kind.name().to_string()).or_default() += 1;
-            if let Some(w) = writer.as_mut() {
-                w.push(event).map_err(|e| {
-                    trace_stopped(w.dir(), w.replayable_upto(), (unit, machine.position()), e)
-                })?;
-            }
-        }
-        if let Some(reason) = reason {
-            break reason;
+        if let Pass::Stopped(stop) = session.pass(out, false)? {
+            break stop;
         }
     };
-
-    let position = machine.position();
-    let mut trace_bytes = (0, 0);
-    if let Some(mut w) = writer {
-        w.push(Event {
-            at: position,
-            rip: machine.rip(),
-            kind: EventKind::Stop { reason: stop },
-        })
-        .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e))?;
-        *counts.entry("stop".to_string()).or_default() += 1;
-        // Flushed here rather than inside finish(), which consumes the writer, so that a failure
-        // past this point can still say how much the trace keeps.
-        w.flush(position)
-            .map_err(|e| trace_stopped(w.dir(), w.replayable_upto(), (unit, position), e))?;
-        trace_bytes = w.bytes_written();
-        let (dir, replayable) = (w.dir().to_owned(), w.replayable_upto());
-        w.finish(&Summary {
-            end: position,
-            stop,
-            events_by_kind: counts.clone(),
-            checkpoints,
-            output_bytes,
-            output_sha256: traces::hex(&output_hash.finalize()),
-            wall_secs: started.elapsed().as_secs_f64(),
-        })
-        .map_err(|e| trace_stopped(&dir, replayable, (unit, position), e))?;
-    }
-    Ok(Outcome {
-        stop,
-        icount: position,
-        events_by_kind: counts,
-        checkpoints,
-        trace_bytes,
-        wall: started.elapsed(),
-        disk_writes: take_disk_writes(&mut machine),
-    })
-}
-
-/// Landmark clock: what to do about inputs that fall due while the guest computes without exits.
-///
-/// At a kick, if the guest could be interrupted now, the recorder does not deliver at once: it arms a
-/// breakpoint on the exit of the loop the guest is in ([`Machine::loop_exit`]) and delivers there, a point
-/// the guest passes once per loop rather than once per iteration, which replay's breakpoint search finds in
-/// a few stops instead of thousands. A loop that does not end by itself soon (one waiting for this very
-/// interrupt) gets its input at a later kick.
-#[derive(Default)]
-struct Between {
-    /// Kicks since the loop-exit breakpoint was armed, while it is.
-    armed: Option<u32>,
-    /// The last advance stopped at the armed breakpoint.
-    at_breakpoint: bool,
-}
-
-/// Kicks (milliseconds) to wait for a loop to end before delivering where the guest is.
-const LOOP_EXIT_PATIENCE: u32 = 8;
-
-impl Between {
-    /// At a position: inputs are delivered there; a breakpoint still armed is not needed any more.
-    fn reset(&mut self, machine: &mut Machine) -> Result<bool, RecordError> {
-        if self.armed.take().is_some() {
-            machine.disarm()?;
-        }
-        Ok(true)
-    }
-
-    /// At a point a kick or the breakpoint stopped at: whether to deliver here. A recording names the point
-    /// by its fingerprint first, in a `Kick` event.
-    ///
-    /// `switch` says the scheduler wants another vCPU to run (which needs no interrupt window), and
-    /// `chaotic` that it wants it here, not at the loop's exit.
-    fn deliver_here(
-        &mut self,
-        machine: &mut Machine,
-        env: &mut HostEnv,
-        recording: bool,
-        switch: bool,
-        chaotic: bool,
-    ) -> Result<bool, RecordError> {
-        if self.at_breakpoint {
-            // The breakpoint disarmed itself.
-            self.armed = None;
-        }
-        // Only where replay can find the point again: a guest computing in user mode takes its interrupt
-        // at its next exit, system call or fault, which are landmarks; one inside a `rep` at a later kick.
-        let wanted = machine.kick_point_findable()
-            && (switch
-                || (machine.interrupts_enabled()
-                    && (machine.interrupt_ready() || env.interrupt_due(machine))));
-        if !wanted {
-            return Ok(false);
-        }
-        if recording && !self.at_breakpoint && !chaotic {
-            match self.armed {
-                None => {
-                    if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {
-                        machine.arm(&[exit])?;
-                        self.armed = Some(0);
-                        return Ok(false);
-                    }
-                }
-                Some(kicks) if kicks + 1 < LOOP_EXIT_PATIENCE => {
-                    self.armed = Some(kicks + 1);
-                    return Ok(false);
-                }
-                Some(_) => {
-                    machine.disarm()?;
-                    self.armed = None;
-                }
-            }
-        }
-        if recording {
-            let fp = machine.fingerprint()?;
-            env.log(EventKind::Kick { fingerprint: fp });
-        }
-        Ok(true)
-    }
-}
-
-/// When checkpoints fall due: every `every` instructions with the step clock; with the landmark clock,
-/// whose positions come at no regular pace, every `every` milliseconds of wall time (at the first landmark
-/// after that).
-struct CheckpointSchedule {
-    clock: Clock,
-    every: u64,
-    next: u64,
-    last: Option<Instant>,
-}
-
-impl CheckpointSchedule {
-    fn new(clock: Clock, every: u64) -> CheckpointSchedule {
-        CheckpointSchedule {
-            clock,
-            every: every.max(1),
-            next: 0,
-            last: None,
-        }
-    }
-
-    /// Every how many checkpoints one is full.
-    fn full_every(&self) -> u64 {
-        match self.clock {
-            Clock::Step => FULL_CHECKPOINT_EVERY,
-            Clock::Landmark => (FULL_CHECKPOINT_MS / self.every).max(FULL_CHECKPOINT_EVERY),
-        }
-    }
-
-    fn due(&self, position: u64) -> bool {
-        match (self.clock, self.last) {
-            (_, None) => true,
-            (Clock::Step, _) => position >= self.next,
-            (Clock::Landmark, Some(last)) => {
-                position >= self.next && last.elapsed() >= Duration::from_millis(self.every)
-            }
-        }
-    }
-
-    fn taken(&mut self, position: u64) {
-        // A landmark trace holds at most one checkpoint per landmark.
-        self.next = match self.clock {
-            Clock::Step => position + self.every,
-            Clock::Landmark => position + 1,
-        };
-        self.last = Some(Instant::now());
-    }
+    session.finish(stop)
 }
 
 /// Exit status of the retrovisor process for a guest that ended this way: the guest's own status for

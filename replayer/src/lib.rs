@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use thiserror::Error;
 pub use timeline::{search, Timeline, DEFAULT_SNAPSHOT_MEMORY};
-use traces::{Event, StopReason, TraceReader};
+use traces::{Event, EventKind, StopReason, TraceReader};
 pub use vocab::{Position, Shown};
 
 // Readers refuse events this machine could not take (traces/FORMAT.md, "What events may say"):
@@ -109,6 +109,8 @@ pub enum Halt {
 /// A replay in progress, going forward.
 pub struct Replayer {
     trace: TraceReader,
+    /// The guest image given instead of the one the trace names, if one was.
+    image_path: Option<PathBuf>,
     machine: Machine,
     host: LogHost,
     /// Where replay ends: the recording's last position.
@@ -181,6 +183,23 @@ impl ResumePoint {
             anchor: (0, 0),
         }
     }
+}
+
+/// A second machine in the state a replay stands in, to run on live from there (see [`Replayer::fork`]),
+/// with what a recording of that run keeps besides: the trace's guest image, disk and initrd copies.
+pub struct Fork {
+    /// The machine, with the trace's clock.
+    pub machine: Machine,
+    /// The guest image (checked against the trace's hash).
+    pub image: Vec<u8>,
+    /// The disk images the recording started with (its copies: the guest's writes since are in the
+    /// machine's overlays).
+    pub disks: Vec<Vec<u8>>,
+    /// The initrd, if the machine has one.
+    pub initrd: Option<Vec<u8>>,
+    /// The guest's monotonic time at the position, as far as the recording read it (its last reading):
+    /// where a live run's clock goes on from.
+    pub time_ns: u64,
 }
 
 /// A progress callback: (current position, target position).
@@ -271,6 +290,7 @@ impl Replayer {
     /// Opens a trace and builds its machine, without restoring a checkpoint yet.
     pub(crate) fn load(dir: &Path, image: Option<&Path>) -> Result<Replayer, ReplayError> {
         let mut trace = TraceReader::open(dir)?;
+        let image_path = image.map(Path::to_path_buf);
         let image = load_image(&trace, image)?;
         trace.set_image(image.clone());
         let machine = build_machine(&trace, &image)?;
@@ -279,13 +299,18 @@ impl Replayer {
             .map(|s| s.end)
             .unwrap_or_else(|| trace.complete_upto());
         let events: Rc<[Event]> = trace.events().into();
-        let checkpoint_positions = trace
+        let checkpoint_positions: Vec<Position> = trace
             .checkpoints()
             .iter()
             .map(|c| Position::at(c.at))
             .collect();
+        let first_checkpoint = checkpoint_positions
+            .first()
+            .copied()
+            .unwrap_or(Position::START);
         let contents_checked = vec![false; trace.checkpoints().len()];
         Ok(Replayer {
+            image_path,
             chain: None,
             contents_checked,
             unreadable: BTreeSet::new(),
@@ -299,13 +324,51 @@ impl Replayer {
             end: Position::at(end),
             next_verify: 0,
             output_hash: Some(Sha256::new()),
-            printed_upto: Position::START,
+            // A trace branched off another starts at its first checkpoint: its output is all after it.
+            printed_upto: first_checkpoint,
             finished: None,
             anchor: (u64::MAX, 0),
             notices: Vec::new(),
             intact: false,
             last_intact: Position::START,
             progress: None,
+        })
+    }
+
+    /// A new machine in the state this replay stands in (CPUs, devices, RAM), built as the recording's
+    /// was: what a live run branches off with. The replay itself is left as it is.
+    pub fn fork(&self) -> Result<Fork, ReplayError> {
+        let image = load_image(&self.trace, self.image_path.as_deref())?;
+        let mut machine = build_machine(&self.trace, &image)?;
+        let state = self.machine.state_blob()?;
+        let memory = self.machine.memory();
+        machine.restore(
+            &state,
+            (0..memory.pages())
+                .map(|pfn| (pfn as u64, memory.page(pfn)))
+                .filter(|(_, data)| data.iter().any(|&b| b != 0)),
+        )?;
+        let disks = (0..self.trace.header().disks.len())
+            .map(|i| self.trace.read_disk(i))
+            .collect::<Result<_, _>>()?;
+        let time_ns = self.trace.events()[..self.host.cursor()]
+            .iter()
+            .rev()
+            .find_map(|e| match e.kind {
+                EventKind::Clock {
+                    kind: traces::ClockKind::Monotonic,
+                    ns,
+                }
+                | EventKind::ApicTimer { ns, .. } => Some(ns),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Ok(Fork {
+            machine,
+            image,
+            disks,
+            initrd: self.trace.read_initrd()?,
+            time_ns,
         })
     }
 

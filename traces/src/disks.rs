@@ -211,6 +211,7 @@ mod tests {
             cpus: 1,
             cold_checkpoints: false,
             chaos_seed: None,
+            branched_from: None,
             vmm_cpuid: false,
             cpuid: Vec::new(),
             initrd: None,

@@ -324,6 +324,22 @@ pub struct Header {
     /// in traces recorded before: their replays do not).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold_checkpoints: bool,
+    /// Where the recording branched off a replay of another (`go-live`): it starts from the state that
+    /// replay reached there, not from boot (absent for a recording from boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branched_from: Option<BranchPoint>,
+}
+
+/// The trace and position a go-live recording branched from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BranchPoint {
+    /// The trace directory replayed, as it was named then.
+    pub trace: String,
+    /// When that trace was recorded (its header's `created_unix_secs`), to tell it from a later one of
+    /// the same name.
+    pub trace_created_unix_secs: u64,
+    /// The position there, as `replay --to` takes it: a count, or `LANDMARK+INSTRUCTIONS`.
+    pub position: String,
 }
 
 fn one_cpu() -> usize {

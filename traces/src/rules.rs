@@ -261,6 +261,7 @@ mod tests {
             cpus: 1,
             cold_checkpoints: false,
             chaos_seed: None,
+            branched_from: None,
         }
     }
 

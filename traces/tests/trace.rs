@@ -65,6 +65,7 @@ fn header() -> Header {
         recorded_on: None,
         cpus: 1,
         cold_checkpoints: false,
+        branched_from: None,
         chaos_seed: None,
         vmm_cpuid: false,
         cpuid: Vec::new(),
