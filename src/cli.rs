@@ -61,6 +61,12 @@ enum Command {
     /// just after. Takes a few replays of each, from their checkpoints. Exits 0 when they do not part,
     /// 1 when they do.
     Diff(crate::diff::DiffArgs),
+    /// Records a guest in chaos mode with one seed after another (`--seeds A..B`), several at once (one
+    /// per core), until one fails (an exit status, or output containing a text); keeps the failing
+    /// recordings and a few passing ones (for `diff`) and reports the failure rate. A range of seeds is
+    /// a shard of a larger hunt, for a cluster's batch system to fan out. Exits 1 when a recording
+    /// failed, 0 when none did.
+    Hunt(crate::hunt::HuntArgs),
     /// Check this host: KVM usable and which kind, PMU, capabilities, measured step and free-run rates,
     /// clocks, quirks. Exits 2 with one line when retrovisor cannot run here.
     Doctor,
@@ -355,6 +361,8 @@ enum CliError {
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffCliError),
     #[error(transparent)]
+    Hunt(#[from] crate::hunt::HuntError),
+    #[error(transparent)]
     Live(#[from] gdb::live::LiveError),
     #[error("--serial-input is the input of a live run: give it with --go-live, --go-live-record or --gdb (a replay's input is the recording's)")]
     SerialInputWithoutLive,
@@ -441,6 +449,7 @@ pub fn main() -> i32 {
         Command::Timeline(a) => crate::timeline::run(&a).map_err(CliError::from),
         Command::Calls(a) => crate::calls::run(&a).map_err(CliError::from),
         Command::Diff(a) => crate::diff::run(&a).map_err(CliError::from),
+        Command::Hunt(a) => crate::hunt::run(&a).map_err(CliError::from),
         Command::Doctor => crate::doctor::run().map_err(CliError::from),
         Command::GdbScript => std::io::stdout()
             .write_all(gdb::script::SCRIPT.as_bytes())

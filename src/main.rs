@@ -5,6 +5,7 @@ mod cli;
 mod clock_arg;
 mod diff;
 mod doctor;
+mod hunt;
 mod timeline;
 mod words;
 

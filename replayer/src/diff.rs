@@ -562,7 +562,11 @@ pub fn diff(
             // The same kind of input at the same point with another value, or the same input (or a
             // kick, or a switch) elsewhere.
             let same_point = ex.at == ey.at && ex.rip == ey.rip;
-            let valued = !matches!(ex.kind, EventKind::Kick { .. } | EventKind::Switch { .. });
+            // Serial input that differs only in how it was cut into pieces is the same input.
+            let valued = !matches!(
+                ex.kind,
+                EventKind::Kick { .. } | EventKind::Switch { .. } | EventKind::SerialRx { .. }
+            );
             if same_point
                 && valued
                 && std::mem::discriminant(&ex.kind) == std::mem::discriminant(&ey.kind)
