@@ -261,7 +261,7 @@ fn register_and_memory_writes_are_refused_and_the_replay_is_untouched() {
             "$4 = 0xc0ffee",
             "retrovisor: the replay is read-only: it shows what the recording did, so writes to its \
              registers and memory are refused",
-            "`monitor help` lists what can be done",
+            "`monitor go-live` turns it into a live run you can change, and `monitor help` lists what else can be done",
             "Cannot access memory at address 0x",
             "Writing to memory is not allowed (addr 0x",
         ],
