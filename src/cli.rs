@@ -256,6 +256,11 @@ struct ReplayArgs {
     /// are dropped first when it is full.
     #[arg(long, value_name = "MIB", default_value_t = replayer::DEFAULT_SNAPSHOT_MEMORY >> 20, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     snapshot_memory: u64,
+    /// With --gdb: replays a search may run at once, each on a core of its own (default: one per
+    /// core). `monitor history` splits the recording into checkpoint intervals and scans them at once;
+    /// the answer is the same with 1, which keeps every search on the one replay.
+    #[arg(long, value_name = "N", requires = "gdb", value_parser = clap::value_parser!(u64).range(1..=256))]
+    search_workers: Option<u64>,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
     /// going on from the guest's) instead of the recording's, to see what it does then. The trace is
@@ -783,6 +788,9 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
         t.set_clock(clock.clock())?;
     }
     t.set_snapshot_memory((a.snapshot_memory << 20) as usize);
+    if let Some(n) = a.search_workers {
+        t.set_workers(n as usize);
+    }
     if t.replay().positions() == machine::Clock::Landmark {
         // gdb moves by single instructions, backwards too: positions within landmarks.
         t.step_within_landmarks()?;

@@ -102,7 +102,16 @@ fn breakpoints_beyond_the_debug_registers_are_still_hit() {
 
 /// `monitor history` of `updates` (written by every put): (rip, old, new) of each change.
 fn history(trace: &std::path::Path) -> Vec<String> {
-    let mut server = GdbServer::start(trace, &[]);
+    // Positions differ between recordings; the stores and values must not.
+    history_lines(trace, &[])
+        .into_iter()
+        .filter_map(|l| l.split_once(" rip ").map(|(_, rest)| rest.to_string()))
+        .collect()
+}
+
+/// The lines of `monitor history &updates 4` over `trace`, served with `extra` replay arguments.
+fn history_lines(trace: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut server = GdbServer::start(trace, extra);
     let out = gdb_batch(
         server.port,
         &guest("ledger"),
@@ -118,9 +127,9 @@ fn history(trace: &std::path::Path) -> Vec<String> {
         out.contains("is written between these checkpoints"),
         "{out}"
     );
-    // Positions differ between recordings; the stores and values must not.
     out.lines()
-        .filter_map(|l| l.split_once(" rip ").map(|(_, rest)| rest.to_string()))
+        .filter(|l| l.contains(" rip "))
+        .map(str::to_string)
         .collect()
 }
 
@@ -142,6 +151,32 @@ fn monitor_history_finds_the_same_changes_on_both_clocks() {
         "{step:#?}"
     );
     assert_eq!(step, landmark, "the stepped scan and the free one disagree");
+}
+
+#[test]
+fn monitor_history_on_two_cores_answers_as_on_one() {
+    // Checkpoints every 20,000 instructions: many intervals to share out.
+    let dir = scratch("search-history-workers");
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let (trace, _) = record(
+        &dir,
+        "ledger",
+        &[
+            "--clock",
+            "step",
+            "--checkpoint-every",
+            "20000",
+            "--serial-input",
+            input,
+        ],
+    );
+    let one = history_lines(&trace, &["--search-workers", "1"]);
+    let two = history_lines(&trace, &["--search-workers", "2"]);
+    assert!(one.len() > 5, "{one:#?}");
+    assert_eq!(
+        one, two,
+        "the workers found other changes, or in another order"
+    );
 }
 
 #[test]

@@ -152,60 +152,27 @@ fn a_hunt_stops_at_the_first_failure_keeps_it_and_it_replays_to_the_lost_update(
     }
 }
 
+/// `retrovisor hunt --seeds SEEDS -o DIR -- RECORD` that must fail with status 2 and say `reason`.
+fn refused(dir: &Path, seeds: &str, record: &[&str], reason: &str) {
+    let mut args = vec!["hunt", "--seeds", seeds, "-o", s(dir), "--"];
+    args.extend_from_slice(record);
+    let out = rv(&args);
+    assert_eq!(status(&out), 2, "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(reason), "{}", text(&out.stderr));
+}
+
 #[test]
 fn hunt_refuses_what_it_sets_itself_and_empty_ranges() {
     let dir = scratch("hunt-refuse");
     let kernel = guest("smprace");
-    let out = rv(&[
-        "hunt",
-        "--seeds",
+    refused(
+        &dir,
         "0..2",
-        "-o",
-        s(&dir),
-        "--",
-        "--kernel",
-        s(&kernel),
-        "--seed",
-        "4",
-    ]);
-    assert_eq!(status(&out), 2);
-    assert!(
-        text(&out.stderr).contains("give --seed to hunt, not among the record arguments"),
-        "{}",
-        text(&out.stderr)
+        &["--kernel", s(&kernel), "--seed", "4"],
+        "give --seed to hunt, not among the record arguments",
     );
-    let out = rv(&[
-        "hunt",
-        "--seeds",
-        "5..5",
-        "-o",
-        s(&dir),
-        "--",
-        "--kernel",
-        s(&kernel),
-    ]);
-    assert_eq!(status(&out), 2);
-    assert!(
-        text(&out.stderr).contains("holds no seed"),
-        "{}",
-        text(&out.stderr)
-    );
+    refused(&dir, "5..5", &["--kernel", s(&kernel)], "holds no seed");
     // A recording retrovisor itself cannot make ends the hunt with its reason.
     let missing = dir.join("missing.elf");
-    let out = rv(&[
-        "hunt",
-        "--seeds",
-        "0..2",
-        "-o",
-        s(&dir),
-        "--",
-        "--kernel",
-        s(&missing),
-    ]);
-    assert_eq!(status(&out), 2);
-    assert!(
-        text(&out.stderr).contains("missing.elf"),
-        "{}",
-        text(&out.stderr)
-    );
+    refused(&dir, "0..2", &["--kernel", s(&missing)], "missing.elf");
 }

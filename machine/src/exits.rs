@@ -217,13 +217,9 @@ impl Machine {
         out
     }
 
+    /// Sets the registers as an instruction the VMM completed left them.
     pub(crate) fn set_regs(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
-        self.cpu
-            .fd
-            .set_regs(&regs)
-            .map_err(kvm_err("KVM_SET_REGS"))?;
-        self.cpu.regs = regs;
-        self.publish_regs();
+        self.set_general_registers(regs)?;
         self.completed_instruction();
         Ok(())
     }

@@ -468,7 +468,8 @@ impl Machine {
         paging.write_linear(&mut self.mem, addr, data)
     }
 
-    /// Sets the running vCPU's general registers, rip and rflags: a debugger's write into a live run.
+    /// Sets the running vCPU's general registers, rip and rflags: what an instruction the VMM completes
+    /// leaves, or what a debugger writes into a live run.
     pub fn set_general_registers(&mut self, regs: kvm_regs) -> Result<(), MachineError> {
         self.cpu
             .fd

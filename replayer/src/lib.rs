@@ -372,6 +372,11 @@ impl Replayer {
         })
     }
 
+    /// The guest image given instead of the one the trace names, if one was.
+    pub fn image_path(&self) -> Option<&Path> {
+        self.image_path.as_deref()
+    }
+
     /// The trace being replayed.
     pub fn trace(&self) -> &TraceReader {
         &self.trace

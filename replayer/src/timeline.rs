@@ -12,12 +12,13 @@
 pub mod calls;
 pub mod search;
 mod snapshots;
+mod workers;
 
 use crate::{Halt, ReplayError, Replayer};
 use snapshots::{PageMap, Snap, SnapshotCache};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use vocab::{Clock, Position};
 
@@ -39,6 +40,41 @@ pub struct Timeline {
     /// The pages each checkpoint lists, by checkpoint index, read when a search first needs them (None:
     /// the checkpoint cannot be read).
     page_sets: HashMap<usize, Option<Rc<BTreeSet<u64>>>>,
+    /// Replays a search may run at once, each on a core of its own (see [`Timeline::set_workers`]).
+    workers: usize,
+}
+
+/// Memory cap of the snapshot cache of a search's worker: it replays whole checkpoint intervals
+/// forward, so it needs few snapshots.
+const WORKER_SNAPSHOT_MEMORY: usize = 32 << 20;
+
+/// What opens another replay of the same recording, replayed the same way: for a search's workers,
+/// each a replay of its own on a core of its own (a timeline holds a KVM machine and stays on its
+/// thread).
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    dir: PathBuf,
+    image: Option<PathBuf>,
+    /// A landmark trace replayed by single steps throughout (`--clock step`).
+    step_only: bool,
+    /// Positions within landmarks.
+    within: bool,
+}
+
+impl Recipe {
+    /// Opens the replay, at its first checkpoint.
+    pub fn open(&self) -> Result<Timeline, ReplayError> {
+        let mut t = Timeline::open(&self.dir, self.image.as_deref())?;
+        t.set_snapshot_memory(WORKER_SNAPSHOT_MEMORY);
+        if self.step_only {
+            t.set_clock(Clock::Step)?;
+        }
+        if self.within {
+            t.step_within_landmarks()?;
+        }
+        t.workers = 1;
+        Ok(t)
+    }
 }
 
 impl Timeline {
@@ -51,6 +87,7 @@ impl Timeline {
             focus: Position::START,
             clear_runs: Vec::new(),
             page_sets: HashMap::new(),
+            workers: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         };
         timeline.restore_checkpoint(0)?;
         Ok(timeline)
@@ -88,6 +125,31 @@ impl Timeline {
         self.cache = SnapshotCache::new(self.cache.cap_bytes(), Clock::Landmark);
         self.restore_checkpoint(0)?;
         Ok(())
+    }
+
+    /// Lets searches that split into independent pieces run up to `n` replays at once (default: one per
+    /// core); 1 keeps them on this replay alone. The answers are the same either way.
+    pub fn set_workers(&mut self, n: usize) {
+        self.workers = n.max(1);
+    }
+
+    /// How many replays a search may run at once.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// What opens another replay like this one, for a worker.
+    pub fn recipe(&self) -> Recipe {
+        let r = &self.replay;
+        let within = r.steps_within_landmarks();
+        Recipe {
+            dir: r.trace().dir().to_path_buf(),
+            image: r.image_path().map(Path::to_path_buf),
+            step_only: !within
+                && r.positions() == Clock::Landmark
+                && r.machine().clock() == Clock::Step,
+            within,
+        }
     }
 
     /// Sets the memory cap of the in-memory snapshot cache.

@@ -586,7 +586,9 @@ pub enum ListingEnd {
 /// `limit`; the replay is left where it was. Checkpoint intervals whose checkpoints list none of the
 /// watched pages as written are skipped without replaying; the others run free (landmark traces) with
 /// the dirty log read at every landmark, and only the stretches between landmarks that wrote a watched
-/// page are single-stepped. Writes that leave the value as it was are not changes.
+/// page are single-stepped. Writes that leave the value as it was are not changes. With more than one
+/// worker ([`Timeline::set_workers`]), the intervals are scanned at once, each worker a replay of its
+/// own on its own core, and the answer is the same.
 pub fn history(
     t: &mut Timeline,
     (addr, len): (u64, u64),
@@ -604,33 +606,115 @@ pub fn history(
         }],
     };
     let pages = watched_page_list(t.replay().machine(), &stops);
-    let mut changes = Vec::new();
-    let mut end = ListingEnd::Complete;
     let mut bounds = t.replay().checkpoint_positions().to_vec();
     bounds.push(t.replay().end());
-    'intervals: for pair in bounds.windows(2) {
-        let (from, to) = (pair[0], pair[1]);
-        if !pages.is_empty()
-            && t.pages_written(from, to)
-                .is_some_and(|written| pages.iter().all(|p| !written.contains(p)))
-        {
-            continue;
+    let intervals: Vec<(Position, Position)> = bounds
+        .windows(2)
+        .map(|pair| (pair[0], pair[1]))
+        .filter(|&(from, to)| {
+            pages.is_empty()
+                || !t
+                    .pages_written(from, to)
+                    .is_some_and(|written| pages.iter().all(|p| !written.contains(p)))
+        })
+        .collect();
+    let scan = HistoryScan {
+        stops: &stops,
+        pages: &pages,
+        limit,
+    };
+    if t.workers() > 1 && intervals.len() > 1 {
+        let mut total = 0;
+        let (found, end) = super::workers::in_order(
+            &t.recipe(),
+            t.workers(),
+            &intervals,
+            interrupted,
+            |(part, ended): &(Vec<Change>, Option<ListingEnd>)| {
+                total += part.len();
+                total >= limit || ended.is_some()
+            },
+            |t, interval, give_up| {
+                scan.interval(t, interval, &mut std::io::sink(), &mut || give_up())
+            },
+        )?;
+        return Ok(merge_changes(
+            found,
+            end.unwrap_or(ListingEnd::Complete),
+            limit,
+        ));
+    }
+    let mut changes = Vec::new();
+    let mut end = ListingEnd::Complete;
+    for &interval in &intervals {
+        let (found, ended) = scan.interval(t, interval, out, interrupted)?;
+        changes.extend(found);
+        if changes.len() >= limit {
+            changes.truncate(limit);
+            end = ListingEnd::Limit;
+            break;
         }
+        if let Some(ended) = ended {
+            end = ended;
+            break;
+        }
+    }
+    seek_exact(t, here, out)?;
+    Ok((changes, end))
+}
+
+/// The changes the intervals' scans found, in order, cut at `limit`, and how the listing ended.
+fn merge_changes(
+    found: Vec<(Vec<Change>, Option<ListingEnd>)>,
+    end: ListingEnd,
+    limit: usize,
+) -> (Vec<Change>, ListingEnd) {
+    let mut changes = Vec::new();
+    for (part, ended) in found {
+        changes.extend(part);
+        if changes.len() >= limit {
+            changes.truncate(limit);
+            return (changes, ListingEnd::Limit);
+        }
+        if let Some(ended) = ended {
+            return (changes, ended);
+        }
+    }
+    (changes, end)
+}
+
+/// What a history scans one checkpoint interval for.
+struct HistoryScan<'a> {
+    stops: &'a StopSet,
+    pages: &'a [u64],
+    limit: usize,
+}
+
+impl HistoryScan<'_> {
+    /// The changes in the interval `from..to`, at most `limit`; and, if the scan ended early, why.
+    fn interval(
+        &self,
+        t: &mut Timeline,
+        (from, to): (Position, Position),
+        out: &mut dyn Write,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<(Vec<Change>, Option<ListingEnd>), SearchError> {
+        let (stops, pages) = (self.stops, self.pages);
+        let mut changes = Vec::new();
         seek_exact(t, from, out)?;
-        t.wrote_since_probe(&pages)?;
+        t.wrote_since_probe(pages)?;
         let mut info = InstructionInfoFactory::new();
         while t.position() < to {
             // The stretch to step: one instruction (step traces), or up to the next landmark if it
             // wrote a watched page (landmark traces, run free first).
             let start = t.position();
-            let before = watched_bytes(t.replay().machine(), &stops);
+            let before = watched_bytes(t.replay().machine(), stops);
             if t.replay().steps_within_landmarks() {
                 t.run_free_with(&[], out)?;
-                let after = watched_bytes(t.replay().machine(), &stops);
-                if !t.wrote_since_probe(&pages)? && changed(&stops, &before, &after).is_none() {
+                let after = watched_bytes(t.replay().machine(), stops);
+                if !t.wrote_since_probe(pages)? && changed(stops, &before, &after).is_none() {
                     if interrupted() {
-                        end = ListingEnd::Interrupted;
-                        break 'intervals;
+                        return Ok((changes, Some(ListingEnd::Interrupted)));
                     }
                     continue;
                 }
@@ -640,33 +724,31 @@ pub fn history(
             let stop = Position::at(start.count() + 1).min(to);
             while t.position() < stop {
                 let (position, rip) = (t.position(), t.replay().machine().rip());
-                let old = watched_bytes(t.replay().machine(), &stops);
-                let step = step_checked(t, &stops, &mut info, out)?;
+                let old = watched_bytes(t.replay().machine(), stops);
+                let step = step_checked(t, stops, &mut info, out)?;
                 if step.watch.is_some() {
-                    let new = watched_bytes(t.replay().machine(), &stops);
+                    let new = watched_bytes(t.replay().machine(), stops);
                     changes.push(Change {
                         position,
                         rip,
                         old: old[0].clone().unwrap_or_default(),
                         new: new[0].clone().unwrap_or_default(),
                     });
-                    if changes.len() >= limit {
-                        end = ListingEnd::Limit;
-                        break 'intervals;
+                    if changes.len() >= self.limit {
+                        return Ok((changes, Some(ListingEnd::Limit)));
                     }
                 }
                 if !step.advanced {
-                    break 'intervals;
+                    // The recording ends here.
+                    return Ok((changes, Some(ListingEnd::Complete)));
                 }
             }
             if interrupted() {
-                end = ListingEnd::Interrupted;
-                break 'intervals;
+                return Ok((changes, Some(ListingEnd::Interrupted)));
             }
         }
+        Ok((changes, None))
     }
-    seek_exact(t, here, out)?;
-    Ok((changes, end))
 }
 
 /// The guest-physical pages of the watched bytes, as the guest maps them now (None if one is unmapped).
