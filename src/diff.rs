@@ -112,14 +112,6 @@ fn cause_text(parting: &Parting) -> String {
     }
 }
 
-fn byte_text(b: Option<u8>) -> String {
-    match b {
-        Some(b) if b.is_ascii_graphic() || b == b' ' => format!("{:?} ({b:#04x})", b as char),
-        Some(b) => format!("{b:#04x}"),
-        None => "nothing (the input ended)".into(),
-    }
-}
-
 fn text(a: &DiffArgs, report: &Report, symbols: &[Vec<String>]) -> String {
     let clock = report.clock;
     let mut out = vec![
@@ -153,8 +145,8 @@ fn text(a: &DiffArgs, report: &Report, symbols: &[Vec<String>]) -> String {
         out.push(format!(
             "  Serial input byte {n} (the {}th) is {} in A, {} in B.",
             n + 1,
-            byte_text(x),
-            byte_text(y)
+            diff::show_byte(x),
+            diff::show_byte(y)
         ));
     }
     for (name, d) in [("A", &p.a), ("B", &p.b)] {

@@ -307,6 +307,15 @@ fn describe_kind(kind: &EventKind) -> String {
     }
 }
 
+/// A byte of serial input as a user reads it: `'c' (0x63)`, `0x0a`, or that the input had ended.
+pub fn show_byte(b: Option<u8>) -> String {
+    match b {
+        Some(b) if b.is_ascii_graphic() || b == b' ' => format!("{:?} ({b:#04x})", b as char),
+        Some(b) => format!("{b:#04x}"),
+        None => "nothing (the input ended)".into(),
+    }
+}
+
 /// The serial input a recording received, in order.
 fn serial_stream(events: &[Event]) -> Vec<u8> {
     events
@@ -543,19 +552,32 @@ pub fn diff(
         Some(i) => (differing(ea, i), differing(eb, i)),
         None => (None, None),
     };
-    let serial_byte = [&da, &db]
+    // The first byte where the serial inputs differ, if they do; it is the cause only if the first
+    // differing events carry it.
+    let (sa, sb) = (serial_stream(ea), serial_stream(eb));
+    let n = sa
         .iter()
-        .any(|d| d.as_ref().is_some_and(|d| d.what.contains("serial input")))
-        .then(|| {
-            let (sa, sb) = (serial_stream(ea), serial_stream(eb));
-            let n = sa
-                .iter()
-                .zip(&sb)
-                .position(|(x, y)| x != y)
-                .unwrap_or(sa.len().min(sb.len()));
-            (n as u64, sa.get(n).copied(), sb.get(n).copied())
+        .zip(&sb)
+        .position(|(x, y)| x != y)
+        .unwrap_or(sa.len().min(sb.len()));
+    let differing_byte =
+        (sa.get(n) != sb.get(n)).then(|| (n as u64, sa.get(n).copied(), sb.get(n).copied()));
+    let before: usize = first.map_or(0, |i| serial_stream(&ea[..i.min(ea.len())]).len());
+    let carried = |events: &[Event], d: &Option<Differing>| {
+        d.as_ref().is_some_and(|d| match &events[d.index].kind {
+            EventKind::SerialRx { bytes } => (before..before + bytes.len()).contains(&n),
+            _ => false,
         })
-        .filter(|(_, x, y)| x != y);
+    };
+    let serial_byte = differing_byte.filter(|_| carried(ea, &da) || carried(eb, &db));
+    if let (Some((n, x, y)), None) = (differing_byte, serial_byte) {
+        notes.push(format!(
+            "their serial inputs differ too, from byte {n} on ({} in A, {} in B), which the guests \
+             took in later",
+            show_byte(x),
+            show_byte(y)
+        ));
+    }
     let cause = match (&da, &db) {
         (Some(x), Some(y)) if serial_byte.is_none() => {
             let (ex, ey) = (&ea[x.index], &eb[y.index]);
