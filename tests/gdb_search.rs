@@ -23,7 +23,16 @@ fn store_line() -> usize {
 /// gdb on a ledger trace: to `check_guard` at the end, then `watch guard` and reverse-continue, then
 /// `after`. The server (for its exit) and what gdb printed.
 fn back_to_the_store(trace: &std::path::Path, after: &[&str]) -> (GdbServer, String) {
-    let server = GdbServer::start(trace, &[]);
+    back_to_the_store_with(trace, &[], after)
+}
+
+/// [`back_to_the_store`], the server started with `extra` replay arguments.
+fn back_to_the_store_with(
+    trace: &std::path::Path,
+    extra: &[&str],
+    after: &[&str],
+) -> (GdbServer, String) {
+    let server = GdbServer::start(trace, extra);
     let mut commands = vec![
         "break check_guard",
         "continue",
@@ -151,6 +160,42 @@ fn monitor_history_finds_the_same_changes_on_both_clocks() {
         "{step:#?}"
     );
     assert_eq!(step, landmark, "the stepped scan and the free one disagree");
+}
+
+#[test]
+fn reverse_continue_on_two_cores_stops_where_it_does_on_one() {
+    // Checkpoints every 20,000 instructions: the store lies many intervals back.
+    let dir = scratch("search-reverse-workers");
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let (trace, _) = record(
+        &dir,
+        "ledger",
+        &[
+            "--clock",
+            "step",
+            "--checkpoint-every",
+            "20000",
+            "--serial-input",
+            input,
+        ],
+    );
+    let stops: Vec<String> = ["1", "2"]
+        .iter()
+        .map(|workers| {
+            let (mut server, out) = back_to_the_store_with(
+                &trace,
+                &["--search-workers", workers],
+                &["monitor when", "detach"],
+            );
+            assert_eq!(server.wait_exit(10), Some(0), "{}", server.stderr());
+            assert!(out.contains(&format!("ledger.c:{}", store_line())), "{out}");
+            out.lines()
+                .find(|l| l.starts_with("icount "))
+                .unwrap_or_else(|| panic!("no position: {out}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(stops[0], stops[1]);
 }
 
 #[test]

@@ -804,23 +804,24 @@ pub fn run_backward(
     };
     // Positions from `clear` up to the start have been scanned and hold no hit.
     let mut clear = start;
+    // The nearest interval is scanned here, where snapshots make it short; farther back, with more
+    // than one worker, the checkpoint intervals are scanned at once.
+    let mut near = true;
+    let far = Far {
+        stops,
+        hw: hw.as_deref(),
+        watched_pages: watched_pages.as_ref(),
+    };
     if !stops.is_empty() {
         while clear > Position::START {
+            if !near && t.workers() > 1 {
+                return far.run_backward(t, clear, out, &mut poll);
+            }
+            near = false;
             let from = interval_start(t, clear);
-            // Skipped without replaying: no watched page written in it, and every breakpoint known
-            // not to be hit there (a free run forward passed through it with them armed).
-            if let Some(pages) = &watched_pages {
-                let breakpoints_clear = stops
-                    .breakpoints
-                    .iter()
-                    .all(|&rip| t.known_clear(rip, from, clear));
-                if breakpoints_clear
-                    && t.pages_written(from, clear)
-                        .is_some_and(|written| pages.is_disjoint(&written))
-                {
-                    clear = from;
-                    continue;
-                }
+            if far.skippable(t, from, clear) {
+                clear = from;
+                continue;
             }
             let scanned = match &hw {
                 Some(hw) => scan_free(t, stops, hw, (from, clear), out, &mut poll)?,
@@ -841,6 +842,90 @@ pub fn run_backward(
     }
     seek_exact(t, Position::START, out)?;
     Ok(Outcome::Begin)
+}
+
+/// What a reverse search looks for in the checkpoint intervals far back, on workers.
+struct Far<'a> {
+    stops: &'a StopSet,
+    hw: Option<&'a [u64]>,
+    watched_pages: Option<&'a BTreeSet<u64>>,
+}
+
+impl Far<'_> {
+    /// [`run_backward`] from `clear` back to the start, one checkpoint interval per worker at once,
+    /// latest first; the first interval in that order with a hit holds the answer, as it would for a
+    /// single replay scanning them one after another.
+    fn run_backward(
+        &self,
+        t: &mut Timeline,
+        mut clear: Position,
+        out: &mut dyn Write,
+        poll: &mut Poll<'_>,
+    ) -> Result<Outcome, SearchError> {
+        let checkpoints = t.replay().checkpoint_positions().to_vec();
+        let mut intervals = Vec::new();
+        let mut to = clear;
+        for &from in checkpoints.iter().rev().filter(|&&c| c < clear) {
+            if !self.skippable(t, from, to) {
+                intervals.push((from, to));
+            }
+            to = from;
+        }
+        let (stops, hw) = (self.stops, self.hw);
+        let (scanned, end) = super::workers::in_order(
+            &t.recipe(),
+            t.workers(),
+            &intervals,
+            &mut *poll.interrupted,
+            |scan: &Scan| !matches!(scan, Scan::Nothing),
+            |wt, interval, give_up| {
+                let mut give_up = || give_up();
+                let mut poll = Poll {
+                    steps: 0,
+                    interrupted: &mut give_up,
+                };
+                let out = &mut std::io::sink();
+                match hw {
+                    Some(hw) => scan_free(wt, stops, hw, interval, out, &mut poll),
+                    None => scan(wt, stops, interval, out, &mut poll),
+                }
+            },
+        )?;
+        for (scan, &(from, _)) in scanned.iter().zip(&intervals) {
+            match scan {
+                Scan::Found(position, hit) => {
+                    seek_exact(t, *position, out)?;
+                    return Ok(Outcome::Hit(*hit));
+                }
+                Scan::Interrupted => {
+                    seek_exact(t, clear, out)?;
+                    return Ok(Outcome::Interrupted);
+                }
+                Scan::Nothing => clear = from,
+            }
+        }
+        if end == Some(ListingEnd::Interrupted) {
+            seek_exact(t, clear, out)?;
+            return Ok(Outcome::Interrupted);
+        }
+        seek_exact(t, Position::START, out)?;
+        Ok(Outcome::Begin)
+    }
+
+    /// Whether `from..to` can hold no hit, known without replaying it: no watched page written in it,
+    /// and every breakpoint known not to be hit there (a free run forward passed through it with them
+    /// armed).
+    fn skippable(&self, t: &mut Timeline, from: Position, to: Position) -> bool {
+        let Some(pages) = self.watched_pages else {
+            return false;
+        };
+        self.stops
+            .breakpoints
+            .iter()
+            .all(|&rip| t.known_clear(rip, from, to))
+            && t.pages_written(from, to)
+                .is_some_and(|written| pages.is_disjoint(&written))
+    }
 }
 
 /// Moves to `target` (clamped to the recording) and says whether that is the end of the recording.
