@@ -36,7 +36,7 @@ pub struct Function {
 impl Function {
     /// The function `what` names in `image`: a symbol, or an address (`0x1234`, `*0x1234`).
     pub fn find(image: &[u8], symbols: &Symbols, what: &str) -> Result<Function, CallsError> {
-        let parsed = crate::target::parse_number(what.strip_prefix('*').unwrap_or(what));
+        let parsed = crate::number::parse_number(what.strip_prefix('*').unwrap_or(what));
         let (name, entry) = match parsed {
             Some(a) => (
                 symbols

@@ -24,6 +24,7 @@ mod arch;
 pub mod calls;
 mod console;
 pub mod live;
+mod number;
 mod recover;
 pub mod script;
 mod target;

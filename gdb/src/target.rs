@@ -5,6 +5,7 @@
 use crate::arch::{in_long_mode, GuestArch};
 use crate::console;
 use crate::live::{LiveMotion, LiveRun, LiveSetup, LiveStop};
+use crate::number::parse_number;
 use crate::recover::{recover, Motion};
 use crate::wire::{recv_now, Wire};
 use boot::symbols::Symbols;
@@ -757,14 +758,6 @@ fn peeked(peer: &TcpStream) -> bool {
 fn hex_value(bytes: &[u8]) -> String {
     let digits: String = bytes.iter().rev().map(|b| format!("{b:02x}")).collect();
     format!("0x{digits}")
-}
-
-/// A decimal or 0x-prefixed hexadecimal number.
-pub(crate) fn parse_number(s: &str) -> Option<u64> {
-    match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
-    }
 }
 
 /// A position as `monitor seek` takes it: as `monitor when` prints it, with or without its unit word

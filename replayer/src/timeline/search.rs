@@ -625,7 +625,7 @@ pub fn history(
     };
     if t.workers() > 1 && intervals.len() > 1 {
         let mut total = 0;
-        let (found, end) = super::workers::in_order(
+        let (found, interrupted) = super::workers::in_order(
             &t.recipe(),
             t.workers(),
             &intervals,
@@ -638,11 +638,12 @@ pub fn history(
                 scan.interval(t, interval, &mut std::io::sink(), &mut || give_up())
             },
         )?;
-        return Ok(merge_changes(
-            found,
-            end.unwrap_or(ListingEnd::Complete),
-            limit,
-        ));
+        let end = if interrupted {
+            ListingEnd::Interrupted
+        } else {
+            ListingEnd::Complete
+        };
+        return Ok(merge_changes(found, end, limit));
     }
     let mut changes = Vec::new();
     let mut end = ListingEnd::Complete;
@@ -872,7 +873,7 @@ impl Far<'_> {
             to = from;
         }
         let (stops, hw) = (self.stops, self.hw);
-        let (scanned, end) = super::workers::in_order(
+        let (scanned, interrupted) = super::workers::in_order(
             &t.recipe(),
             t.workers(),
             &intervals,
@@ -904,7 +905,7 @@ impl Far<'_> {
                 Scan::Nothing => clear = from,
             }
         }
-        if end == Some(ListingEnd::Interrupted) {
+        if interrupted {
             seek_exact(t, clear, out)?;
             return Ok(Outcome::Interrupted);
         }

@@ -2,8 +2,8 @@
 //! a replay of its own (its own KVM machine, on its own thread, opened from a [`Recipe`]), and the
 //! answers taken back in the order of the pieces, so the result is the one a single replay would give.
 
-use super::search::{ListingEnd, SearchError};
 use super::{Recipe, Timeline};
+use crate::ReplayError;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
@@ -12,22 +12,23 @@ use std::time::Duration;
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Carries out `work` on each of `items` with `workers` replays at once, and returns the results of
-/// the items in order: all of them, or up to the first for which `done` says the search is over (then
-/// None), or those before the first not finished when `interrupted` said to stop (then
-/// [`ListingEnd::Interrupted`]). An error ends the search at the first item, in order, that failed.
-/// `work` gets a callback that says whether to give up its item (the search is over or interrupted).
-pub(crate) fn in_order<I, R, W>(
+/// the items in order: all of them, or up to the first for which `done` says the search is over, or
+/// those before the first not finished when `interrupted` said to stop (then with `true`). An error
+/// ends the search at the first item, in order, that failed. `work` gets a callback that says whether
+/// to give up its item (the search is over or interrupted).
+pub(crate) fn in_order<I, R, E, W>(
     recipe: &Recipe,
     workers: usize,
     items: &[I],
     interrupted: &mut dyn FnMut() -> bool,
     mut done: impl FnMut(&R) -> bool,
     work: W,
-) -> Result<(Vec<R>, Option<ListingEnd>), SearchError>
+) -> Result<(Vec<R>, bool), E>
 where
     I: Copy + Sync,
     R: Send,
-    W: Fn(&mut Timeline, I, &dyn Fn() -> bool) -> Result<R, SearchError> + Sync,
+    E: From<ReplayError> + Send,
+    W: Fn(&mut Timeline, I, &dyn Fn() -> bool) -> Result<R, E> + Sync,
 {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -40,7 +41,7 @@ where
                 let mut t = match recipe.open() {
                     Ok(t) => t,
                     Err(e) => {
-                        let _ = tx.send((None, Err(SearchError::from(e))));
+                        let _ = tx.send((None, Err(E::from(e))));
                         return;
                     }
                 };
@@ -61,7 +62,7 @@ where
             stop.store(true, Ordering::SeqCst);
             result
         };
-        let mut results: Vec<Option<Result<R, SearchError>>> = (0..n).map(|_| None).collect();
+        let mut results: Vec<Option<Result<R, E>>> = (0..n).map(|_| None).collect();
         let mut in_order = Vec::new();
         loop {
             match rx.recv_timeout(POLL_INTERVAL) {
@@ -71,10 +72,10 @@ where
                 Ok((None, Ok(_))) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     if interrupted() {
-                        return over(Ok((in_order, Some(ListingEnd::Interrupted))));
+                        return over(Ok((in_order, true)));
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => return over(Ok((in_order, None))),
+                Err(RecvTimeoutError::Disconnected) => return over(Ok((in_order, false))),
             }
             while let Some(result) = results.get_mut(in_order.len()).and_then(Option::take) {
                 let result = match result {
@@ -84,7 +85,7 @@ where
                 let finished = done(&result);
                 in_order.push(result);
                 if finished || in_order.len() == n {
-                    return over(Ok((in_order, None)));
+                    return over(Ok((in_order, false)));
                 }
             }
         }
