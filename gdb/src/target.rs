@@ -654,8 +654,8 @@ impl<A: GuestArch> ReplayTarget<A> {
                 _ => {
                     outputln!(
                         out,
-                        "{cmd:?} works on the replay, and this session is live now (branched at {}): \
-                         detach and replay again for it",
+                        "{cmd:?} works on the replay, and this session is {} now: detach and replay \
+                         again for it",
                         self.position()
                     );
                     return Ok(());
