@@ -952,9 +952,11 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
     );
     if let Some(b) = &h.branched_from {
         println!(
-            "branched from: {} (recorded at {} s since the epoch) at {}, by going live there: it starts \
-             from that replay's state, not from boot",
-            b.trace, b.trace_created_unix_secs, b.position
+            "branched from: {} (recorded {}) at {}, by going live there: it starts from that replay's \
+             state, not from boot",
+            b.trace,
+            words::utc(b.trace_created_unix_secs),
+            b.position
         );
     }
     if let Some(seed) = h.chaos_seed {
