@@ -162,23 +162,26 @@ fn monitor_history_finds_the_same_changes_on_both_clocks() {
     assert_eq!(step, landmark, "the stepped scan and the free one disagree");
 }
 
+/// The short ledger recorded with the step clock and checkpoints every 20,000 instructions: many
+/// checkpoint intervals for a search to share out among workers.
+fn ledger_in_short_intervals(name: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
+    let flags = [
+        "--clock",
+        "step",
+        "--checkpoint-every",
+        "20000",
+        "--serial-input",
+        input,
+    ];
+    record(&dir, "ledger", &flags).0
+}
+
 #[test]
 fn reverse_continue_on_two_cores_stops_where_it_does_on_one() {
-    // Checkpoints every 20,000 instructions: the store lies many intervals back.
-    let dir = scratch("search-reverse-workers");
-    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
-    let (trace, _) = record(
-        &dir,
-        "ledger",
-        &[
-            "--clock",
-            "step",
-            "--checkpoint-every",
-            "20000",
-            "--serial-input",
-            input,
-        ],
-    );
+    // The store lies many checkpoint intervals back.
+    let trace = ledger_in_short_intervals("search-reverse-workers");
     let stops: Vec<String> = ["1", "2"]
         .iter()
         .map(|workers| {
@@ -200,21 +203,7 @@ fn reverse_continue_on_two_cores_stops_where_it_does_on_one() {
 
 #[test]
 fn monitor_history_on_two_cores_answers_as_on_one() {
-    // Checkpoints every 20,000 instructions: many intervals to share out.
-    let dir = scratch("search-history-workers");
-    let input = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/guests/ledger-short.txt");
-    let (trace, _) = record(
-        &dir,
-        "ledger",
-        &[
-            "--clock",
-            "step",
-            "--checkpoint-every",
-            "20000",
-            "--serial-input",
-            input,
-        ],
-    );
+    let trace = ledger_in_short_intervals("search-history-workers");
     let one = history_lines(&trace, &["--search-workers", "1"]);
     let two = history_lines(&trace, &["--search-workers", "2"]);
     assert!(one.len() > 5, "{one:#?}");

@@ -107,7 +107,7 @@ fn gdb_goes_live_fixes_the_clobbered_guard_and_the_recorded_what_if_replays_exac
     assert_eq!(status(&info), 0, "{}", text(&info.stderr));
     let info = text(&info.stdout);
     assert!(
-        info.contains(&format!("branched from: {} (recorded at", trace.display()))
+        info.contains(&format!("branched from: {} (recorded 20", trace.display()))
             && info.contains(&format!("at {branched_at}, by going live there")),
         "info does not name {branched_at}:\n{info}"
     );
