@@ -135,8 +135,11 @@ fn output_path(dir: &Path, seed: u64) -> PathBuf {
     dir.join(format!("seed-{seed}.out"))
 }
 
-/// Records seed `seed` into `dir`; its exit status and what it printed on stderr.
-fn record_one(exe: &Path, args: &HuntArgs, seed: u64) -> Result<(i32, Vec<u8>), HuntError> {
+/// How one recording ended: its exit status, what it printed on stderr, and whether it failed.
+type Ended = (i32, Vec<u8>, Verdict);
+
+/// Records seed `seed` into `dir`, and judges it.
+fn record_one(exe: &Path, args: &HuntArgs, seed: u64) -> Result<Ended, HuntError> {
     let out_path = output_path(&args.output, seed);
     let output = std::fs::File::create(&out_path).map_err(|source| HuntError::Output {
         path: out_path.clone(),
@@ -155,7 +158,9 @@ fn record_one(exe: &Path, args: &HuntArgs, seed: u64) -> Result<(i32, Vec<u8>), 
             exe: exe.to_path_buf(),
             source,
         })?;
-    Ok((done.status.code().unwrap_or(EXIT_INTERRUPTED), done.stderr))
+    let status = done.status.code().unwrap_or(EXIT_INTERRUPTED);
+    let output = std::fs::read(&out_path).unwrap_or_default();
+    Ok((status, done.stderr, verdict(args, status, &output)))
 }
 
 /// Whether a recording that ended with `status` and printed `output` failed.
@@ -200,12 +205,21 @@ pub fn run(args: &HuntArgs) -> Result<i32, HuntError> {
     let (first, end) = args.seeds;
     let next = Arc::new(AtomicU64::new(first));
     let stop = Arc::new(AtomicBool::new(false));
+    // Failures so far, counted where each recording ends: a worker that records a failure stops the
+    // others from starting one more before the next seed is drawn.
+    let failures = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
     let mut results: BTreeMap<u64, Recorded> = BTreeMap::new();
     let mut error = None;
     std::thread::scope(|scope| {
         for _ in 0..jobs.min((end - first) as usize) {
-            let (next, stop, tx, exe) = (next.clone(), stop.clone(), tx.clone(), &exe);
+            let (next, stop, failures, tx, exe) = (
+                next.clone(),
+                stop.clone(),
+                failures.clone(),
+                tx.clone(),
+                &exe,
+            );
             scope.spawn(move || loop {
                 if stop.load(Ordering::SeqCst) || recorder::stop_requested() {
                     return;
@@ -214,15 +228,24 @@ pub fn run(args: &HuntArgs) -> Result<i32, HuntError> {
                 if seed >= end {
                     return;
                 }
-                if tx.send((seed, record_one(exe, args, seed))).is_err() {
+                let ended = record_one(exe, args, seed);
+                let failed = ended.as_ref().is_ok_and(|(status, _, v)| {
+                    *v == Verdict::Failed && !matches!(*status, EXIT_ERROR | EXIT_INTERRUPTED)
+                });
+                if failed
+                    && failures.fetch_add(1, Ordering::SeqCst) + 1 >= args.failures
+                    && !args.all
+                {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                if tx.send((seed, ended)).is_err() {
                     return;
                 }
             });
         }
         drop(tx);
-        let mut failed = 0;
         for (seed, done) in rx {
-            let (status, stderr) = match done {
+            let (status, stderr, verdict) = match done {
                 Ok(done) => done,
                 Err(e) => {
                     error.get_or_insert(e);
@@ -240,17 +263,11 @@ pub fn run(args: &HuntArgs) -> Result<i32, HuntError> {
                 stop.store(true, Ordering::SeqCst);
                 continue;
             }
-            let output = std::fs::read(output_path(&args.output, seed)).unwrap_or_default();
-            let verdict = verdict(args, status, &output);
             if verdict == Verdict::Failed {
-                failed += 1;
                 eprintln!(
                     "retrovisor: hunt: seed {seed} failed (status {status}): {}",
                     trace_path(&args.output, seed).display()
                 );
-                if !args.all && failed >= args.failures {
-                    stop.store(true, Ordering::SeqCst);
-                }
             }
             results.insert(
                 seed,
