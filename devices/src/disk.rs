@@ -271,6 +271,11 @@ impl Disk {
         self.sectors() * SECTOR_SIZE
     }
 
+    /// The image under the overlay, as the machine was given it.
+    pub fn image(&self) -> &DiskImage {
+        &self.image
+    }
+
     /// The guest's writes so far.
     pub fn overlay(&self) -> &Overlay {
         &self.overlay

@@ -348,9 +348,13 @@ impl Replayer {
                 .map(|pfn| (pfn as u64, memory.page(pfn)))
                 .filter(|(_, data)| data.iter().any(|&b| b != 0)),
         )?;
-        let disks = (0..self.trace.header().disks.len())
-            .map(|i| self.trace.read_disk(i))
-            .collect::<Result<_, _>>()?;
+        // The images the machine was built with: the trace's copies, read and checked once.
+        let disks = machine
+            .devices
+            .disks
+            .iter()
+            .map(|d| d.disk().image().bytes().to_vec())
+            .collect();
         let time_ns = self.trace.events()[..self.host.cursor()]
             .iter()
             .rev()
