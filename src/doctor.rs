@@ -1,7 +1,8 @@
 //! `retrovisor doctor`: what this host can do for retrovisor and what that means for the user. KVM usable
-//! or not (and why not, in one line, when retrovisor cannot run at all), which kind of KVM, PMU or not, the
-//! KVM capabilities retrovisor uses, the measured single-step and free-run rates, the clocks, and the
-//! quirks the machine works around, each measured with a few bytes of guest code.
+//! or not (and why not, in one line, when retrovisor cannot run at all), which kind of KVM, whether it
+//! has a counter of the guest's conditional branches for a pmu clock (and if not, why not), the KVM
+//! capabilities retrovisor uses, the measured single-step and free-run rates, the clocks, and the quirks
+//! the machine works around, each measured with a few bytes of guest code.
 
 mod host;
 
@@ -82,7 +83,8 @@ pub fn run() -> Result<i32, DoctorError> {
         "kind",
         &format!("{}: {}", kind.name(), kind.meaning()),
     )?;
-    if flags.iter().any(|f| f == "hypervisor") {
+    let in_vm = flags.iter().any(|f| f == "hypervisor");
+    if in_vm {
         field(
             &mut out,
             "host",
@@ -101,8 +103,8 @@ pub fn run() -> Result<i32, DoctorError> {
         &mut out,
         "host: yes (this host's own CPUID; its traces replay only on hosts with the same features)",
     )?;
-    let pmu = host::pmu();
-    field(&mut out, "PMU", &describe_pmu(&pmu))?;
+    let pmu = host::branch_counter(&cpu, kind, in_vm);
+    field(&mut out, "PMU", &pmu.summary())?;
 
     let caps = kvm.capabilities()?;
     write_capabilities(&mut out, &caps)?;
@@ -158,14 +160,13 @@ pub fn run() -> Result<i32, DoctorError> {
     )?;
     continuation(
         &mut out,
-        &format!(
-            "pmu: not built into this retrovisor{}",
-            match pmu {
-                host::Pmu::Present => " (this host has a PMU it could use)",
-                host::Pmu::Absent(_) => ", and this host has no PMU for it",
-                host::Pmu::Refused(_) => "",
-            }
-        ),
+        &match pmu.verdict() {
+            Ok(event) => format!(
+                "pmu: available (the guest's retired conditional branches, {event}), not yet used by \
+                 record"
+            ),
+            Err(why) => format!("pmu: unavailable: {why}; record uses the landmark clock"),
+        },
     )?;
 
     let mut quirks = vec![
@@ -281,22 +282,6 @@ fn write_capabilities(out: &mut dyn Write, caps: &[Capability]) -> std::io::Resu
         )?;
     }
     Ok(())
-}
-
-fn describe_pmu(pmu: &host::Pmu) -> String {
-    match pmu {
-        host::Pmu::Present => {
-            "present (a hardware instruction counter opened); no retrovisor clock uses it yet".into()
-        }
-        host::Pmu::Absent(e) => format!(
-            "absent (perf_event_open of a hardware instruction counter: {e}): no performance-counter \
-             clock here; the step and landmark clocks need none"
-        ),
-        host::Pmu::Refused(e) => format!(
-            "unknown: perf_event_open was refused ({e}; see /proc/sys/kernel/perf_event_paranoid); the \
-             step and landmark clocks need no PMU"
-        ),
-    }
 }
 
 /// A report line: `name:` padded to a column, then the text.
