@@ -261,6 +261,12 @@ struct ReplayArgs {
     /// the answer is the same with 1, which keeps every search on the one replay.
     #[arg(long, value_name = "N", requires = "gdb", value_parser = clap::value_parser!(u64).range(1..=256))]
     search_workers: Option<u64>,
+    /// Execute every stretch between a landmark and a kick point rather than jumping over it by its
+    /// waypoint (the machine as the recording saw it there, which landmark recordings save where the guest
+    /// ran a while without exits). Slower, as slow as the recording's breakpoint searches make it; it checks
+    /// that those stretches replay too, which a jump takes on trust until the next kick's fingerprint.
+    #[arg(long, conflicts_with = "gdb")]
+    no_waypoints: bool,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
     /// going on from the guest's) instead of the recording's, to see what it does then. The trace is
@@ -683,6 +689,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
     if let Some(clock) = a.clock {
         r.set_clock(clock.clock())?;
     }
+    r.set_waypoints(!a.no_waypoints);
     check_range(a, &r)?;
     warn_if_cut_off(&r);
     if let Some(from) = a.from {
@@ -718,8 +725,12 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         } else {
             String::new()
         };
+        let jumps = match r.waypoint_jumps() {
+            0 => String::new(),
+            n => format!(", {n} kick points reached by their waypoints"),
+        };
         say(format_args!(
-            "retrovisor: replay matched the recording: {} {}{stepped}, output identical ({} bytes, sha256 {})",
+            "retrovisor: replay matched the recording: {} {}{stepped}{jumps}, output identical ({} bytes, sha256 {})",
             r.end().count(),
             words::counted(Some(r.positions())),
             s.output_bytes,
@@ -1071,15 +1082,25 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
             t.ignored_checkpoints()
         );
     }
+    let (waypoints, waypoint_bytes, waypoint_problem) = t.waypoint_summary();
+    if waypoint_bytes > 0 {
+        println!(
+            "waypoints:     {waypoints}, {waypoint_bytes} bytes (kick points a replay jumps to instead of \
+             running the guest there)"
+        );
+    }
+    if let Some(problem) = waypoint_problem {
+        println!("               the rest cannot be read ({problem}): replay finds those kick points by running the guest");
+    }
     let per_m = |b: u64| b as f64 * 1e6 / end.max(1) as f64;
     println!(
         "event stream:  {event_bytes} bytes ({:.1} bytes per million {counted})",
         per_m(event_bytes)
     );
+    let total = event_bytes + checkpoint_bytes + waypoint_bytes;
     println!(
-        "total:         {} bytes ({:.1} bytes per million {counted})",
-        event_bytes + checkpoint_bytes,
-        per_m(event_bytes + checkpoint_bytes)
+        "total:         {total} bytes ({:.1} bytes per million {counted})",
+        per_m(total)
     );
     if a.verify {
         let mut t = t;

@@ -18,6 +18,8 @@ fn record_and_replay(
     for _ in 0..times {
         assert_replays(&trace, &rec);
     }
+    // Executing every stretch instead of jumping over it by its waypoint gives the same run.
+    assert_replays_with(&trace, &rec, &["--no-waypoints"]);
     assert_replays_with(&trace, &rec, &["--clock", "step"]);
     (trace, rec)
 }
@@ -50,6 +52,93 @@ fn timer_interrupts_in_a_compute_loop_replay_exactly() {
         text(&rec.stdout)
     );
     assert!(events_of(&trace, "kick") > 0, "no kick was recorded");
+}
+
+/// The waypoint count `info` gives, and the kick points a replay reached by them.
+fn waypoints(trace: &std::path::Path) -> (u64, u64) {
+    let info = text(&rv(&["info", trace.to_str().unwrap()]).stdout);
+    let count = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("waypoints:")?
+                .trim()
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let o = replay(trace, &[]);
+    let err = text(&o.stderr);
+    let jumps = err
+        .split(", ")
+        .find_map(|p| {
+            p.strip_suffix(" kick points reached by their waypoints")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    (count, jumps)
+}
+
+#[test]
+fn kick_points_after_long_stretches_are_reached_by_waypoints_and_damage_only_costs_time() {
+    let dir = scratch("lm-waypoints");
+    let (trace, rec) = record_and_replay(&dir, "timer", &[], 1);
+    // The timer guest computes for milliseconds without exits: its kick points get waypoints, and a
+    // replay jumps to each instead of running to it.
+    let (count, jumps) = waypoints(&trace);
+    assert!(count > 0, "no waypoint was recorded");
+    assert_eq!(jumps, count, "the replay did not use every waypoint");
+    let verify = rv(&["info", "--verify", trace.to_str().unwrap()]);
+    assert_eq!(status(&verify), 0, "{}", text(&verify.stdout));
+
+    // A damaged record: that one kick point is searched for, with a warning, and the replay is exact.
+    let copy = |name: &str| {
+        let dest = dir.join(name);
+        let o = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&trace)
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        dest
+    };
+    let damaged = copy("damaged.rvt");
+    let file = damaged.join("waypoints.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let o = replay(&damaged, &[]);
+    let err = text(&o.stderr);
+    assert_eq!(o.stdout, rec.stdout, "{err}");
+    assert_eq!(status(&o), status(&rec), "{err}");
+    assert!(
+        err.contains("waypoints.bin: the waypoint at byte")
+            && err.contains("searching for the kick point instead"),
+        "{err}"
+    );
+    let verify = rv(&["info", "--verify", damaged.to_str().unwrap()]);
+    assert_eq!(status(&verify), 2, "{}", text(&verify.stdout));
+    assert!(text(&verify.stdout).contains("waypoints.bin"));
+
+    // A file cut short, as a killed recording leaves it: the records before the cut are used.
+    let cut = copy("cut.rvt");
+    let file = cut.join("waypoints.bin");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let (kept, jumps) = waypoints(&cut);
+    assert_eq!((kept, jumps), (count - 1, count - 1));
+    assert_replays(&cut, &rec);
+    let verify = rv(&["info", "--verify", cut.to_str().unwrap()]);
+    assert_eq!(status(&verify), 0, "{}", text(&verify.stdout));
 }
 
 #[test]

@@ -163,6 +163,11 @@ impl Machine {
         self.apply_debug(None)
     }
 
+    /// Whether stops of [`Machine::arm`] are armed.
+    pub fn armed(&self) -> bool {
+        !self.breakpoints.is_empty()
+    }
+
     /// Removes the breakpoints of [`Machine::arm`].
     pub fn disarm(&mut self) -> Result<(), MachineError> {
         self.breakpoints.clear();

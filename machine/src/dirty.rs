@@ -1,5 +1,5 @@
-//! Which pages of guest RAM were written, since a checkpoint, since the last take and since a probe (KVM's
-//! dirty log plus what the VMM wrote itself), and the digests over RAM that rest on them.
+//! Which pages of guest RAM were written, since a checkpoint, since the last take, since a probe and since
+//! a waypoint (KVM's dirty log plus what the VMM wrote itself), and the digests over RAM that rest on them.
 
 use crate::vm::{kvm_err, Machine, MachineError, MEM_SLOT};
 
@@ -56,20 +56,19 @@ impl Machine {
             .get_dirty_log(MEM_SLOT, self.mem.size() as usize)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
         let vmm_dirty = self.mem.take_vmm_dirty();
-        for (i, ((mark, take), probe)) in self
-            .dirty_since_mark
-            .iter_mut()
-            .zip(self.dirty_since_take.iter_mut())
-            .zip(self.dirty_since_probe.iter_mut())
-            .enumerate()
-        {
-            let fresh = kvm_dirty.get(i).copied().unwrap_or(0) | vmm_dirty[i];
-            *mark |= fresh;
-            *take |= fresh;
-            *probe |= fresh;
-            self.stale_hashes[i] |= fresh;
+        for (i, &vmm) in vmm_dirty.iter().enumerate() {
+            self.mark_written(i, kvm_dirty.get(i).copied().unwrap_or(0) | vmm);
         }
         Ok(())
+    }
+
+    /// Adds the pages of bitmap word `i` set in `fresh` to every dirty set, as written by the guest.
+    pub(crate) fn mark_written(&mut self, i: usize, fresh: u64) {
+        self.dirty_since_mark[i] |= fresh;
+        self.dirty_since_take[i] |= fresh;
+        self.dirty_since_probe[i] |= fresh;
+        self.dirty_since_waypoint[i] |= fresh;
+        self.stale_hashes[i] |= fresh;
     }
 
     /// Page frames written since the last snapshot, restore or call of this (by the guest, per KVM's dirty
@@ -107,6 +106,7 @@ impl Machine {
             self.collect_dirty()?;
         }
         self.dirty_since_mark.fill(0);
+        self.dirty_since_waypoint.fill(0);
         Ok(())
     }
 

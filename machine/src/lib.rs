@@ -18,6 +18,7 @@ pub mod smp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod waypoint;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
 pub use cpu_model::{host_cpu, CpuModel};
@@ -28,3 +29,4 @@ pub use vm::{
     Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Step, StopReason, MAX_CPUS,
 };
 pub use vocab::{HostCpu, Position};
+pub use waypoint::Waypoint;

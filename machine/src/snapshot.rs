@@ -90,6 +90,7 @@ impl Machine {
         let state = self.state_blob()?;
         let dirty = self.take_dirty_pages()?;
         self.dirty_since_mark.fill(0);
+        self.dirty_since_waypoint.fill(0);
         if self.cold_checkpoints() {
             self.reset_mmu()?;
         }

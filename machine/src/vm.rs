@@ -199,6 +199,8 @@ pub struct Machine {
     pub(crate) dirty_since_take: Vec<u64>,
     /// Pages written since the last [`Machine::wrote_since_probe`].
     pub(crate) dirty_since_probe: Vec<u64>,
+    /// Pages written since the last waypoint or checkpoint (see [`crate::waypoint`]).
+    pub(crate) dirty_since_waypoint: Vec<u64>,
     /// xxh3-128 of every page of RAM as of the last digest (see [`Machine::digest_of`]).
     pub(crate) page_hashes: Vec<u128>,
     /// Pages whose hash is out of date.
@@ -372,6 +374,7 @@ impl Machine {
             dirty_since_mark: vec![0; bitmap_words],
             dirty_since_take: vec![0; bitmap_words],
             dirty_since_probe: vec![0; bitmap_words],
+            dirty_since_waypoint: vec![0; bitmap_words],
             page_hashes: vec![0; pages],
             stale_hashes: vec![u64::MAX; bitmap_words],
             digest_pages: false,

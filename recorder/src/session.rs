@@ -23,6 +23,10 @@ const FULL_CHECKPOINT_MS: u64 = 1600;
 /// How often the landmark clock kicks a guest that runs without exits: the resolution of timer and input
 /// delivery while it computes.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// Landmark clock: how long the guest must have run since the last point a replay stops at by itself
+/// before a delivering kick gets a waypoint. Below this a replay's search costs little (a millisecond
+/// of guest time passes a loop's exit a few hundred times at most), and the waypoints' bytes would not.
+const WAYPOINT_AFTER: Duration = Duration::from_millis(2);
 /// Longest stretch of wall time whose events a crash may lose.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -63,6 +67,10 @@ pub struct Session {
     breakpoints: Vec<u64>,
     /// Passes made so far.
     passes: u64,
+    /// When the guest last stood where a replay stops by itself: a landmark or a delivering kick point.
+    last_stop: Instant,
+    /// The waypoint of the kick point delivered at in this pass, written after its `Kick` event.
+    waypoint: Option<machine::Waypoint>,
     _kicker: Option<Kicker>,
 }
 
@@ -99,6 +107,8 @@ impl Session {
             started: Instant::now(),
             breakpoints: Vec::new(),
             passes: 0,
+            last_stop: Instant::now(),
+            waypoint: None,
             // The landmark clock gets control back from a guest that computes without exits by kicking it.
             _kicker: (clock == Clock::Landmark).then(|| Kicker::start(KICK_INTERVAL)),
             machine,
@@ -188,6 +198,18 @@ impl Session {
             // the last landmark or delivering kick.
             env.set_position(position, anchor);
         }
+        if deliver && !self.at_position {
+            // The state at the kick point, before the inputs change it. A replay finds the point by a
+            // breakpoint search that stops at every pass of its rip since the last stop: worth a
+            // waypoint once the guest ran a while (see `machine::waypoint`). Only where the recording
+            // and its replays drop KVM's cached translations at checkpoints alike, as restoring one
+            // drops them.
+            if recording && machine.cold_checkpoints() && self.last_stop.elapsed() >= WAYPOINT_AFTER
+            {
+                self.waypoint = machine.take_waypoint()?;
+            }
+            self.last_stop = Instant::now();
+        }
         if deliver {
             if let Some(cpu) = self.scheduler.pick(machine, position) {
                 machine.switch_to(cpu)?;
@@ -228,6 +250,9 @@ impl Session {
         let stepped_within = step && clock == Clock::Landmark && machine.position() == position;
         self.at_position =
             !(matches!(advance, Advance::Kicked | Advance::Breakpoint) || stepped_within);
+        if self.at_position {
+            self.last_stop = Instant::now();
+        }
         let user_stop = match advance {
             Advance::Breakpoint => {
                 let hit = machine.stop_hit();
@@ -264,7 +289,21 @@ impl Session {
                 .entry(event.kind.name().to_string())
                 .or_default() += 1;
             if let Some(w) = self.writer.as_mut() {
-                if let Err(e) = w.push(event) {
+                let kick = match &event.kind {
+                    EventKind::Kick { fingerprint } => Some(fingerprint.rip),
+                    _ => None,
+                };
+                let mut written = w.push(event);
+                if let (Ok(()), Some(rip), Some(waypoint)) = (&written, kick, self.waypoint.take())
+                {
+                    written = w.write_waypoint(&traces::Waypoint {
+                        kick: w.events_pushed() - 1,
+                        rip,
+                        state: waypoint.state,
+                        pages: waypoint.pages,
+                    });
+                }
+                if let Err(e) = written {
                     return Err(self.stopped(self.machine.position(), e));
                 }
             }

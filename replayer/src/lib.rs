@@ -128,6 +128,11 @@ pub struct Replayer {
     anchor: (u64, u64),
     /// Problems worked around, for the user (see [`Replayer::take_notices`]).
     notices: Vec<String>,
+    /// Whether kick points with a waypoint are jumped to rather than searched for (see
+    /// [`Replayer::set_waypoints`]).
+    waypoints: bool,
+    /// Kick points reached by restoring their waypoint.
+    waypoint_jumps: u64,
     /// Whether the machine is where the replay put it without error: false from a failed step or restore
     /// until the next restore succeeds, since a failure can leave it anywhere (see [`Timeline::seek`]).
     intact: bool,
@@ -329,6 +334,8 @@ impl Replayer {
             finished: None,
             anchor: (u64::MAX, 0),
             notices: Vec::new(),
+            waypoints: true,
+            waypoint_jumps: 0,
             intact: false,
             last_intact: Position::START,
             progress: None,
@@ -572,6 +579,17 @@ impl Replayer {
         self.offset = 0;
         self.after_restore(position);
         Ok((index, pages))
+    }
+
+    /// Whether to jump to kick points that have a waypoint (the default) or to find every one by
+    /// executing the guest up to it, which checks the recording's determinism over those stretches too.
+    pub fn set_waypoints(&mut self, on: bool) {
+        self.waypoints = on;
+    }
+
+    /// How many kick points this replay reached by restoring their waypoints.
+    pub fn waypoint_jumps(&self) -> u64 {
+        self.waypoint_jumps
     }
 
     /// Messages about problems the replay worked around (a corrupt checkpoint it could not use), oldest
@@ -898,6 +916,9 @@ impl Replayer {
         match self.machine.clock() {
             Clock::Step => Ok(self.machine.matches(fp)?),
             Clock::Landmark => {
+                if self.jump_to_kick(position, fp)? {
+                    return Ok(true);
+                }
                 self.host.begin_step(position, self.machine.rip());
                 let search = self.machine.run_to_fingerprint(fp, &mut self.host)?;
                 // Running free, the instructions since the landmark went uncounted.
@@ -935,6 +956,58 @@ impl Replayer {
                 }
             }
         }
+    }
+
+    /// Puts the machine at the kick point after landmark `position` by restoring its waypoint, if the
+    /// trace has one and a search would not be needed anyway (no stop of a free run is armed, which the
+    /// stretch might pass); says whether it did. A waypoint that cannot be read is said once in the
+    /// notices, and the caller searches instead. The restored state must have the kick's fingerprint:
+    /// its memory digest covers the pages this replay wrote itself since the checkpoint.
+    fn jump_to_kick(
+        &mut self,
+        position: u64,
+        fp: &machine::Fingerprint,
+    ) -> Result<bool, ReplayError> {
+        if !self.waypoints || self.machine.armed() {
+            return Ok(false);
+        }
+        let kick = self.host.cursor() as u64;
+        let waypoint = match self.trace.waypoint(kick) {
+            None => return Ok(false),
+            Some(Ok(w)) if w.rip == fp.rip => w,
+            Some(Ok(w)) => {
+                self.notices.push(format!(
+                    "the waypoint of event {kick} is at rip {:#x}, but that kick's point is at {:#x}; \
+                     searching for the point instead",
+                    w.rip, fp.rip
+                ));
+                return Ok(false);
+            }
+            Some(Err(e)) => {
+                self.notices
+                    .push(format!("{e}; searching for the kick point instead"));
+                return Ok(false);
+            }
+        };
+        self.machine.restore_waypoint(&machine::Waypoint {
+            state: waypoint.state,
+            pages: waypoint.pages,
+        })?;
+        self.offset = Position::UNKNOWN_OFFSET;
+        if !self.machine.matches(fp)? {
+            return Err(Divergence::new(
+                position,
+                format!(
+                    "at the point after landmark {position} where the recording delivered input (rip {:#x}), \
+                     its waypoint does not give the recorded state: the pages this replay wrote since the \
+                     last checkpoint differ from the recording's",
+                    fp.rip
+                ),
+            )
+            .into());
+        }
+        self.waypoint_jumps += 1;
+        Ok(true)
     }
 
     fn finish_at_end(&mut self, position: Position) -> Result<(), ReplayError> {

@@ -27,6 +27,12 @@ pub const EVENTS_FILE: &str = "events.bin";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// Name of the JSON summary written at a clean end.
 pub const SUMMARY_FILE: &str = "summary.json";
+/// Name of the waypoint file inside a trace directory (landmark traces; optional).
+pub const WAYPOINTS_FILE: &str = "waypoints.bin";
+/// Magic at the start of `waypoints.bin`.
+pub const WAYPOINTS_MAGIC: [u8; 8] = *b"RVTWPT01";
+/// Length of the `waypoints.bin` file header: magic, u32 version (1), u32 reserved.
+pub const WAYPOINTS_FILE_HEADER_LEN: usize = 16;
 /// Extension of checkpoint files (`NNNNNNNNNNNNNNNNNNNN.ckpt`, the icount zero-padded to 20 digits).
 pub const CHECKPOINT_EXT: &str = "ckpt";
 

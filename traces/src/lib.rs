@@ -15,6 +15,7 @@ mod files;
 mod format;
 mod reader;
 mod rules;
+mod waypoints;
 mod writer;
 
 pub use codec::CodecError;
@@ -24,4 +25,5 @@ pub use reader::{
     ChainCursor, ChainError, CheckpointInfo, ReadError, RestorePoint, TornTail, TraceReader,
 };
 pub use rules::EventError;
+pub use waypoints::Waypoint;
 pub use writer::{TraceWriter, WriteError};

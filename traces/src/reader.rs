@@ -22,6 +22,7 @@ use crate::format::{
     HEADER_FILE, MAX_EVENT_MEMORY, MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
 use crate::rules::{EventError, EventRules};
+use crate::waypoints::{Waypoint, WaypointIndex};
 
 /// Errors from reading a trace.
 #[derive(Debug, Error)]
@@ -164,6 +165,16 @@ pub enum ReadError {
         path: PathBuf,
         /// What is wrong.
         source: CodecError,
+    },
+    /// A waypoint cannot be used (a replay then finds its kick point by searching).
+    #[error("{path}: the waypoint at byte {offset} cannot be used: {reason}")]
+    Waypoint {
+        /// `waypoints.bin`.
+        path: PathBuf,
+        /// Where its record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
     },
     /// A checkpoint file's size disagrees with the length in its header.
     #[error("{path}: checkpoint file is {actual} bytes but its header declares {declared}")]
@@ -318,6 +329,8 @@ pub struct TraceReader {
     backing: std::sync::OnceLock<Backing>,
     /// The guest image, if the caller gave it ([`TraceReader::set_image`]).
     image: Option<Vec<u8>>,
+    /// Where `waypoints.bin` holds each waypoint.
+    waypoints: WaypointIndex,
 }
 
 /// The blocks checkpoint pages may refer to besides pages of their own chain: the 4 KiB blocks of the
@@ -441,7 +454,9 @@ impl TraceReader {
             });
         }
 
+        let waypoints = WaypointIndex::scan(dir, &limits, stream.events.len() as u64);
         Ok(TraceReader {
+            waypoints,
             dir: dir.to_owned(),
             header,
             events: stream.events,
@@ -456,6 +471,28 @@ impl TraceReader {
             backing: std::sync::OnceLock::new(),
             image: None,
         })
+    }
+
+    /// The waypoint of the kick at event index `kick`, if the trace has one: None if not, an error if
+    /// its record cannot be used (see [`Waypoint`]).
+    pub fn waypoint(&self, kick: u64) -> Option<Result<Waypoint, ReadError>> {
+        self.waypoints.read(kick, &self.limits)
+    }
+
+    /// Whether the kick at event index `kick` has a waypoint.
+    pub fn has_waypoint(&self, kick: u64) -> bool {
+        self.waypoints.has(kick)
+    }
+
+    /// How many waypoints the trace has, the bytes of their file, and why the reader could not index
+    /// all of it, if it could not (they only save a replay time: it searches for the kick points of
+    /// the others).
+    pub fn waypoint_summary(&self) -> (usize, u64, Option<ReadError>) {
+        (
+            self.waypoints.len(),
+            self.waypoints.bytes,
+            self.waypoints.problem(),
+        )
     }
 
     /// The trace directory.
@@ -838,6 +875,28 @@ impl TraceReader {
         }
         if let Err(e) = self.read_initrd() {
             problems.push(e);
+        }
+        problems.extend(self.waypoints.problem());
+        for kick in self.waypoints.kicks() {
+            match self.waypoint(kick) {
+                Some(Ok(w)) => {
+                    let names_kick = matches!(
+                        self.events.get(kick as usize),
+                        Some(Event { kind: EventKind::Kick { fingerprint }, .. }) if fingerprint.rip == w.rip
+                    );
+                    if !names_kick {
+                        problems.push(ReadError::Inconsistent {
+                            path: self.dir.join(crate::format::WAYPOINTS_FILE),
+                            reason: format!(
+                                "a waypoint at rip {:#x} names event {kick}, which is not a kick there",
+                                w.rip
+                            ),
+                        });
+                    }
+                }
+                Some(Err(e)) => problems.push(e),
+                None => {}
+            }
         }
         problems
     }

@@ -19,6 +19,7 @@ use crate::format::{
     CHECKPOINTS_DIR, CHECKPOINT_HEADER_LEN, EVENTS_FILE, HEADER_FILE, MAX_CHECKPOINT_PAYLOAD,
     MAX_EVENTS_PER_CHUNK, PAGE_SIZE, SUMMARY_FILE, UART_RX_FIFO_BYTES,
 };
+use crate::waypoints::{Waypoint, WaypointWriter};
 
 /// Uncompressed size at which the writer starts a new chunk on its own. Well under the reader's
 /// 64 MiB caps, so even incompressible events (whose zstd output is slightly larger) always fit.
@@ -175,6 +176,14 @@ pub enum WriteError {
         /// The trace directory.
         path: PathBuf,
     },
+    /// A waypoint names a kick event that was not pushed yet.
+    #[error("a waypoint names event {kick}, but only {events} events were pushed")]
+    WaypointAhead {
+        /// The event index the waypoint names.
+        kick: u64,
+        /// Events pushed.
+        events: u64,
+    },
 }
 
 impl WriteError {
@@ -224,6 +233,10 @@ pub struct TraceWriter {
     checkpoints: u64,
     event_bytes: u64,
     checkpoint_bytes: u64,
+    /// Events pushed so far: the index the next one gets in the stream.
+    events: u64,
+    /// `waypoints.bin`, once the first waypoint is written.
+    waypoints: Option<WaypointWriter>,
     /// Set when a write failed. Appending after a partial frame would turn a torn tail (which
     /// readers drop) into corruption in the middle of `events.bin`; and once a checkpoint is
     /// missing, an incremental one written after it would leave out the pages it held.
@@ -315,6 +328,8 @@ impl TraceWriter {
             checkpoints: 0,
             event_bytes: file_header.len() as u64,
             checkpoint_bytes: 0,
+            events: 0,
+            waypoints: None,
             failed: false,
         })
     }
@@ -355,6 +370,7 @@ impl TraceWriter {
         }
         self.pending.extend_from_slice(&encoded);
         self.pending_count += 1;
+        self.events += 1;
         self.last_icount = icount;
         Ok(())
     }
@@ -443,6 +459,35 @@ impl TraceWriter {
         Ok(bytes.len() as u64)
     }
 
+    /// Events pushed so far, which is the index in the stream the next one gets.
+    pub fn events_pushed(&self) -> u64 {
+        self.events
+    }
+
+    /// Appends a waypoint to `waypoints.bin` (created at the first). Its `kick` is the index of a `Kick`
+    /// event already pushed; the record may reach the disk before that event does (a reader ignores
+    /// waypoints past the events it has).
+    pub fn write_waypoint(&mut self, waypoint: &Waypoint) -> Result<(), WriteError> {
+        self.check_usable()?;
+        if waypoint.kick >= self.events {
+            return Err(WriteError::WaypointAhead {
+                kick: waypoint.kick,
+                events: self.events,
+            });
+        }
+        if self.waypoints.is_none() {
+            self.waypoints = Some(WaypointWriter::create(&self.dir)?);
+        }
+        let file = self.waypoints.as_mut().expect("created above");
+        let before = file.bytes;
+        if let Err(e) = file.append(waypoint) {
+            self.failed = true;
+            return Err(e);
+        }
+        self.checkpoint_bytes += file.bytes - before;
+        Ok(())
+    }
+
     /// For the full checkpoint just written at `icount`: the page frames the guest (or a device's DMA)
     /// wrote since the checkpoint before it, in a file beside it. A full checkpoint stores every page, so
     /// its own page list cannot tell a search which pages an interval left alone; without this file (an
@@ -506,6 +551,9 @@ impl TraceWriter {
         self.events_file
             .sync_all()
             .map_err(io_err("fsync", &self.events_path))?;
+        if let Some(waypoints) = &self.waypoints {
+            waypoints.sync()?;
+        }
         let path = self.dir.join(SUMMARY_FILE);
         let json = serde_json::to_vec_pretty(summary).map_err(|e| WriteError::Io {
             action: "serialize",
@@ -634,7 +682,7 @@ fn sync_dir(dir: &Path) -> Result<(), WriteError> {
         .map_err(io_err("fsync directory", dir))
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
+pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
     let path = path.to_owned();
     move |source| WriteError::Io {
         action,

@@ -1,0 +1,245 @@
+//! `waypoints.bin`: the machine at kick points, keyed by the kick's event, so that a replay can jump to
+//! a kick point instead of searching for it (FORMAT.md, "Waypoints").
+//!
+//! Waypoints only save time: a replay without them (an older trace, a cut-off or damaged file) finds
+//! every kick point by its fingerprint, as before. So the reader never refuses a trace for this file: it
+//! indexes the records it can, and a record that does not verify when it is read is reported and passed
+//! over. Each record is a checkpoint file's encoding (its CRC covers everything after its first 12
+//! bytes), so a length damaged on disk makes the records after it fail their CRC, never read as others.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::codec::{self, CheckpointHeader, CheckpointLimits, PageRef, PAGE_REF_LEN};
+use crate::format::{
+    Checkpoint, CHECKPOINT_HEADER_LEN, WAYPOINTS_FILE_HEADER_LEN, WAYPOINTS_MAGIC,
+};
+use crate::reader::ReadError;
+use crate::writer::{io_err, WriteError};
+
+/// A waypoint as the trace holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    /// The index, in the event stream, of the `Kick` event whose point this is.
+    pub kick: u64,
+    /// Guest rip at the point.
+    pub rip: u64,
+    /// The running vCPU's state, opaque to the trace.
+    pub state: Vec<u8>,
+    /// (page frame, contents) of the pages written since the previous waypoint or checkpoint.
+    pub pages: Vec<(u64, Vec<u8>)>,
+}
+
+/// The 16-byte file header: magic, version 1, reserved.
+fn file_header() -> [u8; WAYPOINTS_FILE_HEADER_LEN] {
+    let mut h = [0u8; WAYPOINTS_FILE_HEADER_LEN];
+    h[..8].copy_from_slice(&WAYPOINTS_MAGIC);
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+/// The writer's side: `waypoints.bin`, created at the first waypoint and appended to with one `write(2)`
+/// per record, like `events.bin` (a kill leaves at most a torn last record, which readers drop).
+#[derive(Debug)]
+pub(crate) struct WaypointWriter {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the file.
+    pub(crate) bytes: u64,
+}
+
+impl WaypointWriter {
+    /// Creates `waypoints.bin` in `dir`, with its header.
+    pub(crate) fn create(dir: &Path) -> Result<WaypointWriter, WriteError> {
+        let path = dir.join(crate::format::WAYPOINTS_FILE);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        let header = file_header();
+        file.write_all(&header).map_err(io_err("write", &path))?;
+        Ok(WaypointWriter {
+            path,
+            file,
+            bytes: header.len() as u64,
+        })
+    }
+
+    /// Appends one waypoint.
+    pub(crate) fn append(&mut self, waypoint: &Waypoint) -> Result<(), WriteError> {
+        let pages: Vec<PageRef<'_>> = waypoint
+            .pages
+            .iter()
+            .map(|(pfn, data)| (*pfn, Some(data.as_slice())))
+            .collect();
+        let len = codec::checkpoint_payload_len(waypoint.state.len(), &pages);
+        let record = Checkpoint {
+            at: waypoint.kick,
+            rip: waypoint.rip,
+            full: false,
+            digest: [0; 32],
+            state: waypoint.state.clone(),
+            pages: Vec::new(),
+        };
+        let bytes = codec::encode_checkpoint(&record, &pages, len)
+            .map_err(io_err("compress a waypoint for", &self.path))?;
+        self.file
+            .write_all(&bytes)
+            .map_err(io_err("append to", &self.path))?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the file durable (at the end of a recording).
+    pub(crate) fn sync(&self) -> Result<(), WriteError> {
+        self.file.sync_all().map_err(io_err("fsync", &self.path))
+    }
+}
+
+/// The reader's side: where each waypoint's record lies.
+#[derive(Debug, Default)]
+pub(crate) struct WaypointIndex {
+    path: PathBuf,
+    /// Kick event index → (offset, length) of its record.
+    records: BTreeMap<u64, (u64, u64)>,
+    /// Bytes of the file.
+    pub(crate) bytes: u64,
+    /// Why indexing stopped before the end of the file (where, and why), if it did for another reason
+    /// than a torn tail.
+    pub(crate) problem: Option<(u64, String)>,
+}
+
+impl WaypointIndex {
+    /// Indexes `waypoints.bin` in `dir` (none if it is absent) by reading each record's fixed header.
+    /// Events past `events` (a stream cut off before them) have no waypoint.
+    pub(crate) fn scan(dir: &Path, limits: &CheckpointLimits, events: u64) -> WaypointIndex {
+        let path = dir.join(crate::format::WAYPOINTS_FILE);
+        let mut index = WaypointIndex {
+            path: path.clone(),
+            ..WaypointIndex::default()
+        };
+        let (file, size) = match crate::reader::open_file(&path) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return index,
+            Err(e) => {
+                index.problem = Some((0, e.to_string()));
+                return index;
+            }
+        };
+        index.bytes = size;
+        let mut header = [0u8; WAYPOINTS_FILE_HEADER_LEN];
+        if size < header.len() as u64 {
+            return index;
+        }
+        if file.read_exact_at(&mut header, 0).is_err() || header != file_header() {
+            index.problem = Some((0, "the file header is not a waypoint file's".into()));
+            return index;
+        }
+        let mut offset = header.len() as u64;
+        let mut last = None;
+        while offset + CHECKPOINT_HEADER_LEN as u64 <= size {
+            let mut fixed = [0u8; CHECKPOINT_HEADER_LEN];
+            if let Err(e) = file.read_exact_at(&mut fixed, offset) {
+                index.problem = Some((offset, e.to_string()));
+                break;
+            }
+            let record = match CheckpointHeader::decode(&fixed, limits) {
+                Ok(record) => record,
+                Err(e) => {
+                    index.problem = Some((offset, e.to_string()));
+                    break;
+                }
+            };
+            let len = CHECKPOINT_HEADER_LEN as u64 + record.compressed_len;
+            if offset + len > size {
+                // A torn last record: the recording was cut off while writing it.
+                break;
+            }
+            if record.icount >= events {
+                // Written before the events of a cut-off recording reached the disk.
+                break;
+            }
+            if last.is_some_and(|k| record.icount <= k) {
+                index.problem = Some((
+                    offset,
+                    format!(
+                        "it names event {}, which is not after the one before it",
+                        record.icount
+                    ),
+                ));
+                break;
+            }
+            last = Some(record.icount);
+            index.records.insert(record.icount, (offset, len));
+            offset += len;
+        }
+        index
+    }
+
+    /// How many waypoints there are.
+    pub(crate) fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The kick event indexes that have a waypoint, in order.
+    pub(crate) fn kicks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.records.keys().copied()
+    }
+
+    /// The problem that stopped indexing, as an error.
+    pub(crate) fn problem(&self) -> Option<ReadError> {
+        self.problem
+            .as_ref()
+            .map(|(offset, reason)| ReadError::Waypoint {
+                path: self.path.clone(),
+                offset: *offset,
+                reason: reason.clone(),
+            })
+    }
+
+    /// Whether the kick at event index `kick` has a waypoint.
+    pub(crate) fn has(&self, kick: u64) -> bool {
+        self.records.contains_key(&kick)
+    }
+
+    /// Reads and checks the waypoint of the kick at event index `kick`, if it has one.
+    pub(crate) fn read(
+        &self,
+        kick: u64,
+        limits: &CheckpointLimits,
+    ) -> Option<Result<Waypoint, ReadError>> {
+        let &(offset, len) = self.records.get(&kick)?;
+        let unusable = |reason: String| ReadError::Waypoint {
+            path: self.path.clone(),
+            offset,
+            reason,
+        };
+        let read = || -> Result<Waypoint, ReadError> {
+            let (file, _) =
+                crate::reader::open_file(&self.path)?.ok_or_else(|| ReadError::Missing {
+                    path: self.path.clone(),
+                })?;
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(|e| unusable(e.to_string()))?;
+            let record =
+                codec::decode_checkpoint(&bytes, limits).map_err(|e| unusable(e.to_string()))?;
+            if let Some((pfn, _)) = record.pages.iter().find(|(_, p)| p.len() == PAGE_REF_LEN) {
+                return Err(unusable(format!(
+                    "page {pfn:#x} is a reference, which waypoints do not use"
+                )));
+            }
+            Ok(Waypoint {
+                kick: record.at,
+                rip: record.rip,
+                state: record.state,
+                pages: record.pages,
+            })
+        };
+        Some(read())
+    }
+}
