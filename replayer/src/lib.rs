@@ -133,6 +133,8 @@ pub struct Replayer {
     waypoints: bool,
     /// Kick points reached by restoring their waypoint.
     waypoint_jumps: u64,
+    /// The pages a search asked about last ([`Replayer::wrote_since_probe`]), sorted.
+    probed: Vec<u64>,
     /// Whether the machine is where the replay put it without error: false from a failed step or restore
     /// until the next restore succeeds, since a failure can leave it anywhere (see [`Timeline::seek`]).
     intact: bool,
@@ -336,6 +338,7 @@ impl Replayer {
             notices: Vec::new(),
             waypoints: true,
             waypoint_jumps: 0,
+            probed: Vec::new(),
             intact: false,
             last_intact: Position::START,
             progress: None,
@@ -498,7 +501,13 @@ impl Replayer {
 
     /// Whether any of the page frames `pfns` was written since the last call (see
     /// [`Machine::wrote_since_probe`]).
+    /// Kick points whose waypoint holds one of these pages are searched for rather than jumped to, from
+    /// now on (until the next call with other pages).
     pub fn wrote_since_probe(&mut self, pfns: &[u64]) -> Result<bool, ReplayError> {
+        if self.probed != pfns {
+            self.probed = pfns.to_vec();
+            self.probed.sort_unstable();
+        }
         Ok(self.machine.wrote_since_probe(pfns)?)
     }
 
@@ -989,6 +998,16 @@ impl Replayer {
                 return Ok(false);
             }
         };
+        // A search watching pages must see which of them the stretch wrote, even with their old
+        // contents, which only running it tells: the waypoint's pages are those written since the
+        // previous waypoint or checkpoint, more than the stretch wrote.
+        if waypoint
+            .pages
+            .iter()
+            .any(|(pfn, _)| self.probed.binary_search(pfn).is_ok())
+        {
+            return Ok(false);
+        }
         self.machine.restore_waypoint(&machine::Waypoint {
             state: waypoint.state,
             pages: waypoint.pages,
