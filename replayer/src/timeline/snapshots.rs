@@ -38,6 +38,11 @@ impl Snap {
 pub const BASE_INTERVAL: u64 = 2_048;
 /// How many base intervals around the focus keep full density before spacing starts doubling.
 const DENSE_SPAN: u64 = 16;
+/// Instructions between snapshots within [`BASE_INTERVAL`] of the focus: about 1 ms of single steps, so that
+/// stepping back one instruction at a time (each a restore and a run forward) takes a few milliseconds
+/// (measured on the long ledger: 2.5-3.5 ms with 128, 3.5-4 ms with 256, 13-18 ms with none). The first
+/// step back from a point takes them on its way there; the next ones restore the nearest.
+pub const FINE_INTERVAL: u64 = 128;
 
 /// Bits of a [`SnapshotCache::key`] that count instructions within a landmark.
 const OFFSET_BITS: u32 = 32;
@@ -152,9 +157,12 @@ impl SnapshotCache {
     }
 }
 
-/// Snapshot spacing at `distance` instructions from the focus: BASE_INTERVAL within DENSE_SPAN intervals,
-/// then doubling with each further doubling of the distance.
+/// Snapshot spacing at `distance` instructions from the focus: FINE_INTERVAL within one BASE_INTERVAL,
+/// BASE_INTERVAL within DENSE_SPAN intervals, then doubling with each further doubling of the distance.
 fn spacing(distance: u64) -> u64 {
+    if distance < BASE_INTERVAL {
+        return FINE_INTERVAL;
+    }
     let units = distance / (BASE_INTERVAL * DENSE_SPAN);
     BASE_INTERVAL << (64 - units.leading_zeros()).min(40)
 }
@@ -206,6 +214,24 @@ mod tests {
             !c.wants(at(BASE_INTERVAL), at(500 * BASE_INTERVAL)),
             "too far from the focus for this spacing"
         );
+    }
+
+    #[test]
+    fn finest_right_at_the_focus() {
+        let focus = 100 * BASE_INTERVAL + 1000;
+        let c = SnapshotCache::new(usize::MAX, Clock::Step);
+        assert!(c.wants(at(focus - 1000 + FINE_INTERVAL), at(focus)));
+        assert!(!c.wants(at(focus - 1000 + FINE_INTERVAL / 2), at(focus)));
+        assert!(
+            !c.wants(at(focus - 4 * BASE_INTERVAL + FINE_INTERVAL), at(focus)),
+            "beyond one base interval the spacing is the base interval"
+        );
+        // Within a landmark too: offsets are the low bits of the key.
+        let c = SnapshotCache::new(usize::MAX, Clock::Landmark);
+        assert!(c.wants(
+            Position::within(7, 3 * FINE_INTERVAL),
+            Position::within(7, 1000)
+        ));
     }
 
     #[test]
