@@ -62,7 +62,9 @@ def trace_sizes(trace):
     event_bytes = int(re.search(r"^event stream:\s+(\d+) bytes", out, re.M).group(1))
     m = re.search(r"^checkpoints:\s+(\d+) .*?, (\d+) bytes", out, re.M)
     kicks = re.search(r"^\s+kick\s+(\d+)", out, re.M)
-    return event_bytes, int(m.group(1)), int(m.group(2)), int(kicks.group(1)) if kicks else 0
+    waypoints = re.search(r"^waypoints:\s+(\d+), (\d+) bytes", out, re.M)
+    return (event_bytes, int(m.group(1)), int(m.group(2)), int(kicks.group(1)) if kicks else 0,
+            (int(waypoints.group(1)), int(waypoints.group(2))) if waypoints else (0, 0))
 
 
 def step_instructions(trace):
@@ -102,7 +104,7 @@ def measure(name, kernel, work, runs, clocks, count=True):
             rec_times.append(timed([BIN, "record", "--clock", clock, "--kernel", kernel, "-o", trace] + extra)[0])
             rep_times.append(timed([BIN, "replay", trace])[0])
         rec, rep = statistics.median(rec_times), statistics.median(rep_times)
-        ev, ncp, cpb, kicks = trace_sizes(trace)
+        ev, ncp, cpb, kicks, (nwp, wpb) = trace_sizes(trace)
         if clock == "step":
             icount = step_instructions(trace)
         elif count:
@@ -110,12 +112,14 @@ def measure(name, kernel, work, runs, clocks, count=True):
         else:
             icount = None
         print(f"  {clock:<8} record {rec:8.3f}s = {rec / free:5.2f}x free run   replay {rep:8.3f}s = {rep / rec:5.2f}x record"
-              + (f"   {kicks} kicks" if clock == "landmark" else ""))
+              + (f"   {kicks} kicks, {nwp} with waypoints" if clock == "landmark" else ""))
         if icount:
             print(f"           {icount} instructions: events {ev * 1e6 / icount:9.1f} bytes/M instructions, "
-                  f"checkpoints {cpb * 1e6 / icount:10.1f} bytes/M instructions ({ncp} checkpoints)")
+                  f"checkpoints {cpb * 1e6 / icount:10.1f} bytes/M instructions ({ncp} checkpoints)"
+                  + (f", waypoints {wpb * 1e6 / icount:10.1f} bytes/M instructions" if nwp else ""))
         else:
-            print(f"           events {ev} bytes, checkpoints {cpb} bytes ({ncp} checkpoints)")
+            print(f"           events {ev} bytes, checkpoints {cpb} bytes ({ncp} checkpoints)"
+                  + (f", waypoints {wpb} bytes" if nwp else ""))
 
 
 def main():
@@ -205,7 +209,7 @@ def linux(work, runs):
         rec_times.append(timed([BIN, "record", "-o", trace] + args)[0])
         rep_times.append(timed([BIN, "replay", trace])[0])
     rec, rep = statistics.median(rec_times), statistics.median(rep_times)
-    ev, ncp, cpb, kicks = trace_sizes(trace)
+    ev, ncp, cpb, kicks, (nwp, wpb) = trace_sizes(trace)
     full, incremental = [], []
     cdir = os.path.join(trace, "checkpoints")
     for name in filter(lambda n: n.endswith(".ckpt"), os.listdir(cdir)):
@@ -217,7 +221,7 @@ def linux(work, runs):
     print(f"  landmark record {rec:6.1f}s = {rec / free:5.2f}x free run   replay {rep:6.1f}s = {rep / rec:5.2f}x record")
     print(f"           events {ev} bytes ({ev / landmarks:.1f} per landmark); {ncp} checkpoints: "
           f"{len(full)} full, {statistics.mean(full) / 1e6:.2f} MB each; {len(incremental)} incremental, "
-          f"{statistics.mean(incremental) / 1e3:.1f} KB each")
+          f"{statistics.mean(incremental) / 1e3:.1f} KB each; {nwp} waypoints, {wpb / 1e6:.2f} MB")
 
 
 # Runs inside gdb: each command timed, between markers. (gdb prints where a run stopped itself, outside
@@ -302,7 +306,7 @@ def long_run(work, guests, n):
     step, _ = timed([BIN, "run", "--clock", "step", "--max-instructions", str(n), "--kernel", kernel])
     rep, _ = timed([BIN, "replay", trace])
     icount = step_instructions(trace)
-    _, ncp, cpb, _ = trace_sizes(trace)
+    _, ncp, cpb, _, _ = trace_sizes(trace)
     print(f"== long step recording: {icount} instructions of spin.elf, {ncp} checkpoints")
     print(f"  raw KVM single-step rate   {raw_rate / 1e3:8.1f} k steps/s (examples/raw_step_rate.rs: the ceiling)")
     print(f"  record / stepped run       {rec / step:6.2f}x   (recorder's own cost: {100 * (rec / step - 1):+.1f}%)")
