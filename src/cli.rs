@@ -4,6 +4,7 @@ use crate::clock_arg::ClockArg;
 use crate::words::{describe_stop, say};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use machine::Landmarks;
 use recorder::{Options, SerialInput, TimeSourceKind};
 use replayer::{Halt, Position, ReplayError, Replayer, Shown, Timeline};
 use std::io::{IsTerminal, Write};
@@ -205,6 +206,12 @@ struct RecordArgs {
     /// given, and printed); the seed is kept in the trace, but replay does not need it.
     #[arg(long)]
     chaos: bool,
+    /// With --clock pmu: count the guest's retired conditional branches on a simulated counter (the
+    /// machine single-steps and counts the branches it steps over) rather than a hardware one. Its trace
+    /// replays as a pmu trace: every run to a branch count goes through the counter's overflow, skid and
+    /// single-step refinement, as with a PMU.
+    #[arg(long, requires = "clock")]
+    simulated_counter: bool,
     /// Chaos mode's seed: the same seed draws the same slices and choices.
     #[arg(long, value_name = "S", requires = "chaos")]
     seed: Option<u64>,
@@ -267,6 +274,11 @@ struct ReplayArgs {
     /// that those stretches replay too, which a jump takes on trust until the next kick's fingerprint.
     #[arg(long, conflicts_with = "gdb")]
     no_waypoints: bool,
+    /// A pmu trace, replayed on the simulated counter (this host has no PMU to count a guest's
+    /// branches): how many instructions late its overflow interrupt lands, at most, as a hardware
+    /// counter's skid (each lands a random 0 to N late; the run then single-steps to the exact branch).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=machine::pmu::MAX_SKID))]
+    skid: u64,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
     /// going on from the guest's) instead of the recording's, to see what it does then. The trace is
@@ -355,6 +367,10 @@ enum CliError {
     Gdb(#[from] gdb::GdbError),
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
+    #[error("the pmu clock needs a counter of the guest's retired conditional branches, and {why}; `record --clock pmu --simulated-counter` records with a simulated one (it single-steps: about as slow as --clock step)")]
+    NoBranchCounter { why: String },
+    #[error("--clock pmu applies to `record` and to replaying a pmu trace; {what}")]
+    PmuNotHere { what: &'static str },
     #[error("{given} does not apply to the {clock} clock: use {instead}")]
     CheckpointUnit {
         given: &'static str,
@@ -415,6 +431,9 @@ const CHECKPOINT_KIND: &str = "checkpoint";
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) if a.clock == ClockArg::Pmu => Err(CliError::PmuNotHere {
+            what: "`run` names no positions: use --clock landmark or step",
+        }),
         Command::Run(a) => {
             // Virtual time and instruction limits need instruction counts, which only stepping gives.
             let step = a.clock == ClockArg::Step
@@ -425,10 +444,30 @@ pub fn main() -> i32 {
             } else {
                 machine::Clock::Landmark
             };
-            record(a.guest, None, clock, a.disk_writeback, None)
+            record(
+                a.guest,
+                None,
+                (clock, Landmarks::Exits),
+                a.disk_writeback,
+                None,
+            )
         }
         Command::Record(a) => {
             let clock = a.clock.clock();
+            let landmarks = match (a.clock, a.simulated_counter) {
+                (ClockArg::Pmu, true) => Ok(Landmarks::Branches),
+                // No retrovisor drives a hardware counter yet: where one would work, doctor says so.
+                (ClockArg::Pmu, false) => Err(CliError::NoBranchCounter {
+                    why: match crate::doctor::branch_counter() {
+                        Ok(event) => format!(
+                            "this host has one ({event}), but this retrovisor does not drive a hardware \
+                             counter yet"
+                        ),
+                        Err(why) => format!("this host has none usable: {why}"),
+                    },
+                }),
+                _ => Ok(Landmarks::Exits),
+            };
             match (clock, a.checkpoint_every, a.checkpoint_ms) {
                 (machine::Clock::Landmark, Some(_), _) => Err(CliError::CheckpointUnit {
                     given: "--checkpoint-every",
@@ -445,9 +484,11 @@ pub fn main() -> i32 {
                 }
                 (machine::Clock::Landmark, None, ms) => Ok(ms.unwrap_or(DEFAULT_CHECKPOINT_MS)),
             }
-            .and_then(|every| {
+            .and_then(|every| Ok((every, landmarks?)))
+            .and_then(|(every, landmarks)| {
                 let seed = a.chaos.then(|| a.seed.unwrap_or_else(chaos_seed));
-                record(a.guest, Some((a.output.clone(), every)), clock, false, seed)
+                let trace = Some((a.output.clone(), every));
+                record(a.guest, trace, (clock, landmarks), false, seed)
             })
             .and_then(|status| match a.verify {
                 true => verify_recording(&a.output).map(|()| status),
@@ -556,10 +597,12 @@ fn chaos_seed() -> u64 {
 fn record(
     g: GuestArgs,
     trace: Option<(PathBuf, u64)>,
-    clock: machine::Clock,
+    (clock, landmarks): (machine::Clock, Landmarks),
     disk_writeback: bool,
     chaos_seed: Option<u64>,
 ) -> Result<i32, CliError> {
+    // The simulated counter single-steps: the guest gets what the step clock gives it.
+    let runs_free = clock.runs_free() && landmarks == Landmarks::Exits;
     // Only a regular file: a FIFO would block and a device would read forever.
     let image =
         traces::read_regular_file(&g.kernel, traces::MAX_IMAGE_BYTES).map_err(|source| {
@@ -597,8 +640,8 @@ fn record(
             cmdline: g.cmdline,
             initrd,
             disks: disks.clone(),
-            hide_host_values: clock.runs_free(),
-            trap_host_insns: clock.runs_free(),
+            hide_host_values: runs_free,
+            trap_host_insns: runs_free,
             cpuid: None,
             cpu: match g.cpu {
                 CpuArg::Portable => machine::CpuModel::Portable,
@@ -619,6 +662,7 @@ fn record(
         checkpoint_every,
         max_instructions: g.max_instructions,
         clock,
+        landmarks,
         progress: None,
         chaos_seed,
     };
@@ -639,7 +683,10 @@ fn record(
         say(format_args!(
             "retrovisor: recorded {} {} in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
             outcome.icount,
-            words::counted(Some(clock)),
+            match landmarks {
+                Landmarks::Branches => "branches",
+                Landmarks::Exits => words::counted(Some(clock)),
+            },
             secs,
             outcome.icount as f64 / secs.max(1e-9),
             outcome.events_by_kind.values().sum::<u64>(),
@@ -678,6 +725,14 @@ fn progress_bar(len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
+    if a.clock == Some(ClockArg::Pmu) {
+        let header = traces::TraceReader::open(&a.trace)?.header().clock.clone();
+        if header != Landmarks::PMU_CLOCK {
+            return Err(CliError::PmuNotHere {
+                what: "this trace was recorded with another clock, whose positions a branch count does not name",
+            });
+        }
+    }
     let live = a.go_live || a.go_live_record.is_some();
     if a.serial_input.is_some() && !live && a.gdb.is_none() {
         return Err(CliError::SerialInputWithoutLive);
@@ -690,6 +745,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         r.set_clock(clock.clock())?;
     }
     r.set_waypoints(!a.no_waypoints);
+    r.set_counter_skid(a.skid);
     check_range(a, &r)?;
     warn_if_cut_off(&r);
     if let Some(from) = a.from {
@@ -725,14 +781,19 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         } else {
             String::new()
         };
-        let jumps = match r.waypoint_jumps() {
-            0 => String::new(),
-            n => format!(", {n} kick points reached by their waypoints"),
+        let jumps = match (r.waypoint_jumps(), r.machine().counter_overflows()) {
+            (0, 0) => String::new(),
+            (n, 0) => format!(", {n} kick points reached by their waypoints"),
+            (_, n) => format!(
+                ", {n} runs to a branch count through the simulated counter's overflow (skid up to {} \
+                 instructions) and single steps",
+                a.skid
+            ),
         };
         say(format_args!(
             "retrovisor: replay matched the recording: {} {}{stepped}{jumps}, output identical ({} bytes, sha256 {})",
             r.end().count(),
-            words::counted(Some(r.positions())),
+            words::counted_by(&r.trace().header().clock),
             s.output_bytes,
             s.output_sha256
         ));
@@ -922,7 +983,7 @@ fn verify_recording(dir: &Path) -> Result<(), CliError> {
         "retrovisor: verified: {} replays exactly ({} {}, {checkpoints} checkpoints matched, output identical)",
         dir.display(),
         r.end().count(),
-        words::counted(Some(r.positions())),
+        words::counted_by(&r.trace().header().clock),
     ));
     Ok(())
 }
@@ -1011,11 +1072,11 @@ fn info(a: &InfoArgs) -> Result<i32, CliError> {
         );
     }
     let clock = words::clock_of(h);
-    let (unit, counted) = (words::unit(clock), words::counted(clock));
+    let (unit, counted) = (words::unit(clock), words::counted_by(&h.clock));
     println!(
         "clock:         {} ({})",
         h.clock,
-        words::clock_meaning(clock)
+        words::clock_meaning(&h.clock)
     );
     println!(
         "time:          {} ({})",

@@ -56,6 +56,16 @@ fn advice(e: &ProbeError) -> &'static str {
     }
 }
 
+/// Whether this host has a counter of the guest's retired conditional branches that a pmu clock could
+/// use: the event it would count, or why there is none (what doctor's `pmu:` line says).
+pub fn branch_counter() -> Result<String, String> {
+    let flags = host::cpu_flags();
+    let in_vm = flags.iter().any(|f| f == "hypervisor");
+    host::branch_counter(&machine::host_cpu(), host::kind(&flags), in_vm)
+        .verdict()
+        .map(|event| event.to_string())
+}
+
 /// Runs every probe and prints the report. Exits 0 when retrovisor can run here.
 pub fn run() -> Result<i32, DoctorError> {
     let kvm = KvmProbe::open().map_err(|source| DoctorError::NoKvm {

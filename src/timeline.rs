@@ -191,8 +191,11 @@ fn picture(trace: &TraceReader, replayed: Option<replay::Replayed>) -> Picture {
         clock: h.clock.clone(),
         time: words::time_mode(&h.time_mode),
         unit: words::unit(clock),
-        counted: words::counted(clock),
+        counted: words::counted_by(&h.clock),
         axis_meaning: match clock {
+            Some(machine::Clock::Landmark) if h.clock == machine::Landmarks::PMU_CLOCK => {
+                "conditional branches the guest retired since boot"
+            }
             Some(machine::Clock::Landmark) => "exits the guest caused since boot",
             _ => "instructions retired since boot",
         },

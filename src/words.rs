@@ -36,14 +36,28 @@ pub fn counted(clock: Option<Clock>) -> &'static str {
     }
 }
 
+/// What the positions of a trace recorded with the clock named `clock` count, in the plural: as
+/// [`counted`], and "branches" for the pmu clock (retired conditional branches).
+pub fn counted_by(clock: &str) -> &'static str {
+    match clock {
+        machine::Landmarks::PMU_CLOCK => "branches",
+        name => counted(Clock::from_name(name)),
+    }
+}
+
 /// What a position is called: "icount" or "landmark" ([`Clock::unit`]).
 pub fn unit(clock: Option<Clock>) -> &'static str {
     clock.unwrap_or(Clock::Step).unit()
 }
 
-/// How a clock names positions, for someone who has not read the README.
-pub fn clock_meaning(clock: Option<Clock>) -> &'static str {
-    match clock {
+/// How the clock a trace header names (`step`, `landmark`, `pmu`) names positions, for someone who has
+/// not read the README.
+pub fn clock_meaning(name: &str) -> &'static str {
+    if name == machine::Landmarks::PMU_CLOCK {
+        return "positions are conditional branches the guest retired, as a performance counter counts \
+                them (recorded on a simulated counter), and the instructions since";
+    }
+    match Clock::from_name(name) {
         Some(Clock::Step) => "positions are instruction counts: every instruction single-stepped",
         Some(Clock::Landmark) => {
             "positions are landmarks: exits the guest itself caused, run free in between"

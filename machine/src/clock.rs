@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 pub use vocab::Fingerprint;
+use vocab::Landmarks;
 
 /// What one [`Machine::advance`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +115,10 @@ impl Machine {
         let mut debug = kvm_guest_debug::default();
         match self.clock {
             Clock::Step => debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            // The simulated counter counts the branches it steps over: the pmu clock always steps.
+            Clock::Landmark if self.counting == Landmarks::Branches => {
+                debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            }
             Clock::Landmark if self.breakpoints.is_empty() && extra.is_none() => {}
             Clock::Landmark => {
                 debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
@@ -185,8 +190,11 @@ impl Machine {
         (0..self.breakpoints.len()).find(|&i| self.cpu.last_dr6 & (1 << i) != 0)
     }
 
-    /// The landmarks an exit makes (see the module documentation).
+    /// The landmarks an exit makes (see the module documentation): none where landmarks are branches.
     pub(crate) fn landmarks_in(&mut self, exit: &Exit) -> u64 {
+        if self.counting == Landmarks::Branches {
+            return 0;
+        }
         match exit {
             Exit::Io => {
                 let run = self.cpu.fd.get_kvm_run();
@@ -211,6 +219,7 @@ impl Machine {
                 Step::Idle => Advance::Idle,
                 Step::Stopped(stop) => Advance::Stopped(stop),
             }),
+            Clock::Landmark if self.counting == Landmarks::Branches => self.run_to_branch(host),
             Clock::Landmark => self.run_to_landmark(host),
         }
     }
@@ -405,6 +414,9 @@ impl Machine {
     ) -> Result<Search, MachineError> {
         if self.matches(fp)? {
             return Ok(Search::Found);
+        }
+        if self.counting == Landmarks::Branches {
+            return self.refine_to_fingerprint(fp, host);
         }
         let linear = self.cpu.sregs.cs.base.wrapping_add(fp.rip);
         let result = self.search_with_breakpoint(fp, linear, host);

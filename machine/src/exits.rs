@@ -15,9 +15,10 @@ use crate::arch::{self, APIC_BASE_ENABLE, CR0_PE, CR4_OSXSAVE, RFLAGS_IF};
 use crate::emulate::{self, hex_bytes, set_gpr, Completion, EmulateError};
 use crate::host_traps;
 use crate::vm::{kvm_err, Host, HostInsn, Machine, MachineError, Step, StopReason};
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuExit;
+use vocab::Landmarks;
 
 /// How one entry into the guest ended, once I/O has been handed to the devices.
 pub(crate) enum Exit {
@@ -55,11 +56,32 @@ impl Machine {
             .then(|| self.pushed_flags_slot())
             .flatten()
             .filter(|_| !self.legacy_stale_regs);
+        // Whether this step retires a conditional branch (a landmark of the pmu clock): no event is
+        // delivered first, and RIP ends at one of the branch's two destinations.
+        let branch = insn
+            .filter(|i| {
+                self.counting == Landmarks::Branches
+                    && self.cpu.queued.is_none()
+                    && !self.cpu.kvm_event
+                    && i.flow_control() == FlowControl::ConditionalBranch
+            })
+            .map(|i| (i.next_ip(), i.near_branch_target()));
         let stop = self.run_one(host)?;
         if let Some(slot) = flags_slot {
             self.clear_pushed_trap_flag(slot);
         }
+        if let Some((next, target)) = branch {
+            let rip = self.cpu.regs.rip;
+            if rip == next || rip == target {
+                self.landmarks += 1;
+            }
+        }
         Ok(stop.map(Step::Stopped).unwrap_or(Step::Retired))
+    }
+
+    /// The landmarks an exit the VMM completes itself makes: one, unless landmarks are branches.
+    fn exit_landmark(&self) -> u64 {
+        u64::from(self.counting == Landmarks::Exits)
     }
 
     /// Decodes the instruction at CS:RIP, or None if its bytes are not readable (KVM will raise the fault).
@@ -102,7 +124,7 @@ impl Machine {
         match insn.mnemonic() {
             Mnemonic::Hlt => {
                 // Free running, `hlt` is an exit: a landmark.
-                self.landmarks += 1;
+                self.landmarks += self.exit_landmark();
                 // With interrupts off, a uniprocessor stops for good; one vCPU of several only parks
                 // (the others run on, and the machine stops when none can).
                 if regs.rflags & RFLAGS_IF == 0 && !self.is_multiprocessor() {
@@ -120,7 +142,7 @@ impl Machine {
                 }
                 // Free running on PVM, RDRAND and RDSEED fail to emulate and reach the VMM: a landmark.
                 if matches!(insn.mnemonic(), Mnemonic::Rdrand | Mnemonic::Rdseed) {
-                    self.landmarks += 1;
+                    self.landmarks += self.exit_landmark();
                 }
                 self.icount += 1;
                 return Ok(Some(Step::Retired));

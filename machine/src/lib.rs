@@ -13,6 +13,7 @@ pub mod exits;
 pub mod host_traps;
 pub mod interrupts;
 pub mod paging;
+pub mod pmu;
 pub mod probe;
 pub mod smp;
 pub mod snapshot;
@@ -23,10 +24,11 @@ pub mod waypoint;
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
 pub use cpu_model::{host_cpu, CpuModel};
 pub use interrupts::Blocker;
+pub use pmu::SimulatedCounter;
 pub use snapshot::Snapshot;
 pub use vcpu::Queued;
 pub use vm::{
     Clock, Host, HostInsn, Machine, MachineConfig, MachineError, Step, StopReason, MAX_CPUS,
 };
-pub use vocab::{HostCpu, Position};
+pub use vocab::{HostCpu, Landmarks, Position};
 pub use waypoint::Waypoint;

@@ -178,8 +178,13 @@ pub struct Machine {
     /// The userspace devices.
     pub devices: Devices,
     pub(crate) icount: u64,
-    /// Landmarks so far: exits the guest itself caused (see [`crate::clock`]).
+    /// Landmarks so far: exits the guest itself caused (see [`crate::clock`]), or with the pmu clock
+    /// conditional branches it retired (see [`crate::pmu`]).
     pub(crate) landmarks: u64,
+    /// What [`Machine::landmarks`] counts.
+    pub(crate) counting: vocab::Landmarks,
+    /// The pmu clock's counter, a simulated one (see [`crate::pmu`]).
+    pub(crate) counter: crate::pmu::SimulatedCounter,
     /// How the machine is driven.
     pub(crate) clock: Clock,
     /// What the state blob records as the position: the icount (step traces) or the landmark count.
@@ -367,6 +372,8 @@ impl Machine {
             landmarks: 0,
             clock: Clock::Step,
             positions: Clock::Step,
+            counting: vocab::Landmarks::Exits,
+            counter: crate::pmu::SimulatedCounter::new(0),
             host_traps,
             xsave_layout: XsaveLayout::from_cpuid(&cpuid_table),
             answer_cpuid: config.answer_cpuid,

@@ -10,7 +10,7 @@ pub use inputs::{SerialInput, TimeSourceKind};
 pub use session::{Pass, Session};
 
 use inputs::HostEnv;
-use machine::{Clock, Machine, MachineConfig, MachineError};
+use machine::{Clock, Landmarks, Machine, MachineConfig, MachineError};
 use session::SessionSetup;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -79,6 +79,9 @@ pub struct Options {
     pub max_instructions: Option<u64>,
     /// How the guest is driven: single-stepped, or free between landmarks.
     pub clock: Clock,
+    /// What the landmark clock's landmarks are: exits, or (the pmu clock, on a simulated counter)
+    /// retired conditional branches.
+    pub landmarks: Landmarks,
     /// Called now and then with (position so far, events so far).
     pub progress: Option<Box<dyn FnMut(u64, u64)>>,
     /// Chaos mode's seed (see [`schedule`]): None for the normal scheduler.
@@ -292,6 +295,7 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     machine.set_digest_pages(true);
     machine.set_clock(opts.clock)?;
     machine.set_positions(opts.clock);
+    machine.set_landmarks(opts.landmarks)?;
     let writer = match &opts.trace {
         Some(dir) => {
             let header = Header {
@@ -305,7 +309,11 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
                     cmdline: opts.machine.cmdline.clone(),
                     memory_map: memory::pc_memory_map(machine.ram_bytes()).to_vec(),
                 },
-                clock: opts.clock.name().to_string(),
+                clock: match opts.landmarks {
+                    Landmarks::Branches => Landmarks::PMU_CLOCK,
+                    Landmarks::Exits => opts.clock.name(),
+                }
+                .to_string(),
                 time_mode: opts.time.mode(),
                 checkpoint_every: opts.checkpoint_every,
                 created_unix_secs: std::time::SystemTime::now()

@@ -4,7 +4,7 @@
 use crate::inputs::HostEnv;
 use crate::schedule::Scheduler;
 use crate::{trace_stopped, Outcome, RecordError};
-use machine::{Advance, Clock, Kicker, Machine};
+use machine::{Advance, Clock, Kicker, Landmarks, Machine};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -109,8 +109,10 @@ impl Session {
             passes: 0,
             last_stop: Instant::now(),
             waypoint: None,
-            // The landmark clock gets control back from a guest that computes without exits by kicking it.
-            _kicker: (clock == Clock::Landmark).then(|| Kicker::start(KICK_INTERVAL)),
+            // The landmark clock gets control back from a guest that computes without exits by kicking it
+            // (the pmu clock's simulated counter steps, and stops between branches by itself).
+            _kicker: (clock == Clock::Landmark && machine.landmarks_are() == Landmarks::Exits)
+                .then(|| Kicker::start(KICK_INTERVAL)),
             machine,
         }
     }
@@ -204,7 +206,10 @@ impl Session {
             // waypoint once the guest ran a while (see `machine::waypoint`). Only where the recording
             // and its replays drop KVM's cached translations at checkpoints alike, as restoring one
             // drops them.
-            if recording && machine.cold_checkpoints() && self.last_stop.elapsed() >= WAYPOINT_AFTER
+            if recording
+                && machine.cold_checkpoints()
+                && machine.landmarks_are() == Landmarks::Exits
+                && self.last_stop.elapsed() >= WAYPOINT_AFTER
             {
                 self.waypoint = machine.take_waypoint()?;
             }
@@ -248,8 +253,12 @@ impl Session {
         }
         // A single step with the landmark clock stands at a position only if it made one.
         let stepped_within = step && clock == Clock::Landmark && machine.position() == position;
-        self.at_position =
-            !(matches!(advance, Advance::Kicked | Advance::Breakpoint) || stepped_within);
+        // Where landmarks are branches, a halted guest stands between two: it is woken at a kick point.
+        let halted_between =
+            advance == Advance::Idle && machine.landmarks_are() == Landmarks::Branches;
+        self.at_position = !(matches!(advance, Advance::Kicked | Advance::Breakpoint)
+            || stepped_within
+            || halted_between);
         if self.at_position {
             self.last_stop = Instant::now();
         }
@@ -444,7 +453,9 @@ impl Between {
         if !wanted {
             return Ok(false);
         }
-        if recording && !self.at_breakpoint && !chaotic {
+        // The pmu clock reaches any point by counting: no loop exit to wait for.
+        let counted = machine.landmarks_are() == Landmarks::Branches;
+        if recording && !self.at_breakpoint && !chaotic && !counted {
             match self.armed {
                 None => {
                     if let Some(exit) = machine.loop_exit().filter(|&x| x != machine.rip()) {

@@ -13,7 +13,7 @@ pub mod verify;
 use devices::disk::DiskImage;
 pub use log::Divergence;
 use log::LogHost;
-use machine::{Advance, Clock, Machine, MachineConfig, MachineError, Search};
+use machine::{Advance, Clock, Landmarks, Machine, MachineConfig, MachineError, Search};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -135,6 +135,9 @@ pub struct Replayer {
     waypoint_jumps: u64,
     /// The pages a search asked about last ([`Replayer::wrote_since_probe`]), sorted.
     probed: Vec<u64>,
+    /// The count of the position the current run goes to: a counted run stops there (see
+    /// [`Replayer::advance_machine`]).
+    limit: u64,
     /// Whether the machine is where the replay put it without error: false from a failed step or restore
     /// until the next restore succeeds, since a failure can leave it anywhere (see [`Timeline::seek`]).
     intact: bool,
@@ -254,6 +257,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
     let clock = Clock::from_name(&h.clock).ok_or_else(|| ReplayError::UnknownClock {
         clock: h.clock.clone(),
     })?;
+    let landmarks = Landmarks::of_clock(&h.clock);
     let map = memory::pc_memory_map(h.machine.ram_bytes);
     if !h.machine.memory_map.is_empty() && h.machine.memory_map != map {
         return Err(ReplayError::MemoryMap {
@@ -267,7 +271,8 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
         // Like the disks, from the trace's own hashed copy.
         initrd: trace.read_initrd()?,
         disks,
-        hide_host_values: clock.runs_free(),
+        // The pmu clock's simulated counter steps, as the step clock does.
+        hide_host_values: clock.runs_free() && landmarks == Landmarks::Exits,
         trap_host_insns: h.host_traps,
         cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
         // Only for traces that kept no CPUID: they gave the guest the host's.
@@ -283,6 +288,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
     machine.set_digest_pages(h.digest == traces::DigestKind::Pages);
     machine.set_positions(clock);
     machine.set_clock(clock)?;
+    machine.set_landmarks(landmarks)?;
     Ok(machine)
 }
 
@@ -339,6 +345,7 @@ impl Replayer {
             waypoints: true,
             waypoint_jumps: 0,
             probed: Vec::new(),
+            limit: u64::MAX,
             intact: false,
             last_intact: Position::START,
             progress: None,
@@ -596,6 +603,12 @@ impl Replayer {
         self.waypoints = on;
     }
 
+    /// A pmu trace: makes the simulated counter's overflow land up to `skid` instructions late (see
+    /// [`machine::pmu`]).
+    pub fn set_counter_skid(&mut self, skid: u64) {
+        self.machine.set_counter_skid(skid);
+    }
+
     /// How many kick points this replay reached by restoring their waypoints.
     pub fn waypoint_jumps(&self) -> u64 {
         self.waypoint_jumps
@@ -696,6 +709,7 @@ impl Replayer {
         out: &mut dyn Write,
     ) -> Result<(), ReplayError> {
         let position = self.position();
+        self.limit = target.count();
         if self.stepping_within {
             let before = self.machine.landmarks() < target.count();
             self.use_clock(if before { Clock::Landmark } else { Clock::Step })?;
@@ -733,6 +747,7 @@ impl Replayer {
         if self.stepping_within {
             self.use_clock(Clock::Step)?;
         }
+        self.limit = self.position().count() + 1;
         self.advance_explained(out)
     }
 
@@ -796,7 +811,7 @@ impl Replayer {
         loop {
             let position = self.position();
             self.verify_checkpoint(position)?;
-            if position >= self.end {
+            if position >= self.end && !self.guest_ends_after(position) {
                 return self.finish_at_end(position);
             }
             // The anchor follows the trace's own positions (landmarks, even when replaying by index).
@@ -832,7 +847,7 @@ impl Replayer {
             // at a position or kick: with the landmark clock, the start of the run that made the exit.
             self.host.begin_step(at, self.anchor.1);
             let landmarks = self.machine.landmarks();
-            let advance = self.machine.advance(&mut self.host)?;
+            let advance = self.advance_machine(at)?;
             if self.machine.landmarks() != landmarks {
                 self.offset = 0;
             } else if advance == Advance::Moved {
@@ -900,6 +915,31 @@ impl Replayer {
                 }
             }
         }
+    }
+
+    /// Runs the machine to its next position ([`Machine::advance`]). Where landmarks are branches and the
+    /// replay runs counted, as far as the next branch where something happens instead: the next event,
+    /// checkpoint, the end, or the position the run is going to ([`Machine::run_to_count`]).
+    fn advance_machine(&mut self, at: u64) -> Result<Advance, ReplayError> {
+        let counted = self.machine.landmarks_are() == Landmarks::Branches
+            && self.machine.clock() == Clock::Landmark;
+        if counted && !self.machine.armed() {
+            let next_event = self.host.next_event_at().unwrap_or(u64::MAX);
+            let next_checkpoint = self
+                .checkpoint_positions
+                .get(self.next_verify)
+                .map_or(u64::MAX, |c| c.count());
+            let next = [next_event, next_checkpoint, self.end.count(), self.limit]
+                .into_iter()
+                .filter(|&n| n > at)
+                .min()
+                .unwrap_or(at + 1);
+            // Values the stretch from here asks for are logged at this branch: go one at a time.
+            if next_event > at && next > at + 1 {
+                return Ok(self.machine.run_to_count(next, &mut self.host)?);
+            }
+        }
+        Ok(self.machine.advance(&mut self.host)?)
     }
 
     /// Applies the boundary inputs logged at `at`. After a switch of vCPU, what the next step asks for
@@ -1027,6 +1067,18 @@ impl Replayer {
         }
         self.waypoint_jumps += 1;
         Ok(true)
+    }
+
+    /// Whether the guest ends the recording by itself after `position`, the last position, before the
+    /// next: where landmarks are branches, its exit comes some instructions after the last one (an exit
+    /// the guest causes is no landmark), so the replay runs on to it.
+    fn guest_ends_after(&self, position: Position) -> bool {
+        self.machine.landmarks_are() == Landmarks::Branches
+            && position.count() == self.end.count()
+            && matches!(
+                self.trace.summary().map(|s| s.stop),
+                Some(StopReason::GuestExit { .. } | StopReason::TripleFault | StopReason::Halted)
+            )
     }
 
     fn finish_at_end(&mut self, position: Position) -> Result<(), ReplayError> {

@@ -211,6 +211,11 @@ impl LogHost {
         }
     }
 
+    /// The position of the next event not consumed yet, if any.
+    pub fn next_event_at(&self) -> Option<u64> {
+        self.events.get(self.cursor).map(|e| e.at)
+    }
+
     /// Consumes the kick [`LogHost::kick_here`] returned: the machine is at its point.
     pub fn take_kick(&mut self) {
         self.cursor += 1;

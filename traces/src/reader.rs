@@ -1252,7 +1252,7 @@ fn memory_cost(event: &Event) -> u64 {
 /// ([`memory_cost`]) is refused.
 fn read_events(path: &Path, header: &Header, memory_budget: u64) -> Result<EventStream, ReadError> {
     let version = header.format_version;
-    let unit = if header.clock == "landmark" {
+    let unit = if header.clock != "step" {
         "landmark"
     } else {
         "icount"

@@ -180,7 +180,9 @@ impl EventRules {
                 self.stop = Some(index);
                 Ok(())
             }
-            EventKind::Kick { .. } if self.clock != "landmark" => {
+            // Points between positions exist only where positions are landmarks: exits (the landmark
+            // clock) or retired conditional branches (the pmu clock).
+            EventKind::Kick { .. } if !matches!(self.clock.as_str(), "landmark" | "pmu") => {
                 Err(EventError::KickWithoutLandmarks {
                     clock: self.clock.clone(),
                 })

@@ -43,12 +43,37 @@ impl Clock {
         self == Clock::Landmark
     }
 
-    /// The clock a trace header names, if it is one this version knows.
+    /// The clock a trace header names, if it is one this version knows. A `pmu` trace's positions are
+    /// landmarks too: retired conditional branches rather than exits (see [`Landmarks`]).
     pub fn from_name(name: &str) -> Option<Clock> {
         match name {
             "step" => Some(Clock::Step),
-            "landmark" => Some(Clock::Landmark),
+            "landmark" | Landmarks::PMU_CLOCK => Some(Clock::Landmark),
             _ => None,
+        }
+    }
+}
+
+/// What a landmark is, in a trace whose positions count landmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Landmarks {
+    /// An exit the guest itself caused (the landmark clock).
+    #[default]
+    Exits,
+    /// A conditional branch the guest retired (the pmu clock), as a performance counter counts them.
+    Branches,
+}
+
+impl Landmarks {
+    /// The clock name a trace header gives a trace whose landmarks are branches.
+    pub const PMU_CLOCK: &'static str = "pmu";
+
+    /// What the landmarks of a trace recorded with the clock named `name` are.
+    pub fn of_clock(name: &str) -> Landmarks {
+        if name == Landmarks::PMU_CLOCK {
+            Landmarks::Branches
+        } else {
+            Landmarks::Exits
         }
     }
 }
