@@ -192,9 +192,11 @@ struct RecordArgs {
     /// How the guest is driven while recording. `landmark` (the default) runs free at the host's speed
     /// and names positions by the guest's own exits: no PMU needed, but RDTSC results cannot be
     /// recorded (replay then reports a divergence). `step` single-steps every instruction: exact
-    /// instruction counts and every RDTSC/RDRAND logged, about 10x slower here.
-    #[arg(long, value_enum, default_value = "landmark")]
-    clock: ClockArg,
+    /// instruction counts and every RDTSC/RDRAND logged, about 10x slower here. `pmu` counts the guest's
+    /// retired conditional branches: it needs a PMU that counts a guest's, which no retrovisor drives
+    /// yet, or --simulated-counter. Without --clock, record says which it uses and why.
+    #[arg(long, value_enum)]
+    clock: Option<ClockArg>,
     /// Once the guest has ended, replay the new trace from boot to its end (checkpoints, output and
     /// end all compared) and say "verified: replays exactly" or what diverged. A recording that does
     /// not replay exits with status 4. Costs about as long again as the recording.
@@ -453,8 +455,22 @@ pub fn main() -> i32 {
             )
         }
         Command::Record(a) => {
-            let clock = a.clock.clock();
-            let landmarks = match (a.clock, a.simulated_counter) {
+            let chosen = a.clock.unwrap_or_else(|| {
+                // The pmu clock would be the default where a counter works; no retrovisor drives one yet.
+                say(format_args!(
+                    "retrovisor: recording with the landmark clock ({})",
+                    match crate::doctor::branch_counter() {
+                        Ok(event) => format!(
+                            "this host counts a guest's branches ({event}), but no \
+                                              retrovisor drives a hardware counter yet"
+                        ),
+                        Err(why) => format!("no pmu clock here: {why}"),
+                    }
+                ));
+                ClockArg::Landmark
+            });
+            let clock = chosen.clock();
+            let landmarks = match (chosen, a.simulated_counter) {
                 (ClockArg::Pmu, true) => Ok(Landmarks::Branches),
                 // No retrovisor drives a hardware counter yet: where one would work, doctor says so.
                 (ClockArg::Pmu, false) => Err(CliError::NoBranchCounter {
