@@ -279,7 +279,7 @@ struct ReplayArgs {
     /// A pmu trace, replayed on the simulated counter (this host has no PMU to count a guest's
     /// branches): how many instructions late its overflow interrupt lands, at most, as a hardware
     /// counter's skid (each lands a random 0 to N late; the run then single-steps to the exact branch).
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=machine::pmu::MAX_SKID))]
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=machine::counter::MAX_SKID))]
     skid: u64,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock

@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod clock;
+pub mod counter;
 pub mod cpu;
 pub mod cpu_model;
 pub mod dirty;
@@ -22,9 +23,9 @@ pub mod vm;
 pub mod waypoint;
 
 pub use clock::{Advance, Fingerprint, Kicker, Search, DEBUG_REGISTERS, MAX_SEARCH_HITS};
+pub use counter::SimulatedCounter;
 pub use cpu_model::{host_cpu, CpuModel};
 pub use interrupts::Blocker;
-pub use pmu::SimulatedCounter;
 pub use snapshot::Snapshot;
 pub use vcpu::Queued;
 pub use vm::{

@@ -184,7 +184,7 @@ pub struct Machine {
     /// What [`Machine::landmarks`] counts.
     pub(crate) counting: vocab::Landmarks,
     /// The pmu clock's counter, a simulated one (see [`crate::pmu`]).
-    pub(crate) counter: crate::pmu::SimulatedCounter,
+    pub(crate) counter: crate::counter::SimulatedCounter,
     /// How the machine is driven.
     pub(crate) clock: Clock,
     /// What the state blob records as the position: the icount (step traces) or the landmark count.
@@ -373,7 +373,7 @@ impl Machine {
             clock: Clock::Step,
             positions: Clock::Step,
             counting: vocab::Landmarks::Exits,
-            counter: crate::pmu::SimulatedCounter::new(0),
+            counter: crate::counter::SimulatedCounter::new(0),
             host_traps,
             xsave_layout: XsaveLayout::from_cpuid(&cpuid_table),
             answer_cpuid: config.answer_cpuid,

@@ -25,5 +25,5 @@ pub use reader::{
     ChainCursor, ChainError, CheckpointInfo, ReadError, RestorePoint, TornTail, TraceReader,
 };
 pub use rules::EventError;
-pub use waypoints::Waypoint;
+pub use waypoints::{Waypoint, WaypointError};
 pub use writer::{TraceWriter, WriteError};

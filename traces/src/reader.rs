@@ -22,7 +22,7 @@ use crate::format::{
     HEADER_FILE, MAX_EVENT_MEMORY, MAX_JSON_FILE, PAGE_SIZE, SERIAL_RX_MEMORY_COST, SUMMARY_FILE,
 };
 use crate::rules::{EventError, EventRules};
-use crate::waypoints::{Waypoint, WaypointIndex};
+use crate::waypoints::{Waypoint, WaypointError, WaypointIndex};
 
 /// Errors from reading a trace.
 #[derive(Debug, Error)]
@@ -167,15 +167,8 @@ pub enum ReadError {
         source: CodecError,
     },
     /// A waypoint cannot be used (a replay then finds its kick point by searching).
-    #[error("{path}: the waypoint at byte {offset} cannot be used: {reason}")]
-    Waypoint {
-        /// `waypoints.bin`.
-        path: PathBuf,
-        /// Where its record starts.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    Waypoint(#[from] WaypointError),
     /// A checkpoint file's size disagrees with the length in its header.
     #[error("{path}: checkpoint file is {actual} bytes but its header declares {declared}")]
     CheckpointSize {
@@ -476,7 +469,11 @@ impl TraceReader {
     /// The waypoint of the kick at event index `kick`, if the trace has one: None if not, an error if
     /// its record cannot be used (see [`Waypoint`]).
     pub fn waypoint(&self, kick: u64) -> Option<Result<Waypoint, ReadError>> {
-        self.waypoints.read(kick, &self.limits)
+        Some(
+            self.waypoints
+                .read(kick, &self.limits)?
+                .map_err(ReadError::from),
+        )
     }
 
     /// Whether the kick at event index `kick` has a waypoint.
@@ -491,7 +488,7 @@ impl TraceReader {
         (
             self.waypoints.len(),
             self.waypoints.bytes,
-            self.waypoints.problem(),
+            self.waypoints.problem().map(ReadError::from),
         )
     }
 
@@ -876,7 +873,7 @@ impl TraceReader {
         if let Err(e) = self.read_initrd() {
             problems.push(e);
         }
-        problems.extend(self.waypoints.problem());
+        problems.extend(self.waypoints.problem().map(ReadError::from));
         for kick in self.waypoints.kicks() {
             match self.waypoint(kick) {
                 Some(Ok(w)) => {

@@ -13,12 +13,47 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use thiserror::Error;
+
 use crate::codec::{self, CheckpointHeader, CheckpointLimits, PageRef, PAGE_REF_LEN};
 use crate::format::{
     Checkpoint, CHECKPOINT_HEADER_LEN, WAYPOINTS_FILE_HEADER_LEN, WAYPOINTS_MAGIC,
 };
-use crate::reader::ReadError;
-use crate::writer::{io_err, WriteError};
+
+/// What went wrong with `waypoints.bin`.
+#[derive(Debug, Error)]
+pub enum WaypointError {
+    /// Writing the file failed.
+    #[error("cannot {action} {path}: {source}")]
+    Write {
+        /// What was being done, e.g. "append to".
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A waypoint cannot be used (a replay then finds its kick point by searching).
+    #[error("{path}: the waypoint at byte {offset} cannot be used: {reason}")]
+    Unusable {
+        /// `waypoints.bin`.
+        path: PathBuf,
+        /// Where its record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A [`WaypointError::Write`] for `action` on `path`.
+fn write_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WaypointError {
+    let path = path.to_owned();
+    move |source| WaypointError::Write {
+        action,
+        path,
+        source,
+    }
+}
 
 /// A waypoint as the trace holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,15 +88,15 @@ pub(crate) struct WaypointWriter {
 
 impl WaypointWriter {
     /// Creates `waypoints.bin` in `dir`, with its header.
-    pub(crate) fn create(dir: &Path) -> Result<WaypointWriter, WriteError> {
+    pub(crate) fn create(dir: &Path) -> Result<WaypointWriter, WaypointError> {
         let path = dir.join(crate::format::WAYPOINTS_FILE);
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(io_err("create", &path))?;
+            .map_err(write_err("create", &path))?;
         let header = file_header();
-        file.write_all(&header).map_err(io_err("write", &path))?;
+        file.write_all(&header).map_err(write_err("write", &path))?;
         Ok(WaypointWriter {
             path,
             file,
@@ -70,7 +105,7 @@ impl WaypointWriter {
     }
 
     /// Appends one waypoint.
-    pub(crate) fn append(&mut self, waypoint: &Waypoint) -> Result<(), WriteError> {
+    pub(crate) fn append(&mut self, waypoint: &Waypoint) -> Result<(), WaypointError> {
         let pages: Vec<PageRef<'_>> = waypoint
             .pages
             .iter()
@@ -86,17 +121,17 @@ impl WaypointWriter {
             pages: Vec::new(),
         };
         let bytes = codec::encode_checkpoint(&record, &pages, len)
-            .map_err(io_err("compress a waypoint for", &self.path))?;
+            .map_err(write_err("compress a waypoint for", &self.path))?;
         self.file
             .write_all(&bytes)
-            .map_err(io_err("append to", &self.path))?;
+            .map_err(write_err("append to", &self.path))?;
         self.bytes += bytes.len() as u64;
         Ok(())
     }
 
     /// Makes the file durable (at the end of a recording).
-    pub(crate) fn sync(&self) -> Result<(), WriteError> {
-        self.file.sync_all().map_err(io_err("fsync", &self.path))
+    pub(crate) fn sync(&self) -> Result<(), WaypointError> {
+        self.file.sync_all().map_err(write_err("fsync", &self.path))
     }
 }
 
@@ -122,9 +157,9 @@ impl WaypointIndex {
             path: path.clone(),
             ..WaypointIndex::default()
         };
-        let (file, size) = match crate::reader::open_file(&path) {
-            Ok(Some(opened)) => opened,
-            Ok(None) => return index,
+        let (file, size) = match crate::files::open_regular(&path) {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return index,
             Err(e) => {
                 index.problem = Some((0, e.to_string()));
                 return index;
@@ -191,10 +226,10 @@ impl WaypointIndex {
     }
 
     /// The problem that stopped indexing, as an error.
-    pub(crate) fn problem(&self) -> Option<ReadError> {
+    pub(crate) fn problem(&self) -> Option<WaypointError> {
         self.problem
             .as_ref()
-            .map(|(offset, reason)| ReadError::Waypoint {
+            .map(|(offset, reason)| WaypointError::Unusable {
                 path: self.path.clone(),
                 offset: *offset,
                 reason: reason.clone(),
@@ -211,18 +246,16 @@ impl WaypointIndex {
         &self,
         kick: u64,
         limits: &CheckpointLimits,
-    ) -> Option<Result<Waypoint, ReadError>> {
+    ) -> Option<Result<Waypoint, WaypointError>> {
         let &(offset, len) = self.records.get(&kick)?;
-        let unusable = |reason: String| ReadError::Waypoint {
+        let unusable = |reason: String| WaypointError::Unusable {
             path: self.path.clone(),
             offset,
             reason,
         };
-        let read = || -> Result<Waypoint, ReadError> {
+        let read = || -> Result<Waypoint, WaypointError> {
             let (file, _) =
-                crate::reader::open_file(&self.path)?.ok_or_else(|| ReadError::Missing {
-                    path: self.path.clone(),
-                })?;
+                crate::files::open_regular(&self.path).map_err(|e| unusable(e.to_string()))?;
             let mut bytes = vec![0u8; len as usize];
             file.read_exact_at(&mut bytes, offset)
                 .map_err(|e| unusable(e.to_string()))?;

@@ -176,6 +176,9 @@ pub enum WriteError {
         /// The trace directory.
         path: PathBuf,
     },
+    /// Writing `waypoints.bin` failed.
+    #[error(transparent)]
+    Waypoint(Box<crate::waypoints::WaypointError>),
     /// A waypoint names a kick event that was not pushed yet.
     #[error("a waypoint names event {kick}, but only {events} events were pushed")]
     WaypointAhead {
@@ -476,13 +479,15 @@ impl TraceWriter {
             });
         }
         if self.waypoints.is_none() {
-            self.waypoints = Some(WaypointWriter::create(&self.dir)?);
+            let created = WaypointWriter::create(&self.dir);
+            self.failed = created.is_err();
+            self.waypoints = Some(created.map_err(|e| WriteError::Waypoint(Box::new(e)))?);
         }
         let file = self.waypoints.as_mut().expect("created above");
         let before = file.bytes;
         if let Err(e) = file.append(waypoint) {
             self.failed = true;
-            return Err(e);
+            return Err(WriteError::Waypoint(Box::new(e)));
         }
         self.checkpoint_bytes += file.bytes - before;
         Ok(())
@@ -552,7 +557,9 @@ impl TraceWriter {
             .sync_all()
             .map_err(io_err("fsync", &self.events_path))?;
         if let Some(waypoints) = &self.waypoints {
-            waypoints.sync()?;
+            waypoints
+                .sync()
+                .map_err(|e| WriteError::Waypoint(Box::new(e)))?;
         }
         let path = self.dir.join(SUMMARY_FILE);
         let json = serde_json::to_vec_pretty(summary).map_err(|e| WriteError::Io {
@@ -682,7 +689,7 @@ fn sync_dir(dir: &Path) -> Result<(), WriteError> {
         .map_err(io_err("fsync directory", dir))
 }
 
-pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
     let path = path.to_owned();
     move |source| WriteError::Io {
         action,
