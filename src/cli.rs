@@ -455,20 +455,19 @@ pub fn main() -> i32 {
             )
         }
         Command::Record(a) => {
-            let chosen = a.clock.unwrap_or_else(|| {
-                // The pmu clock would be the default where a counter works; no retrovisor drives one yet.
-                say(format_args!(
-                    "retrovisor: recording with the landmark clock ({})",
-                    match crate::doctor::branch_counter() {
-                        Ok(event) => format!(
-                            "this host counts a guest's branches ({event}), but no \
-                                              retrovisor drives a hardware counter yet"
-                        ),
-                        Err(why) => format!("no pmu clock here: {why}"),
-                    }
-                ));
-                ClockArg::Landmark
-            });
+            // The pmu clock would be the default where a counter works; no retrovisor drives one yet. The
+            // summary line says which clock recorded, and why not pmu.
+            let why_clock = a
+                .clock
+                .is_none()
+                .then(|| match crate::doctor::branch_counter() {
+                    Ok(event) => format!(
+                    "this host counts a guest's branches ({event}), but no retrovisor drives a \
+                     hardware counter yet"
+                ),
+                    Err(why) => format!("no pmu clock here: {why}"),
+                });
+            let chosen = a.clock.unwrap_or(ClockArg::Landmark);
             let clock = chosen.clock();
             let landmarks = match (chosen, a.simulated_counter) {
                 (ClockArg::Pmu, true) => Ok(Landmarks::Branches),
@@ -503,7 +502,7 @@ pub fn main() -> i32 {
             .and_then(|every| Ok((every, landmarks?)))
             .and_then(|(every, landmarks)| {
                 let seed = a.chaos.then(|| a.seed.unwrap_or_else(chaos_seed));
-                let trace = Some((a.output.clone(), every));
+                let trace = Some((a.output.clone(), every, why_clock));
                 record(a.guest, trace, (clock, landmarks), false, seed)
             })
             .and_then(|status| match a.verify {
@@ -612,7 +611,7 @@ fn chaos_seed() -> u64 {
 
 fn record(
     g: GuestArgs,
-    trace: Option<(PathBuf, u64)>,
+    trace: Option<(PathBuf, u64, Option<String>)>,
     (clock, landmarks): (machine::Clock, Landmarks),
     disk_writeback: bool,
     chaos_seed: Option<u64>,
@@ -641,9 +640,9 @@ fn record(
         })
         .transpose()?;
     let recording = trace.is_some();
-    let (trace, checkpoint_every) = trace
-        .map(|(p, n)| (Some(p), n))
-        .unwrap_or((None, DEFAULT_CHECKPOINT_EVERY));
+    let (trace, checkpoint_every, why_clock) = trace
+        .map(|(p, n, why)| (Some(p), n, why))
+        .unwrap_or((None, DEFAULT_CHECKPOINT_EVERY, None));
     let mut opts = Options {
         image_path: std::fs::canonicalize(&g.kernel).unwrap_or(g.kernel.clone()),
         image,
@@ -697,12 +696,13 @@ fn record(
     if recording {
         let secs = outcome.wall.as_secs_f64();
         say(format_args!(
-            "retrovisor: recorded {} {} in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
+            "retrovisor: recorded {} {}{} in {:.2}s ({:.0}/s), {} events, {} checkpoints, into {}; guest {}",
             outcome.icount,
             match landmarks {
                 Landmarks::Branches => "branches",
                 Landmarks::Exits => words::counted(Some(clock)),
             },
+            why_clock.map_or(String::new(), |why| format!(" with the landmark clock ({why})")),
             secs,
             outcome.icount as f64 / secs.max(1e-9),
             outcome.events_by_kind.values().sum::<u64>(),
