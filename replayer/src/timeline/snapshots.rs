@@ -97,7 +97,7 @@ impl SnapshotCache {
     /// of a spacing that doubles with the distance from the focus, and only where none exists yet.
     pub fn wants(&self, at: Position, focus: Position) -> bool {
         let (key, focus) = (self.key(at), self.key(focus));
-        key.is_multiple_of(spacing(key.abs_diff(focus))) && !self.snaps.contains_key(&key)
+        key.is_multiple_of(spacing(key, focus)) && !self.snaps.contains_key(&key)
     }
 
     /// Adds a snapshot, then thins the cache around `focus`.
@@ -133,7 +133,7 @@ impl SnapshotCache {
             .keys()
             .copied()
             .filter(|&ic| {
-                let sp = spacing(ic.abs_diff(focus));
+                let sp = spacing(ic, focus);
                 !seen.insert((sp, ic / sp))
             })
             .collect();
@@ -157,10 +157,12 @@ impl SnapshotCache {
     }
 }
 
-/// Snapshot spacing at `distance` instructions from the focus: FINE_INTERVAL within one BASE_INTERVAL,
+/// Snapshot spacing at key `key` for a focus at key `focus`: FINE_INTERVAL within one BASE_INTERVAL before
+/// the focus (where steps back land; a forward run, whose focus is where it stands, takes none),
 /// BASE_INTERVAL within DENSE_SPAN intervals, then doubling with each further doubling of the distance.
-fn spacing(distance: u64) -> u64 {
-    if distance < BASE_INTERVAL {
+fn spacing(key: u64, focus: u64) -> u64 {
+    let distance = key.abs_diff(focus);
+    if key < focus && distance < BASE_INTERVAL {
         return FINE_INTERVAL;
     }
     let units = distance / (BASE_INTERVAL * DENSE_SPAN);
@@ -226,6 +228,11 @@ mod tests {
             !c.wants(at(focus - 4 * BASE_INTERVAL + FINE_INTERVAL), at(focus)),
             "beyond one base interval the spacing is the base interval"
         );
+        // Not at or after it: a forward run's focus is where it stands, and it takes none.
+        assert!(!c.wants(
+            at(focus - 1000 + 9 * FINE_INTERVAL),
+            at(focus - 1000 + 9 * FINE_INTERVAL)
+        ));
         // Within a landmark too: offsets are the low bits of the key.
         let c = SnapshotCache::new(usize::MAX, Clock::Landmark);
         assert!(c.wants(
