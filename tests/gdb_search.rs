@@ -162,6 +162,32 @@ fn monitor_history_finds_the_same_changes_on_both_clocks() {
     assert_eq!(step, landmark, "the stepped scan and the free one disagree");
 }
 
+#[test]
+fn monitor_history_answers_alike_whether_kick_points_are_jumped_to_or_searched_for() {
+    let trace = ledger("search-history-waypoints", "landmark");
+    assert!(
+        trace.join("waypoints.bin").exists(),
+        "no waypoint was recorded: the comparison would prove nothing"
+    );
+    // The same recording without its waypoints: every kick point is found by running to it.
+    let searched = trace.with_file_name("searched.rvt");
+    let o = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&trace)
+        .arg(&searched)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    std::fs::remove_file(searched.join("waypoints.bin")).unwrap();
+    let jumped = history_lines(&trace, &[]);
+    assert!(jumped.len() > 5, "{jumped:#?}");
+    assert_eq!(
+        jumped,
+        history_lines(&searched, &[]),
+        "waypoints changed what a search finds"
+    );
+}
+
 /// The short ledger recorded with the step clock and checkpoints every 20,000 instructions: many
 /// checkpoint intervals for a search to share out among workers.
 fn ledger_in_short_intervals(name: &str) -> std::path::PathBuf {
