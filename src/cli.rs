@@ -279,7 +279,7 @@ struct ReplayArgs {
     /// A pmu trace, replayed on the simulated counter (this host has no PMU to count a guest's
     /// branches): how many instructions late its overflow interrupt lands, at most, as a hardware
     /// counter's skid (each lands a random 0 to N late; the run then single-steps to the exact branch).
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=machine::counter::MAX_SKID))]
+    #[arg(long, value_name = "N", default_value_t = machine::counter::DEFAULT_SKID, value_parser = clap::value_parser!(u64).range(0..=machine::counter::MAX_SKID))]
     skid: u64,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
@@ -876,6 +876,7 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
         t.set_clock(clock.clock())?;
     }
     t.set_snapshot_memory((a.snapshot_memory << 20) as usize);
+    t.set_counter_skid(a.skid);
     if let Some(n) = a.search_workers {
         t.set_workers(n as usize);
     }

@@ -3,6 +3,9 @@
 /// The largest skid (instructions) a simulated counter takes.
 pub const MAX_SKID: u64 = 128;
 
+/// The skid a replay gives the simulated counter unless told otherwise (`replay --skid`).
+pub const DEFAULT_SKID: u64 = 64;
+
 /// A simulated branch counter's overflow: where it is programmed to interrupt, and how late it lands.
 #[derive(Debug, Clone)]
 pub struct SimulatedCounter {

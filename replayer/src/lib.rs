@@ -289,6 +289,7 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
     machine.set_positions(clock);
     machine.set_clock(clock)?;
     machine.set_landmarks(landmarks)?;
+    machine.set_counter_skid(machine::counter::DEFAULT_SKID);
     Ok(machine)
 }
 

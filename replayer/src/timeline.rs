@@ -113,6 +113,12 @@ impl Timeline {
         self.replay.set_clock(clock)
     }
 
+    /// A pmu trace: the simulated counter's skid (see [`Replayer::set_counter_skid`]). Search workers
+    /// keep the default: the answers are the same whatever the skid.
+    pub fn set_counter_skid(&mut self, skid: u64) {
+        self.replay.set_counter_skid(skid);
+    }
+
     /// Messages about problems the replay worked around, oldest first; each is returned once.
     pub fn take_notices(&mut self) -> Vec<String> {
         self.replay.take_notices()
