@@ -509,6 +509,7 @@ impl Replayer {
 
     /// Whether any of the page frames `pfns` was written since the last call (see
     /// [`Machine::wrote_since_probe`]).
+    ///
     /// Kick points whose waypoint holds one of these pages are searched for rather than jumped to, from
     /// now on (until the next call with other pages).
     pub fn wrote_since_probe(&mut self, pfns: &[u64]) -> Result<bool, ReplayError> {
