@@ -133,7 +133,7 @@ pub struct Replayer {
     waypoints: bool,
     /// Kick points reached by restoring their waypoint.
     waypoint_jumps: u64,
-    /// The pages a search asked about last ([`Replayer::wrote_since_probe`]), sorted.
+    /// The pages a search asked about last ([`Replayer::wrote_since_probe`]): a watch's page or two.
     probed: Vec<u64>,
     /// The count of the position the current run goes to: a counted run stops there (see
     /// [`Replayer::advance_machine`]).
@@ -323,6 +323,14 @@ impl Replayer {
             .copied()
             .unwrap_or(Position::START);
         let contents_checked = vec![false; trace.checkpoints().len()];
+        // A damaged record header ends the waypoints' index there: the kick points after it are searched
+        // for, which only costs time, and is said once.
+        let notices = trace
+            .waypoint_summary()
+            .2
+            .map(|e| format!("{e}; from there on, searching for the kick point instead of jumping"))
+            .into_iter()
+            .collect();
         Ok(Replayer {
             image_path,
             chain: None,
@@ -342,7 +350,7 @@ impl Replayer {
             printed_upto: first_checkpoint,
             finished: None,
             anchor: (u64::MAX, 0),
-            notices: Vec::new(),
+            notices,
             waypoints: true,
             waypoint_jumps: 0,
             probed: Vec::new(),
@@ -513,10 +521,8 @@ impl Replayer {
     /// Kick points whose waypoint holds one of these pages are searched for rather than jumped to, from
     /// now on (until the next call with other pages).
     pub fn wrote_since_probe(&mut self, pfns: &[u64]) -> Result<bool, ReplayError> {
-        if self.probed != pfns {
-            self.probed = pfns.to_vec();
-            self.probed.sort_unstable();
-        }
+        self.probed.clear();
+        self.probed.extend_from_slice(pfns);
         Ok(self.machine.wrote_since_probe(pfns)?)
     }
 
@@ -1046,7 +1052,7 @@ impl Replayer {
         if waypoint
             .pages
             .iter()
-            .any(|(pfn, _)| self.probed.binary_search(pfn).is_ok())
+            .any(|(pfn, _)| self.probed.contains(pfn))
         {
             return Ok(false);
         }

@@ -141,6 +141,8 @@ pub(crate) struct WaypointIndex {
     path: PathBuf,
     /// Kick event index → (offset, length) of its record.
     records: BTreeMap<u64, (u64, u64)>,
+    /// The file, kept open for the records' reads once it has some.
+    file: Option<File>,
     /// Bytes of the file.
     pub(crate) bytes: u64,
     /// Why indexing stopped before the end of the file (where, and why), if it did for another reason
@@ -212,6 +214,7 @@ impl WaypointIndex {
             index.records.insert(record.icount, (offset, len));
             offset += len;
         }
+        index.file = Some(file);
         index
     }
 
@@ -248,14 +251,13 @@ impl WaypointIndex {
         limits: &CheckpointLimits,
     ) -> Option<Result<Waypoint, WaypointError>> {
         let &(offset, len) = self.records.get(&kick)?;
+        let file = self.file.as_ref()?;
         let unusable = |reason: String| WaypointError::Unusable {
             path: self.path.clone(),
             offset,
             reason,
         };
         let read = || -> Result<Waypoint, WaypointError> {
-            let (file, _) =
-                crate::files::open_regular(&self.path).map_err(|e| unusable(e.to_string()))?;
             let mut bytes = vec![0u8; len as usize];
             file.read_exact_at(&mut bytes, offset)
                 .map_err(|e| unusable(e.to_string()))?;
