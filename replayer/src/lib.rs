@@ -323,12 +323,12 @@ impl Replayer {
             .copied()
             .unwrap_or(Position::START);
         let contents_checked = vec![false; trace.checkpoints().len()];
-        // A damaged record header ends the waypoints' index there: the kick points after it are searched
-        // for, which only costs time, and is said once.
+        // A damaged record is left out of the waypoints' index: its kick point is searched for, which
+        // only costs time, and is said once.
         let notices = trace
             .waypoint_summary()
             .2
-            .map(|e| format!("{e}; from there on, searching for the kick point instead of jumping"))
+            .map(|e| format!("{e}; searching for the kick point instead"))
             .into_iter()
             .collect();
         Ok(Replayer {

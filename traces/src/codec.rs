@@ -431,6 +431,19 @@ impl CheckpointHeader {
         )?;
         Ok(header)
     }
+
+    /// Checks the CRC of `file`, the whole record this header starts.
+    pub fn check_crc(&self, file: &[u8]) -> Result<(), CodecError> {
+        let computed = crc32fast::hash(file.get(12..).unwrap_or_default());
+        if computed != self.crc {
+            return Err(CodecError::Crc {
+                what: "checkpoint",
+                stored: self.crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A page as the checkpoint encoder takes it: `None` stands for an all-zero page, stored as the
@@ -513,14 +526,7 @@ pub(crate) fn decode_checkpoint(
             left: file.len(),
         })?;
     let header = CheckpointHeader::decode(fixed, limits)?;
-    let computed = crc32fast::hash(&file[12..]);
-    if computed != header.crc {
-        return Err(CodecError::Crc {
-            what: "checkpoint",
-            stored: header.crc,
-            computed,
-        });
-    }
+    header.check_crc(file)?;
     let compressed = &file[CHECKPOINT_HEADER_LEN..];
     if compressed.len() as u64 != header.compressed_len {
         return Err(CodecError::SizeMismatch {

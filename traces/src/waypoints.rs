@@ -5,7 +5,8 @@
 //! every kick point by its fingerprint, as before. So the reader never refuses a trace for this file: it
 //! indexes the records it can, and a record that does not verify when it is read is reported and passed
 //! over. Each record is a checkpoint file's encoding (its CRC covers everything after its first 12
-//! bytes), so a length damaged on disk makes the records after it fail their CRC, never read as others.
+//! bytes), checked when the file is indexed: a damaged record is left out and said, and the records
+//! after it are found again by their magic.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -53,6 +54,63 @@ fn write_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -
         path,
         source,
     }
+}
+
+/// Checks the record at `offset` of a file of `size` bytes, whose last indexed record names event
+/// `last`: its kick event index and length, `None` where the index ends without damage (a torn last
+/// record, or records written ahead of a cut-off event stream), or why it is damaged.
+///
+/// Every record's CRC is checked here, not only when it is read: a damaged index or length would
+/// otherwise key a good record to the wrong kick or pass for a torn tail, and lose it unsaid.
+fn check_record(
+    file: &File,
+    offset: u64,
+    size: u64,
+    limits: &CheckpointLimits,
+    events: u64,
+    last: Option<u64>,
+    magic: [u8; 8],
+) -> Result<Option<(u64, u64)>, String> {
+    let mut fixed = [0u8; CHECKPOINT_HEADER_LEN];
+    file.read_exact_at(&mut fixed, offset)
+        .map_err(|e| e.to_string())?;
+    let record = CheckpointHeader::decode(&fixed, limits).map_err(|e| e.to_string())?;
+    let len = CHECKPOINT_HEADER_LEN as u64 + record.compressed_len;
+    if offset + len > size {
+        // A record cut short by a killed recording is the file's last; a length damaged on disk
+        // usually leaves records after it.
+        return match next_magic(file, offset + magic.len() as u64, size, &magic) {
+            Some(_) => Err(format!(
+                "its length ({len} bytes) runs past the end of the file, yet records follow it"
+            )),
+            None => Ok(None),
+        };
+    }
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, offset)
+        .map_err(|e| e.to_string())?;
+    record.check_crc(&bytes).map_err(|e| e.to_string())?;
+    if record.icount >= events {
+        // Written before the events of a cut-off recording reached the disk.
+        return Ok(None);
+    }
+    if last.is_some_and(|k| record.icount <= k) {
+        return Err(format!(
+            "it names event {}, which is not after the one before it",
+            record.icount
+        ));
+    }
+    Ok(Some((record.icount, len)))
+}
+
+/// Where the next record's magic starts at or after `from`, if anywhere before `size`. Read only
+/// when a file is damaged, so it reads the rest of the file at once.
+fn next_magic(file: &File, from: u64, size: u64, magic: &[u8; 8]) -> Option<u64> {
+    let mut rest = vec![0u8; size.checked_sub(from)? as usize];
+    file.read_exact_at(&mut rest, from).ok()?;
+    rest.windows(magic.len())
+        .position(|w| w == magic)
+        .map(|at| from + at as u64)
 }
 
 /// A waypoint as the trace holds it.
@@ -176,43 +234,27 @@ impl WaypointIndex {
             index.problem = Some((0, "the file header is not a waypoint file's".into()));
             return index;
         }
+        let magic = crate::format::checkpoint_magic(limits.version);
         let mut offset = header.len() as u64;
         let mut last = None;
         while offset + CHECKPOINT_HEADER_LEN as u64 <= size {
-            let mut fixed = [0u8; CHECKPOINT_HEADER_LEN];
-            if let Err(e) = file.read_exact_at(&mut fixed, offset) {
-                index.problem = Some((offset, e.to_string()));
-                break;
-            }
-            let record = match CheckpointHeader::decode(&fixed, limits) {
-                Ok(record) => record,
-                Err(e) => {
-                    index.problem = Some((offset, e.to_string()));
-                    break;
+            match check_record(&file, offset, size, limits, events, last, magic) {
+                Ok(Some((kick, len))) => {
+                    last = Some(kick);
+                    index.records.insert(kick, (offset, len));
+                    offset += len;
                 }
-            };
-            let len = CHECKPOINT_HEADER_LEN as u64 + record.compressed_len;
-            if offset + len > size {
-                // A torn last record: the recording was cut off while writing it.
-                break;
+                Ok(None) => break,
+                Err(reason) => {
+                    // The first damage is the one said; the records after it are still used, found
+                    // again by their magic, since each is checked on its own.
+                    index.problem.get_or_insert((offset, reason));
+                    match next_magic(&file, offset + 1, size, &magic) {
+                        Some(next) => offset = next,
+                        None => break,
+                    }
+                }
             }
-            if record.icount >= events {
-                // Written before the events of a cut-off recording reached the disk.
-                break;
-            }
-            if last.is_some_and(|k| record.icount <= k) {
-                index.problem = Some((
-                    offset,
-                    format!(
-                        "it names event {}, which is not after the one before it",
-                        record.icount
-                    ),
-                ));
-                break;
-            }
-            last = Some(record.icount);
-            index.records.insert(record.icount, (offset, len));
-            offset += len;
         }
         index.file = Some(file);
         index
@@ -276,5 +318,92 @@ impl WaypointIndex {
             })
         };
         Some(read())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAM_PAGES: u64 = 16;
+
+    fn limits() -> CheckpointLimits {
+        CheckpointLimits {
+            ram_pages: RAM_PAGES,
+            max_payload: 1 << 20,
+            max_state: 1 << 12,
+            version: crate::format::FORMAT_VERSION,
+        }
+    }
+
+    fn waypoint(kick: u64) -> Waypoint {
+        let page = |pfn: u64| (pfn, vec![kick as u8 ^ pfn as u8; crate::format::PAGE_SIZE]);
+        Waypoint {
+            kick,
+            rip: 0x1000 + kick,
+            state: vec![kick as u8; 40],
+            pages: vec![page(kick % RAM_PAGES), page((kick + 3) % RAM_PAGES)],
+        }
+    }
+
+    /// The records of a file, each (start, end), as written.
+    fn write_three(dir: &Path) -> Vec<(u64, u64)> {
+        let mut writer = WaypointWriter::create(dir).unwrap();
+        let mut spans = Vec::new();
+        for kick in [2, 5, 9] {
+            let start = writer.bytes;
+            writer.append(&waypoint(kick)).unwrap();
+            spans.push((start, writer.bytes));
+        }
+        spans
+    }
+
+    #[test]
+    fn every_damaged_byte_is_reported_and_the_other_records_stay_usable() {
+        let dir = std::env::temp_dir().join(format!("rv-waypoints-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spans = write_three(&dir);
+        let path = dir.join(crate::format::WAYPOINTS_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let index = WaypointIndex::scan(&dir, &limits(), 100);
+        assert_eq!(index.kicks().collect::<Vec<_>>(), [2, 5, 9]);
+        assert!(index.problem.is_none());
+        for kick in [2, 5, 9] {
+            assert_eq!(
+                index.read(kick, &limits()).unwrap().unwrap(),
+                waypoint(kick)
+            );
+        }
+
+        for at in 0..good.len() {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x5a;
+            std::fs::write(&path, &bytes).unwrap();
+            let index = WaypointIndex::scan(&dir, &limits(), 100);
+            let damaged = spans
+                .iter()
+                .position(|&(s, e)| (s..e).contains(&(at as u64)));
+            // A length grown in the last record's header reads as that record torn off by a kill:
+            // the one damage no check can tell from a crash.
+            let last_length = damaged == Some(2) && (61..69).contains(&(at as u64 - spans[2].0));
+            if last_length && index.problem.is_none() {
+                assert_eq!(index.kicks().collect::<Vec<_>>(), [2, 5], "byte {at}");
+                continue;
+            }
+            assert!(index.problem.is_some(), "byte {at}: damage not reported");
+            let Some(damaged) = damaged else {
+                // The file header: nothing in the file is trusted.
+                assert_eq!(index.len(), 0, "byte {at}");
+                continue;
+            };
+            for (i, kick) in [2, 5, 9].into_iter().enumerate() {
+                if i != damaged {
+                    let read = index.read(kick, &limits());
+                    assert_eq!(read.unwrap().unwrap(), waypoint(kick), "byte {at}");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
