@@ -4,6 +4,7 @@ use crate::clock_arg::ClockArg;
 use crate::words::{describe_stop, say};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use machine::perf::CounterEvent;
 use machine::Landmarks;
 use recorder::{Options, SerialInput, TimeSourceKind};
 use replayer::{Halt, Position, ReplayError, Replayer, Shown, Timeline};
@@ -193,8 +194,9 @@ struct RecordArgs {
     /// and names positions by the guest's own exits: no PMU needed, but RDTSC results cannot be
     /// recorded (replay then reports a divergence). `step` single-steps every instruction: exact
     /// instruction counts and every RDTSC/RDRAND logged, about 10x slower here. `pmu` counts the guest's
-    /// retired conditional branches: it needs a PMU that counts a guest's, which no retrovisor drives
-    /// yet, or --simulated-counter. Without --clock, record says which it uses and why.
+    /// retired conditional branches, as rr does: it needs a PMU that counts a guest's (`retrovisor
+    /// doctor` says whether this host has one), or --simulated-counter. Without --clock, record uses
+    /// pmu where the host has such a counter and landmark elsewhere, and says which and why.
     #[arg(long, value_enum)]
     clock: Option<ClockArg>,
     /// Once the guest has ended, replay the new trace from boot to its end (checkpoints, output and
@@ -276,11 +278,13 @@ struct ReplayArgs {
     /// that those stretches replay too, which a jump takes on trust until the next kick's fingerprint.
     #[arg(long, conflicts_with = "gdb")]
     no_waypoints: bool,
-    /// A pmu trace, replayed on the simulated counter (this host has no PMU to count a guest's
-    /// branches): how many instructions late its overflow interrupt lands, at most, as a hardware
-    /// counter's skid (each lands a random 0 to N late; the run then single-steps to the exact branch).
-    #[arg(long, value_name = "N", default_value_t = machine::counter::DEFAULT_SKID, value_parser = clap::value_parser!(u64).range(0..=machine::counter::MAX_SKID))]
-    skid: u64,
+    /// A pmu trace, replayed on the simulated counter: how many instructions late its overflow
+    /// interrupt lands, at most, as a hardware counter's skid (each lands a random 0 to N late; the run
+    /// then single-steps to the exact branch). Without it, a pmu trace is replayed with this host's
+    /// counter of a guest's branches where it has one, and on the simulated counter with a skid of 64
+    /// where it has none (single steps: slow, exact), which replay says.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=machine::counter::MAX_SKID))]
+    skid: Option<u64>,
     /// Go live at --to (or where the recording stops, if the user or the instruction limit stopped it):
     /// from there the guest runs on this host's inputs (--serial-input or the terminal, the host clock
     /// going on from the guest's) instead of the recording's, to see what it does then. The trace is
@@ -449,39 +453,42 @@ pub fn main() -> i32 {
             record(
                 a.guest,
                 None,
-                (clock, Landmarks::Exits),
+                (clock, Landmarks::Exits, None),
                 a.disk_writeback,
                 None,
             )
         }
         Command::Record(a) => {
-            // The pmu clock would be the default where a counter works; no retrovisor drives one yet. The
-            // summary line says which clock recorded, and why not pmu.
-            let why_clock = a
-                .clock
-                .is_none()
-                .then(|| match crate::doctor::branch_counter() {
-                    Ok(event) => format!(
-                    "this host counts a guest's branches ({event}), but no retrovisor drives a \
-                     hardware counter yet"
+            // The pmu clock is the default where the host counts a guest's branches, the landmark clock
+            // elsewhere; the summary line says which clock recorded, and why.
+            let hardware = matches!(
+                (a.clock, a.simulated_counter),
+                (None, _) | (Some(ClockArg::Pmu), false)
+            )
+            .then(crate::doctor::branch_counter);
+            let (chosen, why_clock) = match (a.clock, &hardware) {
+                (None, Some(Ok((_, event)))) => (
+                    ClockArg::Pmu,
+                    Some(format!(
+                        "with the pmu clock (this host counts a guest's branches: {event})"
+                    )),
                 ),
-                    Err(why) => format!("no pmu clock here: {why}"),
-                });
-            let chosen = a.clock.unwrap_or(ClockArg::Landmark);
+                (None, Some(Err(why))) => (
+                    ClockArg::Landmark,
+                    Some(format!(
+                        "with the landmark clock (no pmu clock here: {why})"
+                    )),
+                ),
+                (chosen, _) => (chosen.unwrap_or(ClockArg::Landmark), None),
+            };
             let clock = chosen.clock();
-            let landmarks = match (chosen, a.simulated_counter) {
-                (ClockArg::Pmu, true) => Ok(Landmarks::Branches),
-                // No retrovisor drives a hardware counter yet: where one would work, doctor says so.
-                (ClockArg::Pmu, false) => Err(CliError::NoBranchCounter {
-                    why: match crate::doctor::branch_counter() {
-                        Ok(event) => format!(
-                            "this host has one ({event}), but this retrovisor does not drive a hardware \
-                             counter yet"
-                        ),
-                        Err(why) => format!("this host has none usable: {why}"),
-                    },
+            let landmarks = match (chosen, hardware) {
+                (ClockArg::Pmu, _) if a.simulated_counter => Ok((Landmarks::Branches, None)),
+                (ClockArg::Pmu, Some(Ok((counter, _)))) => Ok((Landmarks::Branches, Some(counter))),
+                (ClockArg::Pmu, Some(Err(why))) => Err(CliError::NoBranchCounter {
+                    why: format!("this host has none usable: {why}"),
                 }),
-                _ => Ok(Landmarks::Exits),
+                _ => Ok((Landmarks::Exits, None)),
             };
             match (clock, a.checkpoint_every, a.checkpoint_ms) {
                 (machine::Clock::Landmark, Some(_), _) => Err(CliError::CheckpointUnit {
@@ -500,10 +507,10 @@ pub fn main() -> i32 {
                 (machine::Clock::Landmark, None, ms) => Ok(ms.unwrap_or(DEFAULT_CHECKPOINT_MS)),
             }
             .and_then(|every| Ok((every, landmarks?)))
-            .and_then(|(every, landmarks)| {
+            .and_then(|(every, (landmarks, hardware))| {
                 let seed = a.chaos.then(|| a.seed.unwrap_or_else(chaos_seed));
                 let trace = Some((a.output.clone(), every, why_clock));
-                record(a.guest, trace, (clock, landmarks), false, seed)
+                record(a.guest, trace, (clock, landmarks, hardware), false, seed)
             })
             .and_then(|status| match a.verify {
                 true => verify_recording(&a.output).map(|()| status),
@@ -612,12 +619,13 @@ fn chaos_seed() -> u64 {
 fn record(
     g: GuestArgs,
     trace: Option<(PathBuf, u64, Option<String>)>,
-    (clock, landmarks): (machine::Clock, Landmarks),
+    (clock, landmarks, hardware_counter): (machine::Clock, Landmarks, Option<CounterEvent>),
     disk_writeback: bool,
     chaos_seed: Option<u64>,
 ) -> Result<i32, CliError> {
     // The simulated counter single-steps: the guest gets what the step clock gives it.
-    let runs_free = clock.runs_free() && landmarks == Landmarks::Exits;
+    let runs_free =
+        clock.runs_free() && (landmarks == Landmarks::Exits || hardware_counter.is_some());
     // Only a regular file: a FIFO would block and a device would read forever.
     let image =
         traces::read_regular_file(&g.kernel, traces::MAX_IMAGE_BYTES).map_err(|source| {
@@ -678,6 +686,7 @@ fn record(
         max_instructions: g.max_instructions,
         clock,
         landmarks,
+        hardware_counter,
         progress: None,
         chaos_seed,
     };
@@ -702,7 +711,7 @@ fn record(
                 Landmarks::Branches => "branches",
                 Landmarks::Exits => words::counted(Some(clock)),
             },
-            why_clock.map_or(String::new(), |why| format!(" with the landmark clock ({why})")),
+            why_clock.map_or(String::new(), |why| format!(" {why}")),
             secs,
             outcome.icount as f64 / secs.max(1e-9),
             outcome.events_by_kind.values().sum::<u64>(),
@@ -761,7 +770,13 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         r.set_clock(clock.clock())?;
     }
     r.set_waypoints(!a.no_waypoints);
-    r.set_counter_skid(a.skid);
+    let hardware = match pmu_counter(a, r.machine().landmarks_are()) {
+        Some(event) => Some(r.use_hardware_counter(event)?),
+        None => {
+            r.set_counter_skid(a.skid.unwrap_or(machine::counter::DEFAULT_SKID));
+            None
+        }
+    };
     check_range(a, &r)?;
     warn_if_cut_off(&r);
     if let Some(from) = a.from {
@@ -800,10 +815,13 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         let jumps = match (r.waypoint_jumps(), r.machine().counter_overflows()) {
             (0, 0) => String::new(),
             (n, 0) => format!(", {n} kick points reached by their waypoints"),
+            (_, n) if hardware.is_some() => format!(
+                ", {n} runs to a branch count through the hardware counter's overflow and single steps"
+            ),
             (_, n) => format!(
                 ", {n} runs to a branch count through the simulated counter's overflow (skid up to {} \
                  instructions) and single steps",
-                a.skid
+                a.skid.unwrap_or(machine::counter::DEFAULT_SKID)
             ),
         };
         say(format_args!(
@@ -876,7 +894,10 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
         t.set_clock(clock.clock())?;
     }
     t.set_snapshot_memory((a.snapshot_memory << 20) as usize);
-    t.set_counter_skid(a.skid);
+    match pmu_counter(a, t.replay().machine().landmarks_are()) {
+        Some(event) => t.use_hardware_counter(event)?,
+        None => t.set_counter_skid(a.skid.unwrap_or(machine::counter::DEFAULT_SKID)),
+    }
     if let Some(n) = a.search_workers {
         t.set_workers(n as usize);
     }
@@ -909,6 +930,25 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
     };
     gdb::serve(t, opts, Box::new(std::io::stdout()))?;
     Ok(0)
+}
+
+/// How a replay of a trace whose landmarks are `landmarks` counts: with this host's hardware counter
+/// of a guest's branches (its event) for a pmu trace, unless `--skid` asks for the simulated counter or
+/// the host has none; the simulated counter (None) otherwise, which for a pmu trace is said with why.
+fn pmu_counter(a: &ReplayArgs, landmarks: Landmarks) -> Option<CounterEvent> {
+    if landmarks != Landmarks::Branches || a.skid.is_some() {
+        return None;
+    }
+    match crate::doctor::branch_counter() {
+        Ok((event, _)) => Some(event),
+        Err(why) => {
+            say(format_args!(
+                "retrovisor: a pmu trace, replayed on the simulated counter (no pmu clock here: {why}): \
+                 it single-steps, so slowly, and exactly"
+            ));
+            None
+        }
+    }
 }
 
 /// Warns that a trace cut off by a crash replays only as far as it goes.

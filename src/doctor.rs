@@ -57,13 +57,13 @@ fn advice(e: &ProbeError) -> &'static str {
 }
 
 /// Whether this host has a counter of the guest's retired conditional branches that a pmu clock could
-/// use: the event it would count, or why there is none (what doctor's `pmu:` line says).
-pub fn branch_counter() -> Result<String, String> {
+/// use: the counter and its event's name, or why there is none (what doctor's `pmu:` line says).
+pub fn branch_counter() -> Result<(machine::perf::CounterEvent, String), String> {
     let flags = host::cpu_flags();
     let in_vm = flags.iter().any(|f| f == "hypervisor");
     host::branch_counter(&machine::host_cpu(), host::kind(&flags), in_vm)
         .verdict()
-        .map(|event| event.to_string())
+        .map(|(counter, event)| (counter, event.to_string()))
 }
 
 /// Runs every probe and prints the report. Exits 0 when retrovisor can run here.
@@ -165,14 +165,14 @@ pub fn run() -> Result<i32, DoctorError> {
     continuation(
         &mut out,
         &format!(
-            "landmark: available: needs no PMU, runs free between the guest's own exits (the default of record and run){landmark_note}"
+            "landmark: available: needs no PMU, runs free between the guest's own exits (the default of run, and of record without a pmu clock){landmark_note}"
         ),
     )?;
     continuation(
         &mut out,
         &match pmu.verdict() {
-            Ok(event) => format!(
-                "pmu: available (the guest's retired conditional branches, {event}), not yet used by \
+            Ok((_, event)) => format!(
+                "pmu: available (the guest's retired conditional branches, {event}): the default of \
                  record"
             ),
             Err(why) => format!("pmu: unavailable: {why}; record uses the landmark clock"),

@@ -9,8 +9,7 @@
 
 mod common;
 use common::*;
-use devices::TimeSource;
-use machine::{Advance, Clock, Host, HostInsn, Kicker, Machine, MachineConfig};
+use machine::{Advance, Clock, Kicker, Machine};
 use std::time::Duration;
 
 /// Records `guest_name` (landmark clock) into its own directory under `dir`.
@@ -56,25 +55,6 @@ fn recordings_made_while_cpu_hogs_run_replay_exactly() {
     );
 }
 
-/// Time for a machine driven by hand: it advances a little at every reading.
-struct Clockwork(u64);
-
-impl TimeSource for Clockwork {
-    fn monotonic_ns(&mut self) -> u64 {
-        self.0 += 1_000;
-        self.0
-    }
-    fn wall_ns(&mut self) -> u64 {
-        1_767_225_600_000_000_000 + self.monotonic_ns()
-    }
-}
-
-impl Host for Clockwork {
-    fn host_value(&mut self, _: HostInsn) -> (u64, u64) {
-        (self.0, 0)
-    }
-}
-
 /// Whether the guest can take an interrupt must follow from its state alone, the same however the point
 /// was reached: a kick's signal in the recording, a breakpoint in replay, a checkpoint restored by gdb.
 /// At every landmark and kick of a run of the race guest, the answer is compared with the one the same
@@ -83,19 +63,7 @@ impl Host for Clockwork {
 #[test]
 fn whether_an_interrupt_can_be_taken_follows_from_the_state_alone() {
     let image = std::fs::read(guest("tickrace")).unwrap();
-    let config = MachineConfig {
-        ram_bytes: 32 << 20,
-        cmdline: "iters=20000".into(),
-        initrd: None,
-        disks: Vec::new(),
-        hide_host_values: true,
-        cpuid: None,
-        cpu: machine::CpuModel::Portable,
-        answer_cpuid: true,
-        trap_host_insns: true,
-        cpus: 1,
-        cold_checkpoints: true,
-    };
+    let config = machine_config("iters=20000");
     let mut m = Machine::new(&config, &image).unwrap();
     m.set_clock(Clock::Landmark).unwrap();
     m.set_positions(Clock::Landmark);

@@ -165,3 +165,42 @@ fn gdb_finds_the_demo_bug_backwards_on_a_pmu_trace() {
     );
     assert_eq!(server.wait_exit(10), Some(0), "detach ends the server");
 }
+
+/// The hardware counter's path, driven here by the thread's task clock (a software counter every kernel
+/// has) in place of a PMU's branch counter: the counter opens on the thread that runs the vCPU, its
+/// overflow signal ends the free run of a guest that spins without a single exit, and a count that
+/// lands past the target is reported, never taken for it. Task-clock nanoseconds are no branch count
+/// and land far past any margin, so only the plumbing is checked, not exactness (README).
+#[test]
+fn a_hardware_counters_overflow_ends_a_free_run_and_an_overshoot_is_reported() {
+    use machine::perf::CounterEvent;
+    use machine::{Advance, Clock, Kicker, Landmarks, Machine, MachineError};
+    use std::time::{Duration, Instant};
+
+    let image = std::fs::read(guest("spinwait")).unwrap();
+    let mut m = Machine::new(&machine_config(""), &image).unwrap();
+    m.set_clock(Clock::Landmark).unwrap();
+    m.set_positions(Clock::Landmark);
+    m.set_landmarks(Landmarks::Branches).unwrap();
+    m.use_hardware_counter(CounterEvent::TASK_CLOCK).unwrap();
+    // Nothing delivers the timer's interrupt, so the guest spins in `while (!tick_seen);` for good. A
+    // kicker much slower than the overflow is the safety net should the overflow's signal not come.
+    let _net = Kicker::start(Duration::from_secs(20));
+    let target = m.landmarks() + 100_000_000;
+    let start = Instant::now();
+    let run = m.run_to_count(target, &mut Clockwork(0));
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the overflow did not end the run ({took:?})"
+    );
+    match run {
+        Err(MachineError::CounterOvershot { target: t, counted }) => {
+            assert_eq!(t, target);
+            assert!(counted > target && m.landmarks() == counted);
+        }
+        Ok(Advance::Moved) => assert!(m.landmarks() >= target),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.counter_overflows(), 1);
+}

@@ -115,8 +115,12 @@ impl Machine {
         let mut debug = kvm_guest_debug::default();
         match self.clock {
             Clock::Step => debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-            // The simulated counter counts the branches it steps over: the pmu clock always steps.
-            Clock::Landmark if self.counting == Landmarks::Branches => {
+            // The simulated counter counts the branches it steps over: the pmu clock steps, unless a
+            // hardware counter counts while it runs free.
+            Clock::Landmark
+                if self.counting == Landmarks::Branches
+                    && self.hardware.as_ref().is_none_or(|h| h.stepping) =>
+            {
                 debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
             }
             Clock::Landmark if self.breakpoints.is_empty() && extra.is_none() => {}
@@ -225,7 +229,7 @@ impl Machine {
     }
 
     /// Runs free until the guest's next exit, or until a kick interrupts it.
-    fn run_to_landmark(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
+    pub(crate) fn run_to_landmark(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
         if self.cpu.halted {
             return Ok(Advance::Idle);
         }
@@ -485,8 +489,19 @@ impl Machine {
 
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
-/// The signal a [`Kicker`] sends.
-const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+/// The signal a [`Kicker`] sends, and a hardware counter's overflow.
+pub(crate) const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+/// Makes the kick signal end the thread's KVM_RUN (EINTR) and nothing else.
+pub(crate) fn catch_kicks() {
+    // SAFETY: a handler that does nothing is async-signal-safe; without SA_RESTART the signal makes
+    // KVM_RUN return EINTR, which is the point.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+        libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut());
+    }
+}
 
 /// Interrupts the creating thread's KVM_RUN with a signal every `interval` until dropped, so that the
 /// landmark clock gets control back from a guest that computes without exits.
@@ -497,13 +512,7 @@ pub struct Kicker {
 impl Kicker {
     /// Starts kicking the calling thread (the one that runs the vCPU).
     pub fn start(interval: Duration) -> Kicker {
-        // SAFETY: a handler that does nothing is async-signal-safe; without SA_RESTART the signal makes
-        // KVM_RUN return EINTR, which is the point.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
-            libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut());
-        }
+        catch_kicks();
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
         let done = Arc::new(AtomicBool::new(false));

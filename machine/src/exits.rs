@@ -65,6 +65,7 @@ impl Machine {
                     && !self.cpu.kvm_event
                     && i.flow_control() == FlowControl::ConditionalBranch
             })
+            .filter(|_| self.hardware.is_none())
             .map(|i| (i.next_ip(), i.near_branch_target()));
         let stop = self.run_one(host)?;
         if let Some(slot) = flags_slot {
@@ -252,6 +253,7 @@ impl Machine {
         let queued = self.cpu.queued.take();
         let entered_at = (self.cpu.regs.rip, self.cpu.regs.rsp);
         let mut mmio_write = None;
+        self.hardware_entry()?;
         let exit = match self.cpu.fd.run() {
             Ok(VcpuExit::Debug(debug)) => {
                 self.cpu.last_dr6 = debug.dr6;
@@ -314,6 +316,8 @@ impl Machine {
                 });
             }
         };
+        // What the hardware counter counted in that run, read before anything the exit makes us do.
+        self.landmarks += self.hardware_exit()?;
         if let Some((addr, bytes, len)) = mmio_write {
             self.mmio_write(addr, &bytes[..len], host)?;
         }

@@ -14,6 +14,7 @@ pub mod exits;
 pub mod host_traps;
 pub mod interrupts;
 pub mod paging;
+pub mod perf;
 pub mod pmu;
 pub mod probe;
 pub mod smp;

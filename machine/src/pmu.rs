@@ -1,15 +1,19 @@
 //! The pmu clock: positions are conditional branches the guest retired, as a hardware performance counter
 //! counts them (rr's clock), and a point between two is named by its [`Fingerprint`] as a landmark kick's.
 //!
-//! With a PMU, a run to branch N programs the counter to interrupt a margin before N, runs free until it
-//! does (the interrupt lands late, by the counter's *skid*), then reaches N exactly by single steps and
-//! the point by its fingerprint. This host has no PMU, so the counter here is a simulated one: the
-//! machine single-steps and counts the conditional branches it steps over (decoded before each step),
-//! and its "overflow" lands a random number of instructions late, up to the skid it was given. The whole
-//! path (program, overflow, skid, refine) runs as it would on a counter, at the speed of stepping.
+//! With a PMU ([`Machine::use_hardware_counter`]), a run to branch N programs the counter to interrupt a
+//! margin before N, runs free until it does (the interrupt lands late, by the counter's *skid*), then
+//! reaches N exactly by single steps, reading the counter after each, and the point by its fingerprint.
+//! A recording runs free and reads the counter after every exit and kick, then steps on to the next
+//! branch, where inputs are delivered. The project's own hosts have no PMU, so there the counter is a
+//! simulated one: the machine single-steps and counts the conditional branches it steps over (decoded
+//! before each step), and its "overflow" lands a random number of instructions late, up to the skid it
+//! was given. The whole path (program, overflow, skid, refine) runs as it would on a counter, at the
+//! speed of stepping.
 
 use crate::clock::{Advance, Fingerprint, Search};
 use crate::counter::{SimulatedCounter, MAX_SKID};
+use crate::perf::{CounterEvent, PerfCounter};
 use crate::vm::{Host, Machine, MachineError, Step};
 
 /// Branches before the target at which the counter is programmed to interrupt: more than a skid of up
@@ -19,6 +23,19 @@ pub const MARGIN: u64 = 2 * MAX_SKID;
 /// Instructions the pmu clock steps without retiring a branch before it stops between two, as a timer
 /// kick would stop a counted run, so that inputs reach a guest that loops without conditional branches.
 const STEPS_PER_KICK: u32 = 4096;
+
+/// The pmu clock's hardware counter of the guest's retired conditional branches.
+#[derive(Debug)]
+pub(crate) struct HardwareCounter {
+    event: CounterEvent,
+    /// The counter, open on the thread that last entered the guest (a counter counts one thread).
+    open: Option<PerfCounter>,
+    /// Its count when last read.
+    seen: u64,
+    /// Single-stepping, as the simulated counter always does, rather than running free: only a run to
+    /// an overflow or to the next exit runs free, and it steps again when it ends.
+    pub(crate) stepping: bool,
+}
 
 impl Machine {
     /// Sets what landmarks are (exits, or with the pmu clock retired conditional branches).
@@ -35,6 +52,121 @@ impl Machine {
     /// Gives the pmu clock a simulated counter whose overflow lands up to `skid` instructions late.
     pub fn set_counter_skid(&mut self, skid: u64) {
         self.counter = SimulatedCounter::new(skid);
+        self.hardware = None;
+    }
+
+    /// Makes the pmu clock count with the host's hardware counter of `event` (a guest-only counter of
+    /// retired conditional branches, as `retrovisor doctor` finds it) instead of a simulated one. It is
+    /// opened on the thread that runs the vCPU, at its first entry.
+    pub fn use_hardware_counter(&mut self, event: CounterEvent) -> Result<(), MachineError> {
+        self.hardware = Some(HardwareCounter {
+            event,
+            open: None,
+            seen: 0,
+            stepping: true,
+        });
+        self.apply_debug(None)
+    }
+
+    /// Whether a hardware counter counts the branches (else the simulated counter does, by stepping).
+    pub fn counts_in_hardware(&self) -> bool {
+        self.hardware.is_some()
+    }
+
+    /// The hardware counter's event, if one counts the branches.
+    pub fn hardware_counter(&self) -> Option<CounterEvent> {
+        self.hardware.as_ref().map(|h| h.event)
+    }
+
+    /// The hardware counter, open on this thread.
+    fn open_counter(&mut self) -> Result<Option<&mut HardwareCounter>, MachineError> {
+        let Some(hw) = self.hardware.as_mut() else {
+            return Ok(None);
+        };
+        // SAFETY: gettid has no preconditions.
+        let thread = unsafe { libc::gettid() };
+        if hw.open.as_ref().is_none_or(|c| c.thread() != thread) {
+            crate::clock::catch_kicks();
+            let counter = PerfCounter::open(hw.event, crate::clock::KICK_SIGNAL)?;
+            counter.enable()?;
+            hw.open = Some(counter);
+            hw.seen = 0;
+        }
+        Ok(Some(hw))
+    }
+
+    /// Before KVM_RUN: the hardware counter, if any, counts on this thread.
+    pub(crate) fn hardware_entry(&mut self) -> Result<(), MachineError> {
+        self.open_counter().map(drop)
+    }
+
+    /// After KVM_RUN: the branches the hardware counter counted in it (none without one). Only guest
+    /// branches count, so none are the host's between two entries.
+    pub(crate) fn hardware_exit(&mut self) -> Result<u64, MachineError> {
+        let Some(hw) = self.hardware.as_mut() else {
+            return Ok(0);
+        };
+        let Some(counter) = hw.open.as_ref() else {
+            return Ok(0);
+        };
+        let now = counter.read()?;
+        let counted = now.saturating_sub(hw.seen);
+        hw.seen = now;
+        Ok(counted)
+    }
+
+    /// Programs the hardware counter's overflow `branches` from now (none: `None`).
+    fn program_overflow(&mut self, branches: Option<u64>) -> Result<(), MachineError> {
+        if let Some(hw) = self.open_counter()? {
+            if let Some(counter) = hw.open.as_ref() {
+                counter.interrupt_after(branches)?;
+            }
+            hw.seen = 0;
+        }
+        Ok(())
+    }
+
+    /// With a hardware counter, single-steps (`true`) or runs free from now on; nothing otherwise.
+    fn hardware_stepping(&mut self, stepping: bool) -> Result<(), MachineError> {
+        match self.hardware.as_mut() {
+            Some(hw) if hw.stepping != stepping => {
+                hw.stepping = stepping;
+                self.apply_debug(None)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The hardware counter's free run towards branch `overflow`, with the counter programmed to
+    /// interrupt there (its signal ends KVM_RUN, late by the skid); exits on the way are handled as
+    /// they come. The stops of [`Machine::arm`] are off meanwhile: a run to a count passes them.
+    /// Returns an end met on the way (the guest halts or stops).
+    fn run_free_to_overflow(
+        &mut self,
+        overflow: u64,
+        host: &mut dyn Host,
+    ) -> Result<Option<Advance>, MachineError> {
+        let armed = std::mem::take(&mut self.breakpoints);
+        self.hardware_stepping(false)?;
+        self.apply_debug(None)?;
+        let run = self
+            .program_overflow(Some(overflow - self.landmarks))
+            .and_then(|()| loop {
+                if self.landmarks >= overflow {
+                    break Ok(None);
+                }
+                match self.run_to_landmark(host)? {
+                    Advance::Moved | Advance::Kicked => {}
+                    end => break Ok(Some(end)),
+                }
+            });
+        let cancelled = self.program_overflow(None);
+        self.breakpoints = armed;
+        self.hardware_stepping(true)?;
+        self.apply_debug(None)?;
+        let end = run?;
+        cancelled?;
+        Ok(end)
     }
 
     /// How many runs went through the simulated counter's overflow (and its skid) so far.
@@ -54,7 +186,19 @@ impl Machine {
     /// The pmu clock's run to its next position: steps until a conditional branch retires
     /// ([`Advance::Moved`]), an armed stop is reached ([`Advance::Breakpoint`]), the guest halts or
     /// stops, or [`STEPS_PER_KICK`] steps retire none ([`Advance::Kicked`]).
+    ///
+    /// With a hardware counter it first runs free to the guest's next exit or kick, then steps on to
+    /// the next branch from there.
     pub(crate) fn run_to_branch(&mut self, host: &mut dyn Host) -> Result<Advance, MachineError> {
+        if self.hardware.is_some() {
+            self.hardware_stepping(false)?;
+            let free = self.run_to_landmark(host);
+            self.hardware_stepping(true)?;
+            match free? {
+                Advance::Moved | Advance::Kicked => {}
+                end => return Ok(end),
+            }
+        }
         let from = self.landmarks;
         for _ in 0..STEPS_PER_KICK {
             if let Some(end) = self.step_counted(host)? {
@@ -87,7 +231,12 @@ impl Machine {
         host: &mut dyn Host,
     ) -> Result<Advance, MachineError> {
         let overflow = target.saturating_sub(MARGIN);
-        if self.landmarks < overflow {
+        if self.landmarks < overflow && self.hardware.is_some() {
+            self.counter.overflows += 1;
+            if let Some(end) = self.run_free_to_overflow(overflow, host)? {
+                return Ok(end);
+            }
+        } else if self.landmarks < overflow {
             self.counter.overflows += 1;
             // Counting to the overflow: what a free run with the counter programmed does.
             while self.landmarks < overflow {
@@ -101,6 +250,12 @@ impl Machine {
                     return Ok(end);
                 }
             }
+        }
+        if self.landmarks > target {
+            return Err(MachineError::CounterOvershot {
+                target,
+                counted: self.landmarks,
+            });
         }
         // Refine: the skid never carries past the target (the margin is larger), so step up to it.
         while self.landmarks < target {

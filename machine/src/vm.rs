@@ -59,6 +59,20 @@ pub enum MachineError {
         /// What failed.
         source: EmulateError,
     },
+    /// The pmu clock's hardware counter failed.
+    #[error("the pmu clock's counter: {0}")]
+    Counter(#[from] crate::perf::PerfError),
+    /// The hardware counter's overflow landed past the branch count it was programmed before: its skid
+    /// was larger than the margin, or the guest ran on where the overflow signal could not stop it.
+    #[error(
+        "the branch counter overshot: it was to stop at branch {target}, and counted {counted}"
+    )]
+    CounterOvershot {
+        /// The count the run was to reach.
+        target: u64,
+        /// The count it reached.
+        counted: u64,
+    },
     /// KVM stopped the vCPU for a reason we do not handle.
     #[error("at icount {icount}, rip {rip:#x}: unexpected KVM exit: {what}")]
     UnexpectedExit {
@@ -183,8 +197,10 @@ pub struct Machine {
     pub(crate) landmarks: u64,
     /// What [`Machine::landmarks`] counts.
     pub(crate) counting: vocab::Landmarks,
-    /// The pmu clock's counter, a simulated one (see [`crate::pmu`]).
+    /// The pmu clock's simulated counter (see [`crate::pmu`]), unless `hardware` counts.
     pub(crate) counter: crate::counter::SimulatedCounter,
+    /// The pmu clock's hardware counter, where the host has one (see [`Machine::use_hardware_counter`]).
+    pub(crate) hardware: Option<crate::pmu::HardwareCounter>,
     /// How the machine is driven.
     pub(crate) clock: Clock,
     /// What the state blob records as the position: the icount (step traces) or the landmark count.
@@ -374,6 +390,7 @@ impl Machine {
             positions: Clock::Step,
             counting: vocab::Landmarks::Exits,
             counter: crate::counter::SimulatedCounter::new(0),
+            hardware: None,
             host_traps,
             xsave_layout: XsaveLayout::from_cpuid(&cpuid_table),
             answer_cpuid: config.answer_cpuid,

@@ -82,6 +82,8 @@ pub struct Options {
     /// What the landmark clock's landmarks are: exits, or (the pmu clock, on a simulated counter)
     /// retired conditional branches.
     pub landmarks: Landmarks,
+    /// With the pmu clock: the host's hardware counter of the guest's branches (None: a simulated one).
+    pub hardware_counter: Option<machine::perf::CounterEvent>,
     /// Called now and then with (position so far, events so far).
     pub progress: Option<Box<dyn FnMut(u64, u64)>>,
     /// Chaos mode's seed (see [`schedule`]): None for the normal scheduler.
@@ -296,6 +298,9 @@ pub fn record(mut opts: Options, out: &mut dyn Write) -> Result<Outcome, RecordE
     machine.set_clock(opts.clock)?;
     machine.set_positions(opts.clock);
     machine.set_landmarks(opts.landmarks)?;
+    if let Some(event) = opts.hardware_counter {
+        machine.use_hardware_counter(event)?;
+    }
     let writer = match &opts.trace {
         Some(dir) => {
             let header = Header {

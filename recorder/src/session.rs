@@ -109,10 +109,12 @@ impl Session {
             passes: 0,
             last_stop: Instant::now(),
             waypoint: None,
-            // The landmark clock gets control back from a guest that computes without exits by kicking it
-            // (the pmu clock's simulated counter steps, and stops between branches by itself).
-            _kicker: (clock == Clock::Landmark && machine.landmarks_are() == Landmarks::Exits)
-                .then(|| Kicker::start(KICK_INTERVAL)),
+            // The landmark clock gets control back from a guest that computes without exits by kicking it,
+            // as does the pmu clock on a hardware counter (on a simulated one it steps, and stops
+            // between branches by itself).
+            _kicker: (clock == Clock::Landmark
+                && (machine.landmarks_are() == Landmarks::Exits || machine.counts_in_hardware()))
+            .then(|| Kicker::start(KICK_INTERVAL)),
             machine,
         }
     }

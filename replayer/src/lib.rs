@@ -271,8 +271,9 @@ fn build_machine(trace: &TraceReader, image: &[u8]) -> Result<Machine, ReplayErr
         // Like the disks, from the trace's own hashed copy.
         initrd: trace.read_initrd()?,
         disks,
-        // The pmu clock's simulated counter steps, as the step clock does.
-        hide_host_values: clock.runs_free() && landmarks == Landmarks::Exits,
+        // The pmu clock's simulated counter steps, as the step clock does; a hardware counter runs free
+        // and traps host instructions, as the landmark clock does.
+        hide_host_values: clock.runs_free() && (landmarks == Landmarks::Exits || h.host_traps),
         trap_host_insns: h.host_traps,
         cpuid: (!h.cpuid.is_empty()).then(|| h.cpuid.clone()),
         // Only for traces that kept no CPUID: they gave the guest the host's.
@@ -615,6 +616,16 @@ impl Replayer {
     /// [`machine::pmu`]).
     pub fn set_counter_skid(&mut self, skid: u64) {
         self.machine.set_counter_skid(skid);
+    }
+
+    /// A pmu trace: counts the guest's branches with the host's hardware counter of `event` (see
+    /// [`Machine::use_hardware_counter`]) rather than the simulated counter, and so runs free between
+    /// the points it must reach.
+    pub fn use_hardware_counter(
+        &mut self,
+        event: machine::perf::CounterEvent,
+    ) -> Result<(), ReplayError> {
+        Ok(self.machine.use_hardware_counter(event)?)
     }
 
     /// How many kick points this replay reached by restoring their waypoints.

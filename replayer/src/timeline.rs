@@ -59,6 +59,8 @@ pub struct Recipe {
     step_only: bool,
     /// Positions within landmarks.
     within: bool,
+    /// A pmu trace: the host's hardware branch counter, where the replay counts with it.
+    hardware: Option<machine::perf::CounterEvent>,
 }
 
 impl Recipe {
@@ -71,6 +73,9 @@ impl Recipe {
         }
         if self.within {
             t.step_within_landmarks()?;
+        }
+        if let Some(event) = self.hardware {
+            t.use_hardware_counter(event)?;
         }
         t.workers = 1;
         Ok(t)
@@ -119,6 +124,15 @@ impl Timeline {
         self.replay.set_counter_skid(skid);
     }
 
+    /// A pmu trace: counts with the host's hardware counter of `event` (see
+    /// [`Replayer::use_hardware_counter`]), and so do search workers.
+    pub fn use_hardware_counter(
+        &mut self,
+        event: machine::perf::CounterEvent,
+    ) -> Result<(), ReplayError> {
+        self.replay.use_hardware_counter(event)
+    }
+
     /// Messages about problems the replay worked around, oldest first; each is returned once.
     pub fn take_notices(&mut self) -> Vec<String> {
         self.replay.take_notices()
@@ -155,6 +169,7 @@ impl Timeline {
                 && r.positions() == Clock::Landmark
                 && r.machine().clock() == Clock::Step,
             within,
+            hardware: r.machine().hardware_counter(),
         }
     }
 

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use machine::perf::{CounterEvent, PerfCounter, PerfError};
+
 /// What serves /dev/kvm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -142,6 +144,8 @@ pub enum BranchCounter {
     Usable {
         /// The event it counts.
         event: BranchEvent,
+        /// How the pmu clock opens it.
+        counter: CounterEvent,
         /// The perf PMU it was opened on (`cpu`, or `cpu_core` on hybrid Intel CPUs).
         pmu: String,
     },
@@ -197,7 +201,7 @@ impl BranchCounter {
     /// The `PMU:` field of the report: present, absent or unknown, then what was found.
     pub fn summary(&self) -> String {
         match self {
-            BranchCounter::Usable { event, pmu } => format!(
+            BranchCounter::Usable { event, pmu, .. } => format!(
                 "present: a guest-only counter of retired conditional branches ({event}) opened on \
                  the {pmu} PMU, and enabled, read and disabled"
             ),
@@ -232,10 +236,11 @@ impl BranchCounter {
         }
     }
 
-    /// The event a `--clock pmu` would count here, or why it cannot work here, in a phrase.
-    pub fn verdict(&self) -> Result<BranchEvent, String> {
+    /// The counter a `--clock pmu` would count with here and its event, or why it cannot work here,
+    /// in a phrase.
+    pub fn verdict(&self) -> Result<(CounterEvent, BranchEvent), String> {
         Err(match self {
-            BranchCounter::Usable { event, .. } => return Ok(*event),
+            BranchCounter::Usable { event, counter, .. } => return Ok((*counter, *event)),
             BranchCounter::NoPmu { in_vm, .. } => format!(
                 "no PMU: the kernel has no hardware performance counters{}",
                 if *in_vm {
@@ -267,47 +272,9 @@ impl BranchCounter {
     }
 }
 
-/// `struct perf_event_attr` up to PERF_ATTR_SIZE_VER5 (112 bytes), as linux/perf_event.h lays it out.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    /// The bitfield: disabled is bit 0, exclude_host bit 19 (see the FLAG_ constants).
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-    config2: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved_2: u16,
-}
-
-const PERF_ATTR_SIZE_VER5: u32 = 112;
-const _: () = assert!(size_of::<PerfEventAttr>() == PERF_ATTR_SIZE_VER5 as usize);
-
 const PERF_TYPE_HARDWARE: u32 = 0;
 const PERF_TYPE_RAW: u32 = 4;
 const PERF_COUNT_HW_BRANCH_INSTRUCTIONS: u64 = 4;
-/// attr.flags `disabled`: created stopped, started by PERF_EVENT_IOC_ENABLE.
-const FLAG_DISABLED: u64 = 1 << 0;
-/// attr.flags `exclude_host`: count only while the CPU runs a guest. The bits before it are inherit,
-/// pinned, exclusive, exclude_user, exclude_kernel, exclude_hv, exclude_idle, mmap, comm, freq,
-/// inherit_stat, enable_on_exec, task, watermark, precise_ip (2 bits), mmap_data, sample_id_all.
-const FLAG_EXCLUDE_HOST: u64 = 1 << 19;
-/// _IO('$', 0) and _IO('$', 1).
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 
 /// Where perf lists its PMUs.
 const EVENT_SOURCES: &str = "/sys/bus/event_source/devices";
@@ -327,48 +294,28 @@ fn core_pmu() -> Option<(String, u32)> {
     })
 }
 
-/// Opens a disabled counter of this thread (pid 0, any CPU) that counts only while it runs a guest.
-fn open_guest_counter(type_: u32, config: u64) -> std::io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    let attr = PerfEventAttr {
+/// Opens a disabled counter of this thread that counts only while it runs a guest, as the pmu clock
+/// opens it (see [`machine::perf`]).
+fn open_guest_counter(type_: u32, config: u64) -> std::io::Result<PerfCounter> {
+    let event = CounterEvent {
         type_,
-        size: PERF_ATTR_SIZE_VER5,
         config,
-        flags: FLAG_DISABLED | FLAG_EXCLUDE_HOST,
-        ..Default::default()
+        guest_only: true,
     };
-    // SAFETY: perf_event_open reads `size` (112) bytes of a live, initialised attr of that size; pid 0
-    // and cpu -1 count this thread on any CPU; group -1 and flags 0 ask for nothing else.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttr,
-            0,
-            -1,
-            -1,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is the descriptor perf_event_open just returned; nothing else owns it.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd as libc::c_int) })
+    PerfCounter::open(event, libc::SIGUSR1).map_err(|e| match e {
+        PerfError::Open { source, .. } | PerfError::Control { source, .. } => source,
+    })
 }
 
 /// Enables the counter, runs a few host branches, disables it and reads it: the count, or the step
 /// that failed and its error.
-fn read_back(counter: &mut std::fs::File) -> Result<u64, (&'static str, std::io::Error)> {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    let ioctl = |request, step| {
-        // SAFETY: an argument-less perf ioctl on the counter's own live descriptor.
-        match unsafe { libc::ioctl(counter.as_raw_fd(), request, 0) } {
-            0 => Ok(()),
-            _ => Err((step, std::io::Error::last_os_error())),
+fn read_back(counter: &PerfCounter) -> Result<u64, (&'static str, std::io::Error)> {
+    let step = |step: &'static str| {
+        move |e: PerfError| match e {
+            PerfError::Open { source, .. } | PerfError::Control { source, .. } => (step, source),
         }
     };
-    ioctl(PERF_EVENT_IOC_ENABLE, "enable")?;
+    counter.enable().map_err(step("enable"))?;
     // Branches on the host, which a guest-only counter must not count.
     let mut x = std::hint::black_box(1u64);
     for i in 0..1000u64 {
@@ -377,16 +324,8 @@ fn read_back(counter: &mut std::fs::File) -> Result<u64, (&'static str, std::io:
         }
     }
     std::hint::black_box(x);
-    ioctl(PERF_EVENT_IOC_DISABLE, "disable")?;
-    let mut count = [0u8; 8];
-    match counter.read(&mut count) {
-        Ok(8) => Ok(u64::from_ne_bytes(count)),
-        Ok(n) => Err((
-            "read",
-            std::io::Error::other(format!("{n} bytes instead of 8")),
-        )),
-        Err(e) => Err(("read", e)),
-    }
+    counter.disable().map_err(step("disable"))?;
+    counter.read().map_err(step("read"))
 }
 
 /// What keeps the KVM serving /dev/kvm from letting a host counter count its guests, if anything:
@@ -456,7 +395,7 @@ pub fn branch_counter(cpu: &vocab::HostCpu, kind: Kind, in_vm: bool) -> BranchCo
             "a guest-only hardware branch counter".to_string(),
         ),
     };
-    let mut counter = match open_guest_counter(type_, config) {
+    let counter = match open_guest_counter(type_, config) {
         Ok(c) => c,
         Err(e) => return open_failed(tried, e, pmu.is_some(), in_vm),
     };
@@ -471,9 +410,14 @@ pub fn branch_counter(cpu: &vocab::HostCpu, kind: Kind, in_vm: bool) -> BranchCo
     if let Some(reason) = guest_obstacle(kind, enable_pmu.as_deref()) {
         return BranchCounter::NoGuestCounting { event, reason };
     }
-    match read_back(&mut counter) {
+    match read_back(&counter) {
         Ok(0) => BranchCounter::Usable {
             event,
+            counter: CounterEvent {
+                type_,
+                config,
+                guest_only: true,
+            },
             pmu: pmu.map_or_else(|| "raw".into(), |p| p.0),
         },
         Ok(n) => BranchCounter::NoGuestCounting {
@@ -527,14 +471,6 @@ mod tests {
         assert_eq!(config("AuthenticAMD", 0x15, 0x02), None);
         assert_eq!(config("HygonGenuine", 0x18, 0x00), None);
         assert_eq!(config("CentaurHauls", 6, 0x0f), None);
-    }
-
-    #[test]
-    fn the_attr_is_the_kernels_ver5_layout() {
-        assert_eq!(size_of::<PerfEventAttr>(), 112);
-        assert_eq!(std::mem::offset_of!(PerfEventAttr, flags), 40);
-        assert_eq!(std::mem::offset_of!(PerfEventAttr, config1), 56);
-        assert_eq!(std::mem::offset_of!(PerfEventAttr, sample_regs_intr), 96);
     }
 
     #[test]

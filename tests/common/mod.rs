@@ -467,3 +467,41 @@ impl Drop for Hogs {
         }
     }
 }
+
+/// Time for a machine driven by hand (a test that drives `machine` itself): it advances a little at
+/// every reading.
+pub struct Clockwork(pub u64);
+
+impl devices::TimeSource for Clockwork {
+    fn monotonic_ns(&mut self) -> u64 {
+        self.0 += 1_000;
+        self.0
+    }
+    fn wall_ns(&mut self) -> u64 {
+        1_767_225_600_000_000_000 + self.monotonic_ns()
+    }
+}
+
+impl machine::Host for Clockwork {
+    fn host_value(&mut self, _: machine::HostInsn) -> (u64, u64) {
+        (self.0, 0)
+    }
+}
+
+/// The machine configuration of a test that drives `machine` itself: one vCPU, 32 MiB, host values
+/// hidden and trapped as the landmark clock records.
+pub fn machine_config(cmdline: &str) -> machine::MachineConfig {
+    machine::MachineConfig {
+        ram_bytes: 32 << 20,
+        cmdline: cmdline.into(),
+        initrd: None,
+        disks: Vec::new(),
+        hide_host_values: true,
+        cpuid: None,
+        cpu: machine::CpuModel::Portable,
+        answer_cpuid: true,
+        trap_host_insns: true,
+        cpus: 1,
+        cold_checkpoints: true,
+    }
+}
