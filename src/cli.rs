@@ -770,7 +770,7 @@ fn replay(a: &ReplayArgs) -> Result<i32, CliError> {
         r.set_clock(clock.clock())?;
     }
     r.set_waypoints(!a.no_waypoints);
-    let hardware = match pmu_counter(a, r.machine().landmarks_are()) {
+    let hardware = match pmu_counter(a.skid, &r) {
         Some(event) => Some(r.use_hardware_counter(event)?),
         None => {
             r.set_counter_skid(a.skid.unwrap_or(machine::counter::DEFAULT_SKID));
@@ -894,7 +894,7 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
         t.set_clock(clock.clock())?;
     }
     t.set_snapshot_memory((a.snapshot_memory << 20) as usize);
-    match pmu_counter(a, t.replay().machine().landmarks_are()) {
+    match pmu_counter(a.skid, t.replay()) {
         Some(event) => t.use_hardware_counter(event)?,
         None => t.set_counter_skid(a.skid.unwrap_or(machine::counter::DEFAULT_SKID)),
     }
@@ -932,19 +932,30 @@ fn replay_under_gdb(a: &ReplayArgs, addr: &str) -> Result<i32, CliError> {
     Ok(0)
 }
 
-/// How a replay of a trace whose landmarks are `landmarks` counts: with this host's hardware counter
-/// of a guest's branches (its event) for a pmu trace, unless `--skid` asks for the simulated counter or
-/// the host has none; the simulated counter (None) otherwise, which for a pmu trace is said with why.
-fn pmu_counter(a: &ReplayArgs, landmarks: Landmarks) -> Option<CounterEvent> {
-    if landmarks != Landmarks::Branches || a.skid.is_some() {
+/// How a replay of `r`'s trace counts: a pmu trace recorded on a hardware counter, with this host's
+/// (its event), unless a `skid` asks for the simulated counter or the host has none; anything else on
+/// the simulated counter (None), which for a pmu trace is said, with why. A trace recorded on the
+/// simulated counter replays on it: a hardware counter counts what the CPU retires, which a step that
+/// delivers an event or an instruction KVM emulates can make differ from what the decoder counts.
+fn pmu_counter(skid: Option<u64>, r: &Replayer) -> Option<CounterEvent> {
+    if r.machine().landmarks_are() != Landmarks::Branches || skid.is_some() {
+        return None;
+    }
+    // A hardware counter's recording ran free, so its VMM trapped the host's instructions.
+    if !r.trace().header().host_traps {
+        say(format_args!(
+            "retrovisor: a pmu trace recorded on the simulated counter, replayed on it: it single-steps, \
+             so slowly, and exactly"
+        ));
         return None;
     }
     match crate::doctor::branch_counter() {
         Ok((event, _)) => Some(event),
         Err(why) => {
             say(format_args!(
-                "retrovisor: a pmu trace, replayed on the simulated counter (no pmu clock here: {why}): \
-                 it single-steps, so slowly, and exactly"
+                "retrovisor: a pmu trace recorded on a hardware counter, replayed on the simulated counter \
+                 (no pmu clock here: {why}): it single-steps, so slowly, and counts the branches it \
+                 decodes, which agree with the recording's where the CPU's event counts the same ones"
             ));
             None
         }
@@ -1022,6 +1033,9 @@ fn verify_recording(dir: &Path) -> Result<(), CliError> {
         dir.display()
     ));
     let mut r = Replayer::open(dir, None)?;
+    if let Some(event) = pmu_counter(None, &r) {
+        r.use_hardware_counter(event)?;
+    }
     let bar = progress_bar(Some(r.end().count()), "verifying");
     let b = bar.clone();
     r.set_progress(Some(Box::new(move |at, target| {

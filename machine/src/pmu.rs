@@ -16,8 +16,9 @@ use crate::counter::{SimulatedCounter, MAX_SKID};
 use crate::perf::{CounterEvent, PerfCounter};
 use crate::vm::{Host, Machine, MachineError, Step};
 
-/// Branches before the target at which the counter is programmed to interrupt: more than a skid of up
-/// to [`MAX_SKID`] instructions can retire, so the interrupt never lands past the target.
+/// Branches before the target at which the simulated counter is programmed to interrupt: more than a
+/// skid of up to [`MAX_SKID`] instructions can retire, so the interrupt never lands past the target. A
+/// hardware counter's is its event's ([`CounterEvent::margin`]).
 pub const MARGIN: u64 = 2 * MAX_SKID;
 
 /// Instructions the pmu clock steps without retiring a branch before it stops between two, as a timer
@@ -95,13 +96,18 @@ impl Machine {
         Ok(Some(hw))
     }
 
-    /// Before KVM_RUN: the hardware counter, if any, counts on this thread.
+    /// Before KVM_RUN: the hardware counter, if any, counts on this thread, from what it counts now, so
+    /// that only this machine's runs count for it (another machine may have run on the thread since).
     pub(crate) fn hardware_entry(&mut self) -> Result<(), MachineError> {
-        self.open_counter().map(drop)
+        if let Some(hw) = self.open_counter()? {
+            if let Some(counter) = hw.open.as_ref() {
+                hw.seen = counter.read()?;
+            }
+        }
+        Ok(())
     }
 
-    /// After KVM_RUN: the branches the hardware counter counted in it (none without one). Only guest
-    /// branches count, so none are the host's between two entries.
+    /// After KVM_RUN: the branches the hardware counter counted in it (none without one).
     pub(crate) fn hardware_exit(&mut self) -> Result<u64, MachineError> {
         let Some(hw) = self.hardware.as_mut() else {
             return Ok(0);
@@ -126,15 +132,20 @@ impl Machine {
         Ok(())
     }
 
-    /// With a hardware counter, single-steps (`true`) or runs free from now on; nothing otherwise.
+    /// With a hardware counter, single-steps (`true`) or runs free from now on; nothing otherwise. If
+    /// KVM refuses the change, the machine stays as it was, and single-steps if it cannot run free.
     fn hardware_stepping(&mut self, stepping: bool) -> Result<(), MachineError> {
-        match self.hardware.as_mut() {
-            Some(hw) if hw.stepping != stepping => {
-                hw.stepping = stepping;
-                self.apply_debug(None)
+        let Some(hw) = self.hardware.as_mut().filter(|hw| hw.stepping != stepping) else {
+            return Ok(());
+        };
+        hw.stepping = stepping;
+        let applied = self.apply_debug(None);
+        if applied.is_err() {
+            if let Some(hw) = self.hardware.as_mut() {
+                hw.stepping = !stepping;
             }
-            _ => Ok(()),
         }
+        applied
     }
 
     /// The hardware counter's free run towards branch `overflow`, with the counter programmed to
@@ -147,10 +158,9 @@ impl Machine {
         host: &mut dyn Host,
     ) -> Result<Option<Advance>, MachineError> {
         let armed = std::mem::take(&mut self.breakpoints);
-        self.hardware_stepping(false)?;
-        self.apply_debug(None)?;
         let run = self
-            .program_overflow(Some(overflow - self.landmarks))
+            .hardware_stepping(false)
+            .and_then(|()| self.program_overflow(Some(overflow - self.landmarks)))
             .and_then(|()| loop {
                 if self.landmarks >= overflow {
                     break Ok(None);
@@ -160,12 +170,13 @@ impl Machine {
                     end => break Ok(Some(end)),
                 }
             });
+        // Put everything back whatever happened, then say the first thing that failed.
         let cancelled = self.program_overflow(None);
         self.breakpoints = armed;
-        self.hardware_stepping(true)?;
-        self.apply_debug(None)?;
+        let stepping = self.hardware_stepping(true);
+        let rearmed = self.apply_debug(None);
         let end = run?;
-        cancelled?;
+        cancelled.and(stepping).and(rearmed)?;
         Ok(end)
     }
 
@@ -230,7 +241,8 @@ impl Machine {
         target: u64,
         host: &mut dyn Host,
     ) -> Result<Advance, MachineError> {
-        let overflow = target.saturating_sub(MARGIN);
+        let margin = self.hardware.as_ref().map_or(MARGIN, |hw| hw.event.margin);
+        let overflow = target.saturating_sub(margin);
         if self.landmarks < overflow && self.hardware.is_some() {
             self.counter.overflows += 1;
             if let Some(end) = self.run_free_to_overflow(overflow, host)? {

@@ -90,7 +90,14 @@ pub struct BranchEvent {
     pub config: u64,
     /// The vendor's name for it.
     pub name: &'static str,
+    /// Branches before a target at which the pmu clock programs its overflow (the counter's skid).
+    pub margin: u64,
 }
+
+/// The overflow margin on Intel, whose counters' skid rr measures at about 100 branches.
+const INTEL_MARGIN: u64 = 256;
+/// The overflow margin on AMD Zen, whose skid rr finds unbounded and allows 10,000 branches for.
+const AMD_MARGIN: u64 = 10_000;
 
 impl std::fmt::Display for BranchEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,6 +117,7 @@ pub fn branch_event(vendor: &str, family: u32, model: u32) -> Option<BranchEvent
             | 0xa6 => Some(BranchEvent {
                 config: 0x5101c4,
                 name: "BR_INST_RETIRED.CONDITIONAL",
+                margin: INTEL_MARGIN,
             }),
             // Ice Lake and later big cores (Tiger, Rocket, Alder, Raptor, Meteor, Lunar, Arrow Lake,
             // Sapphire, Emerald and Granite Rapids): umask 0x01 became taken-only, 0x11 is all of them.
@@ -117,11 +125,13 @@ pub fn branch_event(vendor: &str, family: u32, model: u32) -> Option<BranchEvent
             | 0xaa | 0xbd | 0xc6 | 0x8f | 0xcf | 0xad => Some(BranchEvent {
                 config: 0x5111c4,
                 name: "BR_INST_RETIRED.COND",
+                margin: INTEL_MARGIN,
             }),
             // Atom cores: Silvermont, Knights Landing, Goldmont (Plus), Tremont.
             0x37 | 0x4c | 0x57 | 0x5c | 0x5f | 0x7a | 0x9c => Some(BranchEvent {
                 config: 0x517ec4,
                 name: "BR_INST_RETIRED.JCC",
+                margin: INTEL_MARGIN,
             }),
             // Core 2 (Merom, Penryn) and anything newer than this list: not known to count exactly.
             _ => None,
@@ -131,6 +141,7 @@ pub fn branch_event(vendor: &str, family: u32, model: u32) -> Option<BranchEvent
         ("AuthenticAMD", 0x17 | 0x19 | 0x1a) => Some(BranchEvent {
             config: 0x5100d1,
             name: "EX_RET_COND",
+            margin: AMD_MARGIN,
         }),
         _ => None,
     }
@@ -170,6 +181,12 @@ pub enum BranchCounter {
         /// /proc/sys/kernel/perf_event_paranoid, if it could be read.
         paranoid: Option<String>,
     },
+    /// A hybrid Intel CPU: a counter of its big cores' PMU (`cpu_core`) misses what the vCPU thread
+    /// runs on its small ones.
+    Hybrid {
+        /// The event that would count.
+        event: BranchEvent,
+    },
     /// A counter opens on this host, but the KVM that serves /dev/kvm cannot let it count a guest.
     NoGuestCounting {
         /// The event that opened.
@@ -208,6 +225,10 @@ impl BranchCounter {
             BranchCounter::NoGuestCounting { event, reason } => format!(
                 "present (a guest-only counter of retired conditional branches ({event}) opened), \
                  but it cannot count a guest here: {reason}"
+            ),
+            BranchCounter::Hybrid { event } => format!(
+                "present (a guest-only counter of retired conditional branches ({event}) opened on the \
+                 cpu_core PMU), but this is a hybrid CPU"
             ),
             BranchCounter::UnknownCpu { .. } => {
                 "present (a hardware branch counter opened), but there is no known retired-conditional-\
@@ -257,6 +278,9 @@ impl BranchCounter {
             BranchCounter::NoGuestCounting { reason, .. } => {
                 format!("no guest counting under this hypervisor: {reason}")
             }
+            BranchCounter::Hybrid { .. } => "a hybrid CPU: a counter of its big cores (cpu_core) \
+                misses the branches the vCPU thread runs on its small ones"
+                .into(),
             BranchCounter::UnknownCpu {
                 vendor,
                 family,
@@ -301,6 +325,7 @@ fn open_guest_counter(type_: u32, config: u64) -> std::io::Result<PerfCounter> {
         type_,
         config,
         guest_only: true,
+        margin: 0,
     };
     PerfCounter::open(event, libc::SIGUSR1).map_err(|e| match e {
         PerfError::Open { source, .. } | PerfError::Control { source, .. } => source,
@@ -411,12 +436,14 @@ pub fn branch_counter(cpu: &vocab::HostCpu, kind: Kind, in_vm: bool) -> BranchCo
         return BranchCounter::NoGuestCounting { event, reason };
     }
     match read_back(&counter) {
+        Ok(0) if pmu.as_ref().is_some_and(|p| p.0 == "cpu_core") => BranchCounter::Hybrid { event },
         Ok(0) => BranchCounter::Usable {
             event,
             counter: CounterEvent {
                 type_,
                 config,
                 guest_only: true,
+                margin: event.margin,
             },
             pmu: pmu.map_or_else(|| "raw".into(), |p| p.0),
         },
@@ -471,6 +498,10 @@ mod tests {
         assert_eq!(config("AuthenticAMD", 0x15, 0x02), None);
         assert_eq!(config("HygonGenuine", 0x18, 0x00), None);
         assert_eq!(config("CentaurHauls", 6, 0x0f), None);
+        // The overflow margin covers each vendor's skid: rr's 10,000 branches on Zen.
+        let margin = |vendor, family, model| branch_event(vendor, family, model).map(|e| e.margin);
+        assert_eq!(margin("GenuineIntel", 6, 0x55), Some(256));
+        assert_eq!(margin("AuthenticAMD", 0x19, 0x01), Some(10_000));
     }
 
     #[test]
