@@ -88,6 +88,20 @@ pub enum PerfError {
     },
 }
 
+/// The pmu clock's hardware counter of the guest's retired conditional branches, as a machine holds it
+/// (see `crate::pmu`).
+#[derive(Debug)]
+pub(crate) struct HardwareCounter {
+    pub(crate) event: CounterEvent,
+    /// The counter, open on the thread that last entered the guest (a counter counts one thread).
+    pub(crate) open: Option<PerfCounter>,
+    /// Its count when last read.
+    pub(crate) seen: u64,
+    /// Single-stepping, as the simulated counter always does, rather than running free: only a run to
+    /// an overflow or to the next exit runs free, and it steps again when it ends.
+    pub(crate) stepping: bool,
+}
+
 /// An open counter of one thread.
 #[derive(Debug)]
 pub struct PerfCounter {

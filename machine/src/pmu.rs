@@ -13,7 +13,7 @@
 
 use crate::clock::{Advance, Fingerprint, Search};
 use crate::counter::{SimulatedCounter, MAX_SKID};
-use crate::perf::{CounterEvent, PerfCounter};
+use crate::perf::{CounterEvent, HardwareCounter, PerfCounter};
 use crate::vm::{Host, Machine, MachineError, Step};
 
 /// Branches before the target at which the simulated counter is programmed to interrupt: more than a
@@ -24,19 +24,6 @@ pub const MARGIN: u64 = 2 * MAX_SKID;
 /// Instructions the pmu clock steps without retiring a branch before it stops between two, as a timer
 /// kick would stop a counted run, so that inputs reach a guest that loops without conditional branches.
 const STEPS_PER_KICK: u32 = 4096;
-
-/// The pmu clock's hardware counter of the guest's retired conditional branches.
-#[derive(Debug)]
-pub(crate) struct HardwareCounter {
-    event: CounterEvent,
-    /// The counter, open on the thread that last entered the guest (a counter counts one thread).
-    open: Option<PerfCounter>,
-    /// Its count when last read.
-    seen: u64,
-    /// Single-stepping, as the simulated counter always does, rather than running free: only a run to
-    /// an overflow or to the next exit runs free, and it steps again when it ends.
-    pub(crate) stepping: bool,
-}
 
 impl Machine {
     /// Sets what landmarks are (exits, or with the pmu clock retired conditional branches).

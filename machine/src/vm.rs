@@ -200,7 +200,7 @@ pub struct Machine {
     /// The pmu clock's simulated counter (see [`crate::pmu`]), unless `hardware` counts.
     pub(crate) counter: crate::counter::SimulatedCounter,
     /// The pmu clock's hardware counter, where the host has one (see [`Machine::use_hardware_counter`]).
-    pub(crate) hardware: Option<crate::pmu::HardwareCounter>,
+    pub(crate) hardware: Option<crate::perf::HardwareCounter>,
     /// How the machine is driven.
     pub(crate) clock: Clock,
     /// What the state blob records as the position: the icount (step traces) or the landmark count.
