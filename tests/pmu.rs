@@ -57,6 +57,19 @@ fn without_a_counter_the_pmu_clock_says_why_and_names_the_simulated_one() {
         guest("timer").to_str().unwrap(),
     ]);
     assert_eq!(status(&run), 2, "{}", text(&run.stderr));
+    // Without --clock, record takes the landmark clock here, and says why not the pmu clock.
+    let rec = rv(&[
+        "record",
+        "--kernel",
+        guest("timer").to_str().unwrap(),
+        "-o",
+        dir.join("default.rvt").to_str().unwrap(),
+    ]);
+    let err = text(&rec.stderr);
+    assert!(
+        err.contains("with the landmark clock (no pmu clock here: no PMU"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,6 +86,14 @@ fn timer_ticks_in_a_loop_replay_exactly_whatever_the_skid_and_by_stepping() {
         text(&rec.stderr).contains(" branches in "),
         "{}",
         text(&rec.stderr)
+    );
+    // Without --skid, the trace replays on the counter it was recorded on, which replay says.
+    let o = replay(&trace, &[]);
+    assert_eq!(o.stdout, rec.stdout);
+    assert!(
+        text(&o.stderr).contains("recorded on the simulated counter, replayed on it"),
+        "{}",
+        text(&o.stderr)
     );
     // Ticks come every hundred branches or so at stepping speed: runs are short, and each is refined.
     replays_exactly(&trace, &rec, "0");
