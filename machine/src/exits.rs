@@ -253,7 +253,7 @@ impl Machine {
         let queued = self.cpu.queued.take();
         let entered_at = (self.cpu.regs.rip, self.cpu.regs.rsp);
         let mut mmio_write = None;
-        self.hardware_entry()?;
+        let counted_from = self.hardware_entry()?;
         let exit = match self.cpu.fd.run() {
             Ok(VcpuExit::Debug(debug)) => {
                 self.cpu.last_dr6 = debug.dr6;
@@ -317,7 +317,7 @@ impl Machine {
             }
         };
         // What the hardware counter counted in that run, read before anything the exit makes us do.
-        self.landmarks += self.hardware_exit()?;
+        self.landmarks += self.hardware_exit(counted_from)?;
         if let Some((addr, bytes, len)) = mmio_write {
             self.mmio_write(addr, &bytes[..len], host)?;
         }

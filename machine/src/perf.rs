@@ -95,8 +95,6 @@ pub(crate) struct HardwareCounter {
     pub(crate) event: CounterEvent,
     /// The counter, open on the thread that last entered the guest (a counter counts one thread).
     pub(crate) open: Option<PerfCounter>,
-    /// Its count when last read.
-    pub(crate) seen: u64,
     /// Single-stepping, as the simulated counter always does, rather than running free: only a run to
     /// an overflow or to the next exit runs free, and it steps again when it ends.
     pub(crate) stepping: bool,

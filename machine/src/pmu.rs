@@ -50,7 +50,6 @@ impl Machine {
         self.hardware = Some(HardwareCounter {
             event,
             open: None,
-            seen: 0,
             stepping: true,
         });
         self.apply_debug(None)
@@ -78,43 +77,37 @@ impl Machine {
             let counter = PerfCounter::open(hw.event, crate::clock::KICK_SIGNAL)?;
             counter.enable()?;
             hw.open = Some(counter);
-            hw.seen = 0;
         }
         Ok(Some(hw))
     }
 
-    /// Before KVM_RUN: the hardware counter, if any, counts on this thread, from what it counts now, so
-    /// that only this machine's runs count for it (another machine may have run on the thread since).
-    pub(crate) fn hardware_entry(&mut self) -> Result<(), MachineError> {
-        if let Some(hw) = self.open_counter()? {
-            if let Some(counter) = hw.open.as_ref() {
-                hw.seen = counter.read()?;
-            }
-        }
-        Ok(())
+    /// The hardware counter, open on this thread, if there is one.
+    fn open_perf_counter(&mut self) -> Result<Option<&PerfCounter>, MachineError> {
+        Ok(self.open_counter()?.and_then(|hw| hw.open.as_ref()))
     }
 
-    /// After KVM_RUN: the branches the hardware counter counted in it (none without one).
-    pub(crate) fn hardware_exit(&mut self) -> Result<u64, MachineError> {
-        let Some(hw) = self.hardware.as_mut() else {
-            return Ok(0);
-        };
-        let Some(counter) = hw.open.as_ref() else {
-            return Ok(0);
-        };
-        let now = counter.read()?;
-        let counted = now.saturating_sub(hw.seen);
-        hw.seen = now;
-        Ok(counted)
+    /// Before KVM_RUN: the hardware counter's count (none without one), read just before it so that
+    /// only this machine's run counts (another machine may have run on the thread since).
+    pub(crate) fn hardware_entry(&mut self) -> Result<Option<u64>, MachineError> {
+        match self.open_perf_counter()? {
+            Some(counter) => Ok(Some(counter.read()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// After KVM_RUN: the branches the hardware counter counted in it, from its count `before`.
+    pub(crate) fn hardware_exit(&mut self, before: Option<u64>) -> Result<u64, MachineError> {
+        let counter = self.hardware.as_ref().and_then(|hw| hw.open.as_ref());
+        match (before, counter) {
+            (Some(before), Some(counter)) => Ok(counter.read()?.saturating_sub(before)),
+            _ => Ok(0),
+        }
     }
 
     /// Programs the hardware counter's overflow `branches` from now (none: `None`).
     fn program_overflow(&mut self, branches: Option<u64>) -> Result<(), MachineError> {
-        if let Some(hw) = self.open_counter()? {
-            if let Some(counter) = hw.open.as_ref() {
-                counter.interrupt_after(branches)?;
-            }
-            hw.seen = 0;
+        if let Some(counter) = self.open_perf_counter()? {
+            counter.interrupt_after(branches)?;
         }
         Ok(())
     }
@@ -230,24 +223,15 @@ impl Machine {
     ) -> Result<Advance, MachineError> {
         let margin = self.hardware.as_ref().map_or(MARGIN, |hw| hw.event.margin);
         let overflow = target.saturating_sub(margin);
-        if self.landmarks < overflow && self.hardware.is_some() {
+        if self.landmarks < overflow {
             self.counter.overflows += 1;
-            if let Some(end) = self.run_free_to_overflow(overflow, host)? {
+            let end = if self.hardware.is_some() {
+                self.run_free_to_overflow(overflow, host)?
+            } else {
+                self.step_to_simulated_overflow(overflow, host)?
+            };
+            if let Some(end) = end {
                 return Ok(end);
-            }
-        } else if self.landmarks < overflow {
-            self.counter.overflows += 1;
-            // Counting to the overflow: what a free run with the counter programmed does.
-            while self.landmarks < overflow {
-                if let Some(end) = self.step_counted(host)? {
-                    return Ok(end);
-                }
-            }
-            // The interrupt lands late.
-            for _ in 0..self.counter.next_skid() {
-                if let Some(end) = self.step_counted(host)? {
-                    return Ok(end);
-                }
             }
         }
         if self.landmarks > target {
@@ -263,6 +247,27 @@ impl Machine {
             }
         }
         Ok(Advance::Moved)
+    }
+
+    /// The simulated counter's run towards branch `overflow`: counted to it by stepping, as a free run
+    /// with the counter programmed would go, then on by a random skid, as the interrupt lands late.
+    /// Returns an end met on the way (the guest halts or stops).
+    fn step_to_simulated_overflow(
+        &mut self,
+        overflow: u64,
+        host: &mut dyn Host,
+    ) -> Result<Option<Advance>, MachineError> {
+        while self.landmarks < overflow {
+            if let Some(end) = self.step_counted(host)? {
+                return Ok(Some(end));
+            }
+        }
+        for _ in 0..self.counter.next_skid() {
+            if let Some(end) = self.step_counted(host)? {
+                return Ok(Some(end));
+            }
+        }
+        Ok(None)
     }
 
     /// The pmu clock's way to a point between two branches: step from here (at its branch) until the
